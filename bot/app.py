@@ -1,0 +1,67 @@
+"""Wiring of the bot process: settings, store, queue and handlers, in one place."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from telegram import BotCommand, Update
+from telegram.ext import Application, CommandHandler, ContextTypes
+
+from bot import handlers
+from bot.context import BotApplication, BotContext, BotServices
+from chitrakar.config import Settings
+from chitrakar.domain import Command
+from chitrakar.queue import make_celery, publish_generate
+from chitrakar.services import JobIntake
+from chitrakar.texts import DEFAULT_LANGUAGE, LANGUAGES, text
+from db.session import Store
+
+log = logging.getLogger(__name__)
+
+# The command menu, in the order users see it.
+MENU = (Command.PORTRAIT, Command.HELP, Command.START)
+
+
+async def register_commands(application: BotApplication) -> None:
+    """Set the command menu in every language (Telegram picks one by the user's language)."""
+    for language in LANGUAGES:
+        commands = [BotCommand(command, text(language, f"menu.{command}")) for command in MENU]
+        code = None if language == DEFAULT_LANGUAGE else language
+        await application.bot.set_my_commands(commands, language_code=code)
+    log.info("bot @%s is up", application.bot.username)
+
+
+def build_application(settings: Settings) -> BotApplication:
+    if settings.telegram_token is None:
+        raise RuntimeError("CHITRAKAR_TELEGRAM_TOKEN is not set")
+    store = Store(settings.resolved_database_url)
+    celery = make_celery(settings, name="chitrakar.bot")
+    intake = JobIntake(settings, store, lambda job_id: publish_generate(celery, job_id))
+
+    async def close(_: Any) -> None:
+        store.dispose()
+
+    application: BotApplication = (
+        Application.builder()
+        .token(settings.telegram_token.get_secret_value())
+        .base_url(settings.telegram_api_url)
+        .base_file_url(settings.telegram_file_url)
+        .context_types(ContextTypes(context=BotContext))
+        # Handle updates from different chats at once; each handler awaits its own I/O.
+        .concurrent_updates(True)
+        .post_init(register_commands)
+        .post_shutdown(close)
+        .build()
+    )
+    application.bot_data["services"] = BotServices(settings=settings, intake=intake)
+    application.add_handler(CommandHandler(Command.START, handlers.start))
+    application.add_handler(CommandHandler(Command.HELP, handlers.help_command))
+    application.add_handler(CommandHandler(Command.PORTRAIT, handlers.portrait))
+    application.add_error_handler(handlers.on_error)
+    return application
+
+
+def run_polling(settings: Settings) -> None:
+    application = build_application(settings)
+    application.run_polling(allowed_updates=Update.ALL_TYPES)

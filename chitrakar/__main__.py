@@ -1,0 +1,3 @@
+from chitrakar.cli import main
+
+raise SystemExit(main())

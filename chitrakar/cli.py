@@ -1,0 +1,139 @@
+"""The `chitrakar` command. Each sub-command reads the settings once and starts one part;
+the bot and worker modules are imported only by the sub-command that runs them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from chitrakar.config import Settings, load_settings
+
+log = logging.getLogger("chitrakar")
+
+TELEGRAM_SETUP_GUIDE = """\
+CHITRAKAR_TELEGRAM_TOKEN is not set, so there is no chat to serve yet.
+
+To connect a Telegram bot:
+  1. In Telegram, open @BotFather, send /newbot and follow its questions.
+  2. Copy the token it gives you (it looks like 123456789:AA...).
+  3. Put it in a file named .env here:   CHITRAKAR_TELEGRAM_TOKEN=123456789:AA...
+     (or export it in your shell), then run this command again.
+"""
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+    )
+    # httpx logs every request at INFO, which would log the bot token in each URL.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _require_current_schema(settings: Settings) -> None:
+    from db.migrate import schema_is_current
+
+    if not schema_is_current(settings.resolved_database_url):
+        raise SystemExit("The database schema is not up to date: run `chitrakar db upgrade` first.")
+
+
+def cmd_db_upgrade(settings: Settings, _: argparse.Namespace) -> int:
+    from db.migrate import upgrade_to_head
+
+    upgrade_to_head(settings.resolved_database_url)
+    log.info("database is up to date")
+    return 0
+
+
+def cmd_bot(settings: Settings, _: argparse.Namespace) -> int:
+    if settings.telegram_token is None:
+        print(TELEGRAM_SETUP_GUIDE, file=sys.stderr)
+        return 2
+    _require_current_schema(settings)
+    from bot.app import run_polling
+
+    run_polling(settings)
+    return 0
+
+
+def cmd_worker(settings: Settings, _: argparse.Namespace) -> int:
+    _require_current_schema(settings)
+    from workers.celery_app import app
+    from workers.tasks import runtime
+
+    # Load the model before taking the first job, so no user waits for it.
+    runtime().pipeline  # noqa: B018
+    app.worker_main(
+        [
+            "worker",
+            "--pool=solo",  # one process per GPU; CUDA does not survive a fork
+            "--concurrency=1",
+            "--without-gossip",
+            "--without-mingle",
+            f"--loglevel={settings.log_level.upper()}",
+            f"--hostname=chitrakar-{os.getpid()}@%h",
+        ]
+    )
+    return 0
+
+
+def cmd_run(settings: Settings, _: argparse.Namespace) -> int:
+    """Store, worker and bot on one machine: the database is upgraded, a worker runs as a
+    child process, and the bot polls in this one until stopped."""
+    if settings.telegram_token is None:
+        print(TELEGRAM_SETUP_GUIDE, file=sys.stderr)
+        return 2
+    cmd_db_upgrade(settings, _)
+    worker = subprocess.Popen([sys.executable, "-m", "chitrakar", "worker"])
+    log.info("worker started (pid %s); starting the bot", worker.pid)
+    try:
+        return cmd_bot(settings, _)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+
+
+def cmd_make_tiny(settings: Settings, args: argparse.Namespace) -> int:
+    from workers.tiny import make_tiny
+
+    path = make_tiny(Path(args.path), seed=args.seed)
+    print(f"tiny Stable Diffusion pipeline written to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chitrakar", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run store, worker and bot on this machine").set_defaults(
+        func=cmd_run
+    )
+    sub.add_parser("bot", help="run the Telegram bot").set_defaults(func=cmd_bot)
+    sub.add_parser("worker", help="run a generation worker").set_defaults(func=cmd_worker)
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="db", required=True)
+    db.add_parser("upgrade", help="migrate the database to the newest schema").set_defaults(
+        func=cmd_db_upgrade
+    )
+
+    model = sub.add_parser("model", help="models").add_subparsers(dest="model", required=True)
+    tiny = model.add_parser("make-tiny", help="write a tiny random Stable Diffusion pipeline")
+    tiny.add_argument("path")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_make_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = load_settings()
+    _configure_logging(settings)
+    result: int = args.func(settings, args)
+    return result

@@ -1,0 +1,79 @@
+"""Settings, read once per process from the environment (prefix ``CHITRAKAR_``) and ``.env``."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TELEGRAM_API_URL = "https://api.telegram.org/bot"
+TELEGRAM_FILE_URL = "https://api.telegram.org/file/bot"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CHITRAKAR_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    telegram_token: SecretStr | None = None
+    # python-telegram-bot's base_url form: the token is appended to it.
+    telegram_api_url: str = TELEGRAM_API_URL
+    telegram_file_url: str = TELEGRAM_FILE_URL
+    # Seconds between two progress edits of one status message (Telegram allows about one
+    # edit a second per chat, and far fewer in busy groups).
+    progress_interval: float = Field(default=3.0, ge=0.0)
+
+    data_dir: Path = Path("data")
+    database_url: str | None = None
+    broker_url: str | None = None
+
+    # A local diffusers folder or a hub id. Unset: the tiny demo model in the data dir,
+    # made on first use (its images are noise; it exists so that everything runs anywhere).
+    model: str | None = None
+    device: Literal["auto", "cuda", "cpu", "mps"] = "auto"
+    # Side of a square image in pixels; other aspect ratios keep about the same area.
+    image_size: int = Field(default=512, ge=64, le=2048)
+    default_steps: int = Field(default=25, ge=1, le=50)
+    guidance_scale: float = Field(default=7.0, ge=0.0, le=30.0)
+
+    log_level: str = "INFO"
+
+    @cached_property
+    def resolved_data_dir(self) -> Path:
+        path = self.data_dir.expanduser().resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.resolved_data_dir / 'chitrakar.db'}"
+
+    @property
+    def broker_dir(self) -> Path:
+        """Folder of the embedded broker (kombu's filesystem transport)."""
+        return self.resolved_data_dir / "broker"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.resolved_data_dir / "results"
+
+    @property
+    def demo_model_dir(self) -> Path:
+        return self.resolved_data_dir / "models" / "tiny-demo"
+
+    @property
+    def uses_demo_model(self) -> bool:
+        return self.model is None
+
+
+def load_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,232 @@
+"""Domain rules: what a chat command means and how a job moves. Plain Python, no I/O."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class Command(StrEnum):
+    START = "start"
+    HELP = "help"
+    PORTRAIT = "portrait"
+
+
+# Commands that create a job; the rest only answer with text.
+JOB_COMMANDS = frozenset({Command.PORTRAIT})
+
+MAX_PROMPT_CHARS = 1000
+STEPS_RANGE = (1, 50)
+IMAGES_RANGE = (1, 4)
+SEED_RANGE = (0, 2**32 - 1)
+# width:height; an image keeps about the area of a square of the model's native side.
+ASPECT_RATIOS: Mapping[str, tuple[int, int]] = {
+    "1:1": (1, 1),
+    "4:5": (4, 5),
+    "5:4": (5, 4),
+    "3:4": (3, 4),
+    "4:3": (4, 3),
+    "2:3": (2, 3),
+    "3:2": (3, 2),
+    "9:16": (9, 16),
+    "16:9": (16, 9),
+}
+# Diffusion models work in latents 8 times smaller than the image.
+SIZE_MULTIPLE = 8
+
+
+class CommandError(ValueError):
+    """Bad input from a user. Carries a text key and its parameters, not a sentence,
+    so the channel can answer in the user's language."""
+
+    def __init__(self, key: str, **params: Any) -> None:
+        super().__init__(key)
+        self.key = key
+        self.params = params
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    aspect_ratio: str = "1:1"
+    seed: int | None = None
+    steps: int | None = None
+    images: int = 1
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """A parsed `/portrait`: what the user asked for, before any defaults are applied."""
+
+    command: Command
+    prompt: str
+    options: GenerationOptions = field(default_factory=GenerationOptions)
+
+
+def _int_in(option: str, value: str, bounds: tuple[int, int]) -> int:
+    low, high = bounds
+    try:
+        number = int(value)
+    except ValueError:
+        raise CommandError("error.option_not_number", option=option, value=value) from None
+    if not low <= number <= high:
+        raise CommandError("error.option_range", option=option, value=value, low=low, high=high)
+    return number
+
+
+def _aspect(option: str, value: str) -> str:
+    if value not in ASPECT_RATIOS:
+        raise CommandError(
+            "error.option_choice", option=option, value=value, choices=", ".join(ASPECT_RATIOS)
+        )
+    return value
+
+
+# Option name -> (field of GenerationOptions, value parser).
+_OPTIONS = {
+    "--ar": ("aspect_ratio", _aspect),
+    "--seed": ("seed", lambda o, v: _int_in(o, v, SEED_RANGE)),
+    "--steps": ("steps", lambda o, v: _int_in(o, v, STEPS_RANGE)),
+    "--n": ("images", lambda o, v: _int_in(o, v, IMAGES_RANGE)),
+}
+
+# Phone keyboards turn "--" into an en or em dash; accept what the user meant.
+_DASHES = ("\u2014", "\u2013")
+
+
+def _as_option(token: str) -> str | None:
+    for dash in _DASHES:
+        if token.startswith(dash):
+            token = "--" + token[len(dash) :]
+            break
+    return token if token.startswith("--") and len(token) > 2 else None
+
+
+def parse_image_command(command: Command, args: str) -> ImageRequest:
+    """Parse the text after `/portrait`: a free-text prompt with `--option value` pairs
+    anywhere in it (`--ar=16:9` works too). Raises CommandError for bad input."""
+    prompt_words: list[str] = []
+    values: dict[str, Any] = {}
+    tokens = args.split()
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        option = _as_option(token)
+        if option is None:
+            prompt_words.append(token)
+            i += 1
+            continue
+        name, eq, inline_value = option.partition("=")
+        name = name.lower()
+        if name not in _OPTIONS:
+            raise CommandError("error.unknown_option", option=name, known=", ".join(_OPTIONS))
+        if eq:
+            value = inline_value
+            i += 1
+        elif i + 1 < len(tokens):
+            value = tokens[i + 1]
+            i += 2
+        else:
+            value = ""
+            i += 1
+        if not value:
+            raise CommandError("error.option_missing_value", option=name)
+        field_name, parse = _OPTIONS[name]
+        if field_name in values:
+            raise CommandError("error.option_repeated", option=name)
+        values[field_name] = parse(name, value)
+    prompt = " ".join(prompt_words)
+    if not prompt:
+        raise CommandError("error.prompt_missing")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise CommandError("error.prompt_too_long", limit=MAX_PROMPT_CHARS, length=len(prompt))
+    return ImageRequest(command=command, prompt=prompt, options=GenerationOptions(**values))
+
+
+def image_size(aspect_ratio: str, base: int) -> tuple[int, int]:
+    """Width and height for an aspect ratio, keeping about base² pixels, in multiples of 8."""
+    w, h = ASPECT_RATIOS[aspect_ratio]
+    scale = math.sqrt(base * base / (w * h))
+
+    def snap(x: float) -> int:
+        return max(SIZE_MULTIPLE, round(x / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+
+    return snap(w * scale), snap(h * scale)
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """Everything a worker needs to reproduce a job, fixed when the job is accepted."""
+
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    seeds: tuple[int, ...]
+    guidance_scale: float
+
+
+def plan_generation(
+    request: ImageRequest,
+    *,
+    base_size: int,
+    default_steps: int,
+    guidance_scale: float,
+    rng: random.Random,
+) -> GenerationPlan:
+    opts = request.options
+    first_seed = opts.seed if opts.seed is not None else rng.randint(*SEED_RANGE)
+    seeds = tuple((first_seed + i) % (SEED_RANGE[1] + 1) for i in range(opts.images))
+    width, height = image_size(opts.aspect_ratio, base_size)
+    return GenerationPlan(
+        prompt=request.prompt,
+        width=width,
+        height=height,
+        steps=opts.steps or default_steps,
+        seeds=seeds,
+        guidance_scale=guidance_scale,
+    )
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+ACTIVE_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+_TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED}),
+    # RUNNING -> RUNNING: a redelivered task picks the job up again after a worker died.
+    JobStatus.RUNNING: frozenset({JobStatus.RUNNING, JobStatus.DONE, JobStatus.FAILED}),
+    JobStatus.DONE: frozenset(),
+    JobStatus.FAILED: frozenset(),
+}
+
+
+class InvalidTransition(RuntimeError):
+    pass
+
+
+def check_transition(current: JobStatus, new: JobStatus) -> None:
+    if new not in _TRANSITIONS[current]:
+        raise InvalidTransition(f"job cannot go from {current} to {new}")
+
+
+@dataclass
+class ProgressThrottle:
+    """Lets a progress update through at most once per `interval` seconds. Updates in between
+    are dropped, never queued: only the latest progress is worth showing."""
+
+    interval: float
+    _last: float | None = None
+
+    def allow(self, now: float) -> bool:
+        if self._last is not None and now - self._last < self.interval:
+            return False
+        self._last = now
+        return True

@@ -1,0 +1,65 @@
+"""The queue contract between bot and workers: one Celery configuration, task names by string.
+
+The bot publishes by task name, so it never imports the worker's code (or torch). With no
+broker configured, the broker is kombu's filesystem transport in the data dir: a real
+transport that persists to disk and works across processes, with no server to install.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from chitrakar.config import Settings
+
+QUEUE = "chitrakar.generate"
+GENERATE_TASK = "chitrakar.generate_images"
+# A redelivered message must not arrive while the job is still running: longer than any job.
+VISIBILITY_TIMEOUT_S = 3 * 3600
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "broker_url": settings.resolved_broker_url,
+        "broker_connection_retry_on_startup": True,
+        "task_default_queue": QUEUE,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        # Acknowledge after the job, and hand it back if the worker dies: the database
+        # decides whether a redelivered job still needs doing.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_hijack_root_logger": False,
+    }
+    if settings.resolved_broker_url.startswith("filesystem://"):
+        queue_dir = settings.broker_dir / "queue"
+        processed_dir = settings.broker_dir / "processed"
+        queue_dir.mkdir(parents=True, exist_ok=True)
+        processed_dir.mkdir(parents=True, exist_ok=True)
+        config["broker_transport_options"] = {
+            "data_folder_in": str(queue_dir),
+            "data_folder_out": str(queue_dir),
+            "data_folder_processed": str(processed_dir),
+            "store_processed": False,
+            # Seconds between looks at the folder when it is empty.
+            "polling_interval": 0.1,
+        }
+        # Remote control would leave a broadcast queue folder entry per worker start on disk;
+        # the database, not remote control, says what is running.
+        config["worker_enable_remote_control"] = False
+    else:
+        config["broker_transport_options"] = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+    return config
+
+
+def make_celery(settings: Settings, name: str = "chitrakar") -> Celery:
+    app = Celery(name)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def publish_generate(app: Celery, job_id: int) -> None:
+    app.send_task(GENERATE_TASK, args=[job_id], queue=QUEUE)

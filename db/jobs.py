@@ -1,0 +1,193 @@
+"""Job records: every change to a job goes through these functions, inside a unit of work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from chitrakar.domain import (
+    ACTIVE_STATUSES,
+    GenerationPlan,
+    ImageRequest,
+    JobStatus,
+    check_transition,
+)
+from db.models import Job, JobEvent, User, utcnow
+from db.session import UnitOfWork
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a request came from and where its answer goes."""
+
+    channel: str
+    chat_id: int
+    chat_type: str
+    user_external_id: str
+    user_display_name: str | None
+    language: str
+    request_message_id: int | None
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A detached, read-only copy of a job for code outside the transaction."""
+
+    id: int
+    status: JobStatus
+    channel: str
+    chat_id: int
+    request_message_id: int | None
+    status_message_id: int | None
+    language: str
+    plan: GenerationPlan
+    attempts: int
+    started_at: datetime | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobView:
+        return cls(
+            id=job.id,
+            status=JobStatus(job.status),
+            channel=job.channel,
+            chat_id=job.chat_id,
+            request_message_id=job.request_message_id,
+            status_message_id=job.status_message_id,
+            language=job.language,
+            plan=GenerationPlan(
+                prompt=job.prompt,
+                width=job.width,
+                height=job.height,
+                steps=job.steps,
+                seeds=tuple(job.seeds),
+                guidance_scale=job.guidance_scale,
+            ),
+            attempts=job.attempts,
+            started_at=job.started_at,
+        )
+
+
+class JobNotFound(LookupError):
+    pass
+
+
+def _user_for(session: Session, origin: Origin) -> User:
+    user = session.scalar(
+        select(User).where(
+            User.channel == origin.channel, User.external_id == origin.user_external_id
+        )
+    )
+    if user is None:
+        user = User(channel=origin.channel, external_id=origin.user_external_id)
+        session.add(user)
+    user.display_name = origin.user_display_name
+    user.language = origin.language
+    return user
+
+
+def _load(session: Session, job_id: int) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFound(job_id)
+    return job
+
+
+def _set_status(job: Job, status: JobStatus, detail: str | None = None) -> None:
+    check_transition(JobStatus(job.status), status)
+    job.status = status
+    job.events.append(JobEvent(status=status, detail=detail))
+
+
+def create_job(uow: UnitOfWork, origin: Origin, request: ImageRequest, plan: GenerationPlan) -> int:
+    """Record an accepted request as a queued job; returns its id. Commits."""
+    user = _user_for(uow.session, origin)
+    options: dict[str, Any] = {
+        "aspect_ratio": request.options.aspect_ratio,
+        "seed": request.options.seed,
+        "steps": request.options.steps,
+        "images": request.options.images,
+    }
+    job = Job(
+        user=user,
+        channel=origin.channel,
+        chat_id=origin.chat_id,
+        chat_type=origin.chat_type,
+        request_message_id=origin.request_message_id,
+        language=origin.language,
+        command=request.command,
+        prompt=plan.prompt,
+        options=options,
+        width=plan.width,
+        height=plan.height,
+        steps=plan.steps,
+        guidance_scale=plan.guidance_scale,
+        seeds=list(plan.seeds),
+        status=JobStatus.QUEUED,
+        attempts=0,
+        events=[JobEvent(status=JobStatus.QUEUED)],
+    )
+    uow.session.add(job)
+    uow.commit()
+    return job.id
+
+
+def queue_position(uow: UnitOfWork, job_id: int) -> int:
+    """1 for the next job to run: active jobs accepted before this one, plus one."""
+    ahead = uow.session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.status.in_(list(ACTIVE_STATUSES)), Job.id < job_id)
+    )
+    return int(ahead or 0) + 1
+
+
+def attach_status_message(uow: UnitOfWork, job_id: int, message_id: int) -> None:
+    _load(uow.session, job_id).status_message_id = message_id
+    uow.commit()
+
+
+def start_job(uow: UnitOfWork, job_id: int, worker: str) -> JobView | None:
+    """Mark a job running for this attempt. None when it has already ended (a duplicate
+    delivery of its task): there is nothing left to do."""
+    job = _load(uow.session, job_id)
+    if JobStatus(job.status) not in ACTIVE_STATUSES:
+        return None
+    _set_status(job, JobStatus.RUNNING, detail=f"attempt {job.attempts + 1} on {worker}")
+    job.attempts += 1
+    job.worker = worker
+    job.started_at = utcnow()
+    uow.commit()
+    return JobView.of(job)
+
+
+def complete_job(
+    uow: UnitOfWork,
+    job_id: int,
+    *,
+    result_paths: list[str],
+    result_file_ids: list[str],
+    generation_seconds: float,
+) -> None:
+    job = _load(uow.session, job_id)
+    _set_status(job, JobStatus.DONE)
+    job.result_paths = result_paths
+    job.result_file_ids = result_file_ids
+    job.generation_seconds = generation_seconds
+    job.finished_at = utcnow()
+    uow.commit()
+
+
+def fail_job(uow: UnitOfWork, job_id: int, error: str) -> JobView | None:
+    """Mark a job failed with the reason; None when it had already ended."""
+    job = _load(uow.session, job_id)
+    if JobStatus(job.status) not in ACTIVE_STATUSES:
+        return None
+    _set_status(job, JobStatus.FAILED, detail=error)
+    job.error = error
+    job.finished_at = utcnow()
+    uow.commit()
+    return JobView.of(job)

@@ -1,0 +1,1 @@
+"""GPU workers: the Celery app, its tasks, diffusers pipelines and result delivery."""

@@ -1,0 +1,58 @@
+"""What one worker process holds for its whole life: settings, store, the loaded model and
+the channel it delivers to. Built once per process, after any fork."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from functools import cached_property
+from pathlib import Path
+
+from chitrakar.config import Settings
+from db.session import Store
+from workers.delivery import TelegramDelivery
+from workers.pipelines import LoadedPipeline, default_dtype, load_pipeline, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+class WorkerRuntime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = Store(settings.resolved_database_url)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    @cached_property
+    def delivery(self) -> TelegramDelivery:
+        return TelegramDelivery(self.settings)
+
+    def model_source(self) -> str:
+        if self.settings.model is not None:
+            return self.settings.model
+        folder = self.settings.demo_model_dir
+        if not (folder / "model_index.json").exists():
+            from workers.tiny import make_tiny
+
+            log.warning("CHITRAKAR_MODEL is not set: making the tiny demo model in %s", folder)
+            make_tiny(folder)
+        log.warning(
+            "using the tiny demo model: its images are noise. Set CHITRAKAR_MODEL to a "
+            "diffusers folder or hub id for real images."
+        )
+        return str(folder)
+
+    @cached_property
+    def pipeline(self) -> LoadedPipeline:
+        device = resolve_device(self.settings.device)
+        return load_pipeline(self.model_source(), device, default_dtype(device))
+
+    def result_dir(self, job_id: int) -> Path:
+        folder = self.settings.results_dir / str(job_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def close(self) -> None:
+        if "delivery" in self.__dict__:
+            self.delivery.close()
+        self.store.dispose()

@@ -1,0 +1,139 @@
+"""A tiny, randomly initialised Stable Diffusion 1.x pipeline of the real architecture.
+
+Tests and the demo use it so that nothing is downloaded: it has every part a real model has
+(UNet, VAE that downsamples by 8, CLIP text encoder with tokenizer files, scheduler), loads
+with `AutoPipelineForText2Image.from_pretrained`, and makes a 64×64 image in well under a
+second on a CPU. Its images are coloured noise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+TINY_IMAGE_SIZE = 64
+_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable characters that byte-level BPE uses for bytes (as in GPT-2 and CLIP)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def _write_tokenizer(folder: Path) -> CLIPTokenizer:
+    """A CLIP tokenizer with a byte-level vocabulary and no merges: every character is a token,
+    so any prompt (Hindi included) tokenizes, as with the real one, without downloading it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [f"{ch}</w>" for ch in alphabet] + [_BOS, _EOS]
+    (folder / "vocab.json").write_text(
+        json.dumps({token: i for i, token in enumerate(tokens)}, ensure_ascii=False), "utf-8"
+    )
+    (folder / "merges.txt").write_text("#version: 0.2\n", "utf-8")
+    # Loaded from the files, the way a real model's tokenizer folder is read.
+    return CLIPTokenizer.from_pretrained(
+        str(folder),
+        bos_token=_BOS,
+        eos_token=_EOS,
+        pad_token=_EOS,
+        unk_token=_EOS,
+        model_max_length=77,
+    )
+
+
+def build_tiny_pipeline(seed: int = 0, workdir: Path | None = None) -> StableDiffusionPipeline:
+    torch.manual_seed(seed)
+    tokenizer = _write_tokenizer((workdir or Path(".")) / "tokenizer-src")
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer.get_vocab()),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=TINY_IMAGE_SIZE // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    # Four blocks: the VAE downsamples by 8 like the real one, so latents stay small.
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=TINY_IMAGE_SIZE,
+    )
+    # Stable Diffusion 1.x's noise schedule.
+    scheduler = DPMSolverMultistepScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def make_tiny(path: Path, seed: int = 0) -> Path:
+    """Write the tiny pipeline to `path` (a diffusers folder) and return it."""
+    path = path.expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside the target and renamed, so a reader never sees half a model.
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}-") as tmp:
+        pipe = build_tiny_pipeline(seed=seed, workdir=Path(tmp) / "src")
+        pipe.save_pretrained(str(Path(tmp) / "model"))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(Path(tmp) / "model", path)
+    return path
