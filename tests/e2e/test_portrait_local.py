@@ -1,0 +1,229 @@
+"""`chitrakar run` as a new user runs it: SQLite and the embedded filesystem broker, the real
+bot and a real Celery worker process with the tiny model, against the Bot API emulator."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from chitrakar.domain import Command, CommandError, image_size, parse_image_command
+from chitrakar.texts import text
+from tests.support.botapi import BotApiEmulator, Call
+from tests.support.stack import (
+    TEST_IMAGE_SIZE,
+    chitrakar_env,
+    chitrakar_process,
+    jobs_in_chat,
+    wait_for_jobs,
+)
+
+pytestmark = pytest.mark.e2e
+_fresh_user_ids = itertools.count(1000)
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
+) -> Iterator[tuple[BotApiEmulator, str]]:
+    emulator = BotApiEmulator().start()
+    data_dir = tmp_path_factory.mktemp("data")
+    env = chitrakar_env(emulator, data_dir, tiny_model)
+    with chitrakar_process("run", env=env, log_dir=data_dir):
+        # The bot is up once it has registered its command menu.
+        emulator.wait_for("setMyCommands", lambda c: c.params.get("language_code") == "hi", 60)
+        yield emulator, f"sqlite:///{data_dir / 'chitrakar.db'}"
+    emulator.stop()
+
+
+def reply_to(message: dict[str, Any]) -> Any:
+    def check(call: Call) -> bool:
+        params = call.params
+        reply = params.get("reply_parameters") or {}
+        return params.get("chat_id") == message["chat"]["id"] and reply.get("message_id") == (
+            message["message_id"]
+        )
+
+    return check
+
+
+def answer_to(message: dict[str, Any]) -> Any:
+    """A message the bot sent in the same chat after `message` (quoted in groups only)."""
+
+    def check(call: Call) -> bool:
+        result = call.result if isinstance(call.result, dict) else {}
+        return (
+            call.params.get("chat_id") == message["chat"]["id"]
+            and result.get("message_id", 0) > message["message_id"]
+        )
+
+    return check
+
+
+def photo_of(call: Call) -> Image.Image:
+    data = call.files.get("photo")
+    assert data is not None, "sendPhoto carried no uploaded file"
+    return Image.open(io.BytesIO(data))
+
+
+def test_portrait_in_a_private_chat(stack: tuple[BotApiEmulator, str]) -> None:
+    emulator, database_url = stack
+    user = emulator.user(501, "Asha")
+    chat = emulator.private_chat(user)
+    started = time.monotonic()
+    command = emulator.send_text(chat, user, "/portrait a tea stall at dusk")
+
+    status = emulator.wait_for("sendMessage", answer_to(command), timeout=30)
+    assert status.params["text"] == text("en", "status.queued", position=1)
+    # Acknowledged quickly, long before the image is ready.
+    assert status.at - started < 5
+
+    sent = emulator.wait_for("sendPhoto", reply_to(command), timeout=120)
+    image = photo_of(sent)
+    image.load()
+    assert image.size == (TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
+    assert sent.params["caption"].startswith("Seed ")
+    assert "4 steps" in sent.params["caption"]
+
+    status_id = status.result["message_id"]
+    emulator.wait_for("deleteMessage", lambda c: c.params.get("message_id") == status_id)
+    assert any(
+        c.params.get("action") == "upload_photo"
+        for c in emulator.calls_to("sendChatAction", chat["id"])
+    )
+    assert emulator.messages[(chat["id"], status_id)].get("deleted")
+
+    [job] = wait_for_jobs(database_url, chat["id"], "done")
+    assert job.prompt == "a tea stall at dusk"
+    assert job.request_message_id == command["message_id"]
+    assert job.status_message_id == status_id
+    assert job.result_file_ids == [sent.result["photo"][0]["file_id"]]
+    assert [e.status for e in job.events] == ["queued", "running", "done"]
+    assert str(job.seeds[0]) in sent.params["caption"]
+
+
+def test_portrait_addressed_in_a_group_and_others_ignored(
+    stack: tuple[BotApiEmulator, str],
+) -> None:
+    emulator, database_url = stack
+    user = emulator.user(502, "Ravi")
+    group = emulator.group_chat(-100501)
+    other = emulator.send_text(group, user, "/portrait@some_other_bot a kite festival")
+    command = emulator.send_text(
+        group, user, f"/portrait@{emulator.username} a kite festival —ar 16:9 --seed 7"
+    )
+
+    sent = emulator.wait_for("sendPhoto", reply_to(command), timeout=120)
+    assert photo_of(sent).size == image_size("16:9", TEST_IMAGE_SIZE)
+    assert sent.params["caption"].startswith("Seed 7 ")
+
+    assert not [c for c in emulator.calls if reply_to(other)(c)]
+    [job] = wait_for_jobs(database_url, group["id"], "done")
+    assert job.chat_type == "supergroup"
+    assert job.prompt == "a kite festival"
+    assert job.seeds == [7]
+
+
+def test_several_images_come_as_one_album(stack: tuple[BotApiEmulator, str]) -> None:
+    emulator, database_url = stack
+    user = emulator.user(503)
+    chat = emulator.private_chat(user)
+    command = emulator.send_text(chat, user, "/portrait twin peacocks --n 2 --seed 100")
+
+    album = emulator.wait_for("sendMediaGroup", reply_to(command), timeout=120)
+    captions = [item["caption"] for item in album.params["media"]]
+    assert [c.split(" ")[1] for c in captions] == ["100", "101"]
+    assert len(album.files) == 2
+    [job] = wait_for_jobs(database_url, chat["id"], "done")
+    assert len(job.result_file_ids or []) == 2
+
+
+def test_progress_is_shown_on_the_status_message(stack: tuple[BotApiEmulator, str]) -> None:
+    emulator, _ = stack
+    user = emulator.user(504)
+    chat = emulator.private_chat(user)
+    command = emulator.send_text(chat, user, "/portrait a slow sunrise over Kochi --steps 40")
+
+    status = emulator.wait_for("sendMessage", answer_to(command), timeout=30)
+    emulator.wait_for("sendPhoto", reply_to(command), timeout=120)
+    edits = [
+        c.params["text"]
+        for c in emulator.calls_to("editMessageText", chat["id"])
+        if c.params["message_id"] == status.result["message_id"]
+    ]
+    assert edits[0] == text("en", "status.running")
+    assert any(e.startswith("Creating your image… ") and e.endswith("%") for e in edits[1:])
+
+
+@pytest.mark.parametrize(
+    ("command", "expected_key"),
+    [
+        ("/portrait", "error.prompt_missing"),
+        ("/portrait   ", "error.prompt_missing"),
+        ("/portrait " + "x" * 1001, "error.prompt_too_long"),
+        ("/portrait a fort --ar 7:3", "error.option_choice"),
+        ("/portrait a fort --steps 0", "error.option_range"),
+        ("/portrait a fort --n 9", "error.option_range"),
+        ("/portrait a fort --seed banana", "error.option_not_number"),
+        ("/portrait a fort --style anime", "error.unknown_option"),
+        ("/portrait a fort --seed", "error.option_missing_value"),
+    ],
+)
+def test_bad_input_gets_usage_and_queues_nothing(
+    stack: tuple[BotApiEmulator, str], command: str, expected_key: str
+) -> None:
+    emulator, database_url = stack
+    user = emulator.user(next(_fresh_user_ids))
+    chat = emulator.private_chat(user)
+    message = emulator.send_text(chat, user, command)
+
+    reply = emulator.wait_for("sendMessage", answer_to(message), timeout=30)
+    with pytest.raises(CommandError) as raised:
+        parse_image_command(Command.PORTRAIT, command.removeprefix("/portrait"))
+    assert raised.value.key == expected_key
+    explanation = text("en", expected_key, **raised.value.params)
+    assert reply.params["text"] == explanation + "\n\n" + text("en", "usage.portrait")
+    assert jobs_in_chat(database_url, chat["id"]) == []
+
+
+def test_start_help_and_the_command_menu_in_hindi(stack: tuple[BotApiEmulator, str]) -> None:
+    emulator, _ = stack
+    user = emulator.user(505, "सीता", language_code="hi")
+    chat = emulator.private_chat(user)
+    start = emulator.send_text(chat, user, "/start")
+    assert emulator.wait_for("sendMessage", answer_to(start)).params["text"] == text(
+        "hi", "start.text"
+    )
+    help_message = emulator.send_text(chat, user, "/help")
+    assert emulator.wait_for("sendMessage", answer_to(help_message)).params["text"] == text(
+        "hi", "help.text", bot_username=emulator.username
+    )
+    assert [c["command"] for c in emulator.commands[None]] == ["portrait", "help", "start"]
+    assert emulator.commands["hi"][0]["description"] == text("hi", "menu.portrait")
+
+
+def test_a_failed_delivery_ends_in_an_apology(stack: tuple[BotApiEmulator, str]) -> None:
+    emulator, database_url = stack
+    user = emulator.user(506, "Meera", language_code="hi")
+    chat = emulator.private_chat(user)
+    emulator.fail("sendPhoto", status=400, description="Bad Request: emulated failure")
+    command = emulator.send_text(chat, user, "/portrait चाय की दुकान, शाम का समय")
+
+    status = emulator.wait_for("sendMessage", answer_to(command), timeout=30)
+    status_id = status.result["message_id"]
+    [job_id] = [j.id for j in jobs_in_chat(database_url, chat["id"])]
+    apology = text("hi", "error.generation_failed", job_id=job_id)
+    emulator.wait_for(
+        "editMessageText",
+        lambda c: c.params["message_id"] == status_id and c.params["text"] == apology,
+        timeout=120,
+    )
+    [job] = wait_for_jobs(database_url, chat["id"], "failed")
+    assert "emulated failure" in (job.error or "").lower()
+    assert job.prompt == "चाय की दुकान, शाम का समय"

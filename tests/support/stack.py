@@ -1,0 +1,125 @@
+"""Starting the real `chitrakar` processes for end-to-end tests, and reading their store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import selectinload
+
+from db.models import Job
+from db.session import Store
+from tests.support.botapi import BotApiEmulator
+
+TEST_IMAGE_SIZE = 64
+TEST_STEPS = 4
+
+
+def chitrakar_env(
+    emulator: BotApiEmulator,
+    data_dir: Path,
+    model: Path,
+    *,
+    database_url: str | None = None,
+    broker_url: str | None = None,
+) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("CHITRAKAR_") or "TEST" in k
+    }
+    env.update(
+        CHITRAKAR_TELEGRAM_TOKEN=emulator.token,
+        CHITRAKAR_TELEGRAM_API_URL=emulator.base_url,
+        CHITRAKAR_TELEGRAM_FILE_URL=emulator.base_file_url,
+        CHITRAKAR_DATA_DIR=str(data_dir),
+        CHITRAKAR_MODEL=str(model),
+        CHITRAKAR_DEVICE="cpu",
+        CHITRAKAR_IMAGE_SIZE=str(TEST_IMAGE_SIZE),
+        CHITRAKAR_DEFAULT_STEPS=str(TEST_STEPS),
+        CHITRAKAR_PROGRESS_INTERVAL="0",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    if database_url:
+        env["CHITRAKAR_DATABASE_URL"] = database_url
+    if broker_url:
+        env["CHITRAKAR_BROKER_URL"] = broker_url
+    return env
+
+
+def run_chitrakar(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "chitrakar", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@contextmanager
+def chitrakar_process(*args: str, env: dict[str, str], log_dir: Path) -> Iterator[Path]:
+    """Run `chitrakar ARGS` until the block ends, then stop it as a service manager would
+    (SIGTERM, then SIGKILL). Yields the log file; its tail is printed if the test fails."""
+    log_path = log_dir / f"{'-'.join(args)}.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "chitrakar", *args],
+            env=env,
+            cwd=log_dir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            yield log_path
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait(10)
+            print(f"--- tail of {log_path.name} ---")
+            print("".join(log_path.read_text(errors="replace").splitlines(True)[-60:]))
+
+
+def jobs_in_chat(database_url: str, chat_id: int) -> list[Job]:
+    """The chat's job rows with their events, detached from any session."""
+    store = Store(database_url)
+    try:
+        with store.unit_of_work() as uow:
+            jobs = list(
+                uow.session.scalars(
+                    select(Job)
+                    .where(Job.chat_id == chat_id)
+                    .order_by(Job.id)
+                    .options(selectinload(Job.events))
+                )
+            )
+            uow.session.expunge_all()
+            return jobs
+    finally:
+        store.dispose()
+
+
+def wait_for_jobs(
+    database_url: str, chat_id: int, *statuses: str, timeout: float = 30.0
+) -> list[Job]:
+    """The chat's jobs once they are in `statuses` (the worker records the end of a job just
+    after it has answered in the chat)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = jobs_in_chat(database_url, chat_id)
+        if [job.status for job in jobs] == list(statuses) or time.monotonic() > deadline:
+            return jobs
+        time.sleep(0.1)
