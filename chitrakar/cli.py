@@ -66,8 +66,9 @@ def cmd_worker(settings: Settings, _: argparse.Namespace) -> int:
     from workers.celery_app import app
     from workers.tasks import runtime
 
-    # Load the model before taking the first job, so no user waits for it.
+    # Load the model and connect to the chat before the first job, so no user waits for it.
     runtime().pipeline  # noqa: B018
+    runtime().delivery  # noqa: B018
     app.worker_main(
         [
             "worker",

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from chitrakar.domain import (
@@ -76,14 +79,28 @@ class JobNotFound(LookupError):
 
 
 def _user_for(session: Session, origin: Origin) -> User:
-    user = session.scalar(
+    """The user's row, created if new. Two requests from a new user can arrive at once, so the
+    insert is an atomic insert-if-absent rather than a look-then-add."""
+    # Both dialects' inserts have on_conflict_do_nothing; the generic one does not.
+    insert: Callable[[type[User]], Any] = {
+        "postgresql": postgresql_insert,
+        "sqlite": sqlite_insert,
+    }[session.get_bind().dialect.name]
+    session.execute(
+        insert(User)
+        .values(
+            channel=origin.channel,
+            external_id=origin.user_external_id,
+            language=origin.language,
+            created_at=utcnow(),
+        )
+        .on_conflict_do_nothing(index_elements=["channel", "external_id"])
+    )
+    user = session.scalars(
         select(User).where(
             User.channel == origin.channel, User.external_id == origin.user_external_id
         )
-    )
-    if user is None:
-        user = User(channel=origin.channel, external_id=origin.user_external_id)
-        session.add(user)
+    ).one()
     user.display_name = origin.user_display_name
     user.language = origin.language
     return user

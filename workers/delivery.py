@@ -49,6 +49,8 @@ class BackgroundLoop:
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
 
 
 class TelegramDelivery:
@@ -63,6 +65,11 @@ class TelegramDelivery:
             base_url=settings.telegram_api_url,
             base_file_url=settings.telegram_file_url,
         )
+        try:
+            # Opens the HTTP connection pool and checks the token with getMe.
+            self._loop.run(self._bot.initialize(), timeout=60)
+        except TelegramError as exc:
+            log.warning("the Bot API did not answer getMe (%s); will try again per delivery", exc)
         self._progress_interval = settings.progress_interval
         self._throttles: dict[int, ProgressThrottle] = {}
         self._edit_in_flight: dict[int, Future[Any]] = {}

@@ -54,7 +54,7 @@ def _write_tokenizer(folder: Path) -> CLIPTokenizer:
     )
     (folder / "merges.txt").write_text("#version: 0.2\n", "utf-8")
     # Loaded from the files, the way a real model's tokenizer folder is read.
-    return CLIPTokenizer.from_pretrained(
+    tokenizer: CLIPTokenizer = CLIPTokenizer.from_pretrained(
         str(folder),
         bos_token=_BOS,
         eos_token=_EOS,
@@ -62,6 +62,7 @@ def _write_tokenizer(folder: Path) -> CLIPTokenizer:
         unk_token=_EOS,
         model_max_length=77,
     )
+    return tokenizer
 
 
 def build_tiny_pipeline(seed: int = 0, workdir: Path | None = None) -> StableDiffusionPipeline:

@@ -46,8 +46,9 @@ def reply_to(message: dict[str, Any]) -> Any:
     def check(call: Call) -> bool:
         params = call.params
         reply = params.get("reply_parameters") or {}
-        return params.get("chat_id") == message["chat"]["id"] and reply.get("message_id") == (
-            message["message_id"]
+        return (
+            params.get("chat_id") == message["chat"]["id"]
+            and reply.get("message_id") == (message["message_id"])
         )
 
     return check

@@ -30,9 +30,7 @@ def chitrakar_env(
     database_url: str | None = None,
     broker_url: str | None = None,
 ) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("CHITRAKAR_") or "TEST" in k
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHITRAKAR_") or "TEST" in k}
     env.update(
         CHITRAKAR_TELEGRAM_TOKEN=emulator.token,
         CHITRAKAR_TELEGRAM_API_URL=emulator.base_url,

@@ -1,0 +1,145 @@
+"""The store on real databases: SQLite and PostgreSQL (the `database_url` fixture runs each)."""
+
+from __future__ import annotations
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import func, select
+
+from chitrakar.domain import (
+    Command,
+    GenerationOptions,
+    GenerationPlan,
+    ImageRequest,
+    InvalidTransition,
+    JobStatus,
+    plan_generation,
+)
+from db import jobs
+from db.jobs import Origin
+from db.migrate import schema_is_current, upgrade_to_head
+from db.models import Base, Job, User
+from db.session import Store
+
+
+def origin(user: str = "42", chat_id: int = 42) -> Origin:
+    return Origin(
+        channel="telegram",
+        chat_id=chat_id,
+        chat_type="private",
+        user_external_id=user,
+        user_display_name="Asha",
+        language="hi",
+        request_message_id=7,
+    )
+
+
+def request(
+    prompt: str = "a tea stall at dusk", **options: int
+) -> tuple[ImageRequest, GenerationPlan]:
+    req = ImageRequest(Command.PORTRAIT, prompt, GenerationOptions(**options))  # type: ignore[arg-type]
+    plan = plan_generation(
+        req, base_size=512, default_steps=25, guidance_scale=7.0, rng=random.Random(1)
+    )
+    return req, plan
+
+
+@pytest.fixture
+def store(database_url: str) -> Store:
+    upgrade_to_head(database_url)
+    return Store(database_url)
+
+
+def test_migrations_create_exactly_the_models(database_url: str) -> None:
+    assert not schema_is_current(database_url)
+    upgrade_to_head(database_url)
+    assert schema_is_current(database_url)
+    store = Store(database_url)
+    with store.engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    store.dispose()
+    assert differences == []
+
+
+def test_a_job_from_acceptance_to_done(store: Store) -> None:
+    req, plan = request(seed=5, images=2)
+    with store.unit_of_work() as uow:
+        job_id = jobs.create_job(uow, origin(), req, plan)
+        assert jobs.queue_position(uow, job_id) == 1
+        jobs.attach_status_message(uow, job_id, 8)
+
+    with store.unit_of_work() as uow:
+        view = jobs.start_job(uow, job_id, "gpu-1:99")
+    assert view is not None
+    assert view.status == JobStatus.RUNNING
+    assert view.plan.seeds == (5, 6)
+    assert view.status_message_id == 8
+    assert view.language == "hi"
+    assert view.attempts == 1
+
+    with store.unit_of_work() as uow:
+        jobs.complete_job(
+            uow,
+            job_id,
+            result_paths=["a.png", "b.png"],
+            result_file_ids=["x", "y"],
+            generation_seconds=1.5,
+        )
+        # A task delivered twice finds the job ended and does nothing.
+        assert jobs.start_job(uow, job_id, "gpu-2:1") is None
+        assert jobs.fail_job(uow, job_id, "late") is None
+
+    with store.unit_of_work() as uow:
+        job = uow.session.get(Job, job_id)
+        assert job is not None
+        assert job.status == "done"
+        assert job.result_file_ids == ["x", "y"]
+        assert job.options == {"aspect_ratio": "1:1", "seed": 5, "steps": None, "images": 2}
+        assert [e.status for e in job.events] == ["queued", "running", "done"]
+        assert job.finished_at is not None and job.started_at is not None
+    store.dispose()
+
+
+def test_queue_position_counts_active_jobs_ahead(store: Store) -> None:
+    req, plan = request()
+    with store.unit_of_work() as uow:
+        first, second, third = (jobs.create_job(uow, origin(str(i)), req, plan) for i in range(3))
+        jobs.start_job(uow, first, "w")
+        assert jobs.queue_position(uow, third) == 3
+        jobs.fail_job(uow, second, "not queued")
+        assert jobs.queue_position(uow, third) == 2
+    store.dispose()
+
+
+def test_an_ended_job_cannot_be_completed_again(store: Store) -> None:
+    req, plan = request()
+    with store.unit_of_work() as uow:
+        job_id = jobs.create_job(uow, origin(), req, plan)
+        jobs.fail_job(uow, job_id, "broker down")
+        with pytest.raises(InvalidTransition):
+            jobs.complete_job(
+                uow, job_id, result_paths=[], result_file_ids=[], generation_seconds=0
+            )
+    store.dispose()
+
+
+def test_simultaneous_first_requests_of_a_new_user(store: Store) -> None:
+    """A new user's first messages can arrive at once; each becomes a job, all for one user."""
+    req, plan = request()
+
+    def submit(_: int) -> int:
+        with store.unit_of_work() as uow:
+            return jobs.create_job(uow, origin("new-user"), req, plan)
+
+    with ThreadPoolExecutor(8) as pool:
+        job_ids = list(pool.map(submit, range(16)))
+
+    assert len(set(job_ids)) == 16
+    with store.unit_of_work() as uow:
+        assert uow.session.scalar(select(func.count()).select_from(User)) == 1
+        assert uow.session.scalar(select(func.count()).select_from(Job)) == 16
+    store.dispose()

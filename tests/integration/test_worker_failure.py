@@ -1,0 +1,58 @@
+"""A job whose generation fails inside the pipeline: recorded as failed, and the user gets an
+apology on their status message. The real worker service, model and Bot API calls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from chitrakar.config import Settings
+from chitrakar.domain import Command, GenerationOptions, GenerationPlan, ImageRequest
+from chitrakar.texts import text
+from db import jobs
+from db.jobs import Origin
+from db.migrate import upgrade_to_head
+from tests.support.botapi import BotApiEmulator
+from tests.support.stack import jobs_in_chat
+from workers.runtime import WorkerRuntime
+from workers.service import run_job
+
+
+def test_a_pipeline_error_is_recorded_and_apologised_for(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path
+) -> None:
+    settings = Settings(
+        telegram_token=emulator.token,
+        telegram_api_url=emulator.base_url,
+        telegram_file_url=emulator.base_file_url,
+        data_dir=tmp_path,
+        model=str(tiny_model),
+        device="cpu",
+    )
+    upgrade_to_head(settings.resolved_database_url)
+    user = emulator.user(801, "Anil")
+    chat = emulator.private_chat(user)
+    command = emulator.send_text(chat, user, "/portrait a lighthouse")
+    status = emulator._api_sendMessage({"chat_id": chat["id"], "text": "Queued."}, {})
+    # 60 pixels is not a multiple of 8: diffusers refuses it, as it would a corrupt plan.
+    plan = GenerationPlan("a lighthouse", 60, 60, 2, (1,), 7.0)
+    origin = Origin("telegram", chat["id"], "private", "801", "Anil", "en", command["message_id"])
+    runtime = WorkerRuntime(settings)
+    with runtime.store.unit_of_work() as uow:
+        job_id = jobs.create_job(
+            uow, origin, ImageRequest(Command.PORTRAIT, "a lighthouse", GenerationOptions()), plan
+        )
+        jobs.attach_status_message(uow, job_id, status["message_id"])
+
+    try:
+        run_job(runtime, job_id)
+    finally:
+        runtime.close()
+
+    [job] = jobs_in_chat(settings.resolved_database_url, chat["id"])
+    assert job.status == "failed"
+    assert job.error is not None and "divisible by 8" in job.error
+    assert job.attempts == 1
+    assert emulator.messages[(chat["id"], status["message_id"])]["text"] == text(
+        "en", "error.generation_failed", job_id=job_id
+    )
+    assert emulator.calls_to("sendPhoto") == []

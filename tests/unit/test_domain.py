@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from chitrakar.domain import (
+    ASPECT_RATIOS,
+    Command,
+    GenerationOptions,
+    ImageRequest,
+    InvalidTransition,
+    JobStatus,
+    ProgressThrottle,
+    check_transition,
+    image_size,
+    plan_generation,
+)
+
+
+@pytest.mark.parametrize("ratio", list(ASPECT_RATIOS))
+@pytest.mark.parametrize("base", [64, 512, 1024])
+def test_sizes_keep_the_ratio_and_area_in_multiples_of_8(ratio: str, base: int) -> None:
+    width, height = image_size(ratio, base)
+    w, h = ASPECT_RATIOS[ratio]
+    assert width % 8 == 0 and height % 8 == 0
+    assert abs(width / height - w / h) < 0.2
+    assert 0.8 < width * height / base**2 < 1.2
+
+
+def test_known_sizes() -> None:
+    assert image_size("1:1", 512) == (512, 512)
+    assert image_size("16:9", 512) == (680, 384)
+    assert image_size("9:16", 1024) == (768, 1368)
+
+
+def plan(**options: object) -> tuple[int, ...]:
+    request = ImageRequest(Command.PORTRAIT, "p", GenerationOptions(**options))  # type: ignore[arg-type]
+    return plan_generation(
+        request, base_size=512, default_steps=25, guidance_scale=7.0, rng=random.Random(0)
+    ).seeds
+
+
+def test_seeds_follow_a_given_seed_and_wrap() -> None:
+    assert plan(seed=10, images=3) == (10, 11, 12)
+    assert plan(seed=2**32 - 1, images=2) == (2**32 - 1, 0)
+
+
+def test_seeds_without_a_seed_are_random_but_consecutive() -> None:
+    seeds = plan(images=2)
+    assert seeds[1] == (seeds[0] + 1) % 2**32
+
+
+def test_steps_default_and_override() -> None:
+    request = ImageRequest(Command.PORTRAIT, "p", GenerationOptions(steps=9))
+    planned = plan_generation(
+        request, base_size=64, default_steps=25, guidance_scale=5.0, rng=random.Random(0)
+    )
+    assert (planned.steps, planned.width, planned.guidance_scale) == (9, 64, 5.0)
+
+
+def test_job_transitions() -> None:
+    check_transition(JobStatus.QUEUED, JobStatus.RUNNING)
+    check_transition(JobStatus.RUNNING, JobStatus.RUNNING)  # a redelivered task
+    check_transition(JobStatus.RUNNING, JobStatus.DONE)
+    for ended in (JobStatus.DONE, JobStatus.FAILED):
+        for status in JobStatus:
+            with pytest.raises(InvalidTransition):
+                check_transition(ended, status)
+    with pytest.raises(InvalidTransition):
+        check_transition(JobStatus.QUEUED, JobStatus.DONE)
+
+
+def test_progress_throttle_drops_updates_inside_the_interval() -> None:
+    throttle = ProgressThrottle(interval=3.0)
+    allowed = [t for t in (0.0, 1.0, 2.9, 3.0, 3.5, 7.0) if throttle.allow(t)]
+    assert allowed == [0.0, 3.0, 7.0]

@@ -1,0 +1,125 @@
+"""Parsing `/portrait` arguments: options anywhere, mentions, Hindi and mixed-script prompts."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from telegram import Chat, Message, MessageEntity
+
+from bot.handlers import command_arguments
+from chitrakar.domain import (
+    MAX_PROMPT_CHARS,
+    Command,
+    CommandError,
+    GenerationOptions,
+    parse_image_command,
+)
+
+
+def parse(args: str) -> tuple[str, GenerationOptions]:
+    request = parse_image_command(Command.PORTRAIT, args)
+    return request.prompt, request.options
+
+
+def test_a_plain_prompt_takes_the_defaults() -> None:
+    assert parse("a tea stall at dusk") == ("a tea stall at dusk", GenerationOptions())
+
+
+def test_options_anywhere_and_in_both_forms() -> None:
+    prompt, options = parse("--ar 16:9 a kite --seed=42 festival --steps 30 --n 4")
+    assert prompt == "a kite festival"
+    assert options == GenerationOptions(aspect_ratio="16:9", seed=42, steps=30, images=4)
+
+
+def test_option_names_ignore_case_and_phone_dashes() -> None:
+    # iOS and Android keyboards turn "--" into an em or en dash.
+    assert parse("a fort —AR 9:16 –seed 3")[1] == GenerationOptions(aspect_ratio="9:16", seed=3)
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "केरल साड़ी में दादी का सिनेमाई पोर्ट्रेट",
+        "ek chai ki dukaan, shaam ka samay, warm light",
+        "दादी in a Kerala saree, golden hour",
+        "தஞ்சாவூர் ஓவியம் of a dancer",
+        "a hyphen-ated word and 42 and — alone",
+    ],
+)
+def test_hindi_hinglish_and_mixed_script_prompts_survive(prompt: str) -> None:
+    assert parse(f"{prompt} --seed 1") == (prompt, GenerationOptions(seed=1))
+
+
+def test_whitespace_and_newlines_collapse() -> None:
+    assert parse("  a\nlighthouse\t at  night ")[0] == "a lighthouse at night"
+
+
+@pytest.mark.parametrize(
+    ("args", "key", "params"),
+    [
+        ("", "error.prompt_missing", {}),
+        ("--seed 3", "error.prompt_missing", {}),
+        ("x" * (MAX_PROMPT_CHARS + 1), "error.prompt_too_long", {"length": 1001}),
+        ("a fort --ar 7:3", "error.option_choice", {"option": "--ar", "value": "7:3"}),
+        ("a fort --steps 0", "error.option_range", {"low": 1, "high": 50}),
+        ("a fort --steps 51", "error.option_range", {"value": "51"}),
+        ("a fort --n 5", "error.option_range", {"option": "--n"}),
+        ("a fort --seed -1", "error.option_range", {"option": "--seed"}),
+        ("a fort --seed 4294967296", "error.option_range", {"high": 2**32 - 1}),
+        ("a fort --seed 1.5", "error.option_not_number", {"value": "1.5"}),
+        ("a fort --style anime", "error.unknown_option", {"option": "--style"}),
+        ("a fort --seed", "error.option_missing_value", {"option": "--seed"}),
+        ("a fort --ar=", "error.option_missing_value", {"option": "--ar"}),
+        ("a fort --n 1 --n 2", "error.option_repeated", {"option": "--n"}),
+    ],
+)
+def test_bad_input_names_the_problem(args: str, key: str, params: dict[str, object]) -> None:
+    with pytest.raises(CommandError) as raised:
+        parse(args)
+    assert raised.value.key == key
+    assert params.items() <= raised.value.params.items()
+
+
+def test_a_prompt_at_the_limit_is_accepted() -> None:
+    assert len(parse("y" * MAX_PROMPT_CHARS)[0]) == MAX_PROMPT_CHARS
+
+
+@given(st.text(max_size=300))
+def test_any_text_parses_or_names_a_known_problem(args: str) -> None:
+    try:
+        prompt, options = parse(args)
+    except CommandError as exc:
+        assert exc.key.startswith("error.")
+    else:
+        assert prompt and len(prompt) <= MAX_PROMPT_CHARS
+        assert 1 <= options.images <= 4
+
+
+def message(text: str, command_length: int) -> Message:
+    return Message(
+        message_id=1,
+        date=datetime.now(UTC),
+        chat=Chat(-100, Chat.SUPERGROUP),
+        text=text,
+        entities=[MessageEntity(MessageEntity.BOT_COMMAND, 0, command_length)],
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "command", "expected"),
+    [
+        ("/portrait a tea stall", "/portrait", "a tea stall"),
+        (
+            "/portrait@chitrakar_bot a tea stall --n 2",
+            "/portrait@chitrakar_bot",
+            "a tea stall --n 2",
+        ),
+        ("/portrait@chitrakar_bot", "/portrait@chitrakar_bot", ""),
+        ("/portrait 🎨 रंगोली  --ar 1:1", "/portrait", "🎨 रंगोली  --ar 1:1"),
+    ],
+)
+def test_arguments_after_the_command_and_mention(text: str, command: str, expected: str) -> None:
+    assert command_arguments(message(text, len(command))) == expected
