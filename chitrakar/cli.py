@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from chitrakar.config import Settings, load_settings
@@ -64,10 +65,14 @@ def cmd_bot(settings: Settings, _: argparse.Namespace) -> int:
 def cmd_worker(settings: Settings, _: argparse.Namespace) -> int:
     _require_current_schema(settings)
     from workers.celery_app import app
+    from workers.pipelines import ModelNotFound
     from workers.tasks import runtime
 
     # Load the model and connect to the chat before the first job, so no user waits for it.
-    runtime().pipeline  # noqa: B018
+    try:
+        runtime().pipeline  # noqa: B018
+    except ModelNotFound as exc:
+        raise SystemExit(f"The worker cannot start: {exc}") from None
     runtime().delivery  # noqa: B018
     app.worker_main(
         [
@@ -92,14 +97,26 @@ def cmd_run(settings: Settings, _: argparse.Namespace) -> int:
     cmd_db_upgrade(settings, _)
     worker = subprocess.Popen([sys.executable, "-m", "chitrakar", "worker"])
     log.info("worker started (pid %s); starting the bot", worker.pid)
+    stopping = threading.Event()
+
+    def watch_worker() -> None:
+        # Without its worker the bot would accept jobs that never run: stop it too.
+        code = worker.wait()
+        if not stopping.is_set():
+            log.error("the worker stopped (exit code %s); stopping the bot", code)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch_worker, name="worker-watch", daemon=True).start()
     try:
-        return cmd_bot(settings, _)
+        result = cmd_bot(settings, _)
     finally:
+        stopping.set()
         worker.send_signal(signal.SIGTERM)
         try:
             worker.wait(timeout=60)
         except subprocess.TimeoutExpired:
             worker.kill()
+    return result if worker.returncode in (0, -signal.SIGTERM) else 1
 
 
 def cmd_make_tiny(settings: Settings, args: argparse.Namespace) -> int:

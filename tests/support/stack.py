@@ -64,9 +64,12 @@ def run_chitrakar(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Comp
 
 
 @contextmanager
-def chitrakar_process(*args: str, env: dict[str, str], log_dir: Path) -> Iterator[Path]:
+def chitrakar_process(
+    *args: str, env: dict[str, str], log_dir: Path, echo_log: bool = True
+) -> Iterator[Path]:
     """Run `chitrakar ARGS` until the block ends, then stop it as a service manager would
-    (SIGTERM, then SIGKILL). Yields the log file; its tail is printed if the test fails."""
+    (SIGTERM, then SIGKILL). Yields the log file; its tail is printed at the end (pytest
+    shows it when the test fails)."""
     log_path = log_dir / f"{'-'.join(args)}.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
@@ -87,8 +90,9 @@ def chitrakar_process(*args: str, env: dict[str, str], log_dir: Path) -> Iterato
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait(10)
-            print(f"--- tail of {log_path.name} ---")
-            print("".join(log_path.read_text(errors="replace").splitlines(True)[-60:]))
+            if echo_log:
+                print(f"--- tail of {log_path.name} ---")
+                print("".join(log_path.read_text(errors="replace").splitlines(True)[-60:]))
 
 
 def jobs_in_chat(database_url: str, chat_id: int) -> list[Job]:
