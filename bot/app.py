@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from telegram import BotCommand, Update
-from telegram.ext import Application, CommandHandler, ContextTypes
+from telegram.ext import Application, CommandHandler, ContextTypes, filters
 
 from bot import handlers
 from bot.context import BotApplication, BotContext, BotServices
@@ -55,9 +55,11 @@ def build_application(settings: Settings) -> BotApplication:
         .build()
     )
     application.bot_data["services"] = BotServices(settings=settings, intake=intake)
-    application.add_handler(CommandHandler(Command.START, handlers.start))
-    application.add_handler(CommandHandler(Command.HELP, handlers.help_command))
-    application.add_handler(CommandHandler(Command.PORTRAIT, handlers.portrait))
+    # New messages only: editing a sent command must not queue a second job.
+    new_messages = filters.UpdateType.MESSAGE
+    application.add_handler(CommandHandler(Command.START, handlers.start, new_messages))
+    application.add_handler(CommandHandler(Command.HELP, handlers.help_command, new_messages))
+    application.add_handler(CommandHandler(Command.PORTRAIT, handlers.portrait, new_messages))
     application.add_error_handler(handlers.on_error)
     return application
 

@@ -10,7 +10,7 @@ from telegram import Message, MessageEntity, Update
 from telegram.error import TelegramError
 
 from bot.context import BotContext, language_of, origin_of
-from chitrakar.domain import Command, CommandError, parse_image_command
+from chitrakar.domain import Command, CommandError, option_limits, parse_image_command
 from chitrakar.texts import text
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,15 @@ def command_arguments(message: Message) -> str:
     return message.text[len(entities[first]) :].strip()
 
 
+def _usage(language: str, context: BotContext) -> str:
+    return text(
+        language,
+        "usage.portrait",
+        default_steps=context.services.settings.default_steps,
+        **option_limits(),
+    )
+
+
 async def start(update: Update, context: BotContext) -> None:
     if update.effective_message:
         await update.effective_message.reply_text(text(language_of(update), "start.text"))
@@ -33,7 +42,12 @@ async def start(update: Update, context: BotContext) -> None:
 async def help_command(update: Update, context: BotContext) -> None:
     if update.effective_message:
         await update.effective_message.reply_text(
-            text(language_of(update), "help.text", bot_username=context.bot.username)
+            text(
+                language_of(update),
+                "help.text",
+                bot_username=context.bot.username,
+                **option_limits(),
+            )
         )
 
 
@@ -46,7 +60,7 @@ async def portrait(update: Update, context: BotContext) -> None:
         request = parse_image_command(Command.PORTRAIT, command_arguments(message))
     except CommandError as exc:
         await message.reply_text(
-            text(language, exc.key, **exc.params) + "\n\n" + text(language, "usage.portrait")
+            text(language, exc.key, **exc.params) + "\n\n" + _usage(language, context)
         )
         return
 

@@ -16,6 +16,9 @@ from chitrakar.config import Settings, load_settings
 
 log = logging.getLogger("chitrakar")
 
+# How long `chitrakar run` lets its worker finish the job in hand when stopping.
+WORKER_STOP_TIMEOUT_S = 300
+
 TELEGRAM_SETUP_GUIDE = """\
 CHITRAKAR_TELEGRAM_TOKEN is not set, so there is no chat to serve yet.
 
@@ -43,6 +46,12 @@ def _require_current_schema(settings: Settings) -> None:
         raise SystemExit("The database schema is not up to date: run `chitrakar db upgrade` first.")
 
 
+def _require_token(settings: Settings) -> None:
+    if settings.telegram_token is None:
+        print(TELEGRAM_SETUP_GUIDE, file=sys.stderr)
+        raise SystemExit(2)
+
+
 def cmd_db_upgrade(settings: Settings, _: argparse.Namespace) -> int:
     from db.migrate import upgrade_to_head
 
@@ -52,9 +61,7 @@ def cmd_db_upgrade(settings: Settings, _: argparse.Namespace) -> int:
 
 
 def cmd_bot(settings: Settings, _: argparse.Namespace) -> int:
-    if settings.telegram_token is None:
-        print(TELEGRAM_SETUP_GUIDE, file=sys.stderr)
-        return 2
+    _require_token(settings)
     _require_current_schema(settings)
     from bot.app import run_polling
 
@@ -62,10 +69,13 @@ def cmd_bot(settings: Settings, _: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_worker(settings: Settings, _: argparse.Namespace) -> int:
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    _require_token(settings)
     _require_current_schema(settings)
+    from chitrakar.queue import publish_generate
     from workers.celery_app import app
     from workers.pipelines import ModelNotFound
+    from workers.service import requeue_unfinished
     from workers.tasks import runtime
 
     # Load the model and connect to the chat before the first job, so no user waits for it.
@@ -74,6 +84,8 @@ def cmd_worker(settings: Settings, _: argparse.Namespace) -> int:
     except ModelNotFound as exc:
         raise SystemExit(f"The worker cannot start: {exc}") from None
     runtime().delivery  # noqa: B018
+    if args.requeue_unfinished:
+        requeue_unfinished(runtime(), lambda job_id: publish_generate(app, job_id))
     app.worker_main(
         [
             "worker",
@@ -90,12 +102,11 @@ def cmd_worker(settings: Settings, _: argparse.Namespace) -> int:
 
 def cmd_run(settings: Settings, _: argparse.Namespace) -> int:
     """Store, worker and bot on one machine: the database is upgraded, a worker runs as a
-    child process, and the bot polls in this one until stopped."""
-    if settings.telegram_token is None:
-        print(TELEGRAM_SETUP_GUIDE, file=sys.stderr)
-        return 2
+    child process (taking up what a previous run left unfinished), and the bot polls in this
+    one until stopped."""
+    _require_token(settings)
     cmd_db_upgrade(settings, _)
-    worker = subprocess.Popen([sys.executable, "-m", "chitrakar", "worker"])
+    worker = subprocess.Popen([sys.executable, "-m", "chitrakar", "worker", "--requeue-unfinished"])
     log.info("worker started (pid %s); starting the bot", worker.pid)
     stopping = threading.Event()
 
@@ -111,11 +122,15 @@ def cmd_run(settings: Settings, _: argparse.Namespace) -> int:
         result = cmd_bot(settings, _)
     finally:
         stopping.set()
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        if worker.poll() is None:
+            # The worker finishes the job in hand first; what it cannot finish in time is
+            # re-queued by the next run.
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=WORKER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
     return result if worker.returncode in (0, -signal.SIGTERM) else 1
 
 
@@ -134,7 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_run
     )
     sub.add_parser("bot", help="run the Telegram bot").set_defaults(func=cmd_bot)
-    sub.add_parser("worker", help="run a generation worker").set_defaults(func=cmd_worker)
+    worker = sub.add_parser("worker", help="run a generation worker")
+    worker.add_argument(
+        "--requeue-unfinished",
+        action="store_true",
+        help="first re-queue every job left queued or running; only for a sole worker "
+        "(chitrakar run uses it)",
+    )
+    worker.set_defaults(func=cmd_worker)
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db", required=True)
     db.add_parser("upgrade", help="migrate the database to the newest schema").set_defaults(
@@ -150,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # python-telegram-bot's coming default: durations (such as a 429's retry_after) as timedelta.
+    os.environ.setdefault("PTB_TIMEDELTA", "true")
     args = build_parser().parse_args(argv)
     settings = load_settings()
     _configure_logging(settings)

@@ -39,6 +39,14 @@ ASPECT_RATIOS: Mapping[str, tuple[int, int]] = {
 SIZE_MULTIPLE = 8
 
 
+# How much of a user's own text an error message repeats back (Telegram caps a message at 4096).
+SHOWN_VALUE_CHARS = 40
+
+
+def _shown(value: str) -> str:
+    return value if len(value) <= SHOWN_VALUE_CHARS else value[: SHOWN_VALUE_CHARS - 1] + "…"
+
+
 class CommandError(ValueError):
     """Bad input from a user. Carries a text key and its parameters, not a sentence,
     so the channel can answer in the user's language."""
@@ -71,16 +79,21 @@ def _int_in(option: str, value: str, bounds: tuple[int, int]) -> int:
     try:
         number = int(value)
     except ValueError:
-        raise CommandError("error.option_not_number", option=option, value=value) from None
+        raise CommandError("error.option_not_number", option=option, value=_shown(value)) from None
     if not low <= number <= high:
-        raise CommandError("error.option_range", option=option, value=value, low=low, high=high)
+        raise CommandError(
+            "error.option_range", option=option, value=_shown(value), low=low, high=high
+        )
     return number
 
 
 def _aspect(option: str, value: str) -> str:
     if value not in ASPECT_RATIOS:
         raise CommandError(
-            "error.option_choice", option=option, value=value, choices=", ".join(ASPECT_RATIOS)
+            "error.option_choice",
+            option=option,
+            value=_shown(value),
+            choices=", ".join(ASPECT_RATIOS),
         )
     return value
 
@@ -105,6 +118,17 @@ def _as_option(token: str) -> str | None:
     return token if token.startswith("--") and len(token) > 2 else None
 
 
+def option_limits() -> dict[str, int]:
+    """The bounds of each option, for help and usage texts."""
+    return {
+        "steps_low": STEPS_RANGE[0],
+        "steps_high": STEPS_RANGE[1],
+        "images_low": IMAGES_RANGE[0],
+        "images_high": IMAGES_RANGE[1],
+        "seed_high": SEED_RANGE[1],
+    }
+
+
 def parse_image_command(command: Command, args: str) -> ImageRequest:
     """Parse the text after `/portrait`: a free-text prompt with `--option value` pairs
     anywhere in it (`--ar=16:9` works too). Raises CommandError for bad input."""
@@ -122,7 +146,9 @@ def parse_image_command(command: Command, args: str) -> ImageRequest:
         name, eq, inline_value = option.partition("=")
         name = name.lower()
         if name not in _OPTIONS:
-            raise CommandError("error.unknown_option", option=name, known=", ".join(_OPTIONS))
+            raise CommandError(
+                "error.unknown_option", option=_shown(name), known=", ".join(_OPTIONS)
+            )
         if eq:
             value = inline_value
             i += 1
@@ -199,6 +225,8 @@ class JobStatus(StrEnum):
 
 
 ACTIVE_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+# A job whose worker died this many times is given up, so one bad job cannot loop forever.
+MAX_ATTEMPTS = 3
 _TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED}),
     # RUNNING -> RUNNING: a redelivered task picks the job up again after a worker died.

@@ -36,14 +36,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
     if settings.resolved_broker_url.startswith("filesystem://"):
         queue_dir = settings.broker_dir / "queue"
-        processed_dir = settings.broker_dir / "processed"
-        queue_dir.mkdir(parents=True, exist_ok=True)
-        processed_dir.mkdir(parents=True, exist_ok=True)
+        control_dir = settings.broker_dir / "control"
+        for folder in (queue_dir, control_dir):
+            folder.mkdir(parents=True, exist_ok=True)
         config["broker_transport_options"] = {
             "data_folder_in": str(queue_dir),
             "data_folder_out": str(queue_dir),
-            "data_folder_processed": str(processed_dir),
-            "store_processed": False,
+            # Exchange bindings; kombu's default is ./control in the working directory.
+            "control_folder": str(control_dir),
             # Seconds between looks at the folder when it is empty.
             "polling_interval": 0.1,
         }

@@ -50,10 +50,10 @@ class JobIntake:
     def dispatch(self, job_id: int, status_message_id: int | None) -> bool:
         """Publish an accepted job. False when the broker refused it: the job is then
         marked failed, so the caller must tell the user."""
-        with self._store.unit_of_work() as uow:
-            if status_message_id is not None:
-                jobs.attach_status_message(uow, job_id, status_message_id)
         try:
+            if status_message_id is not None:
+                with self._store.unit_of_work() as uow:
+                    jobs.attach_status_message(uow, job_id, status_message_id)
             self._publish(job_id)
         except Exception as exc:
             log.exception("job %s could not be published", job_id)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -122,12 +122,6 @@ def _set_status(job: Job, status: JobStatus, detail: str | None = None) -> None:
 def create_job(uow: UnitOfWork, origin: Origin, request: ImageRequest, plan: GenerationPlan) -> int:
     """Record an accepted request as a queued job; returns its id. Commits."""
     user = _user_for(uow.session, origin)
-    options: dict[str, Any] = {
-        "aspect_ratio": request.options.aspect_ratio,
-        "seed": request.options.seed,
-        "steps": request.options.steps,
-        "images": request.options.images,
-    }
     job = Job(
         user=user,
         channel=origin.channel,
@@ -137,7 +131,7 @@ def create_job(uow: UnitOfWork, origin: Origin, request: ImageRequest, plan: Gen
         language=origin.language,
         command=request.command,
         prompt=plan.prompt,
-        options=options,
+        options=asdict(request.options),
         width=plan.width,
         height=plan.height,
         steps=plan.steps,
@@ -160,6 +154,15 @@ def queue_position(uow: UnitOfWork, job_id: int) -> int:
         .where(Job.status.in_(list(ACTIVE_STATUSES)), Job.id < job_id)
     )
     return int(ahead or 0) + 1
+
+
+def active_job_ids(uow: UnitOfWork) -> list[int]:
+    """Jobs queued or running, oldest first."""
+    return list(
+        uow.session.scalars(
+            select(Job.id).where(Job.status.in_(list(ACTIVE_STATUSES))).order_by(Job.id)
+        )
+    )
 
 
 def attach_status_message(uow: UnitOfWork, job_id: int, message_id: int) -> None:

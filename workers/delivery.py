@@ -8,17 +8,19 @@ process and tasks hand it coroutines.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import Future
+from datetime import timedelta
 from pathlib import Path
 from time import monotonic
 from typing import Any, TypeVar
 
 from telegram import Bot, InputMediaPhoto, ReplyParameters
 from telegram.constants import ChatAction
-from telegram.error import TelegramError
+from telegram.error import RetryAfter, TelegramError
 
 from chitrakar.config import Settings
 from chitrakar.domain import ProgressThrottle
@@ -28,8 +30,14 @@ from db.jobs import JobView
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Seconds to wait for one Bot API call to finish before giving up on it.
-SEND_TIMEOUT_S = 120.0
+# Read and write timeouts of one upload; a delivery with its retries gets the longer deadline.
+UPLOAD_TIMEOUT_S = 60.0
+DELIVERY_DEADLINE_S = 600.0
+# How often a send is retried after Telegram's "429 Too Many Requests", and the longest wait.
+FLOOD_RETRIES = 3
+MAX_RETRY_AFTER_S = 120.0
+# How long a final message waits for a progress edit still on its way.
+EDIT_SETTLE_S = 10.0
 
 
 class BackgroundLoop:
@@ -43,14 +51,46 @@ class BackgroundLoop:
     def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = SEND_TIMEOUT_S) -> T:
-        return self.submit(coro).result(timeout)
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        """Run to completion; on timeout the coroutine is cancelled, not left running."""
+        future = self.submit(coro)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
 
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
         if not self._thread.is_alive():
             self._loop.close()
+
+
+def _seconds(value: float | timedelta) -> float:
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+async def _quietly(coro: Coroutine[Any, Any, Any]) -> None:
+    """Await a call whose failure must not fail the job (status edits, chat actions)."""
+    try:
+        await coro
+    except TelegramError as exc:
+        log.warning("Bot API call failed, carrying on: %s", exc)
+
+
+async def _respecting_flood_limits(send: Callable[[], Awaitable[T]]) -> T:
+    """Send, and after a 429 wait as long as Telegram asks and send again."""
+    for attempt in range(1, FLOOD_RETRIES + 1):
+        try:
+            return await send()
+        except RetryAfter as exc:
+            if attempt == FLOOD_RETRIES:
+                raise
+            wait = min(_seconds(exc.retry_after), MAX_RETRY_AFTER_S)
+            log.warning("Telegram asked to wait %.0f s (attempt %d)", wait, attempt)
+            await asyncio.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 class TelegramDelivery:
@@ -71,8 +111,9 @@ class TelegramDelivery:
         except TelegramError as exc:
             log.warning("the Bot API did not answer getMe (%s); will try again per delivery", exc)
         self._progress_interval = settings.progress_interval
+        # Per job in progress: its throttle, and its status edit still on the way, if any.
         self._throttles: dict[int, ProgressThrottle] = {}
-        self._edit_in_flight: dict[int, Future[Any]] = {}
+        self._edits: dict[int, Future[None]] = {}
 
     def close(self) -> None:
         try:
@@ -80,21 +121,25 @@ class TelegramDelivery:
         finally:
             self._loop.close()
 
-    def _throttle(self, chat_id: int) -> ProgressThrottle:
-        return self._throttles.setdefault(chat_id, ProgressThrottle(self._progress_interval))
+    @staticmethod
+    def _reply_to(job: JobView) -> ReplyParameters | None:
+        if job.request_message_id is None:
+            return None
+        return ReplyParameters(job.request_message_id, allow_sending_without_reply=True)
 
     def _edit_status(self, job: JobView, key: str, **params: Any) -> None:
-        """Edit the job's status message without waiting; dropped while throttled or while the
-        previous edit in this chat is still on its way, since only the latest state matters."""
+        """Edit the job's status message without waiting. Dropped while throttled or while the
+        previous edit is still on its way: only the latest state is worth showing."""
         if job.status_message_id is None:
             return
-        previous = self._edit_in_flight.get(job.chat_id)
+        previous = self._edits.get(job.id)
         if previous is not None and not previous.done():
             return
-        if not self._throttle(job.chat_id).allow(monotonic()):
+        throttle = self._throttles.setdefault(job.id, ProgressThrottle(self._progress_interval))
+        if not throttle.allow(monotonic()):
             return
-        future = self._loop.submit(
-            self._quietly(
+        self._edits[job.id] = self._loop.submit(
+            _quietly(
                 self._bot.edit_message_text(
                     text(job.language, key, **params),
                     chat_id=job.chat_id,
@@ -102,14 +147,15 @@ class TelegramDelivery:
                 )
             )
         )
-        self._edit_in_flight[job.chat_id] = future
 
-    @staticmethod
-    async def _quietly(coro: Coroutine[Any, Any, Any]) -> None:
-        try:
-            await coro
-        except TelegramError as exc:
-            log.warning("status edit failed: %s", exc)
+    def _settle(self, job: JobView) -> None:
+        """Forget the job's progress state, after its last edit has landed, so that no late
+        progress edit overwrites what comes next."""
+        self._throttles.pop(job.id, None)
+        edit = self._edits.pop(job.id, None)
+        if edit is not None:
+            with contextlib.suppress(Exception):
+                edit.result(EDIT_SETTLE_S)
 
     def started(self, job: JobView) -> None:
         self._edit_status(job, "status.running")
@@ -120,7 +166,8 @@ class TelegramDelivery:
     def deliver(self, job: JobView, images: Sequence[Path], seconds: float) -> list[str]:
         """Send the images as a reply to the request and remove the status message.
         Returns Telegram's file ids. Raises when the images could not be sent."""
-        return self._loop.run(self._deliver(job, images, seconds))
+        self._settle(job)
+        return self._loop.run(self._deliver(job, images, seconds), DELIVERY_DEADLINE_S)
 
     async def _deliver(self, job: JobView, images: Sequence[Path], seconds: float) -> list[str]:
         plan = job.plan
@@ -136,56 +183,63 @@ class TelegramDelivery:
             )
             for seed in plan.seeds
         ]
-        reply = (
-            ReplyParameters(job.request_message_id, allow_sending_without_reply=True)
-            if job.request_message_id is not None
-            else None
-        )
-        await self._bot.send_chat_action(job.chat_id, ChatAction.UPLOAD_PHOTO)
-        if len(images) == 1:
-            message = await self._bot.send_photo(
-                job.chat_id,
-                images[0].read_bytes(),
-                caption=captions[0],
-                reply_parameters=reply,
-                read_timeout=SEND_TIMEOUT_S,
-                write_timeout=SEND_TIMEOUT_S,
-            )
-            sent = [message]
-        else:
-            media = [
-                InputMediaPhoto(path.read_bytes(), caption=caption)
-                for path, caption in zip(images, captions, strict=True)
+        photos = [path.read_bytes() for path in images]
+        timeouts: dict[str, Any] = {
+            "read_timeout": UPLOAD_TIMEOUT_S,
+            "write_timeout": UPLOAD_TIMEOUT_S,
+        }
+        await _quietly(self._bot.send_chat_action(job.chat_id, ChatAction.UPLOAD_PHOTO))
+        if len(photos) == 1:
+            sent = [
+                await _respecting_flood_limits(
+                    lambda: self._bot.send_photo(
+                        job.chat_id,
+                        photos[0],
+                        caption=captions[0],
+                        reply_parameters=self._reply_to(job),
+                        **timeouts,
+                    )
+                )
             ]
+        else:
             sent = list(
-                await self._bot.send_media_group(
-                    job.chat_id,
-                    media,
-                    reply_parameters=reply,
-                    read_timeout=SEND_TIMEOUT_S,
-                    write_timeout=SEND_TIMEOUT_S,
+                await _respecting_flood_limits(
+                    lambda: self._bot.send_media_group(
+                        job.chat_id,
+                        [
+                            InputMediaPhoto(photo, caption=caption)
+                            for photo, caption in zip(photos, captions, strict=True)
+                        ],
+                        reply_parameters=self._reply_to(job),
+                        **timeouts,
+                    )
                 )
             )
         if job.status_message_id is not None:
-            await self._quietly(self._bot.delete_message(job.chat_id, job.status_message_id))
+            await _quietly(self._bot.delete_message(job.chat_id, job.status_message_id))
         return [max(message.photo, key=lambda p: p.width).file_id for message in sent]
 
     def apologise(self, job: JobView) -> None:
-        """Tell the user their job failed: on the status message, or as a reply."""
-        apology = text(job.language, "error.generation_failed", job_id=job.id)
+        """Tell the user their job failed: on the status message, or else as a reply."""
+        self._settle(job)
         try:
-            if job.status_message_id is not None:
-                self._loop.run(
-                    self._bot.edit_message_text(
-                        apology, chat_id=job.chat_id, message_id=job.status_message_id
-                    )
-                )
-                return
-            reply = (
-                ReplyParameters(job.request_message_id, allow_sending_without_reply=True)
-                if job.request_message_id is not None
-                else None
-            )
-            self._loop.run(self._bot.send_message(job.chat_id, apology, reply_parameters=reply))
+            self._loop.run(self._apologise(job), DELIVERY_DEADLINE_S)
         except Exception:
             log.exception("could not tell chat %s that job %s failed", job.chat_id, job.id)
+
+    async def _apologise(self, job: JobView) -> None:
+        apology = text(job.language, "error.generation_failed", job_id=job.id)
+        if job.status_message_id is not None:
+            try:
+                await self._bot.edit_message_text(
+                    apology, chat_id=job.chat_id, message_id=job.status_message_id
+                )
+                return
+            except TelegramError as exc:
+                # The user may have deleted the status message: reply instead.
+                log.warning("could not edit the status message of job %s: %s", job.id, exc)
+        await _respecting_flood_limits(
+            lambda: self._bot.send_message(
+                job.chat_id, apology, reply_parameters=self._reply_to(job)
+            )
+        )

@@ -14,11 +14,23 @@ import pytest
 from PIL import Image
 from telegram import Bot
 
-from chitrakar.domain import Command, CommandError, image_size, parse_image_command
+from chitrakar.domain import (
+    MAX_ATTEMPTS,
+    Command,
+    CommandError,
+    GenerationPlan,
+    image_size,
+    option_limits,
+    parse_image_command,
+)
 from chitrakar.texts import text
-from tests.support.botapi import BotApiEmulator, Call
+from db import jobs
+from db.jobs import Origin
+from db.session import Store
+from tests.support.botapi import BotApiEmulator, Call, Fault
 from tests.support.stack import (
     TEST_IMAGE_SIZE,
+    TEST_STEPS,
     chitrakar_env,
     chitrakar_process,
     jobs_in_chat,
@@ -184,6 +196,9 @@ def test_progress_is_shown_on_the_status_message(stack: tuple[BotApiEmulator, st
         ("/portrait a fort --seed banana", "error.option_not_number"),
         ("/portrait a fort --style anime", "error.unknown_option"),
         ("/portrait a fort --seed", "error.option_missing_value"),
+        # A huge value must not make the explanation too long for Telegram to send.
+        ("/portrait a fort --ar " + "9" * 4050, "error.option_choice"),
+        ("/portrait a fort --" + "x" * 4050, "error.unknown_option"),
     ],
 )
 def test_bad_input_gets_usage_and_queues_nothing(
@@ -199,8 +214,44 @@ def test_bad_input_gets_usage_and_queues_nothing(
         parse_image_command(Command.PORTRAIT, command.removeprefix("/portrait"))
     assert raised.value.key == expected_key
     explanation = text("en", expected_key, **raised.value.params)
-    assert reply.params["text"] == explanation + "\n\n" + text("en", "usage.portrait")
+    usage = text("en", "usage.portrait", default_steps=TEST_STEPS, **option_limits())
+    assert reply.params["text"] == explanation + "\n\n" + usage
     assert jobs_in_chat(database_url, chat["id"]) == []
+
+
+def test_a_flood_limit_is_waited_out(stack: tuple[BotApiEmulator, str]) -> None:
+    emulator, database_url = stack
+    user = emulator.user(507)
+    chat = emulator.private_chat(user)
+    emulator.fail("sendPhoto", 429, "Too Many Requests: retry after 1", retry_after=1)
+    command = emulator.send_text(chat, user, "/portrait a crowded Diwali market")
+
+    sent = emulator.wait_for(
+        "sendPhoto",
+        lambda c: reply_to(command)(c) and isinstance(c.result, dict),
+        timeout=120,
+    )
+    attempts = emulator.calls_to("sendPhoto", chat["id"])
+    assert len(attempts) == 2 and isinstance(attempts[0].result, Fault)
+    assert sent.at - attempts[0].at >= 1.0  # waited as Telegram asked
+    [job] = wait_for_jobs(database_url, chat["id"], "done")
+    assert job.attempts == 1
+
+
+def test_editing_a_command_queues_nothing_more(stack: tuple[BotApiEmulator, str]) -> None:
+    emulator, database_url = stack
+    user = emulator.user(508)
+    chat = emulator.private_chat(user)
+    command = emulator.send_text(chat, user, "/portrait a boat on the backwaters")
+    emulator.wait_for("sendPhoto", reply_to(command), timeout=120)
+
+    emulator.edit_text(command, "/portrait a houseboat on the backwaters")
+    marker = emulator.send_text(chat, user, "/help")
+    emulator.wait_for("sendMessage", answer_to(marker))
+    assert [job.prompt for job in jobs_in_chat(database_url, chat["id"])] == [
+        "a boat on the backwaters"
+    ]
+    assert len(emulator.calls_to("sendPhoto", chat["id"])) == 1
 
 
 def test_start_help_and_the_command_menu_in_hindi(stack: tuple[BotApiEmulator, str]) -> None:
@@ -213,7 +264,7 @@ def test_start_help_and_the_command_menu_in_hindi(stack: tuple[BotApiEmulator, s
     )
     help_message = emulator.send_text(chat, user, "/help")
     assert emulator.wait_for("sendMessage", answer_to(help_message)).params["text"] == text(
-        "hi", "help.text", bot_username=emulator.username
+        "hi", "help.text", bot_username=emulator.username, **option_limits()
     )
     assert [c["command"] for c in emulator.commands[None]] == ["portrait", "help", "start"]
     assert emulator.commands["hi"][0]["description"] == text("hi", "menu.portrait")
@@ -249,3 +300,45 @@ def test_run_stops_clearly_when_its_worker_cannot_start(
     assert "The worker cannot start: model folder" in result.stderr
     assert "the worker stopped (exit code 1); stopping the bot" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_run_takes_up_what_a_stopped_run_left_unfinished(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path
+) -> None:
+    """A run stopped mid-job (or killed) leaves jobs queued or running whose broker messages
+    are gone. The next `chitrakar run` finishes them; one whose worker died too often ends in
+    an apology instead of another try."""
+    env = chitrakar_env(emulator, tmp_path, tiny_model)
+    assert run_chitrakar("db", "upgrade", env=env, cwd=tmp_path).returncode == 0
+    database_url = f"sqlite:///{tmp_path / 'chitrakar.db'}"
+    user = emulator.user(901, "Lata")
+    chat = emulator.private_chat(user)
+    store = Store(database_url)
+    left: dict[str, tuple[dict[str, Any], int]] = {}
+    for name, attempts in (("queued", 0), ("running", 1), ("exhausted", MAX_ATTEMPTS)):
+        command = emulator.history_message(chat, user, f"/portrait {name}")
+        status = emulator.history_message(chat, None, "Queued.")
+        request = parse_image_command(Command.PORTRAIT, name)
+        plan = GenerationPlan(name, 64, 64, 2, (1,), 7.0)
+        origin = Origin(
+            "telegram", chat["id"], "private", "901", "Lata", "en", command["message_id"]
+        )
+        with store.unit_of_work() as uow:
+            job_id = jobs.create_job(uow, origin, request, plan)
+            jobs.attach_status_message(uow, job_id, status["message_id"])
+            for _ in range(attempts):
+                jobs.start_job(uow, job_id, "a worker that died")
+        left[name] = (command, job_id)
+    store.dispose()
+
+    with chitrakar_process("run", env=env, log_dir=tmp_path):
+        for name in ("queued", "running"):
+            emulator.wait_for("sendPhoto", reply_to(left[name][0]), timeout=120)
+        exhausted_id = left["exhausted"][1]
+        apology = text("en", "error.generation_failed", job_id=exhausted_id)
+        emulator.wait_for("editMessageText", lambda c: c.params["text"] == apology, timeout=60)
+        done = wait_for_jobs(database_url, chat["id"], "done", "done", "failed")
+
+    assert [job.status for job in done] == ["done", "done", "failed"]
+    assert done[2].error == f"gave up after {MAX_ATTEMPTS} attempts"
+    assert not [c for c in emulator.calls if reply_to(left["exhausted"][0])(c)]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from chitrakar.config import Settings
 from chitrakar.domain import Command, GenerationOptions, GenerationPlan, ImageRequest
 from chitrakar.texts import text
@@ -17,8 +19,9 @@ from workers.runtime import WorkerRuntime
 from workers.service import run_job
 
 
+@pytest.mark.parametrize("status_deleted", [False, True], ids=["on-status", "status-deleted"])
 def test_a_pipeline_error_is_recorded_and_apologised_for(
-    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, status_deleted: bool
 ) -> None:
     settings = Settings(
         telegram_token=emulator.token,
@@ -31,8 +34,8 @@ def test_a_pipeline_error_is_recorded_and_apologised_for(
     upgrade_to_head(settings.resolved_database_url)
     user = emulator.user(801, "Anil")
     chat = emulator.private_chat(user)
-    command = emulator.send_text(chat, user, "/portrait a lighthouse")
-    status = emulator._api_sendMessage({"chat_id": chat["id"], "text": "Queued."}, {})
+    command = emulator.history_message(chat, user, "/portrait a lighthouse")
+    status = emulator.history_message(chat, None, "Queued.")
     # 60 pixels is not a multiple of 8: diffusers refuses it, as it would a corrupt plan.
     plan = GenerationPlan("a lighthouse", 60, 60, 2, (1,), 7.0)
     origin = Origin("telegram", chat["id"], "private", "801", "Anil", "en", command["message_id"])
@@ -43,6 +46,8 @@ def test_a_pipeline_error_is_recorded_and_apologised_for(
         )
         jobs.attach_status_message(uow, job_id, status["message_id"])
 
+    if status_deleted:
+        emulator.delete_by_user(chat["id"], status["message_id"])
     try:
         run_job(runtime, job_id)
     finally:
@@ -52,7 +57,13 @@ def test_a_pipeline_error_is_recorded_and_apologised_for(
     assert job.status == "failed"
     assert job.error is not None and "divisible by 8" in job.error
     assert job.attempts == 1
-    assert emulator.messages[(chat["id"], status["message_id"])]["text"] == text(
-        "en", "error.generation_failed", job_id=job_id
-    )
+    apology = text("en", "error.generation_failed", job_id=job_id)
+    if status_deleted:
+        # The status message is gone, so the apology comes as a reply to the command.
+        [reply] = emulator.calls_to("sendMessage", chat["id"])
+        assert reply.params["text"] == apology
+        assert reply.params["reply_parameters"]["message_id"] == command["message_id"]
+    else:
+        assert emulator.messages[(chat["id"], status["message_id"])]["text"] == apology
+        assert emulator.calls_to("sendMessage", chat["id"]) == []
     assert emulator.calls_to("sendPhoto") == []

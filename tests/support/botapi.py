@@ -25,6 +25,9 @@ from typing import Any
 from aiohttp import web
 from PIL import Image
 
+# Telegram's limits on a message's text and on a caption, in characters.
+TEXT_LIMIT = 4096
+CAPTION_LIMIT = 1024
 # Values that stay strings even when they look like JSON ("42" as a prompt stays "42").
 _STRING_FIELDS = {"text", "caption", "action", "language_code", "parse_mode", "file_id"}
 
@@ -136,17 +139,32 @@ class BotApiEmulator:
     def send_text(self, chat: dict[str, Any], user: dict[str, Any], text: str) -> dict[str, Any]:
         """A user sends a text message; returns the message as the bot will see it."""
         with self._lock:
+            message = self.history_message(chat, user, text)
+            self._push_update({"message": message})
+            return message
+
+    def edit_text(self, message: dict[str, Any], text: str) -> None:
+        """The user edits a message they sent (Telegram sends an `edited_message` update)."""
+        with self._lock:
+            message["text"] = text
+            message["edit_date"] = int(time.time())
+            self._push_update({"edited_message": dict(message)})
+
+    def delete_by_user(self, chat_id: int, message_id: int) -> None:
+        with self._lock:
+            self.messages[(chat_id, message_id)]["deleted"] = True
+
+    def history_message(
+        self, chat: dict[str, Any], user: dict[str, Any] | None, text: str
+    ) -> dict[str, Any]:
+        """A message already in the chat, sent before the bot was watching: no update."""
+        with self._lock:
             message = self._new_message(chat, text=text, sender=user)
             if text.startswith("/"):
                 command = text.split()[0]
-                message["entities"] = [
-                    {
-                        "type": "bot_command",
-                        "offset": 0,
-                        "length": len(command.encode("utf-16-le")) // 2,
-                    }
-                ]
-            self._push_update({"message": message})
+                # Entity offsets and lengths count UTF-16 code units, as Telegram's do.
+                length = len(command.encode("utf-16-le")) // 2
+                message["entities"] = [{"type": "bot_command", "offset": 0, "length": length}]
             return message
 
     def calls_to(self, method: str, chat_id: int | None = None) -> list[Call]:
@@ -321,15 +339,24 @@ class BotApiEmulator:
 
     def _message_in(self, chat_id: int, message_id: int) -> dict[str, Any]:
         message = self.messages.get((chat_id, message_id))
-        if message is None:
+        if message is None or message.get("deleted"):
             raise ApiError(400, "Bad Request: message to edit not found")
         return message
+
+    @staticmethod
+    def _check_length(params: dict[str, Any], field: str, limit: int) -> None:
+        if len(params.get(field) or "") > limit:
+            raise ApiError(
+                400, f"Bad Request: message {'caption ' if field == 'caption' else ''}is too long"
+            )
 
     def _reply_target(self, chat_id: int, params: dict[str, Any]) -> dict[str, Any] | None:
         reply = params.get("reply_parameters")
         if not reply:
             return None
         target = self.messages.get((chat_id, int(reply["message_id"])))
+        if target is not None and target.get("deleted"):
+            target = None
         if target is None and not reply.get("allow_sending_without_reply"):
             raise ApiError(400, "Bad Request: message to be replied not found")
         return target
@@ -377,6 +404,7 @@ class BotApiEmulator:
 
     def _api_sendMessage(self, params: dict[str, Any], files: dict[str, bytes]) -> Any:
         chat_id = int(params["chat_id"])
+        self._check_length(params, "text", TEXT_LIMIT)
         target = self._reply_target(chat_id, params)
         message = self._new_message(self._chat(chat_id), text=params["text"])
         if target is not None:
@@ -385,6 +413,7 @@ class BotApiEmulator:
 
     def _api_editMessageText(self, params: dict[str, Any], files: dict[str, bytes]) -> Any:
         message = self._message_in(int(params["chat_id"]), int(params["message_id"]))
+        self._check_length(params, "text", TEXT_LIMIT)
         if message.get("text") == params["text"]:
             raise ApiError(400, "Bad Request: message is not modified")
         message["text"] = params["text"]
@@ -393,7 +422,7 @@ class BotApiEmulator:
 
     def _api_deleteMessage(self, params: dict[str, Any], files: dict[str, bytes]) -> Any:
         key = (int(params["chat_id"]), int(params["message_id"]))
-        if key not in self.messages:
+        if key not in self.messages or self.messages[key].get("deleted"):
             raise ApiError(400, "Bad Request: message to delete not found")
         self.messages[key]["deleted"] = True
         return True
@@ -403,6 +432,7 @@ class BotApiEmulator:
 
     def _api_sendPhoto(self, params: dict[str, Any], files: dict[str, bytes]) -> Any:
         chat_id = int(params["chat_id"])
+        self._check_length(params, "caption", CAPTION_LIMIT)
         target = self._reply_target(chat_id, params)
         photo = self._store_photo(self._photo_bytes(params.get("photo"), files, "photo"))
         message = self._new_message(self._chat(chat_id), photo=photo)

@@ -12,11 +12,13 @@ from telegram import Chat, Message, MessageEntity
 from bot.handlers import command_arguments
 from chitrakar.domain import (
     MAX_PROMPT_CHARS,
+    SHOWN_VALUE_CHARS,
     Command,
     CommandError,
     GenerationOptions,
     parse_image_command,
 )
+from chitrakar.texts import LANGUAGES, text
 
 
 def parse(args: str) -> tuple[str, GenerationOptions]:
@@ -83,6 +85,17 @@ def test_bad_input_names_the_problem(args: str, key: str, params: dict[str, obje
     assert params.items() <= raised.value.params.items()
 
 
+@pytest.mark.parametrize(
+    ("args", "huge"),
+    [("a --ar " + "9" * 5000, "9" * 5000), ("a --" + "x" * 5000, "--" + "x" * 5000)],
+)
+def test_a_huge_value_is_shortened_in_the_explanation(args: str, huge: str) -> None:
+    with pytest.raises(CommandError) as raised:
+        parse(args)
+    shown = [v for v in raised.value.params.values() if isinstance(v, str) and v[:5] == huge[:5]]
+    assert shown and all(len(v) <= SHOWN_VALUE_CHARS and v.endswith("…") for v in shown)
+
+
 def test_a_prompt_at_the_limit_is_accepted() -> None:
     assert len(parse("y" * MAX_PROMPT_CHARS)[0]) == MAX_PROMPT_CHARS
 
@@ -92,7 +105,9 @@ def test_any_text_parses_or_names_a_known_problem(args: str) -> None:
     try:
         prompt, options = parse(args)
     except CommandError as exc:
-        assert exc.key.startswith("error.")
+        for language in LANGUAGES:
+            explanation = text(language, exc.key, **exc.params)
+            assert explanation and len(explanation) < 500
     else:
         assert prompt and len(prompt) <= MAX_PROMPT_CHARS
         assert 1 <= options.images <= 4
