@@ -129,6 +129,10 @@ def test_portrait_in_a_private_chat(stack: tuple[BotApiEmulator, str]) -> None:
     assert job.result_file_ids == [sent.result["photo"][0]["file_id"]]
     assert [e.status for e in job.events] == ["queued", "running", "done"]
     assert str(job.seeds[0]) in sent.params["caption"]
+    # The embedded broker keeps all its files under the data dir, none in the working dir.
+    data_dir = Path(database_url.removeprefix("sqlite:///")).parent
+    assert (data_dir / "broker" / "control").is_dir()
+    assert not (data_dir / "control").exists()
 
 
 def test_portrait_addressed_in_a_group_and_others_ignored(
