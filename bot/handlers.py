@@ -66,6 +66,8 @@ async def portrait(update: Update, context: BotContext) -> None:
 
     intake = context.services.intake
     accepted = await asyncio.to_thread(intake.accept, origin_of(update, language), request)
+    if accepted.duplicate:
+        return
     status: Message | None
     try:
         status = await message.reply_text(

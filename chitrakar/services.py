@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 class Accepted:
     job_id: int
     position: int
+    # The request had already made this job (its update came twice): it has been answered.
+    duplicate: bool = False
 
 
 class JobIntake:
@@ -42,7 +44,16 @@ class JobIntake:
             rng=self._rng,
         )
         with self._store.unit_of_work() as uow:
-            job_id = jobs.create_job(uow, origin, request, plan)
+            try:
+                job_id = jobs.create_job(uow, origin, request, plan)
+            except jobs.DuplicateRequest as duplicate:
+                log.info(
+                    "message %s in chat %s repeated; job %s has it",
+                    origin.request_message_id,
+                    origin.chat_id,
+                    duplicate.job_id,
+                )
+                return Accepted(job_id=duplicate.job_id, position=0, duplicate=True)
             position = jobs.queue_position(uow, job_id)
         log.info("job %s accepted from %s chat %s", job_id, origin.channel, origin.chat_id)
         return Accepted(job_id=job_id, position=position)

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from chitrakar.domain import (
@@ -78,6 +79,14 @@ class JobNotFound(LookupError):
     pass
 
 
+class DuplicateRequest(Exception):
+    """The chat message already made a job (its update came twice)."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
 def _user_for(session: Session, origin: Origin) -> User:
     """The user's row, created if new. Two requests from a new user can arrive at once, so the
     insert is an atomic insert-if-absent rather than a look-then-add."""
@@ -120,7 +129,8 @@ def _set_status(job: Job, status: JobStatus, detail: str | None = None) -> None:
 
 
 def create_job(uow: UnitOfWork, origin: Origin, request: ImageRequest, plan: GenerationPlan) -> int:
-    """Record an accepted request as a queued job; returns its id. Commits."""
+    """Record an accepted request as a queued job; returns its id. Commits. Raises
+    DuplicateRequest when the same chat message already made a job."""
     user = _user_for(uow.session, origin)
     job = Job(
         user=user,
@@ -142,7 +152,20 @@ def create_job(uow: UnitOfWork, origin: Origin, request: ImageRequest, plan: Gen
         events=[JobEvent(status=JobStatus.QUEUED)],
     )
     uow.session.add(job)
-    uow.commit()
+    try:
+        uow.commit()
+    except IntegrityError:
+        uow.session.rollback()
+        existing = uow.session.scalar(
+            select(Job.id).where(
+                Job.channel == origin.channel,
+                Job.chat_id == origin.chat_id,
+                Job.request_message_id == origin.request_message_id,
+            )
+        )
+        if existing is None:
+            raise
+        raise DuplicateRequest(existing) from None
     return job.id
 
 

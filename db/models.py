@@ -54,7 +54,12 @@ class Job(Base):
     """One request to generate images, from the chat message that asked to the delivery."""
 
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_status_id", "status", "id"),)
+    __table_args__ = (
+        Index("ix_jobs_status_id", "status", "id"),
+        # One job per chat message: a repeated update (a webhook retry, an update offered
+        # twice) finds the job it already made. Messages without an id (NULL) never collide.
+        Index("ux_jobs_request", "channel", "chat_id", "request_message_id", unique=True),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)

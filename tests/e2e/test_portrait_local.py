@@ -258,6 +258,29 @@ def test_editing_a_command_queues_nothing_more(stack: tuple[BotApiEmulator, str]
     assert len(emulator.calls_to("sendPhoto", chat["id"])) == 1
 
 
+def test_a_message_offered_twice_makes_one_job(stack: tuple[BotApiEmulator, str]) -> None:
+    emulator, database_url = stack
+    user = emulator.user(509)
+    chat = emulator.private_chat(user)
+    command = emulator.send_text(chat, user, "/portrait a Kathakali dancer backstage")
+    emulator.offer_again(command)
+    emulator.offer_again(command)
+    emulator.wait_for("sendPhoto", reply_to(command), timeout=120)
+
+    marker = emulator.send_text(chat, user, "/help")
+    emulator.wait_for("sendMessage", answer_to(marker))
+    [job] = wait_for_jobs(database_url, chat["id"], "done")
+    assert job.request_message_id == command["message_id"]
+    assert len(emulator.calls_to("sendPhoto", chat["id"])) == 1
+    statuses = [
+        c
+        for c in emulator.calls_to("sendMessage", chat["id"])
+        if c.params["text"]
+        != text("en", "help.text", bot_username=emulator.username, **option_limits())
+    ]
+    assert len(statuses) == 1
+
+
 def test_start_help_and_the_command_menu_in_hindi(stack: tuple[BotApiEmulator, str]) -> None:
     emulator, _ = stack
     user = emulator.user(505, "सीता", language_code="hi")

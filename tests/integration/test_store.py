@@ -26,7 +26,7 @@ from db.models import Base, Job, User
 from db.session import Store
 
 
-def origin(user: str = "42", chat_id: int = 42) -> Origin:
+def origin(user: str = "42", chat_id: int = 42, message_id: int = 7) -> Origin:
     return Origin(
         channel="telegram",
         chat_id=chat_id,
@@ -34,7 +34,7 @@ def origin(user: str = "42", chat_id: int = 42) -> Origin:
         user_external_id=user,
         user_display_name="Asha",
         language="hi",
-        request_message_id=7,
+        request_message_id=message_id,
     )
 
 
@@ -107,7 +107,9 @@ def test_a_job_from_acceptance_to_done(store: Store) -> None:
 def test_queue_position_counts_active_jobs_ahead(store: Store) -> None:
     req, plan = request()
     with store.unit_of_work() as uow:
-        first, second, third = (jobs.create_job(uow, origin(str(i)), req, plan) for i in range(3))
+        first, second, third = (
+            jobs.create_job(uow, origin(str(i), message_id=i), req, plan) for i in range(3)
+        )
         jobs.start_job(uow, first, "w")
         assert jobs.queue_position(uow, third) == 3
         jobs.fail_job(uow, second, "not queued")
@@ -131,9 +133,9 @@ def test_simultaneous_first_requests_of_a_new_user(store: Store) -> None:
     """A new user's first messages can arrive at once; each becomes a job, all for one user."""
     req, plan = request()
 
-    def submit(_: int) -> int:
+    def submit(message_id: int) -> int:
         with store.unit_of_work() as uow:
-            return jobs.create_job(uow, origin("new-user"), req, plan)
+            return jobs.create_job(uow, origin("new-user", message_id=message_id), req, plan)
 
     with ThreadPoolExecutor(8) as pool:
         job_ids = list(pool.map(submit, range(16)))
@@ -142,4 +144,37 @@ def test_simultaneous_first_requests_of_a_new_user(store: Store) -> None:
     with store.unit_of_work() as uow:
         assert uow.session.scalar(select(func.count()).select_from(User)) == 1
         assert uow.session.scalar(select(func.count()).select_from(Job)) == 16
+    store.dispose()
+
+
+def test_the_same_message_makes_one_job(store: Store) -> None:
+    req, plan = request()
+    with store.unit_of_work() as uow:
+        first = jobs.create_job(uow, origin(), req, plan)
+        with pytest.raises(jobs.DuplicateRequest) as duplicate:
+            jobs.create_job(uow, origin(), req, plan)
+        assert duplicate.value.job_id == first
+        # Another message, or one without an id (not from a chat message), is a new job.
+        other = Origin("telegram", 42, "private", "42", "Asha", "hi", request_message_id=8)
+        no_id = Origin("telegram", 42, "private", "42", "Asha", "hi", request_message_id=None)
+        assert jobs.create_job(uow, other, req, plan) != first
+        assert jobs.create_job(uow, no_id, req, plan) != jobs.create_job(uow, no_id, req, plan)
+    store.dispose()
+
+
+def test_the_same_message_offered_at_once_makes_one_job(store: Store) -> None:
+    req, plan = request()
+
+    def submit(_: int) -> tuple[str, int]:
+        with store.unit_of_work() as uow:
+            try:
+                return "created", jobs.create_job(uow, origin("twice"), req, plan)
+            except jobs.DuplicateRequest as duplicate:
+                return "duplicate", duplicate.job_id
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(submit, range(8)))
+
+    assert sorted(kind for kind, _ in outcomes) == ["created"] + ["duplicate"] * 7
+    assert len({job_id for _, job_id in outcomes}) == 1
     store.dispose()

@@ -143,6 +143,12 @@ class BotApiEmulator:
             self._push_update({"message": message})
             return message
 
+    def offer_again(self, message: dict[str, Any]) -> None:
+        """Offer a message the bot has seen once more, in a new update, as happens after a
+        webhook retry or when Telegram starts update ids afresh."""
+        with self._lock:
+            self._push_update({"message": dict(message)})
+
     def edit_text(self, message: dict[str, Any], text: str) -> None:
         """The user edits a message they sent (Telegram sends an `edited_message` update)."""
         with self._lock:
