@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
+from celery import Celery
 from telegram import BotCommand, Update
 from telegram.ext import Application, CommandHandler, ContextTypes, filters
 
 from bot import handlers
 from bot.context import BotApplication, BotContext, BotServices
+from bot.webhook import READINESS_TIMEOUT_S, serve_webhook
 from chitrakar.config import Settings
 from chitrakar.domain import Command
 from chitrakar.queue import make_celery, publish_generate
@@ -33,6 +36,11 @@ async def register_commands(application: BotApplication) -> None:
 
 
 def build_application(settings: Settings) -> BotApplication:
+    application, _, _ = _wire(settings)
+    return application
+
+
+def _wire(settings: Settings) -> tuple[BotApplication, Store, Celery]:
     if settings.telegram_token is None:
         raise RuntimeError("CHITRAKAR_TELEGRAM_TOKEN is not set")
     store = Store(settings.resolved_database_url)
@@ -61,9 +69,18 @@ def build_application(settings: Settings) -> BotApplication:
     application.add_handler(CommandHandler(Command.HELP, handlers.help_command, new_messages))
     application.add_handler(CommandHandler(Command.PORTRAIT, handlers.portrait, new_messages))
     application.add_error_handler(handlers.on_error)
-    return application
+    return application, store, celery
 
 
-def run_polling(settings: Settings) -> None:
-    application = build_application(settings)
-    application.run_polling(allowed_updates=Update.ALL_TYPES)
+def run(settings: Settings) -> None:
+    """Long polling, or a webhook server when CHITRAKAR_TELEGRAM_WEBHOOK_URL is set."""
+    application, store, celery = _wire(settings)
+    if settings.telegram_webhook_url is None:
+        application.run_polling(allowed_updates=Update.ALL_TYPES)
+        return
+
+    def broker_ping() -> None:
+        with celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=READINESS_TIMEOUT_S)
+
+    asyncio.run(serve_webhook(application, settings, store, broker_ping))

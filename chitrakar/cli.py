@@ -62,10 +62,15 @@ def cmd_db_upgrade(settings: Settings, _: argparse.Namespace) -> int:
 
 def cmd_bot(settings: Settings, _: argparse.Namespace) -> int:
     _require_token(settings)
+    if settings.telegram_webhook_url and settings.telegram_webhook_secret is None:
+        raise SystemExit(
+            "CHITRAKAR_TELEGRAM_WEBHOOK_URL is set but CHITRAKAR_TELEGRAM_WEBHOOK_SECRET is not: "
+            "set a random secret (1-256 characters: A-Z, a-z, 0-9, _ and -)."
+        )
     _require_current_schema(settings)
-    from bot.app import run_polling
+    from bot.app import run
 
-    run_polling(settings)
+    run(settings)
     return 0
 
 

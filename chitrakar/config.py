@@ -22,6 +22,13 @@ class Settings(BaseSettings):
     # python-telegram-bot's base_url form: the token is appended to it.
     telegram_api_url: str = TELEGRAM_API_URL
     telegram_file_url: str = TELEGRAM_FILE_URL
+    # Webhook mode: Telegram posts updates to this public HTTPS URL (polling when unset).
+    # The server listens on web_host:web_port at the URL's path, behind your TLS proxy.
+    telegram_webhook_url: str | None = None
+    # Required with a webhook: Telegram sends it in X-Telegram-Bot-Api-Secret-Token.
+    telegram_webhook_secret: SecretStr | None = Field(default=None, min_length=1, max_length=256)
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(default=8080, ge=1, le=65535)
     # Seconds between two progress edits of one status message (Telegram allows about one
     # edit a second per chat, and far fewer in busy groups).
     progress_interval: float = Field(default=3.0, ge=0.0)

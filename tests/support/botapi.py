@@ -16,6 +16,7 @@ import contextlib
 import io
 import itertools
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -65,6 +66,7 @@ class BotApiEmulator:
         self._message_ids: dict[int, itertools.count[int]] = {}
         self._file_ids = itertools.count(1)
         self._faults: dict[str, Fault] = {}
+        self.webhook: dict[str, Any] | None = None
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -159,6 +161,11 @@ class BotApiEmulator:
     def delete_by_user(self, chat_id: int, message_id: int) -> None:
         with self._lock:
             self.messages[(chat_id, message_id)]["deleted"] = True
+
+    def update_for(self, message: dict[str, Any]) -> dict[str, Any]:
+        """An update carrying `message`, for posting to a webhook as Telegram would."""
+        with self._lock:
+            return {"update_id": next(self._update_ids), "message": message}
 
     def history_message(
         self, chat: dict[str, Any], user: dict[str, Any] | None, text: str
@@ -402,6 +409,14 @@ class BotApiEmulator:
         return self._me()
 
     def _api_deleteWebhook(self, params: dict[str, Any], files: dict[str, bytes]) -> Any:
+        self.webhook = None
+        return True
+
+    def _api_setWebhook(self, params: dict[str, Any], files: dict[str, bytes]) -> Any:
+        secret = params.get("secret_token")
+        if secret is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", str(secret)):
+            raise ApiError(400, "Bad Request: secret token contains unallowed characters")
+        self.webhook = {"url": params["url"], "secret_token": secret}
         return True
 
     def _api_setMyCommands(self, params: dict[str, Any], files: dict[str, bytes]) -> Any:

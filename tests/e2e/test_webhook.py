@@ -1,0 +1,169 @@
+"""Webhook mode: Telegram posts updates to the bot's own HTTP server, which checks the secret
+token, refuses what is not an update, and answers health checks."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.botapi import BotApiEmulator
+from tests.support.stack import (
+    chitrakar_env,
+    chitrakar_process,
+    jobs_in_chat,
+    run_chitrakar,
+    wait_for_jobs,
+)
+
+pytestmark = pytest.mark.e2e
+SECRET = "s3cret-Token_for-tests"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def call(url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> int:
+    request = urllib.request.Request(url, data=body, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status: int = response.status
+            return status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def post_update(url: str, update: Any, secret: str | None = SECRET) -> int:
+    headers = {"Content-Type": "application/json"}
+    if secret is not None:
+        headers["X-Telegram-Bot-Api-Secret-Token"] = secret
+    body = update if isinstance(update, bytes) else json.dumps(update).encode()
+    return call(url, body, headers)
+
+
+def webhook_env(
+    emulator: BotApiEmulator, data_dir: Path, model: Path, **extra: str
+) -> tuple[dict[str, str], str, str]:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = chitrakar_env(emulator, data_dir, model)
+    env.update(
+        CHITRAKAR_TELEGRAM_WEBHOOK_URL=f"{base}/telegram/hook-7f3a",
+        CHITRAKAR_TELEGRAM_WEBHOOK_SECRET=SECRET,
+        CHITRAKAR_WEB_PORT=str(port),
+        **extra,
+    )
+    return env, base, f"{base}/telegram/hook-7f3a"
+
+
+@pytest.fixture(scope="module")
+def webhook_stack(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
+) -> Iterator[tuple[BotApiEmulator, str, str, str]]:
+    emulator = BotApiEmulator().start()
+    data_dir = tmp_path_factory.mktemp("webhook")
+    env, base, hook = webhook_env(emulator, data_dir, tiny_model)
+    with chitrakar_process("run", env=env, log_dir=data_dir):
+        emulator.wait_for("setWebhook", timeout=60)
+        emulator.wait_for("setMyCommands", lambda c: c.params.get("language_code") == "hi")
+        yield emulator, base, hook, f"sqlite:///{data_dir / 'chitrakar.db'}"
+    emulator.stop()
+
+
+def test_the_webhook_is_registered_with_its_secret(
+    webhook_stack: tuple[BotApiEmulator, str, str, str],
+) -> None:
+    emulator, base, hook, _ = webhook_stack
+    assert emulator.webhook == {"url": hook, "secret_token": SECRET}
+    assert emulator.calls_to("getUpdates") == []
+    assert call(f"{base}/healthz") == 200
+    assert call(f"{base}/readyz") == 200
+
+
+def test_a_portrait_through_the_webhook_and_a_retry_of_it(
+    webhook_stack: tuple[BotApiEmulator, str, str, str],
+) -> None:
+    emulator, _, hook, database_url = webhook_stack
+    user = emulator.user(1201, "Nila")
+    chat = emulator.private_chat(user)
+    command = emulator.history_message(chat, user, "/portrait a lotus pond at noon")
+    update = emulator.update_for(command)
+
+    assert post_update(hook, update) == 200
+    assert post_update(hook, update) == 200  # Telegram retries when it misses an answer
+    photo = emulator.wait_for(
+        "sendPhoto",
+        lambda c: (
+            (c.params.get("reply_parameters") or {}).get("message_id") == command["message_id"]
+        ),
+        timeout=120,
+    )
+    assert photo.params["chat_id"] == chat["id"]
+    [job] = wait_for_jobs(database_url, chat["id"], "done")
+    assert job.prompt == "a lotus pond at noon"
+
+
+@pytest.mark.parametrize(
+    ("secret", "body", "status"),
+    [
+        (None, "update", 401),
+        ("wrong-secret", "update", 403),
+        (SECRET[:-1], "update", 403),
+        (SECRET, b"{not json", 400),
+        (SECRET, b"[1, 2, 3]", 400),
+        (SECRET, b"{" + b" " * (2 * 1024 * 1024) + b"}", 413),
+    ],
+    ids=["missing-secret", "wrong-secret", "secret-prefix", "bad-json", "not-an-object", "huge"],
+)
+def test_what_is_not_a_genuine_update_is_refused(
+    webhook_stack: tuple[BotApiEmulator, str, str, str],
+    secret: str | None,
+    body: Any,
+    status: int,
+) -> None:
+    emulator, _, hook, database_url = webhook_stack
+    user = emulator.user(1300 + status + len(str(secret)))
+    chat = emulator.private_chat(user)
+    command = emulator.history_message(chat, user, "/portrait a forged request")
+    update = emulator.update_for(command) if body == "update" else body
+
+    assert post_update(hook, update, secret=secret) == status
+    # A genuine update afterwards is answered, so the refused one had its chance to act.
+    marker = emulator.history_message(chat, user, "/help")
+    assert post_update(hook, emulator.update_for(marker)) == 200
+    emulator.wait_for("sendMessage", lambda c: c.params["chat_id"] == chat["id"])
+    assert jobs_in_chat(database_url, chat["id"]) == []
+
+
+def test_not_ready_while_the_broker_is_unreachable(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path
+) -> None:
+    env, base, _ = webhook_env(
+        emulator, tmp_path, tiny_model, CHITRAKAR_BROKER_URL="redis://127.0.0.1:9/0"
+    )
+    assert run_chitrakar("db", "upgrade", env=env, cwd=tmp_path).returncode == 0
+    with chitrakar_process("bot", env=env, log_dir=tmp_path):
+        emulator.wait_for("setWebhook", timeout=60)
+        assert call(f"{base}/healthz") == 200
+        assert call(f"{base}/readyz") == 503
+
+
+def test_a_webhook_without_a_secret_is_refused_at_start(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path
+) -> None:
+    env, _, _ = webhook_env(emulator, tmp_path, tiny_model)
+    del env["CHITRAKAR_TELEGRAM_WEBHOOK_SECRET"]
+    result = run_chitrakar("bot", env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "CHITRAKAR_TELEGRAM_WEBHOOK_SECRET is not" in result.stderr
+    assert emulator.calls == []
