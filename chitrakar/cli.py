@@ -111,14 +111,22 @@ def cmd_run(settings: Settings, _: argparse.Namespace) -> int:
     one until stopped."""
     _require_token(settings)
     cmd_db_upgrade(settings, _)
-    worker = subprocess.Popen([sys.executable, "-m", "chitrakar", "worker", "--requeue-unfinished"])
+    # Its own session: Ctrl-C in the terminal reaches the bot alone, which then stops the
+    # worker gracefully (the job in hand is finished first).
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "chitrakar", "worker", "--requeue-unfinished"],
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
     log.info("worker started (pid %s); starting the bot", worker.pid)
     stopping = threading.Event()
+    worker_failed = threading.Event()
 
     def watch_worker() -> None:
         # Without its worker the bot would accept jobs that never run: stop it too.
         code = worker.wait()
-        if not stopping.is_set():
+        if not stopping.is_set() and code not in (0, -signal.SIGTERM, -signal.SIGINT):
+            worker_failed.set()
             log.error("the worker stopped (exit code %s); stopping the bot", code)
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -128,15 +136,23 @@ def cmd_run(settings: Settings, _: argparse.Namespace) -> int:
     finally:
         stopping.set()
         if worker.poll() is None:
-            # The worker finishes the job in hand first; what it cannot finish in time is
-            # re-queued by the next run.
             worker.send_signal(signal.SIGTERM)
             try:
                 worker.wait(timeout=WORKER_STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
+                # What it could not finish is re-queued by the next run.
                 worker.kill()
                 worker.wait()
-    return result if worker.returncode in (0, -signal.SIGTERM) else 1
+    return 1 if worker_failed.is_set() else result
+
+
+def _die_with_parent() -> None:
+    """In the worker child: get SIGTERM if `chitrakar run` itself dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def cmd_make_tiny(settings: Settings, args: argparse.Namespace) -> int:

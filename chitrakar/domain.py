@@ -225,6 +225,17 @@ class JobStatus(StrEnum):
 
 
 ACTIVE_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+# A job recorded but not answered for this long was left by a bot that stopped midway; a
+# repeat of its update arriving sooner is the same request, still being handled.
+UNANSWERED_ABANDONED_AFTER_S = 30.0
+
+
+def was_abandoned(status: JobStatus, answered: bool, age_seconds: float) -> bool:
+    return (
+        status == JobStatus.QUEUED and not answered and age_seconds > UNANSWERED_ABANDONED_AFTER_S
+    )
+
+
 # A job whose worker died this many times is given up, so one bad job cannot loop forever.
 MAX_ATTEMPTS = 3
 _TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {

@@ -9,9 +9,10 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from chitrakar.config import Settings
-from chitrakar.domain import ImageRequest, plan_generation
+from chitrakar.domain import ImageRequest, plan_generation, was_abandoned
 from db import jobs
 from db.jobs import Origin
 from db.session import Store
@@ -47,13 +48,19 @@ class JobIntake:
             try:
                 job_id = jobs.create_job(uow, origin, request, plan)
             except jobs.DuplicateRequest as duplicate:
-                log.info(
-                    "message %s in chat %s repeated; job %s has it",
-                    origin.request_message_id,
-                    origin.chat_id,
-                    duplicate.job_id,
-                )
-                return Accepted(job_id=duplicate.job_id, position=0, duplicate=True)
+                job = duplicate.job
+                # Taken in long ago but never answered (the bot stopped in between): answer
+                # and publish it now. Otherwise the first delivery of the update has it.
+                age = (datetime.now(UTC) - job.created_at).total_seconds()
+                if not was_abandoned(job.status, job.status_message_id is not None, age):
+                    log.info(
+                        "message %s in chat %s repeated; job %s has it",
+                        origin.request_message_id,
+                        origin.chat_id,
+                        job.id,
+                    )
+                    return Accepted(job_id=job.id, position=0, duplicate=True)
+                job_id = job.id
             position = jobs.queue_position(uow, job_id)
         log.info("job %s accepted from %s chat %s", job_id, origin.channel, origin.chat_id)
         return Accepted(job_id=job_id, position=position)

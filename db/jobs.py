@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -50,6 +50,7 @@ class JobView:
     language: str
     plan: GenerationPlan
     attempts: int
+    created_at: datetime
     started_at: datetime | None
 
     @classmethod
@@ -71,8 +72,14 @@ class JobView:
                 guidance_scale=job.guidance_scale,
             ),
             attempts=job.attempts,
-            started_at=job.started_at,
+            created_at=_as_utc(job.created_at),
+            started_at=_as_utc(job.started_at) if job.started_at else None,
         )
+
+
+def _as_utc(moment: datetime) -> datetime:
+    # SQLite keeps no time zone: what it returns was written as UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 class JobNotFound(LookupError):
@@ -82,9 +89,9 @@ class JobNotFound(LookupError):
 class DuplicateRequest(Exception):
     """The chat message already made a job (its update came twice)."""
 
-    def __init__(self, job_id: int) -> None:
-        super().__init__(job_id)
-        self.job_id = job_id
+    def __init__(self, job: JobView) -> None:
+        super().__init__(job.id)
+        self.job = job
 
 
 def _user_for(session: Session, origin: Origin) -> User:
@@ -157,7 +164,7 @@ def create_job(uow: UnitOfWork, origin: Origin, request: ImageRequest, plan: Gen
     except IntegrityError:
         uow.session.rollback()
         existing = uow.session.scalar(
-            select(Job.id).where(
+            select(Job).where(
                 Job.channel == origin.channel,
                 Job.chat_id == origin.chat_id,
                 Job.request_message_id == origin.request_message_id,
@@ -165,7 +172,7 @@ def create_job(uow: UnitOfWork, origin: Origin, request: ImageRequest, plan: Gen
         )
         if existing is None:
             raise
-        raise DuplicateRequest(existing) from None
+        raise DuplicateRequest(JobView.of(existing)) from None
     return job.id
 
 

@@ -6,6 +6,11 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -369,3 +374,32 @@ def test_run_takes_up_what_a_stopped_run_left_unfinished(
     assert [job.status for job in done] == ["done", "done", "failed"]
     assert done[2].error == f"gave up after {MAX_ATTEMPTS} attempts"
     assert not [c for c in emulator.calls if reply_to(left["exhausted"][0])(c)]
+
+
+def test_ctrl_c_stops_run_cleanly(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path
+) -> None:
+    """Ctrl-C in a terminal signals the whole foreground process group."""
+    env = chitrakar_env(emulator, tmp_path, tiny_model)
+    log_path = tmp_path / "run.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "chitrakar", "run"],
+            env=env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            emulator.wait_for("setMyCommands", lambda c: c.params.get("language_code") == "hi")
+            time.sleep(1)  # the worker is up by now (it is started first)
+            os.killpg(process.pid, signal.SIGINT)
+            code = process.wait(120)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    output = log_path.read_text()
+    assert code == 0, output[-3000:]
+    assert "the worker stopped" not in output
+    assert "Traceback" not in output

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -145,6 +146,56 @@ def test_what_is_not_a_genuine_update_is_refused(
     assert jobs_in_chat(database_url, chat["id"]) == []
 
 
+def raw_post(base: str, path: str, head: bytes, body: bytes, pieces: int = 1) -> int:
+    """POST over a plain socket: the body in `pieces` sends, as a proxy may forward it."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(
+            b"POST " + path.encode() + b" HTTP/1.1\r\nHost: " + host.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nConnection: close\r\n"
+            + head
+            + b"Content-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+        )
+        size = -(-len(body) // pieces)
+        for start in range(0, len(body), size):
+            connection.sendall(body[start : start + size])
+            time.sleep(0.2)
+        answer = connection.recv(1024)
+    return int(answer.split()[1])
+
+
+def test_an_update_arriving_in_pieces_is_read_whole(
+    webhook_stack: tuple[BotApiEmulator, str, str, str],
+) -> None:
+    emulator, base, hook, database_url = webhook_stack
+    user = emulator.user(1401)
+    chat = emulator.private_chat(user)
+    command = emulator.history_message(chat, user, "/portrait monsoon clouds over Munnar")
+    body = json.dumps(emulator.update_for(command)).encode()
+    secret = b"X-Telegram-Bot-Api-Secret-Token: " + SECRET.encode() + b"\r\n"
+    path = hook.removeprefix(base)
+
+    assert raw_post(base, path, secret, body, pieces=3) == 200
+    [job] = wait_for_jobs(database_url, chat["id"], "done", timeout=120)
+    assert job.prompt == "monsoon clouds over Munnar"
+
+
+def test_a_secret_header_that_is_not_text_is_refused(
+    webhook_stack: tuple[BotApiEmulator, str, str, str],
+) -> None:
+    emulator, base, hook, _ = webhook_stack
+    user = emulator.user(1402)
+    body = json.dumps(
+        emulator.update_for(
+            emulator.history_message(emulator.private_chat(user), user, "/portrait x")
+        )
+    ).encode()
+    head = b"X-Telegram-Bot-Api-Secret-Token: \xff\xfe-not-utf8\r\n"
+    assert raw_post(base, hook.removeprefix(base), head, body) == 403
+
+
 def test_not_ready_while_the_broker_is_unreachable(
     emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path
 ) -> None:
@@ -156,6 +207,20 @@ def test_not_ready_while_the_broker_is_unreachable(
         emulator.wait_for("setWebhook", timeout=60)
         assert call(f"{base}/healthz") == 200
         assert call(f"{base}/readyz") == 503
+
+
+def test_a_port_in_use_is_a_clear_error(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path
+) -> None:
+    env, _, _ = webhook_env(emulator, tmp_path, tiny_model)
+    assert run_chitrakar("db", "upgrade", env=env, cwd=tmp_path).returncode == 0
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", int(env["CHITRAKAR_WEB_PORT"])))
+        taken.listen()
+        result = run_chitrakar("bot", env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "The webhook server cannot listen on 127.0.0.1:" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_a_webhook_without_a_secret_is_refused_at_start(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -11,6 +12,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import func, select
 
 from chitrakar.domain import (
+    UNANSWERED_ABANDONED_AFTER_S,
     Command,
     GenerationOptions,
     GenerationPlan,
@@ -153,7 +155,7 @@ def test_the_same_message_makes_one_job(store: Store) -> None:
         first = jobs.create_job(uow, origin(), req, plan)
         with pytest.raises(jobs.DuplicateRequest) as duplicate:
             jobs.create_job(uow, origin(), req, plan)
-        assert duplicate.value.job_id == first
+        assert duplicate.value.job.id == first
         # Another message, or one without an id (not from a chat message), is a new job.
         other = Origin("telegram", 42, "private", "42", "Asha", "hi", request_message_id=8)
         no_id = Origin("telegram", 42, "private", "42", "Asha", "hi", request_message_id=None)
@@ -170,11 +172,73 @@ def test_the_same_message_offered_at_once_makes_one_job(store: Store) -> None:
             try:
                 return "created", jobs.create_job(uow, origin("twice"), req, plan)
             except jobs.DuplicateRequest as duplicate:
-                return "duplicate", duplicate.job_id
+                return "duplicate", duplicate.job.id
 
     with ThreadPoolExecutor(8) as pool:
         outcomes = list(pool.map(submit, range(8)))
 
     assert sorted(kind for kind, _ in outcomes) == ["created"] + ["duplicate"] * 7
     assert len({job_id for _, job_id in outcomes}) == 1
+    store.dispose()
+
+
+def test_migration_0002_keeps_the_oldest_job_of_a_repeated_message(database_url: str) -> None:
+    """Before 0002 an edited command could make a second job for one message."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from db.migrate import alembic_config
+
+    command.upgrade(alembic_config(database_url), "0001")
+    store = Store(database_url)
+    with store.engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO users (id, channel, external_id, language, created_at) "
+                "VALUES (1, 'telegram', '42', 'en', CURRENT_TIMESTAMP)"
+            )
+        )
+        for job_id, message_id in ((1, 7), (2, 7), (3, 8), (4, 7)):
+            connection.execute(
+                text(
+                    "INSERT INTO jobs (id, user_id, channel, chat_id, chat_type, "
+                    "request_message_id, language, command, prompt, options, width, height, "
+                    "steps, guidance_scale, seeds, status, attempts, created_at) VALUES "
+                    "(:id, 1, 'telegram', 42, 'private', :message, 'en', 'portrait', 'p', "
+                    "'{}', 64, 64, 4, 7.0, '[1]', 'done', 1, CURRENT_TIMESTAMP)"
+                ),
+                {"id": job_id, "message": message_id},
+            )
+    upgrade_to_head(database_url)
+    with store.engine.connect() as connection:
+        rows = connection.execute(text("SELECT id, request_message_id FROM jobs ORDER BY id"))
+        assert [tuple(row) for row in rows] == [(1, 7), (2, None), (3, 8), (4, None)]
+    store.dispose()
+
+
+def test_a_repeat_of_a_request_never_answered_is_answered_and_published(store: Store) -> None:
+    """The bot stopped after recording a job but before answering and publishing it; when
+    Telegram offers the update again, the job is answered and published then."""
+    from chitrakar.config import Settings
+    from chitrakar.services import JobIntake
+
+    published: list[int] = []
+    intake = JobIntake(Settings(image_size=64, default_steps=4), store, published.append)
+    req, _ = request()
+    first = intake.accept(origin(), req)  # ... and the process stopped here
+    soon = intake.accept(origin(), req)  # a repeat at once: the first is still being handled
+    assert (soon.job_id, soon.duplicate) == (first.job_id, True)
+    with store.unit_of_work() as uow:  # time passes
+        job = uow.session.get(Job, first.job_id)
+        assert job is not None
+        job.created_at = job.created_at - timedelta(seconds=UNANSWERED_ABANDONED_AFTER_S + 1)
+        uow.commit()
+    again = intake.accept(origin(), req)
+    assert (again.job_id, again.duplicate) == (first.job_id, False)
+    assert intake.dispatch(again.job_id, status_message_id=99)
+    assert published == [first.job_id]
+
+    third = intake.accept(origin(), req)  # answered now: a later repeat is a duplicate
+    assert (third.job_id, third.duplicate) == (first.job_id, True)
+    assert published == [first.job_id]
     store.dispose()

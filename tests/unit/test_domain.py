@@ -6,6 +6,7 @@ import pytest
 
 from chitrakar.domain import (
     ASPECT_RATIOS,
+    UNANSWERED_ABANDONED_AFTER_S,
     Command,
     GenerationOptions,
     ImageRequest,
@@ -15,6 +16,7 @@ from chitrakar.domain import (
     check_transition,
     image_size,
     plan_generation,
+    was_abandoned,
 )
 
 
@@ -75,3 +77,11 @@ def test_progress_throttle_drops_updates_inside_the_interval() -> None:
     throttle = ProgressThrottle(interval=3.0)
     allowed = [t for t in (0.0, 1.0, 2.9, 3.0, 3.5, 7.0) if throttle.allow(t)]
     assert allowed == [0.0, 3.0, 7.0]
+
+
+def test_only_an_old_unanswered_queued_job_counts_as_abandoned() -> None:
+    old = UNANSWERED_ABANDONED_AFTER_S + 1
+    assert was_abandoned(JobStatus.QUEUED, answered=False, age_seconds=old)
+    assert not was_abandoned(JobStatus.QUEUED, answered=False, age_seconds=1)
+    assert not was_abandoned(JobStatus.QUEUED, answered=True, age_seconds=old)
+    assert not was_abandoned(JobStatus.RUNNING, answered=False, age_seconds=old)
