@@ -8,8 +8,6 @@ import io
 import itertools
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -381,25 +379,12 @@ def test_ctrl_c_stops_run_cleanly(
 ) -> None:
     """Ctrl-C in a terminal signals the whole foreground process group."""
     env = chitrakar_env(emulator, tmp_path, tiny_model)
-    log_path = tmp_path / "run.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "chitrakar", "run"],
-            env=env,
-            cwd=tmp_path,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            emulator.wait_for("setMyCommands", lambda c: c.params.get("language_code") == "hi")
-            time.sleep(1)  # the worker is up by now (it is started first)
-            os.killpg(process.pid, signal.SIGINT)
-            code = process.wait(120)
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-    output = log_path.read_text()
+    with chitrakar_process("run", env=env, log_dir=tmp_path) as process:
+        emulator.wait_for("setMyCommands", lambda c: c.params.get("language_code") == "hi")
+        time.sleep(1)  # the worker is up by now (it is started first)
+        os.killpg(process.pid, signal.SIGINT)
+        code = process.wait(120)
+    output = (tmp_path / "run.log").read_text()
     assert code == 0, output[-3000:]
     assert "the worker stopped" not in output
     assert "Traceback" not in output

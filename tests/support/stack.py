@@ -66,10 +66,10 @@ def run_chitrakar(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Comp
 @contextmanager
 def chitrakar_process(
     *args: str, env: dict[str, str], log_dir: Path, echo_log: bool = True
-) -> Iterator[Path]:
-    """Run `chitrakar ARGS` until the block ends, then stop it as a service manager would
-    (SIGTERM, then SIGKILL). Yields the log file; its tail is printed at the end (pytest
-    shows it when the test fails)."""
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `chitrakar ARGS` in a process group of its own until the block ends, then stop it
+    as a service manager would (SIGTERM, then SIGKILL). Yields the process; its log's tail
+    is printed at the end (pytest shows it when the test fails)."""
     log_path = log_dir / f"{'-'.join(args)}.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
@@ -81,7 +81,7 @@ def chitrakar_process(
             start_new_session=True,
         )
         try:
-            yield log_path
+            yield process
         finally:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
