@@ -4,26 +4,38 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any
 
 from celery import Celery
 from telegram import BotCommand, Update
-from telegram.ext import Application, CommandHandler, ContextTypes, filters
+from telegram.ext import (
+    Application,
+    CallbackQueryHandler,
+    CommandHandler,
+    ContextTypes,
+    MessageHandler,
+    filters,
+)
 
 from bot import handlers
 from bot.context import BotApplication, BotContext, BotServices
 from bot.webhook import READINESS_TIMEOUT_S, serve_webhook
 from chitrakar.config import Settings
 from chitrakar.domain import Command
+from chitrakar.media import MediaStore
 from chitrakar.queue import make_celery, publish_generate
 from chitrakar.services import JobIntake
+from chitrakar.styles import load_catalogue
 from chitrakar.texts import DEFAULT_LANGUAGE, LANGUAGES, text
 from db.session import Store
 
 log = logging.getLogger(__name__)
 
 # The command menu, in the order users see it.
-MENU = (Command.PORTRAIT, Command.HELP, Command.START)
+MENU = (Command.PORTRAIT, Command.AVATAR, Command.STYLES, Command.HELP, Command.START)
+# A photo or an image file whose caption is `/avatar …` (or `/avatar@bot …`).
+AVATAR_CAPTION = re.compile(r"^/avatar(?:@\w+)?(?:\s|$)", re.IGNORECASE)
 
 
 async def register_commands(application: BotApplication) -> None:
@@ -45,7 +57,13 @@ def _wire(settings: Settings) -> tuple[BotApplication, Store, Celery]:
         raise RuntimeError("CHITRAKAR_TELEGRAM_TOKEN is not set")
     store = Store(settings.resolved_database_url)
     celery = make_celery(settings, name="chitrakar.bot")
-    intake = JobIntake(settings, store, lambda job_id: publish_generate(celery, job_id))
+    intake = JobIntake(
+        settings,
+        store,
+        lambda job_id: publish_generate(celery, job_id),
+        load_catalogue(settings.styles_file),
+        MediaStore(settings.media_dir),
+    )
 
     async def close(_: Any) -> None:
         store.dispose()
@@ -68,6 +86,21 @@ def _wire(settings: Settings) -> tuple[BotApplication, Store, Celery]:
     application.add_handler(CommandHandler(Command.START, handlers.start, new_messages))
     application.add_handler(CommandHandler(Command.HELP, handlers.help_command, new_messages))
     application.add_handler(CommandHandler(Command.PORTRAIT, handlers.portrait, new_messages))
+    application.add_handler(CommandHandler(Command.AVATAR, handlers.avatar, new_messages))
+    application.add_handler(CommandHandler(Command.STYLES, handlers.styles, new_messages))
+    pictures = filters.PHOTO | filters.Document.ALL
+    application.add_handler(
+        MessageHandler(
+            new_messages & pictures & filters.CaptionRegex(AVATAR_CAPTION), handlers.avatar
+        )
+    )
+    application.add_handler(
+        MessageHandler(
+            new_messages & filters.ChatType.PRIVATE & pictures & ~filters.CAPTION,
+            handlers.photo_without_command,
+        )
+    )
+    application.add_handler(CallbackQueryHandler(handlers.on_button))
     application.add_error_handler(handlers.on_error)
     return application, store, celery
 

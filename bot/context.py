@@ -39,9 +39,11 @@ def language_of(update: Update) -> str:
     return pick_language(user.language_code if user else None)
 
 
-def origin_of(update: Update, language: str) -> Origin:
+def origin_of(update: Update, language: str, trigger: str | None = None) -> Origin:
+    """Where a request came from. A button press passes its own trigger; its message (the
+    result it sits under) is what the answer replies to."""
     chat, user, message = update.effective_chat, update.effective_user, update.effective_message
-    assert chat is not None and user is not None and message is not None
+    assert chat is not None and user is not None
     return Origin(
         channel=CHANNEL,
         chat_id=chat.id,
@@ -49,5 +51,6 @@ def origin_of(update: Update, language: str) -> Origin:
         user_external_id=str(user.id),
         user_display_name=user.full_name,
         language=language,
-        request_message_id=message.message_id,
+        request_message_id=message.message_id if message is not None else None,
+        trigger=trigger,
     )

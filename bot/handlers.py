@@ -5,32 +5,77 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
-from telegram import Message, MessageEntity, Update
-from telegram.error import TelegramError
+from telegram import (
+    ChatMember,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    Message,
+    MessageEntity,
+    ReplyParameters,
+    Update,
+)
+from telegram.constants import ChatType
+from telegram.error import BadRequest, TelegramError
 
 from bot.context import BotContext, language_of, origin_of
+from chitrakar.buttons import (
+    Action,
+    Button,
+    ButtonPress,
+    ButtonRefused,
+    InvalidButton,
+    labelled,
+    parse_button,
+    style_buttons,
+)
 from chitrakar.domain import Command, CommandError, option_limits, parse_image_command
+from chitrakar.photos import MAX_DOWNLOAD_BYTES, check_declared_size, prepare_selfie
+from chitrakar.planning import DEFAULT_IMAGES
+from chitrakar.services import Accepted
 from chitrakar.texts import text
 
 log = logging.getLogger(__name__)
 
 
 def command_arguments(message: Message) -> str:
-    """The text after `/command` or `/command@botname`, as the user typed it."""
-    entities = message.parse_entities([MessageEntity.BOT_COMMAND])
-    if not entities or message.text is None:
+    """The text after `/command` or `/command@botname` (in a text or a caption), as typed."""
+    if message.text is not None:
+        entities, body = message.parse_entities([MessageEntity.BOT_COMMAND]), message.text
+    else:
+        entities = message.parse_caption_entities([MessageEntity.BOT_COMMAND])
+        body = message.caption or ""
+    if not entities:
         return ""
     first = min(entities, key=lambda e: e.offset)
-    return message.text[len(entities[first]) :].strip()
+    return body[first.offset + len(entities[first]) :].strip()
 
 
-def _usage(language: str, context: BotContext) -> str:
+def _caption_addressed_elsewhere(message: Message, bot_username: str) -> bool:
+    """`/avatar@other_bot` in a caption is for another bot (CommandHandler checks this for
+    texts, but captions come through a message filter)."""
+    command = (message.caption or "").split(maxsplit=1)[0]
+    _, at, username = command.partition("@")
+    return bool(at) and username.lower() != bot_username.lower()
+
+
+def _usage(language: str, context: BotContext, command: Command = Command.PORTRAIT) -> str:
+    key = "usage.avatar" if command == Command.AVATAR else "usage.portrait"
     return text(
         language,
-        "usage.portrait",
+        key,
         default_steps=context.services.settings.default_steps,
         **option_limits(),
+    )
+
+
+def _keyboard(language: str, rows: list[list[Button]]) -> InlineKeyboardMarkup:
+    return InlineKeyboardMarkup(
+        [
+            [InlineKeyboardButton(label, callback_data=data) for label, data in row]
+            for row in labelled(language, rows)
+        ]
     )
 
 
@@ -46,6 +91,7 @@ async def help_command(update: Update, context: BotContext) -> None:
                 language_of(update),
                 "help.text",
                 bot_username=context.bot.username,
+                avatar_images=DEFAULT_IMAGES[Command.AVATAR],
                 **option_limits(),
             )
         )
@@ -56,22 +102,41 @@ async def portrait(update: Update, context: BotContext) -> None:
     if message is None:
         return
     language = language_of(update)
+    intake = context.services.intake
     try:
         request = parse_image_command(Command.PORTRAIT, command_arguments(message))
+        accepted = await asyncio.to_thread(intake.accept, origin_of(update, language), request)
     except CommandError as exc:
         await message.reply_text(
             text(language, exc.key, **exc.params) + "\n\n" + _usage(language, context)
         )
         return
+    await _announce_and_dispatch(message, accepted, language, context)
 
-    intake = context.services.intake
-    accepted = await asyncio.to_thread(intake.accept, origin_of(update, language), request)
+
+async def _announce_and_dispatch(
+    reply_to: Message, accepted: Accepted, language: str, context: BotContext
+) -> None:
+    await _announce_and_dispatch_to(
+        reply_to.chat_id, reply_to.message_id, accepted, language, context
+    )
+
+
+async def _announce_and_dispatch_to(
+    chat_id: int, message_id: int, accepted: Accepted, language: str, context: BotContext
+) -> None:
+    """Tell the user their place in the queue (replying to the message that asked), then
+    publish the job."""
     if accepted.duplicate:
         return
+    intake = context.services.intake
+    reply_to = ReplyParameters(message_id, allow_sending_without_reply=True)
     status: Message | None
     try:
-        status = await message.reply_text(
-            text(language, "status.queued", position=accepted.position)
+        status = await context.bot.send_message(
+            chat_id,
+            text(language, "status.queued", position=accepted.position),
+            reply_parameters=reply_to,
         )
     except TelegramError:
         # The job goes on without a status message; the result still comes as a reply.
@@ -85,7 +150,192 @@ async def portrait(update: Update, context: BotContext) -> None:
         if status is not None:
             await status.edit_text(failure)
         else:
-            await message.reply_text(failure)
+            await context.bot.send_message(chat_id, failure, reply_parameters=reply_to)
+
+
+def _photo_in(message: Message | None) -> tuple[str, int | None] | None:
+    """The file id and declared size of the picture in a message: the largest size of a
+    photo, or a file sent uncompressed."""
+    if message is None:
+        return None
+    if message.photo:
+        largest = message.photo[-1]
+        return largest.file_id, largest.file_size
+    if message.document is not None:
+        return message.document.file_id, message.document.file_size
+    return None
+
+
+async def avatar(update: Update, context: BotContext) -> None:
+    """`/avatar <style>` as a photo's caption, or as a reply to a photo."""
+    message = update.effective_message
+    if message is None:
+        return
+    language = language_of(update)
+    if message.text is None and _caption_addressed_elsewhere(message, context.bot.username):
+        return
+    photo = _photo_in(message) or _photo_in(message.reply_to_message)
+    if photo is None:
+        await message.reply_text(text(language, "avatar.how"))
+        return
+    intake = context.services.intake
+    try:
+        request = parse_image_command(Command.AVATAR, command_arguments(message))
+        data = await _download(context, *photo)
+        selfie = await asyncio.to_thread(prepare_selfie, data, context.services.settings.image_size)
+        accepted = await asyncio.to_thread(
+            intake.accept, origin_of(update, language), request, selfie
+        )
+    except CommandError as exc:
+        reply = text(language, exc.key, **exc.params)
+        if not exc.key.startswith("photo."):
+            reply += "\n\n" + _usage(language, context, Command.AVATAR)
+        await message.reply_text(reply)
+        return
+    await _announce_and_dispatch(message, accepted, language, context)
+
+
+async def _download(context: BotContext, file_id: str, declared_size: int | None) -> bytes:
+    """The picture's bytes, refused before download when Telegram says it is too large."""
+    check_declared_size(declared_size)
+    try:
+        telegram_file = await context.bot.get_file(file_id)
+        check_declared_size(telegram_file.file_size)
+        data = bytes(await telegram_file.download_as_bytearray())
+    except BadRequest as exc:
+        if "too big" in exc.message.lower():
+            raise CommandError("photo.too_large", limit_mb=MAX_DOWNLOAD_BYTES // 2**20) from exc
+        log.warning("could not fetch file %s: %s", file_id, exc)
+        raise CommandError("photo.download_failed") from exc
+    except TelegramError as exc:
+        log.warning("could not fetch file %s: %s", file_id, exc)
+        raise CommandError("photo.download_failed") from exc
+    return data
+
+
+async def photo_without_command(update: Update, context: BotContext) -> None:
+    """A photo sent to the bot in a private chat with no command: say how to use it."""
+    if update.effective_message:
+        await update.effective_message.reply_text(text(language_of(update), "avatar.hint"))
+
+
+async def styles(update: Update, context: BotContext) -> None:
+    """The catalogue: the preview grid when it is made, else a list while it is being made."""
+    message = update.effective_message
+    if message is None:
+        return
+    language = language_of(update)
+    intake = context.services.intake
+    catalogue = intake.catalogue
+    keyboard = _keyboard(language, style_buttons(catalogue, language))
+    grid = intake.media.grid_path(context.services.settings.model_label, catalogue)
+    if await asyncio.to_thread(grid.is_file):
+        await message.reply_photo(
+            await asyncio.to_thread(grid.read_bytes),
+            caption=text(language, "styles.grid_caption"),
+            reply_markup=keyboard,
+        )
+        return
+    lines = "\n".join(
+        text(
+            language,
+            "styles.line",
+            name=style.name_in(language),
+            code=style.key,
+            description=style.description_in(language),
+        )
+        for style in catalogue.styles.values()
+    )
+    await message.reply_text(text(language, "styles.list", lines=lines), reply_markup=keyboard)
+    accepted = await asyncio.to_thread(intake.request_previews, origin_of(update, language))
+    if accepted is not None and not accepted.duplicate:
+        await message.reply_text(text(language, "styles.previews_coming"))
+        await _announce_and_dispatch(message, accepted, language, context)
+
+
+async def _is_admin(context: BotContext, chat_id: int, user_id: int) -> bool:
+    try:
+        member = await context.bot.get_chat_member(chat_id, user_id)
+    except TelegramError as exc:
+        log.warning("could not look up user %s in chat %s: %s", user_id, chat_id, exc)
+        return False
+    return member.status in (ChatMember.ADMINISTRATOR, ChatMember.OWNER)
+
+
+async def on_button(update: Update, context: BotContext) -> None:
+    """A press of a button under a result or in the style catalogue."""
+    query, chat, user = update.callback_query, update.effective_chat, update.effective_user
+    if query is None or chat is None or user is None:
+        return
+    language = language_of(update)
+    intake = context.services.intake
+    try:
+        press = parse_button(query.data)
+    except InvalidButton:
+        log.info("unknown callback data %r from user %s", query.data, user.id)
+        await query.answer(text(language, "button.invalid"), show_alert=True)
+        return
+    origin = origin_of(update, language, trigger=f"button:{query.id}")
+    if press.action == Action.STYLE:
+        assert press.style is not None
+        style = await asyncio.to_thread(intake.set_default_style, origin, press.style)
+        if style is None:
+            await query.answer(text(language, "button.style_unknown"), show_alert=True)
+        else:
+            await query.answer(text(language, "button.style_set", name=style.name_in(language)))
+        return
+    assert press.job_id is not None
+    parent = await asyncio.to_thread(intake.find_job, press.job_id)
+    is_admin = (
+        parent is not None
+        and parent.requester != str(user.id)
+        and chat.type != ChatType.PRIVATE
+        and await _is_admin(context, chat.id, user.id)
+    )
+    try:
+        if press.action == Action.PICK:
+            await _send_pick(update, context, press, is_admin)
+            return
+        accepted = await asyncio.to_thread(intake.accept_press, origin, press, is_admin)
+    except ButtonRefused as exc:
+        await query.answer(text(language, exc.key, **exc.params), show_alert=True)
+        return
+    await query.answer(text(language, "button.queued", position=max(accepted.position, 1)))
+    if query.message is not None:
+        result = query.message
+        await _announce_and_dispatch_to(
+            result.chat.id, result.message_id, accepted, language, context
+        )
+
+
+async def _send_pick(update: Update, context: BotContext, press: ButtonPress, admin: bool) -> None:
+    """One image of a result, as a file: full size, uncompressed, for a profile picture."""
+    query, user = update.callback_query, update.effective_user
+    assert query is not None and user is not None and press.index is not None
+    language = language_of(update)
+    job, path = await asyncio.to_thread(
+        context.services.intake.result_to_pick, press, str(user.id), admin
+    )
+    data = await asyncio.to_thread(Path(path).read_bytes)
+    await query.answer()
+    reply_to = (
+        ReplyParameters(query.message.message_id, allow_sending_without_reply=True)
+        if query.message is not None
+        else None
+    )
+    await context.bot.send_document(
+        job.chat_id,
+        data,
+        filename=f"chitrakar-{job.id}-{press.index + 1}.png",
+        caption=text(
+            language,
+            "button.pick_caption",
+            width=job.plan.width,
+            height=job.plan.height,
+            seed=job.plan.seeds[press.index],
+        ),
+        reply_parameters=reply_to,
+    )
 
 
 async def on_error(update: object, context: BotContext) -> None:

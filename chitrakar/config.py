@@ -46,6 +46,14 @@ class Settings(BaseSettings):
     default_steps: int = Field(default=25, ge=1, le=50)
     guidance_scale: float = Field(default=7.0, ge=0.0, le=30.0)
 
+    # A TOML file of styles that replace, add to or hide the built-in catalogue's entries.
+    styles_file: Path | None = None
+    # Identity for avatars: an IP-Adapter folder in h94/IP-Adapter's layout (models/ with the
+    # weights and models/image_encoder/). Unset or missing: img2img from the aligned face.
+    identity_adapter: Path | None = None
+    identity_adapter_weights: str = "ip-adapter-plus-face_sd15.safetensors"
+    identity_adapter_scale: float = Field(default=0.6, ge=0.0, le=1.0)
+
     log_level: str = "INFO"
 
     @cached_property
@@ -72,6 +80,17 @@ class Settings(BaseSettings):
     @property
     def results_dir(self) -> Path:
         return self.resolved_data_dir / "results"
+
+    @property
+    def media_dir(self) -> Path:
+        """Aligned selfies and style previews. Bot and workers must see the same folder (on
+        several hosts: a shared volume), as they do the database."""
+        return self.resolved_data_dir / "media"
+
+    @property
+    def model_label(self) -> str:
+        """What names the model in caches of its images (style previews)."""
+        return f"{self.model or 'tiny-demo'}@{self.image_size}"
 
     @property
     def demo_model_dir(self) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -14,12 +13,24 @@ class Command(StrEnum):
     START = "start"
     HELP = "help"
     PORTRAIT = "portrait"
+    AVATAR = "avatar"
+    STYLES = "styles"
 
 
-# Commands that create a job; the rest only answer with text.
-JOB_COMMANDS = frozenset({Command.PORTRAIT})
+class JobKind(StrEnum):
+    """What a job makes. A command or a button press creates one."""
+
+    PORTRAIT = "portrait"  # text to image
+    AVATAR = "avatar"  # a selfie to stylised portraits
+    VARIATION = "variation"  # img2img of an earlier result
+    UPSCALE = "upscale"  # an earlier result at twice the size
+    PREVIEWS = "previews"  # the style catalogue's preview grid
+
 
 MAX_PROMPT_CHARS = 1000
+MAX_NEGATIVE_CHARS = 300
+# `--style none` asks for no style even where the user has a default.
+NO_STYLE = "none"
 STEPS_RANGE = (1, 50)
 IMAGES_RANGE = (1, 4)
 SEED_RANGE = (0, 2**32 - 1)
@@ -59,15 +70,20 @@ class CommandError(ValueError):
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    aspect_ratio: str = "1:1"
+    """What the user set; None where the style or the deployment decides."""
+
+    aspect_ratio: str | None = None
     seed: int | None = None
     steps: int | None = None
-    images: int = 1
+    images: int | None = None
+    style: str | None = None
+    negative: str | None = None
 
 
 @dataclass(frozen=True)
 class ImageRequest:
-    """A parsed `/portrait`: what the user asked for, before any defaults are applied."""
+    """A parsed `/portrait` or `/avatar`: what the user asked for, before any defaults are
+    applied. An avatar's prompt may be empty (the style's subject text is used)."""
 
     command: Command
     prompt: str
@@ -98,13 +114,30 @@ def _aspect(option: str, value: str) -> str:
     return value
 
 
+def _style_name(option: str, value: str) -> str:
+    # Names are checked against the catalogue when the job is planned.
+    return value.lower()
+
+
+def _negative(option: str, value: str) -> str:
+    if len(value) > MAX_NEGATIVE_CHARS:
+        raise CommandError(
+            "error.negative_too_long", option=option, limit=MAX_NEGATIVE_CHARS, length=len(value)
+        )
+    return value
+
+
 # Option name -> (field of GenerationOptions, value parser).
 _OPTIONS = {
     "--ar": ("aspect_ratio", _aspect),
     "--seed": ("seed", lambda o, v: _int_in(o, v, SEED_RANGE)),
     "--steps": ("steps", lambda o, v: _int_in(o, v, STEPS_RANGE)),
     "--n": ("images", lambda o, v: _int_in(o, v, IMAGES_RANGE)),
+    "--style": ("style", _style_name),
+    "--no": ("negative", _negative),
 }
+# Options whose value is every word up to the next option (`--no text, watermark`).
+_MULTI_WORD = frozenset({"--no"})
 
 # Phone keyboards turn "--" into an en or em dash; accept what the user meant.
 _DASHES = ("\u2014", "\u2013")
@@ -130,11 +163,15 @@ def option_limits() -> dict[str, int]:
 
 
 def parse_image_command(command: Command, args: str) -> ImageRequest:
-    """Parse the text after `/portrait`: a free-text prompt with `--option value` pairs
-    anywhere in it (`--ar=16:9` works too). Raises CommandError for bad input."""
+    """Parse the text after `/portrait` or `/avatar`: a free-text prompt with `--option value`
+    pairs anywhere in it (`--ar=16:9` works too). For `/avatar` the first word, if any, names
+    the style and the rest of the words are optional. Raises CommandError for bad input."""
     prompt_words: list[str] = []
     values: dict[str, Any] = {}
     tokens = args.split()
+    if command == Command.AVATAR and tokens and _as_option(tokens[0]) is None:
+        values["style"] = _style_name("--style", tokens[0])
+        tokens = tokens[1:]
     i = 0
     while i < len(tokens):
         token = tokens[i]
@@ -149,7 +186,14 @@ def parse_image_command(command: Command, args: str) -> ImageRequest:
             raise CommandError(
                 "error.unknown_option", option=_shown(name), known=", ".join(_OPTIONS)
             )
-        if eq:
+        if name in _MULTI_WORD:
+            words = [inline_value] if eq else []
+            i += 1
+            while i < len(tokens) and _as_option(tokens[i]) is None:
+                words.append(tokens[i])
+                i += 1
+            value = " ".join(w for w in words if w)
+        elif eq:
             value = inline_value
             i += 1
         elif i + 1 < len(tokens):
@@ -165,7 +209,7 @@ def parse_image_command(command: Command, args: str) -> ImageRequest:
             raise CommandError("error.option_repeated", option=name)
         values[field_name] = parse(name, value)
     prompt = " ".join(prompt_words)
-    if not prompt:
+    if not prompt and command != Command.AVATAR:
         raise CommandError("error.prompt_missing")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise CommandError("error.prompt_too_long", limit=MAX_PROMPT_CHARS, length=len(prompt))
@@ -193,28 +237,14 @@ class GenerationPlan:
     steps: int
     seeds: tuple[int, ...]
     guidance_scale: float
-
-
-def plan_generation(
-    request: ImageRequest,
-    *,
-    base_size: int,
-    default_steps: int,
-    guidance_scale: float,
-    rng: random.Random,
-) -> GenerationPlan:
-    opts = request.options
-    first_seed = opts.seed if opts.seed is not None else rng.randint(*SEED_RANGE)
-    seeds = tuple((first_seed + i) % (SEED_RANGE[1] + 1) for i in range(opts.images))
-    width, height = image_size(opts.aspect_ratio, base_size)
-    return GenerationPlan(
-        prompt=request.prompt,
-        width=width,
-        height=height,
-        steps=opts.steps or default_steps,
-        seeds=seeds,
-        guidance_scale=guidance_scale,
-    )
+    negative_prompt: str = ""
+    # The catalogue key of the style used, for captions; None for no style.
+    style: str | None = None
+    # img2img: how far from the input image to go (0 keeps it, 1 ignores it).
+    strength: float | None = None
+    # A LoRA weights file switched on for this job, and its weight.
+    lora: str | None = None
+    lora_scale: float = 1.0
 
 
 class JobStatus(StrEnum):

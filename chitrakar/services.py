@@ -8,14 +8,21 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
+from PIL import Image
+
+from chitrakar.buttons import Action, ButtonPress, ButtonRefused, may_press
 from chitrakar.config import Settings
-from chitrakar.domain import ImageRequest, plan_generation, was_abandoned
+from chitrakar.domain import Command, ImageRequest, JobKind, JobStatus, was_abandoned
+from chitrakar.media import MediaStore
+from chitrakar.planning import Defaults, choose_style, plan_followup, plan_request
+from chitrakar.styles import Style, StyleCatalogue
 from db import jobs
-from db.jobs import Origin
-from db.session import Store
+from db.jobs import JobView, Origin
+from db.session import Store, UnitOfWork
 
 log = logging.getLogger(__name__)
 
@@ -29,33 +36,164 @@ class Accepted:
 
 
 class JobIntake:
-    def __init__(self, settings: Settings, store: Store, publish: Callable[[int], None]) -> None:
+    """Every way a job comes in: a command, a selfie, a button under a result, /styles."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        publish: Callable[[int], None],
+        catalogue: StyleCatalogue,
+        media: MediaStore,
+    ) -> None:
         self._settings = settings
         self._store = store
         self._publish = publish
         self._rng = random.SystemRandom()
+        self.catalogue = catalogue
+        self.media = media
 
-    def accept(self, origin: Origin, request: ImageRequest) -> Accepted:
-        """Write the job row (the source of truth) before anything is published."""
-        plan = plan_generation(
-            request,
+    @property
+    def _defaults(self) -> Defaults:
+        return Defaults(
             base_size=self._settings.image_size,
-            default_steps=self._settings.default_steps,
+            steps=self._settings.default_steps,
             guidance_scale=self._settings.guidance_scale,
+        )
+
+    def accept(
+        self, origin: Origin, request: ImageRequest, selfie: Image.Image | None = None
+    ) -> Accepted:
+        """Plan the request (CommandError for a style the catalogue lacks), then write the
+        job row (the source of truth) before anything is published."""
+        kind = JobKind.AVATAR if request.command == Command.AVATAR else JobKind.PORTRAIT
+        if (kind == JobKind.AVATAR) != (selfie is not None):
+            raise ValueError("an avatar needs a selfie, and only an avatar takes one")
+        with self._store.unit_of_work() as uow:
+            default = jobs.default_style_of(uow, origin.channel, origin.user_external_id)
+        style = choose_style(request, self.catalogue, default)
+        plan = plan_request(
+            request,
+            style,
+            avatar_prompt=self.catalogue.defaults.avatar_prompt,
+            defaults=self._defaults,
             rng=self._rng,
         )
+        input_path = self.media.save_input(selfie) if selfie is not None else None
+        options = {k: v for k, v in asdict(request.options).items() if v is not None}
+        return self._record(
+            origin,
+            lambda uow: jobs.create_job(
+                uow, origin, kind, plan, options=options, input_path=input_path
+            ),
+            on_duplicate=lambda: self.media.forget_input(input_path),
+        )
+
+    def find_job(self, job_id: int) -> JobView | None:
+        with self._store.unit_of_work() as uow:
+            return jobs.get_job(uow, job_id)
+
+    def result_to_pick(
+        self, press: ButtonPress, presser: str, presser_is_admin: bool
+    ) -> tuple[JobView, str]:
+        """The job and the file a Pick button asks for. Raises ButtonRefused."""
+        parent = self._pressable(press, presser, presser_is_admin)
+        assert press.index is not None
+        return parent, self._result_path(parent, press.index)
+
+    def accept_press(self, origin: Origin, press: ButtonPress, presser_is_admin: bool) -> Accepted:
+        """A job from a button under a result: Again, a variation or an upscale. The press's
+        own id (in the origin's trigger) makes a repeated callback find the same job."""
+        parent = self._pressable(press, origin.user_external_id, presser_is_admin)
+        kind, plan = plan_followup(parent.kind, parent.plan, press, self._rng)
+        if press.action == Action.AGAIN:
+            input_path = parent.input_path
+            if input_path is not None and not Path(input_path).exists():
+                raise ButtonRefused("button.input_gone")
+        else:
+            assert press.index is not None
+            input_path = self._result_path(parent, press.index)
+        return self._record(
+            origin,
+            lambda uow: jobs.create_job(
+                uow,
+                origin,
+                kind,
+                plan,
+                input_path=input_path,
+                parent_job_id=parent.id,
+                parent_index=press.index,
+            ),
+        )
+
+    def _pressable(self, press: ButtonPress, presser: str, presser_is_admin: bool) -> JobView:
+        assert press.job_id is not None
+        parent = self.find_job(press.job_id)
+        if parent is None or parent.status != JobStatus.DONE:
+            raise ButtonRefused("button.stale")
+        if not may_press(
+            presser=presser,
+            requester=parent.requester,
+            in_group=parent.chat_type != "private",
+            presser_is_admin=presser_is_admin,
+        ):
+            raise ButtonRefused("button.not_yours")
+        return parent
+
+    @staticmethod
+    def _result_path(parent: JobView, index: int) -> str:
+        if not 0 <= index < len(parent.result_paths):
+            raise ButtonRefused("button.stale")
+        path = parent.result_paths[index]
+        if not Path(path).exists():
+            raise ButtonRefused("button.result_gone")
+        return path
+
+    def set_default_style(self, origin: Origin, key: str) -> Style | None:
+        """Make a style the user's default; None when the catalogue no longer has it."""
+        style = self.catalogue.get(key)
+        if style is not None:
+            with self._store.unit_of_work() as uow:
+                jobs.set_default_style(uow, origin, style.key)
+        return style
+
+    def request_previews(self, origin: Origin) -> Accepted | None:
+        """Queue the making of the style preview grid; None when a job is making it already
+        (that job sends it to the chat that asked first)."""
+        with self._store.unit_of_work() as uow:
+            if jobs.active_job_of_kind(uow, JobKind.PREVIEWS) is not None:
+                return None
+        plan = plan_request(
+            ImageRequest(Command.PORTRAIT, self.catalogue.defaults.avatar_prompt),
+            None,
+            avatar_prompt="",
+            defaults=self._defaults,
+            rng=self._rng,
+        )
+        return self._record(
+            origin, lambda uow: jobs.create_job(uow, origin, JobKind.PREVIEWS, plan)
+        )
+
+    def _record(
+        self,
+        origin: Origin,
+        create: Callable[[UnitOfWork], int],
+        on_duplicate: Callable[[], None] | None = None,
+    ) -> Accepted:
         with self._store.unit_of_work() as uow:
             try:
-                job_id = jobs.create_job(uow, origin, request, plan)
+                job_id = create(uow)
             except jobs.DuplicateRequest as duplicate:
+                if on_duplicate is not None:
+                    on_duplicate()
                 job = duplicate.job
                 # Taken in long ago but never answered (the bot stopped in between): answer
                 # and publish it now. Otherwise the first delivery of the update has it.
                 age = (datetime.now(UTC) - job.created_at).total_seconds()
                 if not was_abandoned(job.status, job.status_message_id is not None, age):
                     log.info(
-                        "message %s in chat %s repeated; job %s has it",
-                        origin.request_message_id,
+                        "%s in chat %s repeated; job %s has it",
+                        origin.request_key,
                         origin.chat_id,
                         job.id,
                     )

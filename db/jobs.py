@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from chitrakar.domain import (
     ACTIVE_STATUSES,
     GenerationPlan,
-    ImageRequest,
+    JobKind,
     JobStatus,
     check_transition,
 )
@@ -34,7 +34,19 @@ class Origin:
     user_external_id: str
     user_display_name: str | None
     language: str
+    # The message answers reply to: the command, or the result whose button was pressed.
     request_message_id: int | None
+    # What made the request, unique per chat: "message:<id>" by default; a button press
+    # passes "button:<callback query id>".
+    trigger: str | None = None
+
+    @property
+    def request_key(self) -> str:
+        if self.trigger is not None:
+            return self.trigger
+        if self.request_message_id is None:
+            raise ValueError("a request needs a message id or a trigger")
+        return f"message:{self.request_message_id}"
 
 
 @dataclass(frozen=True)
@@ -42,9 +54,12 @@ class JobView:
     """A detached, read-only copy of a job for code outside the transaction."""
 
     id: int
+    kind: JobKind
     status: JobStatus
     channel: str
     chat_id: int
+    chat_type: str
+    requester: str
     request_message_id: int | None
     status_message_id: int | None
     language: str
@@ -52,14 +67,21 @@ class JobView:
     attempts: int
     created_at: datetime
     started_at: datetime | None
+    input_path: str | None = None
+    parent_job_id: int | None = None
+    parent_index: int | None = None
+    result_paths: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, job: Job) -> JobView:
         return cls(
             id=job.id,
+            kind=JobKind(job.command),
             status=JobStatus(job.status),
             channel=job.channel,
             chat_id=job.chat_id,
+            chat_type=job.chat_type,
+            requester=job.user.external_id,
             request_message_id=job.request_message_id,
             status_message_id=job.status_message_id,
             language=job.language,
@@ -70,10 +92,19 @@ class JobView:
                 steps=job.steps,
                 seeds=tuple(job.seeds),
                 guidance_scale=job.guidance_scale,
+                negative_prompt=job.negative_prompt or "",
+                style=job.style,
+                strength=job.strength,
+                lora=job.lora,
+                lora_scale=job.lora_scale if job.lora_scale is not None else 1.0,
             ),
             attempts=job.attempts,
             created_at=_as_utc(job.created_at),
             started_at=_as_utc(job.started_at) if job.started_at else None,
+            input_path=job.input_path,
+            parent_job_id=job.parent_job_id,
+            parent_index=job.parent_index,
+            result_paths=tuple(job.result_paths or ()),
         )
 
 
@@ -135,25 +166,44 @@ def _set_status(job: Job, status: JobStatus, detail: str | None = None) -> None:
     job.events.append(JobEvent(status=status, detail=detail))
 
 
-def create_job(uow: UnitOfWork, origin: Origin, request: ImageRequest, plan: GenerationPlan) -> int:
+def create_job(
+    uow: UnitOfWork,
+    origin: Origin,
+    kind: JobKind,
+    plan: GenerationPlan,
+    *,
+    options: dict[str, Any] | None = None,
+    input_path: str | None = None,
+    parent_job_id: int | None = None,
+    parent_index: int | None = None,
+) -> int:
     """Record an accepted request as a queued job; returns its id. Commits. Raises
-    DuplicateRequest when the same chat message already made a job."""
+    DuplicateRequest when the same message or button press already made a job."""
     user = _user_for(uow.session, origin)
     job = Job(
         user=user,
         channel=origin.channel,
         chat_id=origin.chat_id,
         chat_type=origin.chat_type,
+        trigger=origin.request_key,
         request_message_id=origin.request_message_id,
         language=origin.language,
-        command=request.command,
+        command=kind,
         prompt=plan.prompt,
-        options=asdict(request.options),
+        negative_prompt=plan.negative_prompt,
+        style=plan.style,
+        strength=plan.strength,
+        lora=plan.lora,
+        lora_scale=plan.lora_scale,
+        options=options or {},
         width=plan.width,
         height=plan.height,
         steps=plan.steps,
         guidance_scale=plan.guidance_scale,
         seeds=list(plan.seeds),
+        input_path=input_path,
+        parent_job_id=parent_job_id,
+        parent_index=parent_index,
         status=JobStatus.QUEUED,
         attempts=0,
         events=[JobEvent(status=JobStatus.QUEUED)],
@@ -167,7 +217,7 @@ def create_job(uow: UnitOfWork, origin: Origin, request: ImageRequest, plan: Gen
             select(Job).where(
                 Job.channel == origin.channel,
                 Job.chat_id == origin.chat_id,
-                Job.request_message_id == origin.request_message_id,
+                Job.trigger == origin.request_key,
             )
         )
         if existing is None:
@@ -193,6 +243,32 @@ def active_job_ids(uow: UnitOfWork) -> list[int]:
             select(Job.id).where(Job.status.in_(list(ACTIVE_STATUSES))).order_by(Job.id)
         )
     )
+
+
+def get_job(uow: UnitOfWork, job_id: int) -> JobView | None:
+    job = uow.session.get(Job, job_id)
+    return JobView.of(job) if job is not None else None
+
+
+def active_job_of_kind(uow: UnitOfWork, kind: JobKind) -> int | None:
+    """The oldest queued or running job of a kind, if any."""
+    return uow.session.scalar(
+        select(Job.id)
+        .where(Job.command == kind, Job.status.in_(list(ACTIVE_STATUSES)))
+        .order_by(Job.id)
+        .limit(1)
+    )
+
+
+def default_style_of(uow: UnitOfWork, channel: str, external_id: str) -> str | None:
+    return uow.session.scalar(
+        select(User.default_style).where(User.channel == channel, User.external_id == external_id)
+    )
+
+
+def set_default_style(uow: UnitOfWork, origin: Origin, style: str | None) -> None:
+    _user_for(uow.session, origin).default_style = style
+    uow.commit()
 
 
 def attach_status_message(uow: UnitOfWork, job_id: int, message_id: int) -> None:

@@ -47,6 +47,8 @@ class User(Base):
     external_id: Mapped[str] = mapped_column(String(64))
     display_name: Mapped[str | None] = mapped_column(String(256))
     language: Mapped[str] = mapped_column(String(8), default="en")
+    # Chosen from /styles; used when a request names no style.
+    default_style: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -56,9 +58,9 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         Index("ix_jobs_status_id", "status", "id"),
-        # One job per chat message: a repeated update (a webhook retry, an update offered
-        # twice) finds the job it already made. Messages without an id (NULL) never collide.
-        Index("ux_jobs_request", "channel", "chat_id", "request_message_id", unique=True),
+        # One job per chat message or button press: a repeated update (a webhook retry, an
+        # update offered twice) finds the job it already made.
+        Index("ux_jobs_trigger", "channel", "chat_id", "trigger", unique=True),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -66,12 +68,25 @@ class Job(Base):
     channel: Mapped[str] = mapped_column(String(32))
     chat_id: Mapped[int] = mapped_column(BigInteger)
     chat_type: Mapped[str] = mapped_column(String(16))
+    # What made the job: "message:<id>" or "button:<callback query id>".
+    trigger: Mapped[str] = mapped_column(String(128))
+    # The message the result replies to (the command, or the result whose button was pressed).
     request_message_id: Mapped[int | None] = mapped_column(BigInteger)
     status_message_id: Mapped[int | None] = mapped_column(BigInteger)
     language: Mapped[str] = mapped_column(String(8))
 
+    # The JobKind: portrait, avatar, variation, upscale or previews.
     command: Mapped[str] = mapped_column(String(32))
     prompt: Mapped[str] = mapped_column(Text)
+    negative_prompt: Mapped[str] = mapped_column(Text, default="")
+    style: Mapped[str | None] = mapped_column(String(64))
+    strength: Mapped[float | None] = mapped_column(Float)
+    lora: Mapped[str | None] = mapped_column(Text)
+    lora_scale: Mapped[float] = mapped_column(Float, default=1.0)
+    # The image an img2img job starts from: an aligned selfie, or an earlier result.
+    input_path: Mapped[str | None] = mapped_column(Text)
+    parent_job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
+    parent_index: Mapped[int | None] = mapped_column(Integer)
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)

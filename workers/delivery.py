@@ -18,12 +18,21 @@ from pathlib import Path
 from time import monotonic
 from typing import Any, TypeVar
 
-from telegram import Bot, InputMediaPhoto, ReplyParameters
+from telegram import (
+    Bot,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    InputMediaPhoto,
+    Message,
+    ReplyParameters,
+)
 from telegram.constants import ChatAction
 from telegram.error import RetryAfter, TelegramError
 
+from chitrakar.buttons import labelled, result_buttons, style_buttons
 from chitrakar.config import Settings
-from chitrakar.domain import ProgressThrottle
+from chitrakar.domain import JobKind, ProgressThrottle
+from chitrakar.styles import StyleCatalogue
 from chitrakar.texts import text
 from db.jobs import JobView
 
@@ -67,6 +76,25 @@ class BackgroundLoop:
             self._loop.close()
 
 
+_UPLOAD_TIMEOUTS: dict[str, Any] = {
+    "read_timeout": UPLOAD_TIMEOUT_S,
+    "write_timeout": UPLOAD_TIMEOUT_S,
+}
+
+
+def _keyboard(language: str, rows: list[list[Any]]) -> InlineKeyboardMarkup:
+    return InlineKeyboardMarkup(
+        [
+            [InlineKeyboardButton(label, callback_data=data) for label, data in row]
+            for row in labelled(language, rows)
+        ]
+    )
+
+
+def _largest_photo_id(message: Message) -> str:
+    return max(message.photo, key=lambda p: p.width).file_id
+
+
 def _seconds(value: float | timedelta) -> float:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
@@ -96,7 +124,8 @@ async def _respecting_flood_limits(send: Callable[[], Awaitable[T]]) -> T:
 class TelegramDelivery:
     """What a worker says in a Telegram chat about a job: progress, the result, or an apology."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, catalogue: StyleCatalogue) -> None:
+        self._catalogue = catalogue
         if settings.telegram_token is None:
             raise RuntimeError("CHITRAKAR_TELEGRAM_TOKEN is not set: the worker cannot deliver")
         self._loop = BackgroundLoop("telegram-delivery")
@@ -169,25 +198,27 @@ class TelegramDelivery:
         self._settle(job)
         return self._loop.run(self._deliver(job, images, seconds), DELIVERY_DEADLINE_S)
 
-    async def _deliver(self, job: JobView, images: Sequence[Path], seconds: float) -> list[str]:
+    def _caption(self, job: JobView, seed: int, seconds: float) -> str:
+        """What was used, so that the user can make the image again."""
         plan = job.plan
-        captions = [
-            text(
-                job.language,
-                "result.caption",
-                seed=seed,
-                steps=plan.steps,
-                width=plan.width,
-                height=plan.height,
-                seconds=seconds,
-            )
-            for seed in plan.seeds
-        ]
+        size = {"seed": seed, "width": plan.width, "height": plan.height, "seconds": seconds}
+        if job.kind == JobKind.UPSCALE:
+            return text(job.language, "result.caption_upscaled", **size)
+        style = self._catalogue.get(plan.style) if plan.style else None
+        if style is None:
+            return text(job.language, "result.caption", steps=plan.steps, **size)
+        return text(
+            job.language,
+            "result.caption_style",
+            style=style.name_in(job.language),
+            steps=plan.steps,
+            **size,
+        )
+
+    async def _deliver(self, job: JobView, images: Sequence[Path], seconds: float) -> list[str]:
+        captions = [self._caption(job, seed, seconds) for seed in job.plan.seeds]
         photos = [path.read_bytes() for path in images]
-        timeouts: dict[str, Any] = {
-            "read_timeout": UPLOAD_TIMEOUT_S,
-            "write_timeout": UPLOAD_TIMEOUT_S,
-        }
+        keyboard = _keyboard(job.language, result_buttons(job.id, job.kind, len(photos)))
         await _quietly(self._bot.send_chat_action(job.chat_id, ChatAction.UPLOAD_PHOTO))
         if len(photos) == 1:
             sent = [
@@ -197,7 +228,8 @@ class TelegramDelivery:
                         photos[0],
                         caption=captions[0],
                         reply_parameters=self._reply_to(job),
-                        **timeouts,
+                        reply_markup=keyboard,
+                        **_UPLOAD_TIMEOUTS,
                     )
                 )
             ]
@@ -211,13 +243,49 @@ class TelegramDelivery:
                             for photo, caption in zip(photos, captions, strict=True)
                         ],
                         reply_parameters=self._reply_to(job),
-                        **timeouts,
+                        **_UPLOAD_TIMEOUTS,
                     )
                 )
             )
+            # An album carries no buttons: they come in a message of their own, under it.
+            key = "button.avatar_album" if job.kind == JobKind.AVATAR else "button.album"
+            await _respecting_flood_limits(
+                lambda: self._bot.send_message(
+                    job.chat_id,
+                    text(job.language, key, count=len(photos)),
+                    reply_parameters=ReplyParameters(
+                        sent[0].message_id, allow_sending_without_reply=True
+                    ),
+                    reply_markup=keyboard,
+                )
+            )
+        await self._remove_status(job)
+        return [_largest_photo_id(message) for message in sent]
+
+    async def _remove_status(self, job: JobView) -> None:
         if job.status_message_id is not None:
             await _quietly(self._bot.delete_message(job.chat_id, job.status_message_id))
-        return [max(message.photo, key=lambda p: p.width).file_id for message in sent]
+
+    def deliver_previews(self, job: JobView, grid: Path) -> list[str]:
+        """Send the style grid with a button per style."""
+        self._settle(job)
+        photo = grid.read_bytes()
+        return self._loop.run(self._deliver_previews(job, photo), DELIVERY_DEADLINE_S)
+
+    async def _deliver_previews(self, job: JobView, photo: bytes) -> list[str]:
+        keyboard = _keyboard(job.language, style_buttons(self._catalogue, job.language))
+        sent = await _respecting_flood_limits(
+            lambda: self._bot.send_photo(
+                job.chat_id,
+                photo,
+                caption=text(job.language, "styles.grid_caption"),
+                reply_parameters=self._reply_to(job),
+                reply_markup=keyboard,
+                **_UPLOAD_TIMEOUTS,
+            )
+        )
+        await self._remove_status(job)
+        return [_largest_photo_id(sent)]
 
     def apologise(self, job: JobView) -> None:
         """Tell the user their job failed: on the status message, or else as a reply."""

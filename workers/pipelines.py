@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from diffusers import AutoPipelineForText2Image, DiffusionPipeline
-from PIL import Image
+from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image, DiffusionPipeline
+from PIL import Image, ImageOps
 
-from chitrakar.domain import GenerationPlan
+from chitrakar.domain import SIZE_MULTIPLE, GenerationPlan
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +46,23 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 @dataclass
 class LoadedPipeline:
+    """One model in memory, with the views of it each kind of job uses. The img2img view
+    shares the text-to-image pipeline's modules: no second copy of the weights."""
+
     source: str
     device: torch.device
     dtype: torch.dtype
     text2image: DiffusionPipeline
+    # LoRA files loaded into the model so far, by path, with their adapter names.
+    loras: dict[str, str] = field(default_factory=dict)
+    _image2image: DiffusionPipeline | None = None
+
+    @property
+    def image2image(self) -> DiffusionPipeline:
+        if self._image2image is None:
+            self._image2image = AutoPipelineForImage2Image.from_pipe(self.text2image)
+            self._image2image.set_progress_bar_config(disable=True)
+        return self._image2image
 
 
 def load_pipeline(source: str, device: torch.device, dtype: torch.dtype) -> LoadedPipeline:
@@ -73,28 +88,178 @@ def load_pipeline(source: str, device: torch.device, dtype: torch.dtype) -> Load
     return LoadedPipeline(source=source, device=device, dtype=dtype, text2image=pipe)
 
 
-def generate_images(
-    loaded: LoadedPipeline, plan: GenerationPlan, on_progress: ProgressCallback | None = None
-) -> list[Image.Image]:
-    """One pipeline call for all of a job's images, one seeded generator per image."""
-    # CPU generators give the same noise for a seed on any device.
-    generators = [torch.Generator("cpu").manual_seed(seed) for seed in plan.seeds]
+def use_lora(loaded: LoadedPipeline, path: str | None, scale: float) -> bool:
+    """Switch the model to one style's LoRA, or to none. Each file is loaded once per worker
+    and kept as a named adapter; switching only changes which adapter is active, so the base
+    model is never loaded again. A missing or unloadable file is logged and the job goes on
+    without it. Returns whether the LoRA is active."""
+    pipe = loaded.text2image
+    if path is None:
+        if loaded.loras:
+            pipe.disable_lora()
+        return False
+    name = loaded.loras.get(path)
+    if name is None:
+        if not Path(path).is_file():
+            log.warning("LoRA file %s does not exist: generating without it", path)
+            _switch_off(loaded)
+            return False
+        name = f"style{len(loaded.loras)}"
+        try:
+            pipe.load_lora_weights(path, adapter_name=name)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            log.warning("cannot load LoRA %s (%s): generating without it", path, exc)
+            _switch_off(loaded)
+            return False
+        loaded.loras[path] = name
+        log.info("loaded LoRA %s as adapter %s", path, name)
+    pipe.enable_lora()
+    pipe.set_adapters([name], adapter_weights=[scale])
+    return True
 
-    def step_end(_pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+
+def _switch_off(loaded: LoadedPipeline) -> None:
+    if loaded.loras:
+        loaded.text2image.disable_lora()
+
+
+def _generators(plan: GenerationPlan) -> list[torch.Generator]:
+    # CPU generators give the same noise for a seed on any device.
+    return [torch.Generator("cpu").manual_seed(seed) for seed in plan.seeds]
+
+
+def _step_callback(on_progress: ProgressCallback | None, offset: int = 0, total: int = 0) -> Any:
+    """A diffusers step-end callback reporting (steps done, steps in all). img2img runs only
+    part of the steps (strength), so the total comes from the pipeline unless given."""
+
+    def step_end(pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         if on_progress is not None:
-            on_progress(step + 1, plan.steps)
+            on_progress(offset + step + 1, total or int(pipe.num_timesteps))
         return kwargs
 
+    return step_end
+
+
+def text_to_image(
+    loaded: LoadedPipeline,
+    plan: GenerationPlan,
+    on_progress: ProgressCallback | None = None,
+    **extra: Any,
+) -> list[Image.Image]:
+    """One pipeline call for all of a job's images, one seeded generator per image."""
     with torch.inference_mode():
         output = loaded.text2image(
             prompt=plan.prompt,
+            negative_prompt=plan.negative_prompt or None,
             width=plan.width,
             height=plan.height,
             num_inference_steps=plan.steps,
             guidance_scale=plan.guidance_scale,
             num_images_per_prompt=len(plan.seeds),
-            generator=generators,
-            callback_on_step_end=step_end,
+            generator=_generators(plan),
+            callback_on_step_end=_step_callback(on_progress, total=plan.steps),
+            **extra,
         )
     images: list[Image.Image] = output.images
     return images
+
+
+def fit(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale and centre-crop an image to exactly width × height."""
+    return ImageOps.fit(image.convert("RGB"), (width, height), Image.Resampling.LANCZOS)
+
+
+def image_to_image(
+    loaded: LoadedPipeline,
+    plan: GenerationPlan,
+    start: Image.Image,
+    on_progress: ProgressCallback | None = None,
+    **extra: Any,
+) -> list[Image.Image]:
+    """Images that keep the start image's layout, `plan.strength` of the way to the prompt."""
+    if plan.strength is None:
+        raise ValueError("an img2img plan needs a strength")
+    with torch.inference_mode():
+        output = loaded.image2image(
+            prompt=plan.prompt,
+            negative_prompt=plan.negative_prompt or None,
+            image=fit(start, plan.width, plan.height),
+            strength=plan.strength,
+            num_inference_steps=plan.steps,
+            guidance_scale=plan.guidance_scale,
+            num_images_per_prompt=len(plan.seeds),
+            generator=_generators(plan),
+            callback_on_step_end=_step_callback(on_progress),
+            **extra,
+        )
+    images: list[Image.Image] = output.images
+    return images
+
+
+def tile_origins(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of `tile` pixels covering `length`, overlapping by at least
+    `overlap`; the last tile ends exactly at the edge."""
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    count = math.ceil((length - overlap) / stride)
+    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+
+
+def _feather(box: tuple[int, int, int, int], size: tuple[int, int], overlap: int) -> Image.Image:
+    """A blending mask for a tile: opaque, fading over `overlap` pixels towards each edge
+    that another tile overlaps (not at the image's own edges)."""
+    left, top, right, bottom = box
+    width, height = right - left, bottom - top
+
+    def ramp(length: int, fade_start: bool, fade_end: bool) -> np.ndarray[Any, Any]:
+        up = np.minimum(np.arange(length) + 1, overlap) / overlap
+        values = np.ones(length)
+        if fade_start:
+            values = np.minimum(values, up)
+        if fade_end:
+            values = np.minimum(values, up[::-1])
+        return values
+
+    mask = np.outer(ramp(height, top > 0, bottom < size[1]), ramp(width, left > 0, right < size[0]))
+    return Image.fromarray((mask * 255).astype(np.uint8), mode="L")
+
+
+def upscale(
+    loaded: LoadedPipeline,
+    plan: GenerationPlan,
+    start: Image.Image,
+    tile: int,
+    on_progress: ProgressCallback | None = None,
+    **extra: Any,
+) -> list[Image.Image]:
+    """The start image at plan.width × plan.height: resized, then redrawn tile by tile with
+    img2img at low strength to add detail. Tiles of the model's native size keep memory
+    flat whatever the output size; overlapping, feathered edges hide the seams."""
+    if plan.strength is None:
+        raise ValueError("an upscale plan needs a strength")
+    big = start.convert("RGB").resize((plan.width, plan.height), Image.Resampling.LANCZOS)
+    tile_w, tile_h = min(tile, plan.width), min(tile, plan.height)
+    overlap = max(SIZE_MULTIPLE, (tile // 8) // SIZE_MULTIPLE * SIZE_MULTIPLE)
+    boxes = [
+        (x, y, x + tile_w, y + tile_h)
+        for y in tile_origins(plan.height, tile_h, overlap)
+        for x in tile_origins(plan.width, tile_w, overlap)
+    ]
+    steps_per_tile = max(1, int(plan.steps * plan.strength))
+    total = steps_per_tile * len(boxes)
+    result = big.copy()
+    tile_plan = replace(plan, width=tile_w, height=tile_h)
+    for number, box in enumerate(boxes):
+        progress = _offset(on_progress, number * steps_per_tile, total)
+        (redrawn,) = image_to_image(loaded, tile_plan, big.crop(box), progress, **extra)
+        result.paste(redrawn, box[:2], _feather(box, big.size, overlap))
+    return [result]
+
+
+def _offset(on_progress: ProgressCallback | None, done: int, total: int) -> ProgressCallback:
+    def report(step: int, _steps: int) -> None:
+        if on_progress is not None:
+            on_progress(min(done + step, total), total)
+
+    return report

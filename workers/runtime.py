@@ -10,8 +10,11 @@ from functools import cached_property
 from pathlib import Path
 
 from chitrakar.config import Settings
+from chitrakar.media import MediaStore
+from chitrakar.styles import StyleCatalogue, load_catalogue
 from db.session import Store
 from workers.delivery import TelegramDelivery
+from workers.identity import IdentityStage, choose_identity_stage
 from workers.pipelines import LoadedPipeline, default_dtype, load_pipeline, resolve_device
 
 log = logging.getLogger(__name__)
@@ -22,10 +25,12 @@ class WorkerRuntime:
         self.settings = settings
         self.store = Store(settings.resolved_database_url)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.catalogue: StyleCatalogue = load_catalogue(settings.styles_file)
+        self.media = MediaStore(settings.media_dir)
 
     @cached_property
     def delivery(self) -> TelegramDelivery:
-        return TelegramDelivery(self.settings)
+        return TelegramDelivery(self.settings, self.catalogue)
 
     def model_source(self) -> str:
         if self.settings.model is not None:
@@ -46,6 +51,10 @@ class WorkerRuntime:
     def pipeline(self) -> LoadedPipeline:
         device = resolve_device(self.settings.device)
         return load_pipeline(self.model_source(), device, default_dtype(device))
+
+    @cached_property
+    def identity(self) -> IdentityStage:
+        return choose_identity_stage(self.settings, self.pipeline)
 
     def result_dir(self, job_id: int) -> Path:
         folder = self.settings.results_dir / str(job_id)

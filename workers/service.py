@@ -4,18 +4,33 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from time import perf_counter
 
-from chitrakar.domain import MAX_ATTEMPTS
+from PIL import Image
+
+from chitrakar.domain import MAX_ATTEMPTS, JobKind
 from db import jobs
-from workers.pipelines import generate_images
+from db.jobs import JobView
+from workers.pipelines import (
+    ProgressCallback,
+    image_to_image,
+    text_to_image,
+    upscale,
+    use_lora,
+)
+from workers.previews import make_preview_grid
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
 
 
+class InputMissing(RuntimeError):
+    """The image a job starts from is no longer on disk."""
+
+
 def run_job(runtime: WorkerRuntime, job_id: int) -> None:
-    """Generate a job's images and deliver them; on any failure, record it and apologise.
+    """Make a job's images and deliver them; on any failure, record it and apologise.
     A job that has already ended is left alone, so a redelivered task does no harm."""
     with runtime.store.unit_of_work() as uow:
         job = jobs.start_job(uow, job_id, runtime.name)
@@ -26,23 +41,23 @@ def run_job(runtime: WorkerRuntime, job_id: int) -> None:
     if job.attempts > MAX_ATTEMPTS:
         _give_up(runtime, job_id, f"gave up after {MAX_ATTEMPTS} attempts")
         return
-    log.info("job %s started (attempt %s)", job_id, job.attempts)
+    log.info("job %s (%s) started (attempt %s)", job_id, job.kind, job.attempts)
     try:
         delivery.started(job)
         started = perf_counter()
-        images = generate_images(
-            runtime.pipeline,
-            job.plan,
-            on_progress=lambda done, total: delivery.progress(job, done, total),
-        )
-        seconds = perf_counter() - started
-        folder = runtime.result_dir(job_id)
-        paths = []
-        for index, (image, seed) in enumerate(zip(images, job.plan.seeds, strict=True)):
-            path = folder / f"{index}-{seed}.png"
-            image.save(path, format="PNG")
-            paths.append(path)
-        file_ids = delivery.deliver(job, paths, seconds)
+
+        def on_progress(done: int, total: int) -> None:
+            delivery.progress(job, done, total)
+
+        if job.kind == JobKind.PREVIEWS:
+            paths = [_previews(runtime, on_progress)]
+            seconds = perf_counter() - started
+            file_ids = delivery.deliver_previews(job, paths[0])
+        else:
+            images = make_images(runtime, job, on_progress)
+            seconds = perf_counter() - started
+            paths = _save(runtime, job, images)
+            file_ids = delivery.deliver(job, paths, seconds)
     except Exception as exc:
         log.exception("job %s failed", job_id)
         _give_up(runtime, job_id, f"{type(exc).__name__}: {exc}")
@@ -56,6 +71,54 @@ def run_job(runtime: WorkerRuntime, job_id: int) -> None:
             generation_seconds=seconds,
         )
     log.info("job %s done: %d image(s) in %.2f s", job_id, len(paths), seconds)
+
+
+def make_images(
+    runtime: WorkerRuntime, job: JobView, on_progress: ProgressCallback
+) -> list[Image.Image]:
+    """The one place that picks the pipeline call for a kind of job."""
+    loaded, plan = runtime.pipeline, job.plan
+    use_lora(loaded, plan.lora, plan.lora_scale)
+    if job.kind == JobKind.AVATAR:
+        return runtime.identity.avatars(loaded, plan, _input(job), on_progress)
+    extra = runtime.identity.without_face(loaded)
+    if job.kind == JobKind.PORTRAIT:
+        return text_to_image(loaded, plan, on_progress, **extra)
+    if job.kind == JobKind.VARIATION:
+        return image_to_image(loaded, plan, _input(job), on_progress, **extra)
+    if job.kind == JobKind.UPSCALE:
+        tile = runtime.settings.image_size
+        return upscale(loaded, plan, _input(job), tile, on_progress, **extra)
+    raise ValueError(f"job {job.id} is of a kind no pipeline makes: {job.kind}")
+
+
+def _input(job: JobView) -> Image.Image:
+    if job.input_path is None or not Path(job.input_path).is_file():
+        raise InputMissing(f"the input image of job {job.id} is gone: {job.input_path}")
+    with Image.open(job.input_path) as image:
+        return image.convert("RGB")
+
+
+def _save(runtime: WorkerRuntime, job: JobView, images: list[Image.Image]) -> list[Path]:
+    folder = runtime.result_dir(job.id)
+    paths = []
+    for index, (image, seed) in enumerate(zip(images, job.plan.seeds, strict=True)):
+        path = folder / f"{index}-{seed}.png"
+        image.save(path, format="PNG")
+        paths.append(path)
+    return paths
+
+
+def _previews(runtime: WorkerRuntime, on_progress: ProgressCallback) -> Path:
+    return make_preview_grid(
+        runtime.pipeline,
+        runtime.catalogue,
+        runtime.media,
+        runtime.settings.model_label,
+        runtime.settings.image_size,
+        on_progress,
+        extra=runtime.identity.without_face(runtime.pipeline),
+    )
 
 
 def _give_up(runtime: WorkerRuntime, job_id: int, reason: str) -> None:

@@ -1,21 +1,15 @@
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from chitrakar.domain import (
     ASPECT_RATIOS,
     UNANSWERED_ABANDONED_AFTER_S,
-    Command,
-    GenerationOptions,
-    ImageRequest,
     InvalidTransition,
     JobStatus,
     ProgressThrottle,
     check_transition,
     image_size,
-    plan_generation,
     was_abandoned,
 )
 
@@ -34,31 +28,6 @@ def test_known_sizes() -> None:
     assert image_size("1:1", 512) == (512, 512)
     assert image_size("16:9", 512) == (680, 384)
     assert image_size("9:16", 1024) == (768, 1368)
-
-
-def plan(**options: object) -> tuple[int, ...]:
-    request = ImageRequest(Command.PORTRAIT, "p", GenerationOptions(**options))  # type: ignore[arg-type]
-    return plan_generation(
-        request, base_size=512, default_steps=25, guidance_scale=7.0, rng=random.Random(0)
-    ).seeds
-
-
-def test_seeds_follow_a_given_seed_and_wrap() -> None:
-    assert plan(seed=10, images=3) == (10, 11, 12)
-    assert plan(seed=2**32 - 1, images=2) == (2**32 - 1, 0)
-
-
-def test_seeds_without_a_seed_are_random_but_consecutive() -> None:
-    seeds = plan(images=2)
-    assert seeds[1] == (seeds[0] + 1) % 2**32
-
-
-def test_steps_default_and_override() -> None:
-    request = ImageRequest(Command.PORTRAIT, "p", GenerationOptions(steps=9))
-    planned = plan_generation(
-        request, base_size=64, default_steps=25, guidance_scale=5.0, rng=random.Random(0)
-    )
-    assert (planned.steps, planned.width, planned.guidance_scale) == (9, 64, 5.0)
 
 
 def test_job_transitions() -> None:

@@ -16,6 +16,7 @@ from chitrakar.domain import (
     Command,
     CommandError,
     GenerationOptions,
+    ImageRequest,
     parse_image_command,
 )
 from chitrakar.texts import LANGUAGES, text
@@ -72,7 +73,7 @@ def test_whitespace_and_newlines_collapse() -> None:
         ("a fort --seed -1", "error.option_range", {"option": "--seed"}),
         ("a fort --seed 4294967296", "error.option_range", {"high": 2**32 - 1}),
         ("a fort --seed 1.5", "error.option_not_number", {"value": "1.5"}),
-        ("a fort --style anime", "error.unknown_option", {"option": "--style"}),
+        ("a fort --sty anime", "error.unknown_option", {"option": "--sty"}),
         ("a fort --seed", "error.option_missing_value", {"option": "--seed"}),
         ("a fort --ar=", "error.option_missing_value", {"option": "--ar"}),
         ("a fort --n 1 --n 2", "error.option_repeated", {"option": "--n"}),
@@ -138,3 +139,44 @@ def message(text: str, command_length: int) -> Message:
 )
 def test_arguments_after_the_command_and_mention(text: str, command: str, expected: str) -> None:
     assert command_arguments(message(text, len(command))) == expected
+
+
+def test_style_and_negative_words_up_to_the_next_option() -> None:
+    prompt, options = parse("a fort at dawn --style Warli --no text, watermark —seed 4")
+    assert prompt == "a fort at dawn"
+    assert options == GenerationOptions(style="warli", negative="text, watermark", seed=4)
+    assert parse("a fort --no=blur --n 2")[1] == GenerationOptions(negative="blur", images=2)
+
+
+def test_a_negative_prompt_has_a_limit() -> None:
+    with pytest.raises(CommandError) as raised:
+        parse("a fort --no " + "x " * 200)
+    assert raised.value.key == "error.negative_too_long"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ("", ImageRequest(Command.AVATAR, "", GenerationOptions())),
+        ("watercolour", ImageRequest(Command.AVATAR, "", GenerationOptions(style="watercolour"))),
+        (
+            "Madhubani smiling, with jasmine in her hair --n 2",
+            ImageRequest(
+                Command.AVATAR,
+                "smiling, with jasmine in her hair",
+                GenerationOptions(style="madhubani", images=2),
+            ),
+        ),
+        ("--seed 3", ImageRequest(Command.AVATAR, "", GenerationOptions(seed=3))),
+    ],
+)
+def test_avatar_takes_the_style_first_and_needs_no_prompt(
+    args: str, expected: ImageRequest
+) -> None:
+    assert parse_image_command(Command.AVATAR, args) == expected
+
+
+def test_avatar_style_named_twice_is_refused() -> None:
+    with pytest.raises(CommandError) as raised:
+        parse_image_command(Command.AVATAR, "anime --style warli")
+    assert raised.value.key == "error.option_repeated"

@@ -1,0 +1,145 @@
+"""Buttons under results and in the style catalogue: what they say, what their callback data
+means, and who may press them. Plain Python, no I/O; channels draw the buttons.
+
+Callback data is short ASCII (`u:42:1` = upscale image 1 of job 42), because Telegram allows
+64 bytes and anyone can send any data: it is parsed strictly and checked against the
+database before anything happens.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from chitrakar.domain import CommandError, JobKind
+from chitrakar.styles import StyleCatalogue
+from chitrakar.texts import text
+
+CALLBACK_DATA_LIMIT = 64
+# An album has at most four images (the `--n` limit), so indexes are 0..3.
+MAX_INDEX = 9
+MAX_JOB_ID = 2**63 - 1
+
+
+class Action(StrEnum):
+    AGAIN = "a"  # the same job with new seeds
+    VARIATION = "v"  # img2img of image i
+    UPSCALE = "u"  # image i at twice the size
+    PICK = "p"  # image i as a file, at full size
+    STYLE = "s"  # make a style the user's default
+
+
+class InvalidButton(ValueError):
+    """Callback data this bot did not make (tampered, or from an older version)."""
+
+
+@dataclass(frozen=True)
+class ButtonPress:
+    action: Action
+    job_id: int | None = None
+    index: int | None = None
+    style: str | None = None
+
+    @property
+    def data(self) -> str:
+        if self.action == Action.STYLE:
+            return f"{self.action}:{self.style}"
+        if self.index is None:
+            return f"{self.action}:{self.job_id}"
+        return f"{self.action}:{self.job_id}:{self.index}"
+
+
+@dataclass(frozen=True)
+class Button:
+    """A button as the channel shows it: a text key with its parameters, and its press."""
+
+    label_key: str
+    press: ButtonPress
+    label_params: dict[str, Any] = field(default_factory=dict)
+
+
+_JOB_PATTERN = re.compile(r"(?P<action>[avup]):(?P<job>[1-9][0-9]{0,18})(?::(?P<index>[0-9]))?")
+_STYLE_PATTERN = re.compile(r"s:(?P<style>[a-z0-9][a-z0-9-]{0,40})")
+_NEEDS_INDEX = frozenset({Action.VARIATION, Action.UPSCALE, Action.PICK})
+
+
+def parse_button(data: str | None) -> ButtonPress:
+    """The press a callback's data stands for. Raises InvalidButton for anything else."""
+    if not data or len(data.encode("utf-8")) > CALLBACK_DATA_LIMIT:
+        raise InvalidButton(data)
+    if style := _STYLE_PATTERN.fullmatch(data):
+        return ButtonPress(Action.STYLE, style=style["style"])
+    match = _JOB_PATTERN.fullmatch(data)
+    if match is None:
+        raise InvalidButton(data)
+    action = Action(match["action"])
+    job_id = int(match["job"])
+    index = int(match["index"]) if match["index"] is not None else None
+    if job_id > MAX_JOB_ID or (action in _NEEDS_INDEX) != (index is not None):
+        raise InvalidButton(data)
+    return ButtonPress(action, job_id=job_id, index=index)
+
+
+def result_buttons(job_id: int, kind: JobKind, count: int) -> list[list[Button]]:
+    """Rows of buttons under a result, Midjourney-style: upscale or vary one image, make
+    the set again, and for avatars and upscales take an image as a file."""
+    numbered = count > 1
+
+    def row(action: Action, key: str, numbered_key: str) -> list[Button]:
+        return [
+            Button(
+                numbered_key if numbered else key,
+                ButtonPress(action, job_id=job_id, index=i),
+                {"number": i + 1},
+            )
+            for i in range(count)
+        ]
+
+    rows: list[list[Button]] = []
+    if kind in (JobKind.PORTRAIT, JobKind.AVATAR, JobKind.VARIATION):
+        rows.append(row(Action.UPSCALE, "button.upscale", "button.upscale_n"))
+        rows.append(row(Action.VARIATION, "button.variation", "button.variation_n"))
+    if kind in (JobKind.AVATAR, JobKind.UPSCALE):
+        rows.append(row(Action.PICK, "button.pick", "button.pick_n"))
+    if kind != JobKind.UPSCALE:
+        rows.append([Button("button.again", ButtonPress(Action.AGAIN, job_id=job_id))])
+    return rows
+
+
+def style_buttons(catalogue: StyleCatalogue, language: str, per_row: int = 2) -> list[list[Button]]:
+    """One button per style, by its name in the user's language."""
+    presses = [
+        Button(
+            "button.style",
+            ButtonPress(Action.STYLE, style=style.key),
+            {"name": style.name_in(language)},
+        )
+        for style in catalogue.styles.values()
+    ]
+    return [presses[i : i + per_row] for i in range(0, len(presses), per_row)]
+
+
+def labelled(language: str, rows: list[list[Button]]) -> list[list[tuple[str, str]]]:
+    """(text, callback data) of each button, for a channel to draw."""
+    return [
+        [(text(language, b.label_key, **b.label_params), b.press.data) for b in row] for row in rows
+    ]
+
+
+def may_press(*, presser: str, requester: str, in_group: bool, presser_is_admin: bool) -> bool:
+    """Result buttons belong to who asked; in a group, the chat's admins may press them too."""
+    return presser == requester or (in_group and presser_is_admin)
+
+
+class ButtonRefused(CommandError):
+    """A press that is understood but cannot be done (stale, not yours): the key says why."""
+
+
+# How far variations and upscales move from the image they start from.
+VARIATION_STRENGTH = 0.55
+UPSCALE_STRENGTH = 0.3
+UPSCALE_FACTOR = 2
+# An upscale of an upscale would exceed what a chat shows and what a GPU tiles quickly.
+MAX_UPSCALED_SIDE = 4096

@@ -1,0 +1,72 @@
+"""Image files that bot and workers share: aligned selfies and style previews.
+
+Both processes must see the same folder (`CHITRAKAR_DATA_DIR/media`; on several hosts, a
+shared volume), as they see the same database. Jobs refer to files by absolute path.
+
+A selfie is personal data: only its aligned face crop is written, never the photo as sent,
+and `discard` removes it. How long a crop is kept for the Again button is the retention
+policy's to decide (`forget_input` is its seam).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import uuid
+from pathlib import Path
+
+from PIL import Image
+
+from chitrakar.styles import StyleCatalogue
+
+log = logging.getLogger(__name__)
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\x00".join(parts).encode("utf-8")).hexdigest()[:16]
+
+
+class MediaStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _folder(self, *names: str) -> Path:
+        folder = self.root.joinpath(*names)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def save_input(self, image: Image.Image) -> str:
+        """Write an aligned selfie as PNG; returns its path for the job record."""
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        path = self._folder("inputs") / f"{uuid.uuid4().hex}.png"
+        write_atomically(path, buffer.getvalue())
+        return str(path)
+
+    def forget_input(self, path: str | None) -> None:
+        """Delete a selfie crop; a file already gone is fine."""
+        if path is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            Path(path).unlink()
+            log.info("deleted input image %s", path)
+
+    def preview_path(self, model_label: str, style_fingerprint: str) -> Path:
+        """Where one style's preview for one model is cached."""
+        return self._folder("previews", _digest(model_label)) / f"{style_fingerprint}.png"
+
+    def grid_path(self, model_label: str, catalogue: StyleCatalogue) -> Path:
+        """Where the catalogue's preview grid is cached: it changes with any style in it."""
+        key = _digest(model_label, *(s.fingerprint() for s in catalogue.styles.values()))
+        return self._folder("previews", _digest(model_label)) / f"grid-{key}.jpg"
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """A reader in another process never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+    partial.write_bytes(data)
+    partial.replace(path)
