@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import pool
-
 from db.models import Base
 from db.session import make_engine
 
@@ -25,8 +23,12 @@ def run_migrations_online() -> None:
     url = config.get_main_option("sqlalchemy.url")
     assert url is not None
     engine = make_engine(url)
-    engine.pool = pool.NullPool(engine.pool._creator)
     with engine.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            # Batch mode rebuilds a table by copy, drop and rename; with foreign keys on,
+            # dropping `jobs` would cascade to its events. (Only settable outside a transaction.)
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
         # Batch mode lets later migrations alter tables on SQLite too.
         context.configure(
             connection=connection, target_metadata=target_metadata, render_as_batch=True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -18,9 +19,10 @@ from chitrakar.domain import (
     GenerationPlan,
     ImageRequest,
     InvalidTransition,
+    JobKind,
     JobStatus,
-    plan_generation,
 )
+from chitrakar.planning import Defaults, plan_request
 from db import jobs
 from db.jobs import Origin
 from db.migrate import schema_is_current, upgrade_to_head
@@ -44,8 +46,12 @@ def request(
     prompt: str = "a tea stall at dusk", **options: int
 ) -> tuple[ImageRequest, GenerationPlan]:
     req = ImageRequest(Command.PORTRAIT, prompt, GenerationOptions(**options))  # type: ignore[arg-type]
-    plan = plan_generation(
-        req, base_size=512, default_steps=25, guidance_scale=7.0, rng=random.Random(1)
+    plan = plan_request(
+        req,
+        None,
+        avatar_prompt="",
+        defaults=Defaults(base_size=512, steps=25, guidance_scale=7.0),
+        rng=random.Random(1),
     )
     return req, plan
 
@@ -70,7 +76,9 @@ def test_migrations_create_exactly_the_models(database_url: str) -> None:
 def test_a_job_from_acceptance_to_done(store: Store) -> None:
     req, plan = request(seed=5, images=2)
     with store.unit_of_work() as uow:
-        job_id = jobs.create_job(uow, origin(), req, plan)
+        job_id = jobs.create_job(
+            uow, origin(), JobKind.PORTRAIT, plan, options={"seed": 5, "images": 2}
+        )
         assert jobs.queue_position(uow, job_id) == 1
         jobs.attach_status_message(uow, job_id, 8)
 
@@ -100,7 +108,7 @@ def test_a_job_from_acceptance_to_done(store: Store) -> None:
         assert job is not None
         assert job.status == "done"
         assert job.result_file_ids == ["x", "y"]
-        assert job.options == {"aspect_ratio": "1:1", "seed": 5, "steps": None, "images": 2}
+        assert job.options == {"seed": 5, "images": 2}
         assert [e.status for e in job.events] == ["queued", "running", "done"]
         assert job.finished_at is not None and job.started_at is not None
     store.dispose()
@@ -110,7 +118,8 @@ def test_queue_position_counts_active_jobs_ahead(store: Store) -> None:
     req, plan = request()
     with store.unit_of_work() as uow:
         first, second, third = (
-            jobs.create_job(uow, origin(str(i), message_id=i), req, plan) for i in range(3)
+            jobs.create_job(uow, origin(str(i), message_id=i), JobKind.PORTRAIT, plan)
+            for i in range(3)
         )
         jobs.start_job(uow, first, "w")
         assert jobs.queue_position(uow, third) == 3
@@ -122,7 +131,7 @@ def test_queue_position_counts_active_jobs_ahead(store: Store) -> None:
 def test_an_ended_job_cannot_be_completed_again(store: Store) -> None:
     req, plan = request()
     with store.unit_of_work() as uow:
-        job_id = jobs.create_job(uow, origin(), req, plan)
+        job_id = jobs.create_job(uow, origin(), JobKind.PORTRAIT, plan)
         jobs.fail_job(uow, job_id, "broker down")
         with pytest.raises(InvalidTransition):
             jobs.complete_job(
@@ -137,7 +146,9 @@ def test_simultaneous_first_requests_of_a_new_user(store: Store) -> None:
 
     def submit(message_id: int) -> int:
         with store.unit_of_work() as uow:
-            return jobs.create_job(uow, origin("new-user", message_id=message_id), req, plan)
+            return jobs.create_job(
+                uow, origin("new-user", message_id=message_id), JobKind.PORTRAIT, plan
+            )
 
     with ThreadPoolExecutor(8) as pool:
         job_ids = list(pool.map(submit, range(16)))
@@ -152,15 +163,28 @@ def test_simultaneous_first_requests_of_a_new_user(store: Store) -> None:
 def test_the_same_message_makes_one_job(store: Store) -> None:
     req, plan = request()
     with store.unit_of_work() as uow:
-        first = jobs.create_job(uow, origin(), req, plan)
+        first = jobs.create_job(uow, origin(), JobKind.PORTRAIT, plan)
         with pytest.raises(jobs.DuplicateRequest) as duplicate:
-            jobs.create_job(uow, origin(), req, plan)
+            jobs.create_job(uow, origin(), JobKind.PORTRAIT, plan)
         assert duplicate.value.job.id == first
-        # Another message, or one without an id (not from a chat message), is a new job.
+        # Another message is a new job; so is each press of a button under the same message.
         other = Origin("telegram", 42, "private", "42", "Asha", "hi", request_message_id=8)
-        no_id = Origin("telegram", 42, "private", "42", "Asha", "hi", request_message_id=None)
-        assert jobs.create_job(uow, other, req, plan) != first
-        assert jobs.create_job(uow, no_id, req, plan) != jobs.create_job(uow, no_id, req, plan)
+        assert jobs.create_job(uow, other, JobKind.PORTRAIT, plan) != first
+        presses = [
+            Origin("telegram", 42, "private", "42", "Asha", "hi", 7, trigger=f"button:{n}")
+            for n in (1, 2)
+        ]
+        pressed = {jobs.create_job(uow, press, JobKind.UPSCALE, plan) for press in presses}
+        assert len(pressed) == 2 and first not in pressed
+        with pytest.raises(jobs.DuplicateRequest):
+            jobs.create_job(uow, presses[0], JobKind.UPSCALE, plan)
+        with pytest.raises(ValueError, match="needs a message id or a trigger"):
+            jobs.create_job(
+                uow,
+                Origin("telegram", 42, "private", "42", "A", "hi", None),
+                JobKind.PORTRAIT,
+                plan,
+            )
     store.dispose()
 
 
@@ -170,7 +194,7 @@ def test_the_same_message_offered_at_once_makes_one_job(store: Store) -> None:
     def submit(_: int) -> tuple[str, int]:
         with store.unit_of_work() as uow:
             try:
-                return "created", jobs.create_job(uow, origin("twice"), req, plan)
+                return "created", jobs.create_job(uow, origin("twice"), JobKind.PORTRAIT, plan)
             except jobs.DuplicateRequest as duplicate:
                 return "duplicate", duplicate.job.id
 
@@ -209,21 +233,49 @@ def test_migration_0002_keeps_the_oldest_job_of_a_repeated_message(database_url:
                 ),
                 {"id": job_id, "message": message_id},
             )
+            connection.execute(
+                text(
+                    "INSERT INTO job_events (job_id, status, at) "
+                    "VALUES (:id, 'queued', CURRENT_TIMESTAMP)"
+                ),
+                {"id": job_id},
+            )
     upgrade_to_head(database_url)
     with store.engine.connect() as connection:
         rows = connection.execute(text("SELECT id, request_message_id FROM jobs ORDER BY id"))
         assert [tuple(row) for row in rows] == [(1, 7), (2, None), (3, 8), (4, None)]
+        # 0003: each job keeps its trigger, and rebuilding the table on SQLite kept the events.
+        rows = connection.execute(text("SELECT id, trigger FROM jobs ORDER BY id"))
+        assert [tuple(row) for row in rows] == [
+            (1, "message:7"),
+            (2, "job:2"),
+            (3, "message:8"),
+            (4, "job:4"),
+        ]
+        events = connection.execute(text("SELECT COUNT(*) FROM job_events")).scalar()
+        assert events == 4
     store.dispose()
 
 
-def test_a_repeat_of_a_request_never_answered_is_answered_and_published(store: Store) -> None:
+def test_a_repeat_of_a_request_never_answered_is_answered_and_published(
+    store: Store, tmp_path: Path
+) -> None:
     """The bot stopped after recording a job but before answering and publishing it; when
     Telegram offers the update again, the job is answered and published then."""
     from chitrakar.config import Settings
+    from chitrakar.media import MediaStore
     from chitrakar.services import JobIntake
+    from chitrakar.styles import load_catalogue
 
     published: list[int] = []
-    intake = JobIntake(Settings(image_size=64, default_steps=4), store, published.append)
+    settings = Settings(image_size=64, default_steps=4, data_dir=tmp_path)
+    intake = JobIntake(
+        settings,
+        store,
+        published.append,
+        load_catalogue(),
+        MediaStore(settings.media_dir),
+    )
     req, _ = request()
     first = intake.accept(origin(), req)  # ... and the process stopped here
     soon = intake.accept(origin(), req)  # a repeat at once: the first is still being handled

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from chitrakar.config import Settings
-from chitrakar.domain import Command, GenerationOptions, GenerationPlan, ImageRequest
+from chitrakar.domain import GenerationPlan, JobKind
 from chitrakar.texts import text
 from db import jobs
 from db.jobs import Origin
@@ -41,9 +41,7 @@ def test_a_pipeline_error_is_recorded_and_apologised_for(
     origin = Origin("telegram", chat["id"], "private", "801", "Anil", "en", command["message_id"])
     runtime = WorkerRuntime(settings)
     with runtime.store.unit_of_work() as uow:
-        job_id = jobs.create_job(
-            uow, origin, ImageRequest(Command.PORTRAIT, "a lighthouse", GenerationOptions()), plan
-        )
+        job_id = jobs.create_job(uow, origin, JobKind.PORTRAIT, plan)
         jobs.attach_status_message(uow, job_id, status["message_id"])
 
     if status_deleted:

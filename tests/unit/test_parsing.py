@@ -111,7 +111,7 @@ def test_any_text_parses_or_names_a_known_problem(args: str) -> None:
             assert explanation and len(explanation) < 500
     else:
         assert prompt and len(prompt) <= MAX_PROMPT_CHARS
-        assert 1 <= options.images <= 4
+        assert options.images is None or 1 <= options.images <= 4
 
 
 def message(text: str, command_length: int) -> Message:

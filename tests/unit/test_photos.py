@@ -93,8 +93,11 @@ def corrupt_png() -> bytes:
     """A PNG whose header is fine but whose pixel data is not zlib at all."""
     header = struct.pack(">IIBBBBB", 300, 300, 8, 2, 0, 0, 0)
     junk = random.Random(7).randbytes(4000)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", junk) + _chunk(
-        b"IEND", b""
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", junk)
+        + _chunk(b"IEND", b"")
     )
 
 
@@ -146,7 +149,7 @@ BAD_INPUTS: list[tuple[str, Callable[[], object], str, dict[str, int]]] = [
     ),
     (
         "text",
-        _decoding(lambda: "Hello, this is my selfie!\n".encode() * 50),
+        _decoding(lambda: b"Hello, this is my selfie!\n" * 50),
         "photo.not_an_image",
         {},
     ),
@@ -164,7 +167,12 @@ BAD_INPUTS: list[tuple[str, Callable[[], object], str, dict[str, int]]] = [
     ("animated png", _decoding(lambda: animation("PNG")), "photo.animated", {}),
     ("heif sequence", _decoding(lambda: animation("HEIF")), "photo.animated", {}),
     ("2000x300", _decoding(lambda: plain((2000, 300))), "photo.bad_shape", {"ratio": 4}),
-    ("300x2000 jpeg", _decoding(lambda: plain((300, 2000), "JPEG")), "photo.bad_shape", {"ratio": 4}),
+    (
+        "300x2000 jpeg",
+        _decoding(lambda: plain((300, 2000), "JPEG")),
+        "photo.bad_shape",
+        {"ratio": 4},
+    ),
     ("100x100", _decoding(lambda: plain((100, 100))), "photo.too_small", {"min_side": 128}),
     ("500x127", _decoding(lambda: plain((500, 127))), "photo.too_small", {"min_side": 128}),
 ]

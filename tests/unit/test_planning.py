@@ -56,7 +56,12 @@ def test_seeds_without_a_seed_are_random_but_consecutive() -> None:
 
 def test_a_portrait_without_a_style_uses_the_deployment_defaults() -> None:
     plan = plan_of("a tea stall at dusk --steps 9")
-    assert (plan.prompt, plan.steps, plan.width, plan.height) == ("a tea stall at dusk", 9, 512, 512)
+    assert (plan.prompt, plan.steps, plan.width, plan.height) == (
+        "a tea stall at dusk",
+        9,
+        512,
+        512,
+    )
     assert (plan.style, plan.strength, plan.negative_prompt, plan.guidance_scale) == (
         None,
         None,
