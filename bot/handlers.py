@@ -32,7 +32,6 @@ from chitrakar.buttons import (
 )
 from chitrakar.domain import Command, CommandError, option_limits, parse_image_command
 from chitrakar.photos import MAX_DOWNLOAD_BYTES, check_declared_size, prepare_selfie
-from chitrakar.planning import DEFAULT_IMAGES
 from chitrakar.services import Accepted
 from chitrakar.texts import text
 
@@ -91,7 +90,6 @@ async def help_command(update: Update, context: BotContext) -> None:
                 language_of(update),
                 "help.text",
                 bot_username=context.bot.username,
-                avatar_images=DEFAULT_IMAGES[Command.AVATAR],
                 **option_limits(),
             )
         )
@@ -300,6 +298,8 @@ async def on_button(update: Update, context: BotContext) -> None:
     except ButtonRefused as exc:
         await query.answer(text(language, exc.key, **exc.params), show_alert=True)
         return
+    if accepted.duplicate:
+        return  # a repeated update of a press already answered
     await query.answer(text(language, "button.queued", position=max(accepted.position, 1)))
     if query.message is not None:
         result = query.message

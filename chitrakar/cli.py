@@ -52,6 +52,36 @@ def _require_token(settings: Settings) -> None:
         raise SystemExit(2)
 
 
+def _require_valid_catalogue(settings: Settings) -> None:
+    from chitrakar.styles import CatalogueError, load_catalogue
+
+    try:
+        load_catalogue(settings.styles_file)
+    except CatalogueError as exc:
+        raise SystemExit(f"The style catalogue is not valid: {exc}") from None
+
+
+def cmd_styles_check(settings: Settings, _: argparse.Namespace) -> int:
+    """Validate the catalogue with its overrides, and say which LoRA files are missing."""
+    from chitrakar.styles import CatalogueError, load_catalogue
+
+    try:
+        catalogue = load_catalogue(settings.styles_file)
+    except CatalogueError as exc:
+        print(f"invalid: {exc}", file=sys.stderr)
+        return 1
+    missing = 0
+    for style in catalogue.styles.values():
+        note = ""
+        if style.lora is not None:
+            found = style.lora.is_file()
+            missing += not found
+            note = f"  LoRA {style.lora}" + ("" if found else " (MISSING: used without it)")
+        print(f"{style.key:24} {style.name_in('en')}{note}")
+    print(f"{len(catalogue.styles)} styles; default {catalogue.default_style.key}")
+    return 1 if missing else 0
+
+
 def cmd_db_upgrade(settings: Settings, _: argparse.Namespace) -> int:
     from db.migrate import upgrade_to_head
 
@@ -62,6 +92,7 @@ def cmd_db_upgrade(settings: Settings, _: argparse.Namespace) -> int:
 
 def cmd_bot(settings: Settings, _: argparse.Namespace) -> int:
     _require_token(settings)
+    _require_valid_catalogue(settings)
     if settings.telegram_webhook_url and settings.telegram_webhook_secret is None:
         raise SystemExit(
             "CHITRAKAR_TELEGRAM_WEBHOOK_URL is set but CHITRAKAR_TELEGRAM_WEBHOOK_SECRET is not: "
@@ -76,6 +107,7 @@ def cmd_bot(settings: Settings, _: argparse.Namespace) -> int:
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     _require_token(settings)
+    _require_valid_catalogue(settings)
     _require_current_schema(settings)
     from chitrakar.queue import publish_generate
     from workers.celery_app import app
@@ -110,6 +142,7 @@ def cmd_run(settings: Settings, _: argparse.Namespace) -> int:
     child process (taking up what a previous run left unfinished), and the bot polls in this
     one until stopped."""
     _require_token(settings)
+    _require_valid_catalogue(settings)
     cmd_db_upgrade(settings, _)
     # Its own session: Ctrl-C in the terminal reaches the bot alone, which then stops the
     # worker gracefully (the job in hand is finished first).
@@ -163,6 +196,14 @@ def cmd_make_tiny(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_tiny_lora(settings: Settings, args: argparse.Namespace) -> int:
+    from workers.tiny import make_tiny_lora
+
+    path = make_tiny_lora(Path(args.model), Path(args.path), seed=args.seed)
+    print(f"random LoRA written to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chitrakar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -189,6 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_make_tiny)
+    lora = model.add_parser(
+        "make-tiny-lora", help="write a random LoRA for a pipeline folder (to try LoRA styles)"
+    )
+    lora.add_argument("model")
+    lora.add_argument("path")
+    lora.add_argument("--seed", type=int, default=0)
+    lora.set_defaults(func=cmd_make_tiny_lora)
+
+    styles = sub.add_parser("styles", help="the style catalogue").add_subparsers(
+        dest="styles", required=True
+    )
+    styles.add_parser(
+        "check", help="validate the catalogue and CHITRAKAR_STYLES_FILE; list the styles"
+    ).set_defaults(func=cmd_styles_check)
     return parser
 
 

@@ -151,9 +151,14 @@ def _as_option(token: str) -> str | None:
     return token if token.startswith("--") and len(token) > 2 else None
 
 
+# How many images a command makes when the user does not say.
+DEFAULT_IMAGES: Mapping[Command, int] = {Command.PORTRAIT: 1, Command.AVATAR: 4}
+
+
 def option_limits() -> dict[str, int]:
     """The bounds of each option, for help and usage texts."""
     return {
+        "avatar_images": DEFAULT_IMAGES[Command.AVATAR],
         "steps_low": STEPS_RANGE[0],
         "steps_high": STEPS_RANGE[1],
         "images_low": IMAGES_RANGE[0],

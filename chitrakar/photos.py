@@ -37,7 +37,11 @@ MIN_SIDE = 128
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "HEIF") + (
     ("AVIF",) if features.check_module("avif") else ()
 )
-# Opened only to tell an animation ("photo.animated") from a still GIF ("photo.not_an_image").
+# Pillow opens a JPEG that carries more pictures after the photo (a camera's large preview, a
+# stereo pair, some phones' HDR gain map) as "MPO". The first picture is the photo; the rest are
+# not frames of an animation. (Pillow's JPEG opener makes it: "MPO" is no opener of its own.)
+_JPEG_WITH_EXTRAS = "MPO"
+# GIF is opened only to tell an animation ("photo.animated") from a still ("photo.not_an_image").
 _RECOGNISED_FORMATS = (*ALLOWED_FORMATS, "GIF")
 
 # Pillow's own guard, in `Image.open`: it warns over MAX_IMAGE_PIXELS and refuses over twice
@@ -52,6 +56,9 @@ DETECTION_SIDE = 1024
 # A face smaller than this share of the photo's short side is not a selfie's face (and most of
 # the Haar cascade's false positives are small).
 MIN_FACE_SHARE = 0.08
+# The cascade's false positives (a mottled wall, a coin) score far below a real face in the
+# same photo: a detection scoring under this share of the best one is dropped.
+MIN_FACE_CONFIDENCE_SHARE = 0.5
 # The Haar frontal-face cascade's own window.
 _CASCADE_WINDOW = 24
 # A face less than this share of the largest face's side is someone in the background.
@@ -64,7 +71,7 @@ MAX_TILT_DEGREES = 30.0
 CROP_SCALE = 1.8
 CROP_LIFT = 0.1
 
-_FaceArray = npt.NDArray[np.uint8]
+_GrayArray = npt.NDArray[np.uint8]
 
 
 class PhotoRejected(CommandError):
@@ -124,15 +131,16 @@ def _check_header(image: Image.Image) -> None:
     width, height = image.size
     if width * height > MAX_PIXELS:
         raise _too_many_pixels()
-    try:
-        animated = bool(getattr(image, "is_animated", False)) or (
-            int(getattr(image, "n_frames", 1)) > 1
-        )
-    except Exception as exc:  # counting frames reads on through the file
-        raise PhotoRejected("photo.damaged") from exc
-    if animated:
-        raise PhotoRejected("photo.animated")
-    if image.format not in ALLOWED_FORMATS:
+    if image.format != _JPEG_WITH_EXTRAS:
+        try:
+            animated = bool(getattr(image, "is_animated", False)) or (
+                int(getattr(image, "n_frames", 1)) > 1
+            )
+        except Exception as exc:  # counting frames reads on through the file
+            raise PhotoRejected("photo.damaged") from exc
+        if animated:
+            raise PhotoRejected("photo.animated")
+    if image.format not in ALLOWED_FORMATS and image.format != _JPEG_WITH_EXTRAS:
         raise PhotoRejected("photo.not_an_image")
     short, long = sorted((width, height))
     if long > MAX_ASPECT_RATIO * short:
@@ -142,16 +150,16 @@ def _check_header(image: Image.Image) -> None:
 
 
 def _upright(image: Image.Image) -> Image.Image:
+    """The photo as it is meant to be seen: always a new image, apart from the file."""
     try:
-        turned = ImageOps.exif_transpose(image)
+        return ImageOps.exif_transpose(image)
     except Exception:  # broken EXIF: the pixels are fine, show them as stored
-        return image
-    return image if turned is None else turned
+        return image.copy()
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
-        return image.copy()
+        return image
     if image.mode.startswith("I"):
         # 16-bit greyscale (PNG): Pillow's own conversion would clip it, not scale it.
         levels = np.asarray(image, dtype=np.float64)
@@ -177,21 +185,26 @@ class _Cascade:
 
     def detect(
         self,
-        gray: _FaceArray,
+        gray: _GrayArray,
         *,
         min_neighbors: int,
         min_size: int,
         max_size: int = 0,
-    ) -> list[tuple[int, int, int, int]]:
+    ) -> list[tuple[tuple[int, int, int, int], float]]:
+        """Boxes (x, y, width, height), each with how sure the cascade's last stage is."""
         with self._lock:
-            found = self._classifier.detectMultiScale(
+            boxes, _, weights = self._classifier.detectMultiScale3(
                 gray,
                 scaleFactor=1.1,
                 minNeighbors=min_neighbors,
                 minSize=(min_size, min_size),
                 maxSize=(max_size, max_size),
+                outputRejectLevels=True,
             )
-        return [(int(x), int(y), int(w), int(h)) for x, y, w, h in found]
+        return [
+            ((int(x), int(y), int(w), int(h)), float(weight))
+            for (x, y, w, h), weight in zip(boxes, weights, strict=True)
+        ]
 
 
 @functools.cache
@@ -199,10 +212,8 @@ def _cascade(filename: str) -> _Cascade:
     return _Cascade(filename)
 
 
-def _equalized(image: Image.Image) -> _FaceArray:
-    """Greyscale with its histogram spread out, as the Haar cascades were trained on."""
-    gray = np.asarray(image.convert("L"), dtype=np.uint8)
-    return np.asarray(cv2.equalizeHist(gray), dtype=np.uint8)
+def _gray(image: Image.Image) -> _GrayArray:
+    return np.asarray(image.convert("L"), dtype=np.uint8)
 
 
 def find_faces(image: Image.Image) -> list[FaceBox]:
@@ -214,15 +225,21 @@ def find_faces(image: Image.Image) -> list[FaceBox]:
         small = small.resize(
             (max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BOX
         )
-    gray = _equalized(small)
+    # No histogram equalisation: on whole photos it costs more faces than it finds.
+    gray = _gray(small)
     min_size = max(_CASCADE_WINDOW, round(MIN_FACE_SHARE * min(gray.shape)))
     if min_size > min(gray.shape):
         return []
     found = _cascade("haarcascade_frontalface_default.xml").detect(
         gray, min_neighbors=5, min_size=min_size
     )
+    if not found:
+        return []
+    surest = max(weight for _, weight in found)
     faces = []
-    for x, y, w, h in found:
+    for (x, y, w, h), weight in found:
+        if weight < MIN_FACE_CONFIDENCE_SHARE * surest:
+            continue
         left, top = max(0, round(x / scale)), max(0, round(y / scale))
         right, bottom = min(width, round((x + w) / scale)), min(height, round((y + h) / scale))
         faces.append(FaceBox(left, top, right - left, bottom - top))
@@ -271,14 +288,14 @@ def eye_angle(image: Image.Image, face: FaceBox) -> float | None:
     band = band.resize(
         (_EYE_SEARCH_WIDTH, max(1, round(band.height * zoom))), Image.Resampling.BILINEAR
     )
-    gray = _equalized(band)
+    gray = np.asarray(cv2.equalizeHist(_gray(band)), dtype=np.uint8)
     eyes = _cascade("haarcascade_eye.xml").detect(
         gray,
         min_neighbors=3,
         min_size=round(0.1 * _EYE_SEARCH_WIDTH),
         max_size=round(0.45 * _EYE_SEARCH_WIDTH),
     )
-    pair = _best_eye_pair(eyes, _EYE_SEARCH_WIDTH)
+    pair = _best_eye_pair([box for box, _ in eyes], _EYE_SEARCH_WIDTH)
     if pair is None:
         return None
     (lx, ly), (rx, ry) = pair

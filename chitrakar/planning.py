@@ -16,6 +16,7 @@ from chitrakar.buttons import (
     ButtonRefused,
 )
 from chitrakar.domain import (
+    DEFAULT_IMAGES,
     NO_STYLE,
     SEED_RANGE,
     Command,
@@ -27,8 +28,6 @@ from chitrakar.domain import (
 )
 from chitrakar.styles import Style, StyleCatalogue
 
-# How many images a command makes when the user does not say.
-DEFAULT_IMAGES = {Command.PORTRAIT: 1, Command.AVATAR: 4}
 # An avatar without a style keeps this much of the selfie.
 PLAIN_AVATAR_STRENGTH = 0.6
 
@@ -55,7 +54,7 @@ def choose_style(
         style = catalogue.get(named)
         if style is None:
             raise CommandError(
-                "error.unknown_style", style=named[:40], known=", ".join(catalogue.keys())
+                "error.unknown_style", style=named[:40], known=", ".join(catalogue.style_keys())
             )
         return style
     # A default the deployment has since removed is ignored rather than refused.

@@ -258,7 +258,7 @@ class StyleCatalogue(BaseModel):
         "pencil-sketch". None for an unknown or disabled style."""
         return self.styles.get(normalise_key(key))
 
-    def keys(self) -> tuple[str, ...]:
+    def style_keys(self) -> tuple[str, ...]:
         return tuple(self.styles)
 
     @property

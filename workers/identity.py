@@ -98,7 +98,7 @@ def choose_identity_stage(settings: Settings, loaded: LoadedPipeline) -> Identit
         stage = IPAdapterIdentity(
             loaded, folder, settings.identity_adapter_weights, settings.identity_adapter_scale
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except Exception as exc:  # any failure of third-party loading code means: no adapter
         log.warning(
             "cannot load the identity adapter from %s (%s): avatars keep the likeness by "
             "img2img only",

@@ -138,3 +138,35 @@ def make_tiny(path: Path, seed: int = 0) -> Path:
             shutil.rmtree(path)
         os.replace(Path(tmp) / "model", path)
     return path
+
+
+def make_tiny_lora(model: Path, path: Path, seed: int = 0, rank: int = 4) -> Path:
+    """Write a random LoRA (safetensors, diffusers' layout) for the UNet of a pipeline folder,
+    such as the tiny one: it lets a style's LoRA be loaded and switched with no download.
+    Its weights are random and non-zero, so images made with it differ from those without."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    unet.add_adapter(
+        LoraConfig(
+            r=rank,
+            lora_alpha=rank,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            # peft starts LoRA B at zero (no effect); random weights make the effect visible.
+            init_lora_weights=False,
+        )
+    )
+    folder = Path(tempfile.mkdtemp(prefix=".lora-", dir=path.parent))
+    try:
+        StableDiffusionPipeline.save_lora_weights(
+            folder,
+            unet_lora_layers=get_peft_model_state_dict(unet),
+            weight_name=path.name,
+            safe_serialization=True,
+        )
+        os.replace(folder / path.name, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return path

@@ -202,7 +202,7 @@ def test_progress_is_shown_on_the_status_message(stack: tuple[BotApiEmulator, st
         ("/portrait a fort --steps 0", "error.option_range"),
         ("/portrait a fort --n 9", "error.option_range"),
         ("/portrait a fort --seed banana", "error.option_not_number"),
-        ("/portrait a fort --style anime", "error.unknown_option"),
+        ("/portrait a fort --sty anime", "error.unknown_option"),
         ("/portrait a fort --seed", "error.option_missing_value"),
         # A huge value must not make the explanation too long for Telegram to send.
         ("/portrait a fort --ar " + "9" * 4050, "error.option_choice"),
@@ -297,7 +297,13 @@ def test_start_help_and_the_command_menu_in_hindi(stack: tuple[BotApiEmulator, s
     assert emulator.wait_for("sendMessage", answer_to(help_message)).params["text"] == text(
         "hi", "help.text", bot_username=emulator.username, **option_limits()
     )
-    assert [c["command"] for c in emulator.commands[None]] == ["portrait", "help", "start"]
+    assert [c["command"] for c in emulator.commands[None]] == [
+        "portrait",
+        "avatar",
+        "styles",
+        "help",
+        "start",
+    ]
     assert emulator.commands["hi"][0]["description"] == text("hi", "menu.portrait")
 
 
@@ -349,7 +355,7 @@ def test_run_takes_up_what_a_stopped_run_left_unfinished(
     for name, attempts in (("queued", 0), ("running", 1), ("exhausted", MAX_ATTEMPTS)):
         command = emulator.history_message(chat, user, f"/portrait {name}")
         status = emulator.history_message(chat, None, "Queued.")
-        request = parse_image_command(Command.PORTRAIT, name)
+        parse_image_command(Command.PORTRAIT, name)
         plan = GenerationPlan(name, 64, 64, 2, (1,), 7.0)
         origin = Origin(
             "telegram", chat["id"], "private", "901", "Lata", "en", command["message_id"]

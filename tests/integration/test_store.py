@@ -74,7 +74,7 @@ def test_migrations_create_exactly_the_models(database_url: str) -> None:
 
 
 def test_a_job_from_acceptance_to_done(store: Store) -> None:
-    req, plan = request(seed=5, images=2)
+    _req, plan = request(seed=5, images=2)
     with store.unit_of_work() as uow:
         job_id = jobs.create_job(
             uow, origin(), JobKind.PORTRAIT, plan, options={"seed": 5, "images": 2}
@@ -115,7 +115,7 @@ def test_a_job_from_acceptance_to_done(store: Store) -> None:
 
 
 def test_queue_position_counts_active_jobs_ahead(store: Store) -> None:
-    req, plan = request()
+    _req, plan = request()
     with store.unit_of_work() as uow:
         first, second, third = (
             jobs.create_job(uow, origin(str(i), message_id=i), JobKind.PORTRAIT, plan)
@@ -129,7 +129,7 @@ def test_queue_position_counts_active_jobs_ahead(store: Store) -> None:
 
 
 def test_an_ended_job_cannot_be_completed_again(store: Store) -> None:
-    req, plan = request()
+    _req, plan = request()
     with store.unit_of_work() as uow:
         job_id = jobs.create_job(uow, origin(), JobKind.PORTRAIT, plan)
         jobs.fail_job(uow, job_id, "broker down")
@@ -142,7 +142,7 @@ def test_an_ended_job_cannot_be_completed_again(store: Store) -> None:
 
 def test_simultaneous_first_requests_of_a_new_user(store: Store) -> None:
     """A new user's first messages can arrive at once; each becomes a job, all for one user."""
-    req, plan = request()
+    _req, plan = request()
 
     def submit(message_id: int) -> int:
         with store.unit_of_work() as uow:
@@ -161,7 +161,7 @@ def test_simultaneous_first_requests_of_a_new_user(store: Store) -> None:
 
 
 def test_the_same_message_makes_one_job(store: Store) -> None:
-    req, plan = request()
+    _req, plan = request()
     with store.unit_of_work() as uow:
         first = jobs.create_job(uow, origin(), JobKind.PORTRAIT, plan)
         with pytest.raises(jobs.DuplicateRequest) as duplicate:
@@ -189,7 +189,7 @@ def test_the_same_message_makes_one_job(store: Store) -> None:
 
 
 def test_the_same_message_offered_at_once_makes_one_job(store: Store) -> None:
-    req, plan = request()
+    _req, plan = request()
 
     def submit(_: int) -> tuple[str, int]:
         with store.unit_of_work() as uow:

@@ -111,6 +111,7 @@ class BotApiEmulator:
         self._creators: dict[int, int] = {}
         # Callback query id -> whether the bot has answered it.
         self._callback_queries: dict[str, bool] = {}
+        self._pressed: dict[str, dict[str, Any]] = {}
         self._callback_ids = itertools.count(4_817_000_000_000_000_001)
         self._updates: list[dict[str, Any]] = []
         self._update_ids = itertools.count(1000)
@@ -286,18 +287,23 @@ class BotApiEmulator:
             query_id = str(next(self._callback_ids))
             self._callback_queries[query_id] = False
             self._users[user["id"]] = user
-            self._push_update(
-                {
-                    "callback_query": {
-                        "id": query_id,
-                        "from": user,
-                        "message": self._public(stored),
-                        "chat_instance": str(key[0] * 2_654_435_761 % 2**63),
-                        "data": callback_data,
-                    }
+            update = {
+                "callback_query": {
+                    "id": query_id,
+                    "from": user,
+                    "message": self._public(stored),
+                    "chat_instance": str(key[0] * 2_654_435_761 % 2**63),
+                    "data": callback_data,
                 }
-            )
+            }
+            self._pressed[query_id] = update
+            self._push_update(update)
             return query_id
+
+    def offer_press_again(self, query_id: str) -> None:
+        """Deliver a button press's update once more (a webhook retry), with the same id."""
+        with self._lock:
+            self._push_update(dict(self._pressed[query_id]))
 
     def buttons_of(self, message: dict[str, Any]) -> list[list[dict[str, Any]]]:
         """The inline keyboard of a message as it is stored now: rows of button dicts."""

@@ -9,10 +9,12 @@ import struct
 import time
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from PIL import Image, ImageFile
 from skimage import data as samples
@@ -37,14 +39,19 @@ from chitrakar.photos import (
 # --- sample images -------------------------------------------------------------------------------
 
 
+def _sample(load: object) -> npt.NDArray[np.uint8]:
+    """A scikit-image sample photograph (its loaders are not annotated)."""
+    return np.asarray(cast(Callable[[], object], load)(), dtype=np.uint8)
+
+
 @cache
 def astronaut() -> Image.Image:
-    return Image.fromarray(samples.astronaut())
+    return Image.fromarray(_sample(samples.astronaut))
 
 
 @cache
 def cat() -> Image.Image:
-    return Image.fromarray(samples.chelsea())
+    return Image.fromarray(_sample(samples.chelsea))
 
 
 def encoded(image: Image.Image, fmt: str, **options: Any) -> bytes:
@@ -235,7 +242,18 @@ def test_a_good_photo_decodes_to_rgb(fmt: str) -> None:
     decoded = decode_photo(encoded(astronaut(), fmt, **options))
     assert decoded.mode == "RGB"
     assert decoded.size == astronaut().size
-    difference = np.abs(np.asarray(decoded, dtype=np.int16) - samples.astronaut())
+    difference = np.abs(np.asarray(decoded, dtype=np.int16) - np.asarray(astronaut()))
+    assert difference.mean() < 8
+
+
+def test_a_jpeg_with_more_pictures_is_its_first_picture_not_an_animation() -> None:
+    # Cameras add a preview, phones an HDR gain map; Pillow calls such a JPEG "MPO".
+    preview = Image.new("RGB", (160, 120), (0, 0, 255))
+    stored = encoded(astronaut(), "MPO", save_all=True, append_images=[preview], quality=92)
+    assert Image.open(io.BytesIO(stored)).format == "MPO"
+    decoded = decode_photo(stored)
+    assert decoded.size == astronaut().size
+    difference = np.abs(np.asarray(decoded, dtype=np.int16) - np.asarray(astronaut()))
     assert difference.mean() < 8
 
 
@@ -315,6 +333,14 @@ def test_faces_in_a_large_photo_come_back_in_its_own_pixels() -> None:
         (*small_face.centre, small_face.width), (*big_face.centre, big_face.width), strict=True
     ):
         assert big_value == pytest.approx(4 * small_value, rel=0.1)
+
+
+def test_faces_are_found_from_several_threads_at_once() -> None:
+    # Callers run detection in worker threads; one OpenCV cascade must not run twice at once.
+    expected = find_faces(astronaut())
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda _: find_faces(astronaut()), range(8)))
+    assert results == [expected] * 8
 
 
 def test_overlapping_detections_are_one_face() -> None:

@@ -81,8 +81,8 @@ def builtin() -> StyleCatalogue:
 
 
 def test_the_builtin_catalogue_loads_with_every_required_style(builtin: StyleCatalogue) -> None:
-    assert set(REQUIRED_KEYS) <= set(builtin.keys())
-    assert len(builtin.keys()) >= 14
+    assert set(REQUIRED_KEYS) <= set(builtin.style_keys())
+    assert len(builtin.style_keys()) >= 14
     assert all(style.enabled for style in builtin.styles.values())
     assert builtin.default_style.key == "cinematic-portrait"
     assert builtin.defaults.avatar_prompt.strip()
@@ -157,7 +157,7 @@ def test_an_override_replaces_a_builtin_entry_whole_in_its_place(
     assert anime.name_in("hi") == "My anime"  # no Hindi name: English stands in
     assert anime.steps == 20
     assert anime.negative == "text, watermark"
-    assert catalogue.keys() == builtin.keys()
+    assert catalogue.style_keys() == builtin.style_keys()
 
 
 def test_an_override_adds_a_style_with_a_lora_beside_the_override_file(
@@ -174,7 +174,7 @@ def test_an_override_adds_a_style_with_a_lora_beside_the_override_file(
         + f"lora = {str(tmp_path / 'abs.safetensors')!r}\n",
     )
     catalogue = load_catalogue(override)
-    assert catalogue.keys() == (*builtin.keys(), "my-brand", "other")
+    assert catalogue.style_keys() == (*builtin.style_keys(), "my-brand", "other")
     brand = catalogue.get("my-brand")
     assert brand is not None
     assert brand.lora == (folder / "loras" / "brand.safetensors").resolve()
@@ -201,7 +201,7 @@ def test_an_override_hides_builtins(builtin: StyleCatalogue, tmp_path: Path) -> 
     assert catalogue.get("warli") is None
     assert catalogue.get("anime") is None
     assert catalogue.get("extra") is None
-    assert catalogue.keys() == tuple(k for k in builtin.styles if k not in {"warli", "anime"})
+    assert catalogue.style_keys() == tuple(k for k in builtin.styles if k not in {"warli", "anime"})
 
 
 def test_an_override_changes_defaults_key_by_key(builtin: StyleCatalogue, tmp_path: Path) -> None:

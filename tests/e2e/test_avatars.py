@@ -1,0 +1,415 @@
+"""Avatars from a selfie, the buttons under results and the style catalogue, end to end: the
+real bot and a real worker (`chitrakar run`, tiny model) against the Bot API emulator, with
+real photographs that ship with scikit-image."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from skimage import data as photographs
+
+from chitrakar.buttons import UPSCALE_FACTOR
+from chitrakar.styles import load_catalogue
+from chitrakar.texts import text
+from db.models import Job
+from tests.support.botapi import BotApiEmulator, Call
+from tests.support.stack import (
+    TEST_IMAGE_SIZE,
+    chitrakar_env,
+    chitrakar_process,
+    jobs_in_chat,
+)
+
+pytestmark = pytest.mark.e2e
+_fresh_ids = itertools.count(3000)
+CATALOGUE = load_catalogue()
+Stack = tuple[BotApiEmulator, str]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Stack]:
+    emulator = BotApiEmulator().start()
+    data_dir = tmp_path_factory.mktemp("data")
+    env = chitrakar_env(emulator, data_dir, tiny_model)
+    with chitrakar_process("run", env=env, log_dir=data_dir):
+        emulator.wait_for("setMyCommands", lambda c: c.params.get("language_code") == "hi", 60)
+        yield emulator, f"sqlite:///{data_dir / 'chitrakar.db'}"
+    emulator.stop()
+
+
+def encoded(image: Image.Image, format: str = "JPEG", **options: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def selfie() -> Image.Image:
+    return Image.fromarray(photographs.astronaut())
+
+
+def replying_to(message: dict[str, Any]) -> Callable[[Call], bool]:
+    def check(call: Call) -> bool:
+        reply = call.params.get("reply_parameters") or {}
+        return (
+            call.params.get("chat_id") == message["chat"]["id"]
+            and reply.get("message_id") == message["message_id"]
+        )
+
+    return check
+
+
+def answer_to(message: dict[str, Any]) -> Callable[[Call], bool]:
+    """A message the bot sent in the chat after `message` (quoted in groups only)."""
+
+    def check(call: Call) -> bool:
+        result = call.result if isinstance(call.result, dict) else {}
+        return (
+            call.params.get("chat_id") == message["chat"]["id"]
+            and result.get("message_id", 0) > message["message_id"]
+        )
+
+    return check
+
+
+def new_user(emulator: BotApiEmulator) -> tuple[dict[str, Any], dict[str, Any]]:
+    user = emulator.user(next(_fresh_ids), "Meera")
+    return user, emulator.private_chat(user)
+
+
+def wait_done(database_url: str, chat_id: int, count: int = 1) -> list[Job]:
+    """The chat's jobs once `count` of them have ended; all must have succeeded."""
+    deadline = time.monotonic() + 240
+    while True:
+        jobs = jobs_in_chat(database_url, chat_id)
+        ended = [j for j in jobs if j.status in ("done", "failed")]
+        if len(ended) >= count or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert [j.status for j in jobs] == ["done"] * count, [j.error for j in jobs]
+    return jobs
+
+
+def keyboard_message(emulator: BotApiEmulator, album: Call) -> dict[str, Any]:
+    """The message with the buttons under an album (an album itself carries none)."""
+    first = album.result[0]
+    call = emulator.wait_for("sendMessage", replying_to(first), timeout=60)
+    return dict(call.result)
+
+
+def callback_data(emulator: BotApiEmulator, message: dict[str, Any]) -> list[str]:
+    return [b["callback_data"] for row in emulator.buttons_of(message) for b in row]
+
+
+def test_a_selfie_captioned_avatar_comes_back_as_an_album_of_four(stack: Stack) -> None:
+    emulator, database_url = stack
+    user, chat = new_user(emulator)
+    photo = emulator.send_photo(chat, user, encoded(selfie()), caption="/avatar watercolour")
+
+    status = emulator.wait_for("sendMessage", replying_to(photo), timeout=60)
+    assert status.params["text"] == text("en", "status.queued", position=1)
+    album = emulator.wait_for("sendMediaGroup", replying_to(photo), timeout=240)
+    media = album.params["media"]
+    assert len(media) == 4
+    [job] = wait_done(database_url, chat["id"])
+    assert (job.command, job.style, job.strength) == (
+        "avatar",
+        "watercolour",
+        CATALOGUE.styles["watercolour"].strength,
+    )
+    for item, seed in zip(media, job.seeds, strict=True):
+        assert item["caption"].startswith("Watercolour · seed ")
+        assert f"seed {seed} ·" in item["caption"]
+    # The aligned face is what the job starts from, at the model's size; the photo as sent is
+    # never written.
+    assert job.input_path is not None
+    with Image.open(job.input_path) as face:
+        assert face.size == (TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
+
+    buttons = keyboard_message(emulator, album)
+    assert buttons["text"] == text("en", "button.avatar_album", count=4)
+    assert callback_data(emulator, buttons) == [
+        *(f"u:{job.id}:{i}" for i in range(4)),
+        *(f"v:{job.id}:{i}" for i in range(4)),
+        *(f"p:{job.id}:{i}" for i in range(4)),
+        f"a:{job.id}",
+    ]
+
+    # Pick: one avatar as a file, full size, the very PNG the worker made.
+    pressed = emulator.press(buttons, user, f"p:{job.id}:2")
+    document = emulator.wait_for("sendDocument", replying_to(buttons), timeout=60)
+    assert document.files["document"] == Path(job.result_paths[2]).read_bytes()
+    assert document.params["caption"] == text(
+        "en", "button.pick_caption", width=job.width, height=job.height, seed=job.seeds[2]
+    )
+    assert emulator.wait_for_answer(pressed).result is True
+
+
+def test_a_reply_to_a_photo_and_an_uncompressed_heic_file(stack: Stack) -> None:
+    emulator, database_url = stack
+    user, chat = new_user(emulator)
+    photo = emulator.send_photo(chat, user, encoded(selfie()))
+    emulator.wait_for(
+        "sendMessage",
+        lambda c: (
+            c.params["chat_id"] == chat["id"] and c.params["text"] == text("en", "avatar.hint")
+        ),
+        timeout=30,
+    )
+    command = emulator.send_text(chat, user, "/avatar anime --n 2", reply_to=photo)
+    album = emulator.wait_for("sendMediaGroup", replying_to(command), timeout=240)
+    assert len(album.params["media"]) == 2
+
+    heic = encoded(selfie(), "HEIF")
+    sent = emulator.send_document(
+        chat, user, heic, "IMG_0042.HEIC", "image/heic", caption="/avatar pencil-sketch --n 1"
+    )
+    single = emulator.wait_for("sendPhoto", replying_to(sent), timeout=240)
+    assert single.params["caption"].startswith("Pencil sketch · seed ")
+    jobs = wait_done(database_url, chat["id"], 2)
+    assert [(j.command, j.style, len(j.seeds)) for j in jobs] == [
+        ("avatar", "anime", 2),
+        ("avatar", "pencil-sketch", 1),
+    ]
+
+
+def _two_faces() -> Image.Image:
+    face = selfie().crop((120, 0, 320, 260))
+    canvas = Image.new("RGB", (600, 400), "white")
+    canvas.paste(face, (50, 70))
+    canvas.paste(face, (350, 70))
+    return canvas
+
+
+def _animated_gif() -> bytes:
+    frames = [Image.new("RGB", (300, 300), colour) for colour in ("red", "blue")]
+    return encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+
+
+BAD_PHOTOS: list[
+    tuple[str, Callable[[], tuple[str, bytes, dict[str, Any]]], str, dict[str, Any]]
+] = [
+    (
+        "a cat",
+        lambda: ("photo", encoded(Image.fromarray(photographs.chelsea())), {}),
+        "photo.no_face",
+        {},
+    ),
+    ("two people", lambda: ("photo", encoded(_two_faces()), {}), "photo.many_faces", {"count": 2}),
+    (
+        "a PDF",
+        lambda: (
+            "document",
+            b"%PDF-1.7\n" + b"0" * 2000,
+            {"file_name": "cv.pdf", "mime_type": "application/pdf"},
+        ),
+        "photo.not_an_image",
+        {},
+    ),
+    (
+        "half a JPEG",
+        lambda: (
+            "document",
+            encoded(selfie())[:20000],
+            {"file_name": "cut.jpg", "mime_type": "image/jpeg"},
+        ),
+        "photo.damaged",
+        {},
+    ),
+    (
+        "an animation",
+        lambda: ("document", _animated_gif(), {"file_name": "dance.gif", "mime_type": "image/gif"}),
+        "photo.animated",
+        {},
+    ),
+    (
+        "a 25 MB file",
+        lambda: (
+            "document",
+            encoded(selfie()),
+            {"file_name": "big.jpg", "mime_type": "image/jpeg", "declared_size": 25 * 2**20},
+        ),
+        "photo.too_large",
+        {"limit_mb": 20},
+    ),
+    (
+        "a banner",
+        lambda: ("photo", encoded(Image.new("RGB", (2000, 300))), {}),
+        "photo.bad_shape",
+        {"ratio": 4},
+    ),
+    (
+        "a thumbnail",
+        lambda: ("photo", encoded(selfie().resize((100, 100))), {}),
+        "photo.too_small",
+        {"min_side": 128},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "make", "key", "params"), BAD_PHOTOS, ids=[case[0] for case in BAD_PHOTOS]
+)
+def test_a_bad_photo_gets_a_clear_reply_and_nothing_is_queued(
+    stack: Stack,
+    what: str,
+    make: Callable[[], tuple[str, bytes, dict[str, Any]]],
+    key: str,
+    params: dict[str, Any],
+) -> None:
+    emulator, database_url = stack
+    user, chat = new_user(emulator)
+    kind, payload, extra = make()
+    if kind == "photo":
+        message = emulator.send_photo(chat, user, payload, caption="/avatar anime")
+    else:
+        message = emulator.send_document(
+            chat,
+            user,
+            payload,
+            extra.pop("file_name"),
+            extra.pop("mime_type"),
+            caption="/avatar anime",
+            **extra,
+        )
+    reply = emulator.wait_for("sendMessage", answer_to(message), timeout=60)
+    assert reply.params["text"] == text("en", key, **params)
+    assert jobs_in_chat(database_url, chat["id"]) == []
+
+
+def test_avatar_without_a_photo_or_with_an_unknown_style(stack: Stack) -> None:
+    emulator, database_url = stack
+    user, chat = new_user(emulator)
+    bare = emulator.send_text(chat, user, "/avatar watercolour")
+    assert emulator.wait_for("sendMessage", answer_to(bare), 30).params["text"] == text(
+        "en", "avatar.how"
+    )
+    photo = emulator.send_photo(chat, user, encoded(selfie()), caption="/avatar cubist")
+    reply = emulator.wait_for("sendMessage", answer_to(photo), 60).params["text"]
+    assert reply.startswith(
+        text("en", "error.unknown_style", style="cubist", known=", ".join(CATALOGUE.style_keys()))
+    )
+    assert jobs_in_chat(database_url, chat["id"]) == []
+
+
+def test_each_button_starts_its_job_and_the_result_arrives(stack: Stack) -> None:
+    emulator, database_url = stack
+    user, chat = new_user(emulator)
+    command = emulator.send_text(chat, user, "/portrait a lotus pond --n 2 --style madhubani")
+    album = emulator.wait_for("sendMediaGroup", replying_to(command), timeout=240)
+    [portrait] = wait_done(database_url, chat["id"])
+    buttons = keyboard_message(emulator, album)
+    assert buttons["text"] == text("en", "button.album", count=2)
+
+    upscale = emulator.press(buttons, user, f"u:{portrait.id}:1")
+    answer = emulator.wait_for_answer(upscale)
+    assert answer.params["text"].startswith("Queued.")
+    big = emulator.wait_for(
+        "sendPhoto", lambda c: replying_to(buttons)(c) and "Upscaled" in c.params["caption"], 240
+    )
+    with Image.open(io.BytesIO(big.files["photo"])) as image:
+        assert image.size == (portrait.width * UPSCALE_FACTOR, portrait.height * UPSCALE_FACTOR)
+    assert [
+        b["callback_data"] for row in big.params["reply_markup"]["inline_keyboard"] for b in row
+    ] == [f"p:{portrait.id + 1}:0"]
+
+    emulator.press(buttons, user, f"v:{portrait.id}:0")
+    emulator.press(buttons, user, f"a:{portrait.id}")
+    jobs = wait_done(database_url, chat["id"], 4)
+    upscaled, varied, again = jobs[1:]
+    assert (upscaled.command, upscaled.parent_job_id, upscaled.parent_index) == (
+        "upscale",
+        portrait.id,
+        1,
+    )
+    assert upscaled.input_path == portrait.result_paths[1]
+    assert upscaled.seeds == [portrait.seeds[1]]
+    assert (varied.command, varied.input_path) == ("variation", portrait.result_paths[0])
+    assert (again.command, again.prompt, again.style) == ("portrait", portrait.prompt, "madhubani")
+    assert set(again.seeds).isdisjoint(portrait.seeds)
+    albums = [c for c in emulator.calls_to("sendMediaGroup", chat["id"]) if replying_to(buttons)(c)]
+    assert len(albums) == 2  # the variations and the set made again, each as an album of two
+
+
+def test_in_a_group_only_the_requester_or_an_admin_may_press(stack: Stack) -> None:
+    emulator, database_url = stack
+    asker, stranger, admin = (emulator.user(next(_fresh_ids), n) for n in ("Ravi", "Sam", "Ila"))
+    group = emulator.group_chat(-100_000 - next(_fresh_ids))
+    emulator.set_admins(group["id"], [admin["id"]])
+    command = emulator.send_text(
+        group, asker, f"/portrait@{emulator.username} a monsoon street --n 1"
+    )
+    photo = emulator.wait_for("sendPhoto", replying_to(command), timeout=240)
+    [job] = wait_done(database_url, group["id"])
+
+    refused = emulator.press(photo.result, stranger, f"u:{job.id}:0")
+    answer = emulator.wait_for_answer(refused)
+    assert answer.params["text"] == text("en", "button.not_yours")
+    assert answer.params["show_alert"] is True
+    again = emulator.press(photo.result, stranger, f"a:{job.id}")
+    assert emulator.wait_for_answer(again).params["text"] == text("en", "button.not_yours")
+    assert len(jobs_in_chat(database_url, group["id"])) == 1
+
+    allowed = emulator.press(photo.result, admin, f"v:{job.id}:0")
+    assert emulator.wait_for_answer(allowed).params["text"].startswith("Queued.")
+    assert len(wait_done(database_url, group["id"], 2)) == 2
+
+
+def test_stale_and_forged_buttons_answer_politely(stack: Stack) -> None:
+    emulator, database_url = stack
+    user, chat = new_user(emulator)
+    command = emulator.send_text(chat, user, "/portrait a kite festival")
+    photo = emulator.wait_for("sendPhoto", replying_to(command), timeout=240)
+    [job] = wait_done(database_url, chat["id"])
+    cases = [
+        (f"u:{job.id + 10_000}:0", "button.stale"),  # no such job
+        (f"u:{job.id}:3", "button.stale"),  # no such image
+        ("u:1:x", "button.invalid"),
+        ("rm -rf /", "button.invalid"),
+    ]
+    for data, key in cases:
+        pressed = emulator.press(photo.result, user, data, check_button=False)
+        assert emulator.wait_for_answer(pressed).params["text"] == text("en", key), data
+    # A press Telegram delivers twice makes one job.
+    pressed = emulator.press(photo.result, user, f"v:{job.id}:0")
+    emulator.offer_press_again(pressed)
+    wait_done(database_url, chat["id"], 2)
+    assert len(jobs_in_chat(database_url, chat["id"])) == 2
+    assert emulator.wait_for_answer(pressed).params["text"].startswith("Queued.")
+
+
+def test_styles_lists_then_shows_the_cached_grid_and_sets_a_default(stack: Stack) -> None:
+    emulator, database_url = stack
+    user, chat = new_user(emulator)
+    first = emulator.send_text(chat, user, "/styles")
+    listing = emulator.wait_for("sendMessage", answer_to(first), timeout=30)
+    assert listing.params["text"].startswith(text("en", "styles.list", lines="")[:20])
+    for style in CATALOGUE.styles.values():
+        assert f"{style.name_in('en')} ({style.key})" in listing.params["text"]
+    grid = emulator.wait_for("sendPhoto", replying_to(first), timeout=300)
+    assert grid.params["caption"] == text("en", "styles.grid_caption")
+    styles_pressable = [
+        b["callback_data"] for row in grid.params["reply_markup"]["inline_keyboard"] for b in row
+    ]
+    assert styles_pressable == [f"s:{key}" for key in CATALOGUE.style_keys()]
+
+    # Now cached: the grid comes at once, made by no new job.
+    jobs_before = len(jobs_in_chat(database_url, chat["id"]))
+    second = emulator.send_text(chat, user, "/styles")
+    cached = emulator.wait_for("sendPhoto", answer_to(second), timeout=30)
+    assert cached.files["photo"] == grid.files["photo"]
+    assert len(jobs_in_chat(database_url, chat["id"])) == jobs_before
+
+    pressed = emulator.press(cached.result, user, "s:warli")
+    assert emulator.wait_for_answer(pressed).params["text"] == text(
+        "en", "button.style_set", name="Warli"
+    )
+    command = emulator.send_text(chat, user, "/portrait a harvest dance")
+    emulator.wait_for("sendPhoto", replying_to(command), timeout=240)
+    assert jobs_in_chat(database_url, chat["id"])[-1].style == "warli"
