@@ -96,7 +96,10 @@ def _wire(settings: Settings) -> tuple[BotApplication, Store, Celery]:
     )
     application.add_handler(
         MessageHandler(
-            new_messages & filters.ChatType.PRIVATE & pictures & ~filters.CAPTION,
+            new_messages
+            & filters.ChatType.PRIVATE
+            & pictures
+            & ~filters.CaptionRegex(AVATAR_CAPTION),
             handlers.photo_without_command,
         )
     )

@@ -81,13 +81,18 @@ class JobIntake:
         )
         input_path = self.media.save_input(selfie) if selfie is not None else None
         options = {k: v for k, v in asdict(request.options).items() if v is not None}
-        return self._record(
-            origin,
-            lambda uow: jobs.create_job(
-                uow, origin, kind, plan, options=options, input_path=input_path
-            ),
-            on_duplicate=lambda: self.media.forget_input(input_path),
-        )
+        try:
+            return self._record(
+                origin,
+                lambda uow: jobs.create_job(
+                    uow, origin, kind, plan, options=options, input_path=input_path
+                ),
+                on_duplicate=lambda: self.media.forget_input(input_path),
+            )
+        except Exception:
+            # No job refers to the selfie: it must not stay on disk.
+            self.media.forget_input(input_path)
+            raise
 
     def find_job(self, job_id: int) -> JobView | None:
         with self._store.unit_of_work() as uow:

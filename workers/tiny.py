@@ -8,6 +8,7 @@ second on a CPU. Its images are coloured noise.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -170,3 +171,119 @@ def make_tiny_lora(model: Path, path: Path, seed: int = 0, rank: int = 4) -> Pat
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return path
+
+
+def _plus_image_proj_state_dict(
+    embed_dims: int, output_dims: int, num_queries: int = 16
+) -> dict[str, torch.Tensor]:
+    """A random Resampler (IP-Adapter Plus and Plus-Face) under the original repository's key
+    names: diffusers' own module, its keys mapped back the way diffusers' loader maps them."""
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    # diffusers reads the head count as to_q's width // 64: one head of 64 channels.
+    resampler = IPAdapterPlusImageProjection(
+        embed_dims=embed_dims,
+        output_dims=output_dims,
+        hidden_dims=64,
+        depth=4,
+        dim_head=64,
+        heads=1,
+        num_queries=num_queries,
+    )
+    state: dict[str, torch.Tensor] = {}
+    parts = {
+        "ln0": "0.norm1",
+        "ln1": "0.norm2",
+        "attn.to_q": "0.to_q",
+        "attn.to_out.0": "0.to_out",
+        "ff.0": "1.0",
+        "ff.1.net.0.proj": "1.1",
+        "ff.1.net.2": "1.3",
+    }
+    for key, value in resampler.state_dict().items():
+        if not key.startswith("layers."):
+            state[key] = value
+            continue
+        _, index, rest = key.split(".", 2)
+        if rest.startswith(("attn.to_k.", "attn.to_v.")):
+            continue  # stored together as to_kv, below
+        for new, old in parts.items():
+            if rest.startswith(new + "."):
+                state[f"layers.{index}.{old}.{rest[len(new) + 1 :]}"] = value
+                break
+        else:
+            raise AssertionError(f"unexpected Resampler key {key}")
+    for index, block in enumerate(resampler.layers):
+        state[f"layers.{index}.0.to_kv.weight"] = torch.cat(
+            [block.attn.to_k.weight, block.attn.to_v.weight]
+        )
+    return state
+
+
+def make_tiny_ip_adapter(
+    model: Path, folder: Path, seed: int = 0, weight_name: str = "ip-adapter_sd15.safetensors"
+) -> Path:
+    """Write a random IP-Adapter for the UNet of a pipeline folder (such as the tiny one) in
+    the layout of h94/IP-Adapter: `folder/models/<weight_name>` (safetensors with the
+    "image_proj.*" and "ip_adapter.*" keys diffusers' `load_ip_adapter` reads) and a tiny CLIP
+    image encoder in `folder/models/image_encoder`. A name containing "plus" (as in
+    ip-adapter-plus-face_sd15.safetensors) gets the Plus format (a Resampler fed by the
+    encoder's hidden states), any other name the plain one (a projection of its image
+    embedding). Weights are random and non-zero, so the adapter changes the images made."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    cross_attention_dim: int = unet.config.cross_attention_dim
+    channels: list[int] = list(unet.config.block_out_channels)
+    # The encoder's image size is what the feature extractor that load_ip_adapter makes
+    # resizes to; 224, as for the real encoder, also suits a pipeline that has one at 224.
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=224,
+            patch_size=32,
+            projection_dim=32,
+        )
+    )
+    if "plus" in weight_name:
+        image_proj = _plus_image_proj_state_dict(
+            embed_dims=encoder.config.hidden_size, output_dims=cross_attention_dim
+        )
+    else:
+        tokens = 4  # diffusers' ImageProjection makes four tokens of the image embedding
+        proj = torch.nn.Linear(encoder.config.projection_dim, tokens * cross_attention_dim)
+        image_proj = {
+            "proj.weight": proj.weight,
+            "proj.bias": proj.bias,
+            "norm.weight": 1 + 0.1 * torch.randn(cross_attention_dim),
+            "norm.bias": 0.1 * torch.randn(cross_attention_dim),
+        }
+    # The original numbers every attention layer in the order diffusers lists the processors,
+    # self- and cross-attention alternating; only cross-attention (odd numbers) has image keys
+    # and values. diffusers' loader counts 1, 3, 5, … over the cross-attention layers.
+    ip_adapter: dict[str, torch.Tensor] = {}
+    cross = [name for name in unet.attn_processors if not name.endswith("attn1.processor")]
+    for number, name in zip(itertools.count(1, 2), cross, strict=False):
+        if name.startswith("mid_block"):
+            hidden = channels[-1]
+        elif name.startswith("up_blocks"):
+            hidden = channels[::-1][int(name.split(".")[1])]
+        else:
+            hidden = channels[int(name.split(".")[1])]
+        for kind in ("to_k_ip", "to_v_ip"):
+            layer = torch.nn.Linear(cross_attention_dim, hidden, bias=False)
+            ip_adapter[f"{number}.{kind}.weight"] = layer.weight
+    state = {f"image_proj.{key}": value for key, value in image_proj.items()}
+    state |= {f"ip_adapter.{key}": value for key, value in ip_adapter.items()}
+    models = folder / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {key: value.detach().contiguous() for key, value in state.items()}, models / weight_name
+    )
+    encoder.save_pretrained(str(models / "image_encoder"))
+    return folder
