@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from chitrakar.domain import GenerationPlan
-from workers.pipelines import default_dtype, generate_images, load_pipeline, resolve_device
+from workers.pipelines import default_dtype, load_pipeline, resolve_device, text_to_image
 from workers.tiny import make_tiny
 
 RUNS = 5
@@ -45,13 +45,13 @@ def main() -> None:
     }
     for size, steps, images in [(64, 4, 1), (512, 25, 1), (512, 25, 4)]:
         plan = GenerationPlan("a tea stall at dusk", size, size, steps, tuple(range(images)), 7.0)
-        generate_images(loaded, plan)
+        text_to_image(loaded, plan)
         times = []
         for _ in range(RUNS):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            result = generate_images(loaded, plan)
+            result = text_to_image(loaded, plan)
             times.append(time.perf_counter() - t0)
         pixels = np.stack([np.asarray(image) for image in result])
         report["cases"].append(  # type: ignore[attr-defined]

@@ -88,7 +88,8 @@ def _wire(settings: Settings) -> tuple[BotApplication, Store, Celery]:
     application.add_handler(CommandHandler(Command.PORTRAIT, handlers.portrait, new_messages))
     application.add_handler(CommandHandler(Command.AVATAR, handlers.avatar, new_messages))
     application.add_handler(CommandHandler(Command.STYLES, handlers.styles, new_messages))
-    pictures = filters.PHOTO | filters.Document.ALL
+    # Videos and GIFs are caught too, to be told that a still photo is needed.
+    pictures = filters.PHOTO | filters.Document.ALL | filters.ANIMATION | filters.VIDEO
     application.add_handler(
         MessageHandler(
             new_messages & pictures & filters.CaptionRegex(AVATAR_CAPTION), handlers.avatar

@@ -172,7 +172,11 @@ async def avatar(update: Update, context: BotContext) -> None:
     language = language_of(update)
     if message.text is None and _caption_addressed_elsewhere(message, context.bot.username):
         return
-    photo = _photo_in(message) or _photo_in(message.reply_to_message)
+    replied = message.reply_to_message
+    if any(m is not None and (m.animation or m.video or m.video_note) for m in (message, replied)):
+        await message.reply_text(text(language, "photo.animated"))
+        return
+    photo = _photo_in(message) or _photo_in(replied)
     if photo is None:
         await message.reply_text(text(language, "avatar.how"))
         return

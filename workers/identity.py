@@ -9,6 +9,7 @@ used: a worker never fails to start over them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,9 +18,12 @@ from PIL import Image
 
 from chitrakar.config import Settings
 from chitrakar.domain import GenerationPlan
-from workers.pipelines import LoadedPipeline, ProgressCallback, image_to_image
+from workers.pipelines import LoadedPipeline, ProgressCallback, image_to_image, text_to_image
 
 log = logging.getLogger(__name__)
+
+# The smallest call a Stable Diffusion pipeline makes: checks a loaded adapter works.
+_TRIAL = GenerationPlan("trial", 64, 64, 1, (0,), 1.0)
 
 
 class IdentityStage(Protocol):
@@ -65,7 +69,16 @@ class IPAdapterIdentity:
         loaded.text2image.load_ip_adapter(
             str(folder), subfolder="models", weight_name=weights, local_files_only=True
         )
+        loaded.forget_views()
         self._scale = scale
+        try:
+            # diffusers does not check that the adapter fits the encoder when loading: one
+            # tiny call now finds a mismatch, rather than every job without a face failing.
+            text_to_image(loaded, _TRIAL, **self.without_face(loaded))
+        except Exception:
+            loaded.text2image.unload_ip_adapter()
+            loaded.forget_views()
+            raise
 
     def avatars(
         self,
@@ -99,6 +112,11 @@ def choose_identity_stage(settings: Settings, loaded: LoadedPipeline) -> Identit
             loaded, folder, settings.identity_adapter_weights, settings.identity_adapter_scale
         )
     except Exception as exc:  # any failure of third-party loading code means: no adapter
+        if getattr(loaded.text2image, "image_encoder", None) is not None:
+            # A half-loaded adapter would hold its image encoder (GBs) for nothing.
+            with contextlib.suppress(Exception):
+                loaded.text2image.unload_ip_adapter()
+            loaded.forget_views()
         log.warning(
             "cannot load the identity adapter from %s (%s): avatars keep the likeness by "
             "img2img only",

@@ -57,6 +57,11 @@ class LoadedPipeline:
     loras: dict[str, str] = field(default_factory=dict)
     _image2image: DiffusionPipeline | None = None
 
+    def forget_views(self) -> None:
+        """Drop the views after a component was added (an adapter's image encoder): `from_pipe`
+        copies the component list, so a view made earlier would not see it."""
+        self._image2image = None
+
     @property
     def image2image(self) -> DiffusionPipeline:
         if self._image2image is None:

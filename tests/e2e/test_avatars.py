@@ -283,6 +283,20 @@ def test_a_bad_photo_gets_a_clear_reply_and_nothing_is_queued(
     assert jobs_in_chat(database_url, chat["id"]) == []
 
 
+def test_a_gif_or_a_reply_to_one_is_told_to_send_a_still_photo(stack: Stack) -> None:
+    emulator, database_url = stack
+    user, chat = new_user(emulator)
+    gif = emulator.send_animation(chat, user, b"\x00\x00\x00\x18ftypmp42", caption="/avatar")
+    assert emulator.wait_for("sendMessage", answer_to(gif), 30).params["text"] == text(
+        "en", "photo.animated"
+    )
+    reply = emulator.send_text(chat, user, "/avatar anime", reply_to=gif)
+    assert emulator.wait_for("sendMessage", answer_to(reply), 30).params["text"] == text(
+        "en", "photo.animated"
+    )
+    assert jobs_in_chat(database_url, chat["id"]) == []
+
+
 def test_avatar_without_a_photo_or_with_an_unknown_style(stack: Stack) -> None:
     emulator, database_url = stack
     user, chat = new_user(emulator)

@@ -260,6 +260,30 @@ class BotApiEmulator:
             self._push_update({"message": message})
             return message
 
+    def send_animation(
+        self,
+        chat: dict[str, Any],
+        user: dict[str, Any],
+        data: bytes,
+        caption: str | None = None,
+        reply_to: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """A user sends a GIF: Telegram delivers it as an MP4 `animation`, with the same file
+        in `document` as well (for older clients)."""
+        with self._lock:
+            document = self._keep_document(data, "animation.gif.mp4", "video/mp4", None)
+            animation = {
+                **document,
+                "width": 320,
+                "height": 240,
+                "duration": 2,
+            }
+            fields: dict[str, Any] = {"animation": animation, "document": document}
+            fields.update(self._caption_fields(caption))
+            message = self._user_message(chat, user, reply_to, None, fields)
+            self._push_update({"message": message})
+            return message
+
     def press(
         self,
         message: dict[str, Any],
