@@ -99,7 +99,7 @@ def _wire(settings: Settings) -> tuple[BotApplication, Store, Celery]:
         MessageHandler(
             new_messages
             & filters.ChatType.PRIVATE
-            & pictures
+            & (filters.PHOTO | filters.Document.IMAGE)
             & ~filters.CaptionRegex(AVATAR_CAPTION),
             handlers.photo_without_command,
         )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 
 from telegram import (
     ChatMember,
@@ -16,7 +15,7 @@ from telegram import (
     ReplyParameters,
     Update,
 )
-from telegram.constants import ChatType
+from telegram.constants import ChatType, MessageLimit
 from telegram.error import BadRequest, TelegramError
 
 from bot.context import BotContext, language_of, origin_of
@@ -34,6 +33,7 @@ from chitrakar.domain import Command, CommandError, option_limits, parse_image_c
 from chitrakar.photos import MAX_DOWNLOAD_BYTES, check_declared_size, prepare_selfie
 from chitrakar.services import Accepted
 from chitrakar.texts import text
+from db.jobs import Origin
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ async def styles(update: Update, context: BotContext) -> None:
             reply_markup=keyboard,
         )
         return
-    lines = "\n".join(
+    lines = [
         text(
             language,
             "styles.line",
@@ -247,8 +247,13 @@ async def styles(update: Update, context: BotContext) -> None:
             description=style.description_in(language),
         )
         for style in catalogue.styles.values()
-    )
-    await message.reply_text(text(language, "styles.list", lines=lines), reply_markup=keyboard)
+    ]
+    listing = text(language, "styles.list", lines="\n".join(lines))
+    while len(listing) > MessageLimit.MAX_TEXT_LENGTH:
+        # A long catalogue (a deployment's own styles): the buttons still show every style.
+        lines = [*lines[:-2], "…"]
+        listing = text(language, "styles.list", lines="\n".join(lines))
+    await message.reply_text(listing, reply_markup=keyboard)
     accepted = await asyncio.to_thread(intake.request_previews, origin_of(update, language))
     if accepted is not None and not accepted.duplicate:
         await message.reply_text(text(language, "styles.previews_coming"))
@@ -264,6 +269,17 @@ async def _is_admin(context: BotContext, chat_id: int, user_id: int) -> bool:
     return member.status in (ChatMember.ADMINISTRATOR, ChatMember.OWNER)
 
 
+async def _answer(update: Update, text_: str | None = None, alert: bool = False) -> None:
+    """Answer a button press. A failed answer (the query too old after a backlog, say) only
+    leaves the user's spinner turning a little longer: it must not stop the press's job."""
+    query = update.callback_query
+    assert query is not None
+    try:
+        await query.answer(text_, show_alert=alert)
+    except TelegramError as exc:
+        log.warning("could not answer callback query %s: %s", query.id, exc)
+
+
 async def on_button(update: Update, context: BotContext) -> None:
     """A press of a button under a result or in the style catalogue."""
     query, chat, user = update.callback_query, update.effective_chat, update.effective_user
@@ -275,61 +291,52 @@ async def on_button(update: Update, context: BotContext) -> None:
         press = parse_button(query.data)
     except InvalidButton:
         log.info("unknown callback data %r from user %s", query.data, user.id)
-        await query.answer(text(language, "button.invalid"), show_alert=True)
+        await _answer(update, text(language, "button.invalid"), alert=True)
         return
     origin = origin_of(update, language, trigger=f"button:{query.id}")
     if press.action == Action.STYLE:
         assert press.style is not None
         style = await asyncio.to_thread(intake.set_default_style, origin, press.style)
         if style is None:
-            await query.answer(text(language, "button.style_unknown"), show_alert=True)
+            await _answer(update, text(language, "button.style_unknown"), alert=True)
         else:
-            await query.answer(text(language, "button.style_set", name=style.name_in(language)))
+            await _answer(update, text(language, "button.style_set", name=style.name_in(language)))
         return
     assert press.job_id is not None
     parent = await asyncio.to_thread(intake.find_job, press.job_id)
     is_admin = (
         parent is not None
+        and parent.chat_id == chat.id
         and parent.requester != str(user.id)
         and chat.type != ChatType.PRIVATE
         and await _is_admin(context, chat.id, user.id)
     )
     try:
         if press.action == Action.PICK:
-            await _send_pick(update, context, press, is_admin)
+            await _send_pick(update, context, origin, press, is_admin)
             return
         accepted = await asyncio.to_thread(intake.accept_press, origin, press, is_admin)
     except ButtonRefused as exc:
-        await query.answer(text(language, exc.key, **exc.params), show_alert=True)
+        await _answer(update, text(language, exc.key, **exc.params), alert=True)
         return
     if accepted.duplicate:
         return  # a repeated update of a press already answered
-    await query.answer(text(language, "button.queued", position=max(accepted.position, 1)))
-    if query.message is not None:
-        result = query.message
-        await _announce_and_dispatch_to(
-            result.chat.id, result.message_id, accepted, language, context
-        )
+    await _answer(update, text(language, "button.queued", position=max(accepted.position, 1)))
+    reply_to = origin.request_message_id
+    await _announce_and_dispatch_to(chat.id, reply_to or 0, accepted, language, context)
 
 
-async def _send_pick(update: Update, context: BotContext, press: ButtonPress, admin: bool) -> None:
+async def _send_pick(
+    update: Update, context: BotContext, origin: Origin, press: ButtonPress, admin: bool
+) -> None:
     """One image of a result, as a file: full size, uncompressed, for a profile picture."""
-    query, user = update.callback_query, update.effective_user
-    assert query is not None and user is not None and press.index is not None
+    assert press.index is not None
     language = language_of(update)
-    job, path = await asyncio.to_thread(
-        context.services.intake.result_to_pick, press, str(user.id), admin
-    )
-    data = await asyncio.to_thread(Path(path).read_bytes)
-    await query.answer()
-    reply_to = (
-        ReplyParameters(query.message.message_id, allow_sending_without_reply=True)
-        if query.message is not None
-        else None
-    )
+    job, png = await asyncio.to_thread(context.services.intake.result_to_pick, origin, press, admin)
+    await _answer(update)
     await context.bot.send_document(
         job.chat_id,
-        data,
+        png,
         filename=f"chitrakar-{job.id}-{press.index + 1}.png",
         caption=text(
             language,
@@ -338,7 +345,9 @@ async def _send_pick(update: Update, context: BotContext, press: ButtonPress, ad
             height=job.plan.height,
             seed=job.plan.seeds[press.index],
         ),
-        reply_parameters=reply_to,
+        reply_parameters=ReplyParameters(
+            origin.request_message_id or 0, allow_sending_without_reply=True
+        ),
     )
 
 

@@ -108,6 +108,13 @@ def result_buttons(job_id: int, kind: JobKind, count: int) -> list[list[Button]]
     return rows
 
 
+def offered_actions(kind: JobKind, count: int) -> frozenset[Action]:
+    """What the buttons under a result of this kind let a user do."""
+    if kind == JobKind.PREVIEWS:
+        return frozenset()
+    return frozenset(b.press.action for row in result_buttons(0, kind, count) for b in row)
+
+
 def style_buttons(catalogue: StyleCatalogue, language: str, per_row: int = 2) -> list[list[Button]]:
     """One button per style, by its name in the user's language."""
     presses = [

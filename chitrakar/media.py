@@ -3,9 +3,9 @@
 Both processes must see the same folder (`CHITRAKAR_DATA_DIR/media`; on several hosts, a
 shared volume), as they see the same database. Jobs refer to files by absolute path.
 
-A selfie is personal data: only its aligned face crop is written, never the photo as sent,
-and `discard` removes it. How long a crop is kept for the Again button is the retention
-policy's to decide (`forget_input` is its seam).
+A selfie is personal data: only its aligned face crop is written, never the photo as sent.
+`forget_input` deletes it: at once when no job is made from it or its job fails; when kept for
+the Again button, the retention policy decides how long (`forget_input` is its seam).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from chitrakar.buttons import (
     Action,
     ButtonPress,
     ButtonRefused,
+    offered_actions,
 )
 from chitrakar.domain import (
     DEFAULT_IMAGES,
@@ -104,8 +105,11 @@ def plan_request(
 def plan_followup(
     parent_kind: JobKind, parent: GenerationPlan, press: ButtonPress, rng: random.Random
 ) -> tuple[JobKind, GenerationPlan]:
-    """The job a result's button asks for. Raises ButtonRefused when it cannot be done."""
+    """The job a result's button asks for. Raises ButtonRefused when it cannot be done,
+    including a press (forged, or from an older version) that the result does not offer."""
     count = len(parent.seeds)
+    if press.action not in offered_actions(parent_kind, count):
+        raise ButtonRefused("button.stale")
     if press.action == Action.AGAIN:
         return parent_kind, replace(parent, seeds=_seeds(None, count, rng))
     index = press.index

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from chitrakar.buttons import Action, ButtonPress, ButtonRefused, may_press
+from chitrakar.buttons import Action, ButtonPress, ButtonRefused, may_press, offered_actions
 from chitrakar.config import Settings
 from chitrakar.domain import Command, ImageRequest, JobKind, JobStatus, was_abandoned
 from chitrakar.media import MediaStore
@@ -99,17 +99,22 @@ class JobIntake:
             return jobs.get_job(uow, job_id)
 
     def result_to_pick(
-        self, press: ButtonPress, presser: str, presser_is_admin: bool
-    ) -> tuple[JobView, str]:
-        """The job and the file a Pick button asks for. Raises ButtonRefused."""
-        parent = self._pressable(press, presser, presser_is_admin)
+        self, origin: Origin, press: ButtonPress, presser_is_admin: bool
+    ) -> tuple[JobView, bytes]:
+        """The job and the PNG a Pick button asks for. Raises ButtonRefused."""
+        parent = self._pressable(origin, press, presser_is_admin)
         assert press.index is not None
-        return parent, self._result_path(parent, press.index)
+        if Action.PICK not in offered_actions(parent.kind, len(parent.plan.seeds)):
+            raise ButtonRefused("button.stale")
+        try:
+            return parent, Path(self._result_path(parent, press.index)).read_bytes()
+        except OSError:
+            raise ButtonRefused("button.result_gone") from None
 
     def accept_press(self, origin: Origin, press: ButtonPress, presser_is_admin: bool) -> Accepted:
         """A job from a button under a result: Again, a variation or an upscale. The press's
         own id (in the origin's trigger) makes a repeated callback find the same job."""
-        parent = self._pressable(press, origin.user_external_id, presser_is_admin)
+        parent = self._pressable(origin, press, presser_is_admin)
         kind, plan = plan_followup(parent.kind, parent.plan, press, self._rng)
         if press.action == Action.AGAIN:
             input_path = parent.input_path
@@ -131,13 +136,19 @@ class JobIntake:
             ),
         )
 
-    def _pressable(self, press: ButtonPress, presser: str, presser_is_admin: bool) -> JobView:
+    def _pressable(self, origin: Origin, press: ButtonPress, presser_is_admin: bool) -> JobView:
+        """The done job a press refers to, if the presser may use it from where they are."""
         assert press.job_id is not None
         parent = self.find_job(press.job_id)
-        if parent is None or parent.status != JobStatus.DONE:
+        # Callback data can be forged: a press counts only in the chat that holds the result.
+        if (
+            parent is None
+            or parent.status != JobStatus.DONE
+            or (parent.channel, parent.chat_id) != (origin.channel, origin.chat_id)
+        ):
             raise ButtonRefused("button.stale")
         if not may_press(
-            presser=presser,
+            presser=origin.user_external_id,
             requester=parent.requester,
             in_group=parent.chat_type != "private",
             presser_is_admin=presser_is_admin,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -71,6 +71,8 @@ class JobView:
     parent_job_id: int | None = None
     parent_index: int | None = None
     result_paths: tuple[str, ...] = ()
+    # What the user typed as options (those they set), for captions.
+    options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, job: Job) -> JobView:
@@ -105,6 +107,7 @@ class JobView:
             parent_job_id=job.parent_job_id,
             parent_index=job.parent_index,
             result_paths=tuple(job.result_paths or ()),
+            options=dict(job.options or {}),
         )
 
 

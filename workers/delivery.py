@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -18,6 +19,7 @@ from pathlib import Path
 from time import monotonic
 from typing import Any, TypeVar
 
+from PIL import Image
 from telegram import (
     Bot,
     InlineKeyboardButton,
@@ -45,6 +47,8 @@ DELIVERY_DEADLINE_S = 600.0
 # How often a send is retried after Telegram's "429 Too Many Requests", and the longest wait.
 FLOOD_RETRIES = 3
 MAX_RETRY_AFTER_S = 120.0
+# sendPhoto refuses uploads over 10 MB.
+PHOTO_UPLOAD_LIMIT = 10 * 1024 * 1024
 # How long a final message waits for a progress edit still on its way.
 EDIT_SETTLE_S = 10.0
 
@@ -89,6 +93,18 @@ def _keyboard(language: str, rows: list[list[Any]]) -> InlineKeyboardMarkup:
             for row in labelled(language, rows)
         ]
     )
+
+
+def _as_photo(png: bytes) -> bytes:
+    """What to upload with sendPhoto: the PNG, unless it is over Telegram's 10 MB photo limit
+    (a large upscale), then a high-quality JPEG of it (Telegram recompresses photos anyway;
+    the PNG stays on disk for the file button)."""
+    if len(png) <= PHOTO_UPLOAD_LIMIT:
+        return png
+    buffer = io.BytesIO()
+    with Image.open(io.BytesIO(png)) as image:
+        image.convert("RGB").save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
 
 
 def _largest_photo_id(message: Message) -> str:
@@ -206,18 +222,24 @@ class TelegramDelivery:
             return text(job.language, "result.caption_upscaled", **size)
         style = self._catalogue.get(plan.style) if plan.style else None
         if style is None:
-            return text(job.language, "result.caption", steps=plan.steps, **size)
-        return text(
-            job.language,
-            "result.caption_style",
-            style=style.name_in(job.language),
-            steps=plan.steps,
-            **size,
-        )
+            caption = text(job.language, "result.caption", steps=plan.steps, **size)
+        else:
+            caption = text(
+                job.language,
+                "result.caption_style",
+                style=style.name_in(job.language),
+                code=style.key,
+                steps=plan.steps,
+                **size,
+            )
+        negative = job.options.get("negative")
+        if negative:
+            caption += "\n" + text(job.language, "result.without", negative=negative)
+        return caption
 
     async def _deliver(self, job: JobView, images: Sequence[Path], seconds: float) -> list[str]:
         captions = [self._caption(job, seed, seconds) for seed in job.plan.seeds]
-        photos = [path.read_bytes() for path in images]
+        photos = [_as_photo(path.read_bytes()) for path in images]
         keyboard = _keyboard(job.language, result_buttons(job.id, job.kind, len(photos)))
         await _quietly(self._bot.send_chat_action(job.chat_id, ChatAction.UPLOAD_PHOTO))
         if len(photos) == 1:
@@ -247,16 +269,19 @@ class TelegramDelivery:
                     )
                 )
             )
-            # An album carries no buttons: they come in a message of their own, under it.
+            # An album carries no buttons: they come in a message of their own, under it. The
+            # images have arrived by now: failing to add the buttons does not fail the job.
             key = "button.avatar_album" if job.kind == JobKind.AVATAR else "button.album"
-            await _respecting_flood_limits(
-                lambda: self._bot.send_message(
-                    job.chat_id,
-                    text(job.language, key, count=len(photos)),
-                    reply_parameters=ReplyParameters(
-                        sent[0].message_id, allow_sending_without_reply=True
-                    ),
-                    reply_markup=keyboard,
+            await _quietly(
+                _respecting_flood_limits(
+                    lambda: self._bot.send_message(
+                        job.chat_id,
+                        text(job.language, key, count=len(photos)),
+                        reply_parameters=ReplyParameters(
+                            sent[0].message_id, allow_sending_without_reply=True
+                        ),
+                        reply_markup=keyboard,
+                    )
                 )
             )
         await self._remove_status(job)

@@ -124,8 +124,12 @@ def _previews(runtime: WorkerRuntime, on_progress: ProgressCallback) -> Path:
 def _give_up(runtime: WorkerRuntime, job_id: int, reason: str) -> None:
     with runtime.store.unit_of_work() as uow:
         failed = jobs.fail_job(uow, job_id, reason)
-    if failed is not None:
-        runtime.delivery.apologise(failed)
+    if failed is None:
+        return
+    if failed.kind == JobKind.AVATAR and failed.parent_job_id is None:
+        # Only a done avatar's selfie is kept (for Again); a failed one's is of no further use.
+        runtime.media.forget_input(failed.input_path)
+    runtime.delivery.apologise(failed)
 
 
 def requeue_unfinished(runtime: WorkerRuntime, publish: Callable[[int], None]) -> int:

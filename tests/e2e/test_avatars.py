@@ -124,7 +124,7 @@ def test_a_selfie_captioned_avatar_comes_back_as_an_album_of_four(stack: Stack) 
         CATALOGUE.styles["watercolour"].strength,
     )
     for item, seed in zip(media, job.seeds, strict=True):
-        assert item["caption"].startswith("Watercolour · seed ")
+        assert item["caption"].startswith("Watercolour (watercolour) · seed ")
         assert f"seed {seed} ·" in item["caption"]
     # The aligned face is what the job starts from, at the model's size; the photo as sent is
     # never written.
@@ -171,7 +171,7 @@ def test_a_reply_to_a_photo_and_an_uncompressed_heic_file(stack: Stack) -> None:
         chat, user, heic, "IMG_0042.HEIC", "image/heic", caption="/avatar pencil-sketch --n 1"
     )
     single = emulator.wait_for("sendPhoto", replying_to(sent), timeout=240)
-    assert single.params["caption"].startswith("Pencil sketch · seed ")
+    assert single.params["caption"].startswith("Pencil sketch (pencil-sketch) · seed ")
     jobs = wait_done(database_url, chat["id"], 2)
     assert [(j.command, j.style, len(j.seeds)) for j in jobs] == [
         ("avatar", "anime", 2),
@@ -315,9 +315,14 @@ def test_avatar_without_a_photo_or_with_an_unknown_style(stack: Stack) -> None:
 def test_each_button_starts_its_job_and_the_result_arrives(stack: Stack) -> None:
     emulator, database_url = stack
     user, chat = new_user(emulator)
-    command = emulator.send_text(chat, user, "/portrait a lotus pond --n 2 --style madhubani")
+    command = emulator.send_text(
+        chat, user, "/portrait a lotus pond --n 2 --style madhubani --no clouds, boats"
+    )
     album = emulator.wait_for("sendMediaGroup", replying_to(command), timeout=240)
     [portrait] = wait_done(database_url, chat["id"])
+    caption = album.params["media"][1]["caption"]
+    assert caption.startswith(f"Madhubani (madhubani) · seed {portrait.seeds[1]} · ")
+    assert caption.endswith("\nWithout: clouds, boats")
     buttons = keyboard_message(emulator, album)
     assert buttons["text"] == text("en", "button.album", count=2)
 
@@ -336,7 +341,10 @@ def test_each_button_starts_its_job_and_the_result_arrives(stack: Stack) -> None
     emulator.press(buttons, user, f"v:{portrait.id}:0")
     emulator.press(buttons, user, f"a:{portrait.id}")
     jobs = wait_done(database_url, chat["id"], 4)
-    upscaled, varied, again = jobs[1:]
+    # The bot takes updates concurrently: the last two presses may be recorded in any order.
+    upscaled = jobs[1]
+    [varied] = [j for j in jobs if j.command == "variation"]
+    [again] = [j for j in jobs[2:] if j.command == "portrait"]
     assert (upscaled.command, upscaled.parent_job_id, upscaled.parent_index) == (
         "upscale",
         portrait.id,
@@ -427,3 +435,68 @@ def test_styles_lists_then_shows_the_cached_grid_and_sets_a_default(stack: Stack
     command = emulator.send_text(chat, user, "/portrait a harvest dance")
     emulator.wait_for("sendPhoto", replying_to(command), timeout=240)
     assert jobs_in_chat(database_url, chat["id"])[-1].style == "warli"
+
+
+def test_a_forged_press_from_another_chat_is_refused(stack: Stack) -> None:
+    """Callback data can say anything: a job's buttons work only in the chat of its result,
+    even for an admin of another group."""
+    emulator, database_url = stack
+    user = emulator.user(next(_fresh_ids), "Gita")
+    chat = emulator.group_chat(-300_000 - next(_fresh_ids))
+    command = emulator.send_text(chat, user, "/portrait a quiet ghat at dawn")
+    emulator.wait_for("sendPhoto", replying_to(command), timeout=240)
+    [job] = wait_done(database_url, chat["id"])
+
+    # An admin of their own group, where the bot is too.
+    thief = emulator.user(next(_fresh_ids), "Mallory")
+    group = emulator.group_chat(-200_000 - next(_fresh_ids))
+    emulator.set_admins(group["id"], [thief["id"]], creator=thief["id"])
+    emulator.send_text(group, thief, "/styles")
+    # The styles come as a list, or as the grid once it is cached: either has buttons.
+    deadline = time.monotonic() + 30
+    while not (
+        answers := [
+            c for m in ("sendMessage", "sendPhoto") for c in emulator.calls_to(m, group["id"])
+        ]
+    ):
+        assert time.monotonic() < deadline, "no answer to /styles"
+        time.sleep(0.1)
+    for data in (f"v:{job.id}:0", f"u:{job.id}:0", f"a:{job.id}"):
+        pressed = emulator.press(answers[0].result, thief, data, check_button=False)
+        assert emulator.wait_for_answer(pressed).params["text"] == text("en", "button.stale")
+    assert [j.command for j in jobs_in_chat(database_url, group["id"])] in ([], ["previews"])
+    assert len(jobs_in_chat(database_url, chat["id"])) == 1
+
+
+def test_again_on_an_avatar_starts_from_the_same_selfie(stack: Stack) -> None:
+    emulator, database_url = stack
+    user, chat = new_user(emulator)
+    photo = emulator.send_photo(chat, user, encoded(selfie()), caption="/avatar kathakali --n 1")
+    result = emulator.wait_for("sendPhoto", replying_to(photo), timeout=240)
+    [avatar] = wait_done(database_url, chat["id"])
+    # The first answer to a press fails (the query timed out in a backlog): the job goes on.
+    emulator.fail("answerCallbackQuery", 400, "Bad Request: query is too old")
+    emulator.press(result.result, user, f"a:{avatar.id}")
+    again = emulator.wait_for("sendPhoto", lambda c: replying_to(result.result)(c), timeout=240)
+    first, second = wait_done(database_url, chat["id"], 2)
+    assert (second.command, second.input_path, second.style) == (
+        "avatar",
+        first.input_path,
+        "kathakali",
+    )
+    assert again.params["caption"].startswith("Kathakali (kathakali) · seed ")
+
+
+def test_an_album_whose_buttons_cannot_be_sent_is_still_done(stack: Stack) -> None:
+    emulator, database_url = stack
+    user, chat = new_user(emulator)
+    command = emulator.send_text(chat, user, "/portrait rangoli at the door --n 2")
+    emulator.wait_for("sendMessage", replying_to(command), timeout=30)  # the status message
+    emulator.fail("sendMessage", 502, "Bad Gateway", times=5)
+    album = emulator.wait_for("sendMediaGroup", replying_to(command), timeout=240)
+    [job] = wait_done(database_url, chat["id"])
+    assert len(job.result_paths) == 2
+    assert not [
+        c for c in emulator.calls_to("editMessageText", chat["id"]) if "wrong" in c.params["text"]
+    ]
+    assert len(album.params["media"]) == 2

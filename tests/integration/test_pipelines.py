@@ -144,9 +144,10 @@ def test_identity_adapter_weights_absent_fall_back_to_img2img(
     broken = tmp_path / "IP-Adapter" / "models" / settings.identity_adapter_weights
     broken.parent.mkdir(parents=True)
     broken.write_bytes(b"not weights")
-    assert isinstance(choose_identity_stage(settings, loaded), ImageToImageIdentity)
+    fallback = choose_identity_stage(settings, loaded)
+    assert isinstance(fallback, ImageToImageIdentity)
     face = Image.new("RGB", (64, 64), "tan")
-    images = stage.avatars(loaded, replace(PLAN, strength=0.6), face, None)
+    images = fallback.avatars(loaded, replace(PLAN, strength=0.6), face, None)
     assert len(images) == 1
 
 

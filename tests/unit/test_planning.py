@@ -168,5 +168,20 @@ def test_presses_that_cannot_be_done_are_refused() -> None:
     assert refused.value.key == "button.stale"
     huge = GenerationPlan("p", 4096, 4096, 20, (1,), 7.0)
     with pytest.raises(ButtonRefused) as refused:
-        plan_followup(JobKind.UPSCALE, huge, ButtonPress(Action.UPSCALE, 1, 0), random.Random())
+        plan_followup(JobKind.PORTRAIT, huge, ButtonPress(Action.UPSCALE, 1, 0), random.Random())
     assert refused.value.key == "button.too_large"
+
+
+@pytest.mark.parametrize(
+    ("kind", "press"),
+    [
+        (JobKind.UPSCALE, ButtonPress(Action.VARIATION, 1, 0)),  # no untiled 2x variations
+        (JobKind.UPSCALE, ButtonPress(Action.AGAIN, 1)),
+        (JobKind.PREVIEWS, ButtonPress(Action.AGAIN, 1)),
+        (JobKind.PORTRAIT, ButtonPress(Action.PICK, 1, 0)),
+    ],
+)
+def test_a_press_the_result_does_not_offer_is_refused(kind: JobKind, press: ButtonPress) -> None:
+    with pytest.raises(ButtonRefused) as refused:
+        plan_followup(kind, PARENT, press, random.Random())
+    assert refused.value.key == "button.stale"
