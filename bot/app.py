@@ -33,7 +33,14 @@ from db.session import Store
 log = logging.getLogger(__name__)
 
 # The command menu, in the order users see it.
-MENU = (Command.PORTRAIT, Command.AVATAR, Command.STYLES, Command.HELP, Command.START)
+MENU = (
+    Command.PORTRAIT,
+    Command.AVATAR,
+    Command.STYLES,
+    Command.QUOTA,
+    Command.HELP,
+    Command.START,
+)
 # A photo or an image file whose caption is `/avatar …` (or `/avatar@bot …`).
 AVATAR_CAPTION = re.compile(r"^/avatar(?:@\w+)?(?:\s|$)", re.IGNORECASE)
 
@@ -88,6 +95,8 @@ def _wire(settings: Settings) -> tuple[BotApplication, Store, Celery]:
     application.add_handler(CommandHandler(Command.PORTRAIT, handlers.portrait, new_messages))
     application.add_handler(CommandHandler(Command.AVATAR, handlers.avatar, new_messages))
     application.add_handler(CommandHandler(Command.STYLES, handlers.styles, new_messages))
+    application.add_handler(CommandHandler(Command.QUOTA, handlers.quota, new_messages))
+    application.add_handler(CommandHandler(Command.GROUP_QUOTA, handlers.group_quota, new_messages))
     # Videos and GIFs are caught too, to be told that a still photo is needed.
     pictures = filters.PHOTO | filters.Document.ALL | filters.ANIMATION | filters.VIDEO
     application.add_handler(

@@ -23,7 +23,6 @@ from chitrakar.buttons import (
     Action,
     Button,
     ButtonPress,
-    ButtonRefused,
     InvalidButton,
     labelled,
     parse_button,
@@ -31,11 +30,15 @@ from chitrakar.buttons import (
 )
 from chitrakar.domain import Command, CommandError, option_limits, parse_image_command
 from chitrakar.photos import MAX_DOWNLOAD_BYTES, check_declared_size, prepare_selfie
+from chitrakar.quota import STEPS_INCLUDED
 from chitrakar.services import Accepted
 from chitrakar.texts import text
 from db.jobs import Origin
 
 log = logging.getLogger(__name__)
+
+# A group's daily credits an admin may set (a typo of 10**9 should not read as "unlimited").
+MAX_GROUP_QUOTA = 100_000
 
 
 def command_arguments(message: Message) -> str:
@@ -105,9 +108,10 @@ async def portrait(update: Update, context: BotContext) -> None:
         request = parse_image_command(Command.PORTRAIT, command_arguments(message))
         accepted = await asyncio.to_thread(intake.accept, origin_of(update, language), request)
     except CommandError as exc:
-        await message.reply_text(
-            text(language, exc.key, **exc.params) + "\n\n" + _usage(language, context)
-        )
+        reply = text(language, exc.key, **exc.params)
+        if exc.key.startswith("error."):
+            reply += "\n\n" + _usage(language, context)
+        await message.reply_text(reply)
         return
     await _announce_and_dispatch(message, accepted, language, context)
 
@@ -190,7 +194,7 @@ async def avatar(update: Update, context: BotContext) -> None:
         )
     except CommandError as exc:
         reply = text(language, exc.key, **exc.params)
-        if not exc.key.startswith("photo."):
+        if exc.key.startswith("error."):
             reply += "\n\n" + _usage(language, context, Command.AVATAR)
         await message.reply_text(reply)
         return
@@ -260,6 +264,59 @@ async def styles(update: Update, context: BotContext) -> None:
         await _announce_and_dispatch(message, accepted, language, context)
 
 
+async def quota(update: Update, context: BotContext) -> None:
+    """Credits left today, what things cost, and when the day turns."""
+    message = update.effective_message
+    if message is None:
+        return
+    language = language_of(update)
+    intake = context.services.intake
+    status = await asyncio.to_thread(intake.quota_status, origin_of(update, language))
+    resets = f"{status.resets_at:%H:%M} {context.services.settings.timezone}"
+    reply = text(
+        language,
+        "quota.status",
+        left=status.user_left,
+        limit=status.user_limit,
+        resets=resets,
+        steps_included=STEPS_INCLUDED,
+    )
+    if status.group_left is not None:
+        reply += "\n\n" + text(
+            language, "quota.group_status", left=status.group_left, limit=status.group_limit
+        )
+    await message.reply_text(reply)
+
+
+async def group_quota(update: Update, context: BotContext) -> None:
+    """`/groupquota <credits per day>` or `/groupquota off`, for a group's admins."""
+    message, chat, user = update.effective_message, update.effective_chat, update.effective_user
+    if message is None or chat is None or user is None:
+        return
+    language = language_of(update)
+    if chat.type == ChatType.PRIVATE:
+        await message.reply_text(text(language, "quota.group_only"))
+        return
+    if not await _is_admin(context, chat.id, user.id):
+        await message.reply_text(text(language, "quota.group_admins_only"))
+        return
+    argument = command_arguments(message).lower()
+    limit: int | None
+    if argument == "off":
+        limit = None
+    elif argument.isdigit() and int(argument) <= MAX_GROUP_QUOTA:
+        limit = int(argument)
+    else:
+        await message.reply_text(text(language, "quota.group_usage"))
+        return
+    intake = context.services.intake
+    await asyncio.to_thread(intake.set_group_quota, origin_of(update, language), limit)
+    if limit is None:
+        await message.reply_text(text(language, "quota.group_unlimited"))
+    else:
+        await message.reply_text(text(language, "quota.group_set", limit=limit))
+
+
 async def _is_admin(context: BotContext, chat_id: int, user_id: int) -> bool:
     try:
         member = await context.bot.get_chat_member(chat_id, user_id)
@@ -316,7 +373,7 @@ async def on_button(update: Update, context: BotContext) -> None:
             await _send_pick(update, context, origin, press, is_admin)
             return
         accepted = await asyncio.to_thread(intake.accept_press, origin, press, is_admin)
-    except ButtonRefused as exc:
+    except CommandError as exc:  # a refused press, or credits short
         await _answer(update, text(language, exc.key, **exc.params), alert=True)
         return
     if accepted.duplicate:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TELEGRAM_API_URL = "https://api.telegram.org/bot"
@@ -46,6 +47,11 @@ class Settings(BaseSettings):
     default_steps: int = Field(default=25, ge=1, le=50)
     guidance_scale: float = Field(default=7.0, ge=0.0, le=30.0)
 
+    # Credits a user may spend per day (a default image costs 1), and the zone whose midnight
+    # starts a new day.
+    daily_quota: int = Field(default=20, ge=0)
+    timezone: str = "UTC"
+
     # A TOML file of styles that replace, add to or hide the built-in catalogue's entries.
     styles_file: Path | None = None
     # Identity for avatars: an IP-Adapter folder in h94/IP-Adapter's layout (models/ with the
@@ -55,6 +61,21 @@ class Settings(BaseSettings):
     identity_adapter_scale: float = Field(default=0.6, ge=0.0, le=1.0)
 
     log_level: str = "INFO"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {value!r} (use an IANA name such as Asia/Kolkata)"
+            ) from None
+        return value
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
 
     @cached_property
     def resolved_data_dir(self) -> Path:

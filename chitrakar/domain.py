@@ -15,6 +15,8 @@ class Command(StrEnum):
     PORTRAIT = "portrait"
     AVATAR = "avatar"
     STYLES = "styles"
+    QUOTA = "quota"
+    GROUP_QUOTA = "groupquota"
 
 
 class JobKind(StrEnum):

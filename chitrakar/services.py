@@ -16,15 +16,40 @@ from PIL import Image
 
 from chitrakar.buttons import Action, ButtonPress, ButtonRefused, may_press, offered_actions
 from chitrakar.config import Settings
-from chitrakar.domain import Command, ImageRequest, JobKind, JobStatus, was_abandoned
+from chitrakar.domain import (
+    Command,
+    GenerationPlan,
+    ImageRequest,
+    JobKind,
+    JobStatus,
+    was_abandoned,
+)
 from chitrakar.media import MediaStore
 from chitrakar.planning import Defaults, choose_style, plan_followup, plan_request
+from chitrakar.quota import (
+    Account,
+    QuotaExceeded,
+    group_account,
+    job_cost,
+    next_reset,
+    quota_day,
+    user_account,
+)
 from chitrakar.styles import Style, StyleCatalogue
-from db import jobs
+from db import jobs, ledger
 from db.jobs import JobView, Origin
 from db.session import Store, UnitOfWork
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuotaStatus:
+    user_left: int
+    user_limit: int
+    group_left: int | None
+    group_limit: int | None
+    resets_at: datetime
 
 
 @dataclass(frozen=True)
@@ -79,13 +104,14 @@ class JobIntake:
             defaults=self._defaults,
             rng=self._rng,
         )
+        charge = self._charge(origin, kind, plan)
         input_path = self.media.save_input(selfie) if selfie is not None else None
         options = {k: v for k, v in asdict(request.options).items() if v is not None}
         try:
             return self._record(
                 origin,
                 lambda uow: jobs.create_job(
-                    uow, origin, kind, plan, options=options, input_path=input_path
+                    uow, origin, kind, plan, options=options, input_path=input_path, charge=charge
                 ),
                 on_duplicate=lambda: self.media.forget_input(input_path),
             )
@@ -123,6 +149,7 @@ class JobIntake:
         else:
             assert press.index is not None
             input_path = self._result_path(parent, press.index)
+        charge = self._charge(origin, kind, plan)
         return self._record(
             origin,
             lambda uow: jobs.create_job(
@@ -133,8 +160,52 @@ class JobIntake:
                 input_path=input_path,
                 parent_job_id=parent.id,
                 parent_index=press.index,
+                charge=charge,
             ),
         )
+
+    def accounts_of(self, origin: Origin) -> tuple[Account, ...]:
+        """Who pays for a request: the user, and in a group with a quota, the group too."""
+        accounts = [
+            Account(
+                user_account(origin.channel, origin.user_external_id), self._settings.daily_quota
+            )
+        ]
+        if origin.chat_type != "private":
+            key = group_account(origin.channel, origin.chat_id)
+            with self._store.unit_of_work() as uow:
+                accounts.append(Account(key, ledger.group_limit(uow.session, key)))
+        return tuple(accounts)
+
+    def _charge(self, origin: Origin, kind: JobKind, plan: GenerationPlan) -> jobs.Charge:
+        return jobs.Charge(
+            accounts=self.accounts_of(origin),
+            cost=job_cost(kind, plan, self._settings.image_size),
+            day=quota_day(datetime.now(UTC), self._settings.zone),
+        )
+
+    def quota_status(self, origin: Origin) -> QuotaStatus:
+        """What /quota shows: credits left today for the user (and the group), and when the
+        day turns."""
+        now = datetime.now(UTC)
+        day = quota_day(now, self._settings.zone)
+        accounts = self.accounts_of(origin)
+        with self._store.unit_of_work() as uow:
+            left = [ledger.balance(uow.session, account, day) for account in accounts]
+        return QuotaStatus(
+            user_left=left[0] or 0,
+            user_limit=self._settings.daily_quota,
+            group_left=left[1] if len(left) > 1 else None,
+            group_limit=accounts[1].daily_limit if len(accounts) > 1 else None,
+            resets_at=next_reset(now, self._settings.zone),
+        )
+
+    def set_group_quota(self, origin: Origin, limit: int | None) -> None:
+        with self._store.unit_of_work() as uow:
+            ledger.set_group_limit(
+                uow.session, group_account(origin.channel, origin.chat_id), limit
+            )
+            uow.commit()
 
     def _pressable(self, origin: Origin, press: ButtonPress, presser_is_admin: bool) -> JobView:
         """The done job a press refers to, if the presser may use it from where they are."""
@@ -199,6 +270,11 @@ class JobIntake:
         with self._store.unit_of_work() as uow:
             try:
                 job_id = create(uow)
+            except QuotaExceeded as short:
+                # Say when the credits come back, in the deployment's zone.
+                resets = next_reset(datetime.now(UTC), self._settings.zone)
+                short.params["resets"] = f"{resets:%H:%M} {self._settings.timezone}"
+                raise
             except jobs.DuplicateRequest as duplicate:
                 if on_duplicate is not None:
                     on_duplicate()

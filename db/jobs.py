@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -20,6 +20,8 @@ from chitrakar.domain import (
     JobStatus,
     check_transition,
 )
+from chitrakar.quota import Account, QuotaExceeded
+from db import ledger
 from db.models import Job, JobEvent, User, utcnow
 from db.session import UnitOfWork
 
@@ -116,6 +118,15 @@ def _as_utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+@dataclass(frozen=True)
+class Charge:
+    """What a new job costs and who pays, on which quota day."""
+
+    accounts: tuple[Account, ...]
+    cost: int
+    day: date
+
+
 class JobNotFound(LookupError):
     pass
 
@@ -179,9 +190,11 @@ def create_job(
     input_path: str | None = None,
     parent_job_id: int | None = None,
     parent_index: int | None = None,
+    charge: Charge | None = None,
 ) -> int:
-    """Record an accepted request as a queued job; returns its id. Commits. Raises
-    DuplicateRequest when the same message or button press already made a job."""
+    """Record an accepted request as a queued job and reserve its credits, together; returns
+    its id. Commits. Raises DuplicateRequest when the same message or button press already
+    made a job, and QuotaExceeded (recording nothing) when a paying account is short."""
     user = _user_for(uow.session, origin)
     job = Job(
         user=user,
@@ -207,13 +220,20 @@ def create_job(
         input_path=input_path,
         parent_job_id=parent_job_id,
         parent_index=parent_index,
+        cost=charge.cost if charge else 0,
         status=JobStatus.QUEUED,
         attempts=0,
         events=[JobEvent(status=JobStatus.QUEUED)],
     )
     uow.session.add(job)
     try:
+        uow.session.flush()
+        if charge is not None:
+            ledger.reserve(uow.session, charge.accounts, job.id, charge.cost, charge.day)
         uow.commit()
+    except QuotaExceeded:
+        uow.session.rollback()
+        raise
     except IntegrityError:
         uow.session.rollback()
         existing = uow.session.scalar(
@@ -303,6 +323,7 @@ def complete_job(
 ) -> None:
     job = _load(uow.session, job_id)
     _set_status(job, JobStatus.DONE)
+    ledger.commit(uow.session, job_id)
     job.result_paths = result_paths
     job.result_file_ids = result_file_ids
     job.generation_seconds = generation_seconds
@@ -316,6 +337,7 @@ def fail_job(uow: UnitOfWork, job_id: int, error: str) -> JobView | None:
     if JobStatus(job.status) not in ACTIVE_STATUSES:
         return None
     _set_status(job, JobStatus.FAILED, detail=error)
+    ledger.refund(uow.session, job_id)
     job.error = error
     job.finished_at = utcnow()
     uow.commit()

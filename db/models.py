@@ -1,11 +1,12 @@
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -52,6 +53,42 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class Account(Base):
+    """Who credits are counted for: a user or a group ("user:telegram:42"). Its row is also
+    the lock that makes reserving credits atomic."""
+
+    __tablename__ = "accounts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(128), unique=True)
+    # A group's daily credits, set by its admins (None: the group is not limited). Users
+    # take the deployment's CHITRAKAR_DAILY_QUOTA.
+    daily_limit: Mapped[int | None] = mapped_column(Integer)
+    lock_version: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class LedgerEntry(Base):
+    """One movement of credits, appended, never changed: a balance is their sum."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        # Each job is reserved, committed and refunded at most once per account.
+        Index("ux_ledger_job_kind", "account_id", "job_id", "kind", unique=True),
+        Index("ix_ledger_account_day", "account_id", "day"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    # grant (+), reserve (-), commit (0: the reserve is final), refund (+ what was reserved)
+    kind: Mapped[str] = mapped_column(String(16))
+    amount: Mapped[int] = mapped_column(Integer)
+    # The quota day the credits count for (the reserve's day, for its refund too).
+    day: Mapped[date] = mapped_column(Date)
+    note: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Job(Base):
     """One request to generate images, from the chat message that asked to the delivery."""
 
@@ -93,6 +130,8 @@ class Job(Base):
     steps: Mapped[int] = mapped_column(Integer)
     guidance_scale: Mapped[float] = mapped_column(Float)
     seeds: Mapped[list[int]] = mapped_column(JSON)
+    # Credits reserved for the job when it was accepted.
+    cost: Mapped[int] = mapped_column(Integer, default=0)
 
     status: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)

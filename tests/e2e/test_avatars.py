@@ -500,3 +500,23 @@ def test_an_album_whose_buttons_cannot_be_sent_is_still_done(stack: Stack) -> No
         c for c in emulator.calls_to("editMessageText", chat["id"]) if "wrong" in c.params["text"]
     ]
     assert len(album.params["media"]) == 2
+
+
+def test_credits_run_out_with_a_clear_answer_and_quota_says_what_is_left(stack: Stack) -> None:
+    emulator, database_url = stack
+    user, chat = new_user(emulator)
+    # 4 images at 40 steps cost 8 credits each time; the day's quota is 20.
+    for n in range(2):
+        command = emulator.send_text(
+            chat, user, f"/portrait a tiger in the Sundarbans {n} --n 4 --steps 40"
+        )
+        emulator.wait_for("sendMediaGroup", replying_to(command), timeout=240)
+    over = emulator.send_text(chat, user, "/portrait one more tiger --n 4 --steps 40")
+    refusal = emulator.wait_for("sendMessage", answer_to(over), timeout=30)
+    assert refusal.params["text"].startswith(
+        "That costs 8 credits and you have 4 left today. Your credits renew at 00:00 UTC."
+    )
+    assert len(jobs_in_chat(database_url, chat["id"])) == 2
+    asked = emulator.send_text(chat, user, "/quota")
+    status = emulator.wait_for("sendMessage", answer_to(asked), timeout=30)
+    assert status.params["text"].startswith("Credits left today: 4 of 20. They renew at 00:00 UTC.")

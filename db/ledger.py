@@ -1,0 +1,153 @@
+"""The credit ledger: entries are only ever appended, and a balance is derived from them.
+
+Reserving is atomic on SQLite and PostgreSQL alike: each paying account's row is updated
+first, which takes its row lock (PostgreSQL) or the database's write lock (SQLite), so a
+concurrent reservation waits and then sees this one's entries before it sums its own.
+Functions here work inside the caller's transaction and do not commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import date
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from chitrakar.quota import Account, exceeded
+from db.models import Account as AccountRow
+from db.models import LedgerEntry
+
+GRANT, RESERVE, COMMIT, REFUND = "grant", "reserve", "commit", "refund"
+
+
+def _insert(session: Session) -> Callable[[Any], Any]:
+    # Both dialects' inserts have on_conflict_do_nothing; the generic one does not.
+    insert: Callable[[Any], Any] = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}[
+        session.get_bind().dialect.name
+    ]
+    return insert
+
+
+def _account_id(session: Session, key: str) -> int:
+    session.execute(
+        _insert(session)(AccountRow)
+        .values(key=key, lock_version=0)
+        .on_conflict_do_nothing(index_elements=["key"])
+    )
+    return int(session.scalars(select(AccountRow.id).where(AccountRow.key == key)).one())
+
+
+def _lock(session: Session, account_id: int) -> None:
+    session.execute(
+        update(AccountRow)
+        .where(AccountRow.id == account_id)
+        .values(lock_version=AccountRow.lock_version + 1)
+    )
+
+
+def _spent_net(session: Session, account_id: int, day: date) -> int:
+    """The sum of the day's entries: grants and refunds add, reserves subtract."""
+    total = session.scalar(
+        select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
+            LedgerEntry.account_id == account_id, LedgerEntry.day == day
+        )
+    )
+    return int(total or 0)
+
+
+def balance(session: Session, account: Account, day: date) -> int | None:
+    """Credits left on a day; None for an account without a limit."""
+    if account.daily_limit is None:
+        return None
+    account_id = session.scalar(select(AccountRow.id).where(AccountRow.key == account.key))
+    spent = _spent_net(session, account_id, day) if account_id is not None else 0
+    return account.daily_limit + spent
+
+
+def reserve(
+    session: Session, accounts: Sequence[Account], job_id: int, cost: int, day: date
+) -> None:
+    """Take `cost` credits from every limited account, or from none: raises QuotaExceeded
+    (naming the first account short of credits) when any has too few left."""
+    limited = sorted((a for a in accounts if a.daily_limit is not None), key=lambda a: a.key)
+    if cost <= 0 or not limited:
+        return
+    ids = []
+    # Locks are taken in key order, so two reservations never wait on each other in a cycle.
+    for account in limited:
+        account_id = _account_id(session, account.key)
+        _lock(session, account_id)
+        assert account.daily_limit is not None
+        left = account.daily_limit + _spent_net(session, account_id, day)
+        if cost > left:
+            raise exceeded(account.key, cost, left)
+        ids.append(account_id)
+    session.add_all(
+        LedgerEntry(account_id=i, job_id=job_id, kind=RESERVE, amount=-cost, day=day) for i in ids
+    )
+    session.flush()
+
+
+def _reserves_of(session: Session, job_id: int) -> list[LedgerEntry]:
+    return list(
+        session.scalars(
+            select(LedgerEntry).where(LedgerEntry.job_id == job_id, LedgerEntry.kind == RESERVE)
+        )
+    )
+
+
+def _append_once(session: Session, reserve_entry: LedgerEntry, kind: str, amount: int) -> None:
+    session.execute(
+        _insert(session)(LedgerEntry)
+        .values(
+            account_id=reserve_entry.account_id,
+            job_id=reserve_entry.job_id,
+            kind=kind,
+            amount=amount,
+            day=reserve_entry.day,
+        )
+        .on_conflict_do_nothing(index_elements=["account_id", "job_id", "kind"])
+    )
+
+
+def refund(session: Session, job_id: int) -> None:
+    """Give back what a job reserved, on the day it was reserved: exactly once however often
+    it is called (the ledger's unique index), and never after the job was committed."""
+    for entry in _reserves_of(session, job_id):
+        committed = session.scalar(
+            select(LedgerEntry.id).where(
+                LedgerEntry.account_id == entry.account_id,
+                LedgerEntry.job_id == job_id,
+                LedgerEntry.kind == COMMIT,
+            )
+        )
+        if committed is None:
+            _append_once(session, entry, REFUND, -entry.amount)
+
+
+def commit(session: Session, job_id: int) -> None:
+    """Make a job's reservation final (the job delivered its images)."""
+    for entry in _reserves_of(session, job_id):
+        _append_once(session, entry, COMMIT, 0)
+
+
+def grant(session: Session, key: str, amount: int, day: date, note: str | None = None) -> None:
+    session.add(
+        LedgerEntry(
+            account_id=_account_id(session, key), kind=GRANT, amount=amount, day=day, note=note
+        )
+    )
+    session.flush()
+
+
+def group_limit(session: Session, key: str) -> int | None:
+    return session.scalar(select(AccountRow.daily_limit).where(AccountRow.key == key))
+
+
+def set_group_limit(session: Session, key: str, limit: int | None) -> None:
+    account_id = _account_id(session, key)
+    session.execute(update(AccountRow).where(AccountRow.id == account_id).values(daily_limit=limit))
