@@ -1,4 +1,4 @@
-"""Quotas: accounts and their append-only ledger; what each job cost.
+"""Quotas: accounts and their append-only ledger; what each job cost; result checksums.
 
 Revision ID: 0004
 Revises: 0003
@@ -53,10 +53,12 @@ def upgrade() -> None:
     op.create_index("ix_ledger_account_day", "ledger_entries", ["account_id", "day"])
     with op.batch_alter_table("jobs") as jobs:
         jobs.add_column(sa.Column("cost", sa.Integer(), nullable=False, server_default="0"))
+        jobs.add_column(sa.Column("result_checksums", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("jobs") as jobs:
+        jobs.drop_column("result_checksums")
         jobs.drop_column("cost")
     op.drop_index("ix_ledger_account_day", table_name="ledger_entries")
     op.drop_index("ux_ledger_job_kind", table_name="ledger_entries")
