@@ -21,6 +21,7 @@ from telegram.ext import (
 from bot import handlers
 from bot.context import BotApplication, BotContext, BotServices
 from bot.webhook import READINESS_TIMEOUT_S, serve_webhook
+from chitrakar.artifacts import artifact_store_from_url
 from chitrakar.config import Settings
 from chitrakar.domain import Command
 from chitrakar.media import MediaStore
@@ -70,6 +71,7 @@ def _wire(settings: Settings) -> tuple[BotApplication, Store, Celery]:
         lambda job_id: publish_generate(celery, job_id),
         load_catalogue(settings.styles_file),
         MediaStore(settings.media_dir),
+        artifact_store_from_url(settings.artifact_store, settings.resolved_data_dir),
     )
 
     async def close(_: Any) -> None:

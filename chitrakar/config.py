@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     progress_interval: float = Field(default=3.0, ge=0.0)
 
     data_dir: Path = Path("data")
+    # Where results are kept: unset, the data dir; "file:///abs/path"; or an S3-compatible
+    # store, "s3://bucket/prefix?endpoint_url=http://minio:9000&region=…" (credentials from
+    # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS config files).
+    artifact_store: str | None = None
     database_url: str | None = None
     broker_url: str | None = None
 
@@ -97,10 +101,6 @@ class Settings(BaseSettings):
     @property
     def resolved_broker_url(self) -> str:
         return self.broker_url or "filesystem://"
-
-    @property
-    def results_dir(self) -> Path:
-        return self.resolved_data_dir / "results"
 
     @property
     def media_dir(self) -> Path:

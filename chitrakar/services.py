@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from chitrakar.artifacts import ArtifactMissing, ArtifactStore
 from chitrakar.buttons import Action, ButtonPress, ButtonRefused, may_press, offered_actions
 from chitrakar.config import Settings
 from chitrakar.domain import (
@@ -70,6 +71,7 @@ class JobIntake:
         publish: Callable[[int], None],
         catalogue: StyleCatalogue,
         media: MediaStore,
+        artifacts: ArtifactStore,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -77,6 +79,7 @@ class JobIntake:
         self._rng = random.SystemRandom()
         self.catalogue = catalogue
         self.media = media
+        self.artifacts = artifacts
 
     @property
     def _defaults(self) -> Defaults:
@@ -132,9 +135,10 @@ class JobIntake:
         assert press.index is not None
         if Action.PICK not in offered_actions(parent.kind, len(parent.plan.seeds)):
             raise ButtonRefused("button.stale")
+        key, checksum = self._result_of(parent, press.index)
         try:
-            return parent, Path(self._result_path(parent, press.index)).read_bytes()
-        except OSError:
+            return parent, self.artifacts.get(key, checksum)
+        except ArtifactMissing:
             raise ButtonRefused("button.result_gone") from None
 
     def accept_press(self, origin: Origin, press: ButtonPress, presser_is_admin: bool) -> Accepted:
@@ -142,13 +146,17 @@ class JobIntake:
         own id (in the origin's trigger) makes a repeated callback find the same job."""
         parent = self._pressable(origin, press, presser_is_admin)
         kind, plan = plan_followup(parent.kind, parent.plan, press, self._rng)
+        input_path = None
         if press.action == Action.AGAIN:
             input_path = parent.input_path
             if input_path is not None and not Path(input_path).exists():
                 raise ButtonRefused("button.input_gone")
         else:
+            # The worker reads the parent's result from the artifact store by parent and index.
             assert press.index is not None
-            input_path = self._result_path(parent, press.index)
+            key, _ = self._result_of(parent, press.index)
+            if not self.artifacts.exists(key):
+                raise ButtonRefused("button.result_gone")
         charge = self._charge(origin, kind, plan)
         return self._record(
             origin,
@@ -228,13 +236,12 @@ class JobIntake:
         return parent
 
     @staticmethod
-    def _result_path(parent: JobView, index: int) -> str:
+    def _result_of(parent: JobView, index: int) -> tuple[str, str | None]:
+        """The artifact key of one of a job's results, and its checksum when recorded."""
         if not 0 <= index < len(parent.result_paths):
             raise ButtonRefused("button.stale")
-        path = parent.result_paths[index]
-        if not Path(path).exists():
-            raise ButtonRefused("button.result_gone")
-        return path
+        checksums = parent.result_checksums
+        return parent.result_paths[index], checksums[index] if index < len(checksums) else None
 
     def set_default_style(self, origin: Origin, key: str) -> Style | None:
         """Make a style the user's default; None when the catalogue no longer has it."""

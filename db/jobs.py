@@ -72,7 +72,9 @@ class JobView:
     input_path: str | None = None
     parent_job_id: int | None = None
     parent_index: int | None = None
+    # Artifact keys of the results and their SHA-256, in image order.
     result_paths: tuple[str, ...] = ()
+    result_checksums: tuple[str, ...] = ()
     # What the user typed as options (those they set), for captions.
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -109,6 +111,7 @@ class JobView:
             parent_job_id=job.parent_job_id,
             parent_index=job.parent_index,
             result_paths=tuple(job.result_paths or ()),
+            result_checksums=tuple(job.result_checksums or ()),
             options=dict(job.options or {}),
         )
 
@@ -319,12 +322,14 @@ def complete_job(
     *,
     result_paths: list[str],
     result_file_ids: list[str],
+    result_checksums: list[str] | None = None,
     generation_seconds: float,
 ) -> None:
     job = _load(uow.session, job_id)
     _set_status(job, JobStatus.DONE)
     ledger.commit(uow.session, job_id)
     job.result_paths = result_paths
+    job.result_checksums = result_checksums
     job.result_file_ids = result_file_ids
     job.generation_seconds = generation_seconds
     job.finished_at = utcnow()

@@ -208,7 +208,7 @@ class TelegramDelivery:
     def progress(self, job: JobView, done: int, total: int) -> None:
         self._edit_status(job, "status.progress", percent=round(100 * done / max(total, 1)))
 
-    def deliver(self, job: JobView, images: Sequence[Path], seconds: float) -> list[str]:
+    def deliver(self, job: JobView, images: Sequence[bytes], seconds: float) -> list[str]:
         """Send the images as a reply to the request and remove the status message.
         Returns Telegram's file ids. Raises when the images could not be sent."""
         self._settle(job)
@@ -237,9 +237,9 @@ class TelegramDelivery:
             caption += "\n" + text(job.language, "result.without", negative=negative)
         return caption
 
-    async def _deliver(self, job: JobView, images: Sequence[Path], seconds: float) -> list[str]:
+    async def _deliver(self, job: JobView, images: Sequence[bytes], seconds: float) -> list[str]:
         captions = [self._caption(job, seed, seconds) for seed in job.plan.seeds]
-        photos = [_as_photo(path.read_bytes()) for path in images]
+        photos = [_as_photo(png) for png in images]
         keyboard = _keyboard(job.language, result_buttons(job.id, job.kind, len(photos)))
         await _quietly(self._bot.send_chat_action(job.chat_id, ChatAction.UPLOAD_PHOTO))
         if len(photos) == 1:

@@ -7,8 +7,8 @@ import logging
 import os
 import socket
 from functools import cached_property
-from pathlib import Path
 
+from chitrakar.artifacts import artifact_store_from_url
 from chitrakar.config import Settings
 from chitrakar.media import MediaStore
 from chitrakar.styles import StyleCatalogue, load_catalogue
@@ -27,6 +27,9 @@ class WorkerRuntime:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.catalogue: StyleCatalogue = load_catalogue(settings.styles_file)
         self.media = MediaStore(settings.media_dir)
+        self.artifacts = artifact_store_from_url(
+            settings.artifact_store, settings.resolved_data_dir
+        )
 
     @cached_property
     def delivery(self) -> TelegramDelivery:
@@ -55,11 +58,6 @@ class WorkerRuntime:
     @cached_property
     def identity(self) -> IdentityStage:
         return choose_identity_stage(self.settings, self.pipeline)
-
-    def result_dir(self, job_id: int) -> Path:
-        folder = self.settings.results_dir / str(job_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
 
     def close(self) -> None:
         if "delivery" in self.__dict__:

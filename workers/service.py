@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -9,6 +10,7 @@ from time import perf_counter
 
 from PIL import Image
 
+from chitrakar.artifacts import ArtifactMissing, StoredArtifact
 from chitrakar.domain import MAX_ATTEMPTS, JobKind
 from db import jobs
 from db.jobs import JobView
@@ -50,14 +52,15 @@ def run_job(runtime: WorkerRuntime, job_id: int) -> None:
             delivery.progress(job, done, total)
 
         if job.kind == JobKind.PREVIEWS:
-            paths = [_previews(runtime, on_progress)]
+            grid = _previews(runtime, on_progress)
             seconds = perf_counter() - started
-            file_ids = delivery.deliver_previews(job, paths[0])
+            file_ids = delivery.deliver_previews(job, grid)
+            stored: list[StoredArtifact] = []
         else:
             images = make_images(runtime, job, on_progress)
             seconds = perf_counter() - started
-            paths = _save(runtime, job, images)
-            file_ids = delivery.deliver(job, paths, seconds)
+            stored, pngs = _save(runtime, job, images)
+            file_ids = delivery.deliver(job, pngs, seconds)
     except Exception as exc:
         log.exception("job %s failed", job_id)
         _give_up(runtime, job_id, f"{type(exc).__name__}: {exc}")
@@ -66,11 +69,12 @@ def run_job(runtime: WorkerRuntime, job_id: int) -> None:
         jobs.complete_job(
             uow,
             job_id,
-            result_paths=[str(p) for p in paths],
+            result_paths=[artifact.key for artifact in stored],
+            result_checksums=[artifact.sha256 for artifact in stored],
             result_file_ids=file_ids,
             generation_seconds=seconds,
         )
-    log.info("job %s done: %d image(s) in %.2f s", job_id, len(paths), seconds)
+    log.info("job %s done: %d image(s) in %.2f s", job_id, len(file_ids), seconds)
 
 
 def make_images(
@@ -80,33 +84,54 @@ def make_images(
     loaded, plan = runtime.pipeline, job.plan
     use_lora(loaded, plan.lora, plan.lora_scale)
     if job.kind == JobKind.AVATAR:
-        return runtime.identity.avatars(loaded, plan, _input(job), on_progress)
+        return runtime.identity.avatars(loaded, plan, _selfie(job), on_progress)
     extra = runtime.identity.without_face(loaded)
     if job.kind == JobKind.PORTRAIT:
         return text_to_image(loaded, plan, on_progress, **extra)
     if job.kind == JobKind.VARIATION:
-        return image_to_image(loaded, plan, _input(job), on_progress, **extra)
+        return image_to_image(loaded, plan, _parent_result(runtime, job), on_progress, **extra)
     if job.kind == JobKind.UPSCALE:
         tile = runtime.settings.image_size
-        return upscale(loaded, plan, _input(job), tile, on_progress, **extra)
+        start = _parent_result(runtime, job)
+        return upscale(loaded, plan, start, tile, on_progress, **extra)
     raise ValueError(f"job {job.id} is of a kind no pipeline makes: {job.kind}")
 
 
-def _input(job: JobView) -> Image.Image:
+def _selfie(job: JobView) -> Image.Image:
     if job.input_path is None or not Path(job.input_path).is_file():
-        raise InputMissing(f"the input image of job {job.id} is gone: {job.input_path}")
+        raise InputMissing(f"the selfie of job {job.id} is gone: {job.input_path}")
     with Image.open(job.input_path) as image:
         return image.convert("RGB")
 
 
-def _save(runtime: WorkerRuntime, job: JobView, images: list[Image.Image]) -> list[Path]:
-    folder = runtime.result_dir(job.id)
-    paths = []
+def _parent_result(runtime: WorkerRuntime, job: JobView) -> Image.Image:
+    """The earlier result a variation or upscale starts from, checked against its checksum."""
+    with runtime.store.unit_of_work() as uow:
+        parent = jobs.get_job(uow, job.parent_job_id) if job.parent_job_id else None
+    index = job.parent_index
+    if parent is None or index is None or index >= len(parent.result_paths):
+        raise InputMissing(f"job {job.id} starts from a result that is gone")
+    checksum = parent.result_checksums[index] if index < len(parent.result_checksums) else None
+    try:
+        data = runtime.artifacts.get(parent.result_paths[index], checksum)
+    except ArtifactMissing:
+        raise InputMissing(f"job {job.id} starts from a result that is gone") from None
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
+def _save(
+    runtime: WorkerRuntime, job: JobView, images: list[Image.Image]
+) -> tuple[list[StoredArtifact], list[bytes]]:
+    """Store each image as PNG under results/<job>/; the job row keeps keys and checksums."""
+    stored, pngs = [], []
     for index, (image, seed) in enumerate(zip(images, job.plan.seeds, strict=True)):
-        path = folder / f"{index}-{seed}.png"
-        image.save(path, format="PNG")
-        paths.append(path)
-    return paths
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        png = buffer.getvalue()
+        stored.append(runtime.artifacts.put(f"results/{job.id}/{index}-{seed}.png", png))
+        pngs.append(png)
+    return stored, pngs
 
 
 def _previews(runtime: WorkerRuntime, on_progress: ProgressCallback) -> Path:

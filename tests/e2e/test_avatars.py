@@ -78,6 +78,11 @@ def answer_to(message: dict[str, Any]) -> Callable[[Call], bool]:
     return check
 
 
+def stored(database_url: str, key: str) -> bytes:
+    """A result as the artifact store (the data folder, by default) holds it."""
+    return (Path(database_url.removeprefix("sqlite:///")).parent / key).read_bytes()
+
+
 def new_user(emulator: BotApiEmulator) -> tuple[dict[str, Any], dict[str, Any]]:
     user = emulator.user(next(_fresh_ids), "Meera")
     return user, emulator.private_chat(user)
@@ -144,7 +149,7 @@ def test_a_selfie_captioned_avatar_comes_back_as_an_album_of_four(stack: Stack) 
     # Pick: one avatar as a file, full size, the very PNG the worker made.
     pressed = emulator.press(buttons, user, f"p:{job.id}:2")
     document = emulator.wait_for("sendDocument", replying_to(buttons), timeout=60)
-    assert document.files["document"] == Path(job.result_paths[2]).read_bytes()
+    assert document.files["document"] == stored(database_url, job.result_paths[2])
     assert document.params["caption"] == text(
         "en", "button.pick_caption", width=job.width, height=job.height, seed=job.seeds[2]
     )
@@ -350,9 +355,12 @@ def test_each_button_starts_its_job_and_the_result_arrives(stack: Stack) -> None
         portrait.id,
         1,
     )
-    assert upscaled.input_path == portrait.result_paths[1]
     assert upscaled.seeds == [portrait.seeds[1]]
-    assert (varied.command, varied.input_path) == ("variation", portrait.result_paths[0])
+    assert (varied.command, varied.parent_job_id, varied.parent_index) == (
+        "variation",
+        portrait.id,
+        0,
+    )
     assert (again.command, again.prompt, again.style) == ("portrait", portrait.prompt, "madhubani")
     assert set(again.seeds).isdisjoint(portrait.seeds)
     albums = [c for c in emulator.calls_to("sendMediaGroup", chat["id"]) if replying_to(buttons)(c)]

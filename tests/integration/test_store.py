@@ -262,6 +262,7 @@ def test_a_repeat_of_a_request_never_answered_is_answered_and_published(
 ) -> None:
     """The bot stopped after recording a job but before answering and publishing it; when
     Telegram offers the update again, the job is answered and published then."""
+    from chitrakar.artifacts import LocalArtifactStore
     from chitrakar.config import Settings
     from chitrakar.media import MediaStore
     from chitrakar.services import JobIntake
@@ -275,6 +276,7 @@ def test_a_repeat_of_a_request_never_answered_is_answered_and_published(
         published.append,
         load_catalogue(),
         MediaStore(settings.media_dir),
+        LocalArtifactStore(tmp_path),
     )
     req, _ = request()
     first = intake.accept(origin(), req)  # ... and the process stopped here
