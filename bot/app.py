@@ -39,6 +39,7 @@ MENU = (
     Command.AVATAR,
     Command.STYLES,
     Command.QUOTA,
+    Command.CANCEL,
     Command.HELP,
     Command.START,
 )
@@ -98,6 +99,7 @@ def _wire(settings: Settings) -> tuple[BotApplication, Store, Celery]:
     application.add_handler(CommandHandler(Command.AVATAR, handlers.avatar, new_messages))
     application.add_handler(CommandHandler(Command.STYLES, handlers.styles, new_messages))
     application.add_handler(CommandHandler(Command.QUOTA, handlers.quota, new_messages))
+    application.add_handler(CommandHandler(Command.CANCEL, handlers.cancel, new_messages))
     application.add_handler(CommandHandler(Command.GROUP_QUOTA, handlers.group_quota, new_messages))
     # Videos and GIFs are caught too, to be told that a still photo is needed.
     pictures = filters.PHOTO | filters.Document.ALL | filters.ANIMATION | filters.VIDEO

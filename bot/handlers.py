@@ -288,6 +288,32 @@ async def quota(update: Update, context: BotContext) -> None:
     await message.reply_text(reply)
 
 
+async def cancel(update: Update, context: BotContext) -> None:
+    """Stop the user's queued and running jobs in this chat; their credits come back."""
+    message = update.effective_message
+    if message is None:
+        return
+    language = language_of(update)
+    intake = context.services.intake
+    cancelled = await asyncio.to_thread(intake.cancel, origin_of(update, language))
+    if not cancelled:
+        await message.reply_text(text(language, "cancel.nothing"))
+        return
+    for job in cancelled:
+        if job.status_message_id is not None:
+            try:
+                await context.bot.edit_message_text(
+                    text(job.language, "cancel.status"),
+                    chat_id=job.chat_id,
+                    message_id=job.status_message_id,
+                )
+            except TelegramError as exc:
+                log.info("could not mark job %s cancelled in the chat: %s", job.id, exc)
+    await message.reply_text(
+        text(language, "cancel.done", count=len(cancelled), credits=sum(j.cost for j in cancelled))
+    )
+
+
 async def group_quota(update: Update, context: BotContext) -> None:
     """`/groupquota <credits per day>` or `/groupquota off`, for a group's admins."""
     message, chat, user = update.effective_message, update.effective_chat, update.effective_user

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     # starts a new day.
     daily_quota: int = Field(default=20, ge=0)
     timezone: str = "UTC"
+    # Jobs of one user handed to the workers at a time; the rest wait their turn in the
+    # database, so one user's flood cannot hold up everyone else.
+    max_jobs_in_flight: int = Field(default=2, ge=1)
 
     # A TOML file of styles that replace, add to or hide the built-in catalogue's entries.
     styles_file: Path | None = None

@@ -16,6 +16,7 @@ class Command(StrEnum):
     AVATAR = "avatar"
     STYLES = "styles"
     QUOTA = "quota"
+    CANCEL = "cancel"
     GROUP_QUOTA = "groupquota"
 
 
@@ -259,6 +260,7 @@ class JobStatus(StrEnum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 ACTIVE_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
@@ -276,11 +278,14 @@ def was_abandoned(status: JobStatus, answered: bool, age_seconds: float) -> bool
 # A job whose worker died this many times is given up, so one bad job cannot loop forever.
 MAX_ATTEMPTS = 3
 _TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED}),
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELLED}),
     # RUNNING -> RUNNING: a redelivered task picks the job up again after a worker died.
-    JobStatus.RUNNING: frozenset({JobStatus.RUNNING, JobStatus.DONE, JobStatus.FAILED}),
+    JobStatus.RUNNING: frozenset(
+        {JobStatus.RUNNING, JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED}
+    ),
     JobStatus.DONE: frozenset(),
     JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
 }
 
 

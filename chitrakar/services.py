@@ -9,7 +9,7 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 from PIL import Image
@@ -185,11 +185,14 @@ class JobIntake:
                 accounts.append(Account(key, ledger.group_limit(uow.session, key)))
         return tuple(accounts)
 
+    def quota_day(self) -> date:
+        return quota_day(datetime.now(UTC), self._settings.zone)
+
     def _charge(self, origin: Origin, kind: JobKind, plan: GenerationPlan) -> jobs.Charge:
         return jobs.Charge(
             accounts=self.accounts_of(origin),
             cost=job_cost(kind, plan, self._settings.image_size),
-            day=quota_day(datetime.now(UTC), self._settings.zone),
+            day=self.quota_day(),
         )
 
     def quota_status(self, origin: Origin) -> QuotaStatus:
@@ -242,6 +245,21 @@ class JobIntake:
             raise ButtonRefused("button.stale")
         checksums = parent.result_checksums
         return parent.result_paths[index], checksums[index] if index < len(checksums) else None
+
+    def cancel(self, origin: Origin) -> list[JobView]:
+        """Cancel the user's queued and running jobs in this chat, with their credits back;
+        their held jobs in other chats may then be handed over."""
+        with self._store.unit_of_work() as uow:
+            cancelled = jobs.cancel_jobs(
+                uow, origin.channel, origin.chat_id, origin.user_external_id
+            )
+        if cancelled:
+            self.hand_over_held(cancelled[0].id)
+        return cancelled
+
+    def hand_over_held(self, job_id: int) -> None:
+        """Publish the held jobs of a job's user that now have a place."""
+        hand_over_held(self._store, self._publish, job_id, self._settings.max_jobs_in_flight)
 
     def set_default_style(self, origin: Origin, key: str) -> Style | None:
         """Make a style the user's default; None when the catalogue no longer has it."""
@@ -303,16 +321,40 @@ class JobIntake:
         return Accepted(job_id=job_id, position=position)
 
     def dispatch(self, job_id: int, status_message_id: int | None) -> bool:
-        """Publish an accepted job. False when the broker refused it: the job is then
-        marked failed, so the caller must tell the user."""
+        """Hand an accepted job to the broker, or hold it while its user already has
+        CHITRAKAR_MAX_JOBS_IN_FLIGHT there (a worker hands it over when one of those ends).
+        False when the broker refused it: the job is then marked failed, so the caller must
+        tell the user."""
         try:
-            if status_message_id is not None:
-                with self._store.unit_of_work() as uow:
+            with self._store.unit_of_work() as uow:
+                if status_message_id is not None:
                     jobs.attach_status_message(uow, job_id, status_message_id)
-            self._publish(job_id)
+                handed_over = jobs.claim_hand_over(uow, job_id, self._settings.max_jobs_in_flight)
+            if handed_over:
+                self._publish(job_id)
+            else:
+                log.info("job %s held: its user has jobs in flight", job_id)
         except Exception as exc:
             log.exception("job %s could not be published", job_id)
             with self._store.unit_of_work() as uow:
                 jobs.fail_job(uow, job_id, f"not queued: {type(exc).__name__}: {exc}")
             return False
         return True
+
+
+def hand_over_held(
+    store: Store, publish: Callable[[int], None], job_id: int, limit: int
+) -> list[int]:
+    """After a job of a user ended: hand over that user's oldest held jobs, as many as now
+    have a place. Shared by the bot (after /cancel) and the workers (after a job)."""
+    with store.unit_of_work() as uow:
+        next_ids = jobs.next_held_jobs(uow, jobs.user_id_of(uow, job_id), limit)
+    for next_id in next_ids:
+        try:
+            publish(next_id)
+        except Exception:
+            # Held again, so the next job of theirs to end tries once more.
+            log.exception("job %s could not be handed over; held again", next_id)
+            with store.unit_of_work() as uow:
+                jobs.hold_again(uow, next_id)
+    return next_ids

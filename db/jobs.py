@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -77,6 +77,7 @@ class JobView:
     result_checksums: tuple[str, ...] = ()
     # What the user typed as options (those they set), for captions.
     options: dict[str, Any] = field(default_factory=dict)
+    cost: int = 0
 
     @classmethod
     def of(cls, job: Job) -> JobView:
@@ -113,6 +114,7 @@ class JobView:
             result_paths=tuple(job.result_paths or ()),
             result_checksums=tuple(job.result_checksums or ()),
             options=dict(job.options or {}),
+            cost=job.cost or 0,
         )
 
 
@@ -326,6 +328,13 @@ def complete_job(
     generation_seconds: float,
 ) -> None:
     job = _load(uow.session, job_id)
+    if job.status == JobStatus.CANCELLED:
+        # Cancelled while its images were on their way: it stays cancelled (and refunded);
+        # what was delivered is recorded all the same.
+        job.result_paths, job.result_file_ids = result_paths, result_file_ids
+        job.result_checksums = result_checksums
+        uow.commit()
+        return
     _set_status(job, JobStatus.DONE)
     ledger.commit(uow.session, job_id)
     job.result_paths = result_paths
@@ -347,3 +356,120 @@ def fail_job(uow: UnitOfWork, job_id: int, error: str) -> JobView | None:
     job.finished_at = utcnow()
     uow.commit()
     return JobView.of(job)
+
+
+def _user_lock(session: Session, user_id: int) -> None:
+    """Serialise hand-overs of one user's jobs (their row's lock, or SQLite's write lock)."""
+    session.execute(update(User).where(User.id == user_id).values(display_name=User.display_name))
+
+
+def _in_flight(session: Session, user_id: int) -> int:
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(
+                Job.user_id == user_id,
+                Job.status.in_(list(ACTIVE_STATUSES)),
+                Job.published_at.is_not(None),
+            )
+        )
+        or 0
+    )
+
+
+def claim_hand_over(uow: UnitOfWork, job_id: int, limit: int) -> bool:
+    """Mark an accepted job handed to the broker if its user has fewer than `limit` there;
+    False leaves it held (it is handed over when one of theirs ends). Commits."""
+    job = _load(uow.session, job_id)
+    _user_lock(uow.session, job.user_id)
+    uow.session.refresh(job)
+    if job.published_at is not None or JobStatus(job.status) not in ACTIVE_STATUSES:
+        uow.commit()
+        return False
+    if _in_flight(uow.session, job.user_id) >= limit:
+        uow.commit()
+        return False
+    job.published_at = utcnow()
+    uow.commit()
+    return True
+
+
+def next_held_jobs(uow: UnitOfWork, user_id: int, limit: int) -> list[int]:
+    """Hand over the user's oldest held jobs, as many as their free places allow. Commits."""
+    _user_lock(uow.session, user_id)
+    free = limit - _in_flight(uow.session, user_id)
+    held = list(
+        uow.session.scalars(
+            select(Job)
+            .where(
+                Job.user_id == user_id,
+                Job.status.in_(list(ACTIVE_STATUSES)),
+                Job.published_at.is_(None),
+            )
+            .order_by(Job.id)
+            .limit(max(free, 0))
+        )
+    )
+    for job in held:
+        job.published_at = utcnow()
+    uow.commit()
+    return [job.id for job in held]
+
+
+def user_id_of(uow: UnitOfWork, job_id: int) -> int:
+    return _load(uow.session, job_id).user_id
+
+
+def handed_over_active_job_ids(uow: UnitOfWork) -> list[int]:
+    """Active jobs that were handed to the broker, oldest first (to re-publish after a
+    restart of the embedded broker); held ones stay held."""
+    return list(
+        uow.session.scalars(
+            select(Job.id)
+            .where(Job.status.in_(list(ACTIVE_STATUSES)), Job.published_at.is_not(None))
+            .order_by(Job.id)
+        )
+    )
+
+
+def cancel_jobs(uow: UnitOfWork, channel: str, chat_id: int, external_id: str) -> list[JobView]:
+    """Cancel the user's queued and running jobs in a chat, refunding each. Commits."""
+    cancelled = []
+    for job in uow.session.scalars(
+        select(Job)
+        .join(User)
+        .where(
+            User.channel == channel,
+            User.external_id == external_id,
+            Job.chat_id == chat_id,
+            Job.status.in_(list(ACTIVE_STATUSES)),
+        )
+        .order_by(Job.id)
+    ):
+        _set_status(job, JobStatus.CANCELLED, detail="cancelled by the user")
+        ledger.refund(uow.session, job.id)
+        job.finished_at = utcnow()
+        cancelled.append(JobView.of(job))
+    uow.commit()
+    return cancelled
+
+
+def is_cancelled(uow: UnitOfWork, job_id: int) -> bool:
+    status = uow.session.scalar(select(Job.status).where(Job.id == job_id))
+    return status == JobStatus.CANCELLED
+
+
+def hold_again(uow: UnitOfWork, job_id: int) -> None:
+    _load(uow.session, job_id).published_at = None
+    uow.commit()
+
+
+def users_with_held_jobs(uow: UnitOfWork) -> list[int]:
+    return list(
+        uow.session.scalars(
+            select(Job.user_id)
+            .where(Job.status.in_(list(ACTIVE_STATUSES)), Job.published_at.is_(None))
+            .distinct()
+        )
+    )

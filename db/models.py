@@ -132,6 +132,9 @@ class Job(Base):
     seeds: Mapped[list[int]] = mapped_column(JSON)
     # Credits reserved for the job when it was accepted.
     cost: Mapped[int] = mapped_column(Integer, default=0)
+    # When the job was handed to the broker; None while held back so that one user's flood
+    # does not fill the queue (at most CHITRAKAR_MAX_JOBS_IN_FLIGHT per user are handed over).
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     status: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)

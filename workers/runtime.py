@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from functools import cached_property
 
 from chitrakar.artifacts import artifact_store_from_url
@@ -21,8 +22,10 @@ log = logging.getLogger(__name__)
 
 
 class WorkerRuntime:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, publish: Callable[[int], None]) -> None:
         self.settings = settings
+        # Hands a job to the broker (held jobs of a user, when one of theirs ends).
+        self.publish = publish
         self.store = Store(settings.resolved_database_url)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.catalogue: StyleCatalogue = load_catalogue(settings.styles_file)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from chitrakar.artifacts import ArtifactMissing, StoredArtifact
 from chitrakar.domain import MAX_ATTEMPTS, JobKind
+from chitrakar.services import hand_over_held
 from db import jobs
 from db.jobs import JobView
 from workers.pipelines import (
@@ -31,14 +32,49 @@ class InputMissing(RuntimeError):
     """The image a job starts from is no longer on disk."""
 
 
+class JobCancelled(Exception):
+    """The user cancelled the job while it ran (raised from the progress callback)."""
+
+
+# Seconds between looks at the database for a cancellation while a job runs.
+CANCEL_CHECK_INTERVAL_S = 1.0
+
+
+class CancelWatch:
+    """Raises JobCancelled from a progress callback once the job is cancelled, looking at
+    the database at most once per interval."""
+
+    def __init__(self, runtime: WorkerRuntime, job_id: int) -> None:
+        self._runtime, self._job_id = runtime, job_id
+        self._next_look = 0.0
+
+    def check(self, force: bool = False) -> None:
+        now = perf_counter()
+        if not force and now < self._next_look:
+            return
+        self._next_look = now + CANCEL_CHECK_INTERVAL_S
+        with self._runtime.store.unit_of_work() as uow:
+            if jobs.is_cancelled(uow, self._job_id):
+                raise JobCancelled(self._job_id)
+
+
 def run_job(runtime: WorkerRuntime, job_id: int) -> None:
     """Make a job's images and deliver them; on any failure, record it and apologise.
-    A job that has already ended is left alone, so a redelivered task does no harm."""
+    A job that has already ended is left alone, so a redelivered task does no harm. When
+    it ends, its user's next held job (if any) is handed to the broker."""
     with runtime.store.unit_of_work() as uow:
         job = jobs.start_job(uow, job_id, runtime.name)
     if job is None:
         log.info("job %s has already ended; nothing to do", job_id)
         return
+    try:
+        _run(runtime, job)
+    finally:
+        hand_over_held(runtime.store, runtime.publish, job_id, runtime.settings.max_jobs_in_flight)
+
+
+def _run(runtime: WorkerRuntime, job: JobView) -> None:
+    job_id = job.id
     delivery = runtime.delivery
     if job.attempts > MAX_ATTEMPTS:
         _give_up(runtime, job_id, f"gave up after {MAX_ATTEMPTS} attempts")
@@ -47,8 +83,10 @@ def run_job(runtime: WorkerRuntime, job_id: int) -> None:
     try:
         delivery.started(job)
         started = perf_counter()
+        watch = CancelWatch(runtime, job_id)
 
         def on_progress(done: int, total: int) -> None:
+            watch.check()
             delivery.progress(job, done, total)
 
         if job.kind == JobKind.PREVIEWS:
@@ -59,8 +97,12 @@ def run_job(runtime: WorkerRuntime, job_id: int) -> None:
         else:
             images = make_images(runtime, job, on_progress)
             seconds = perf_counter() - started
+            watch.check(force=True)
             stored, pngs = _save(runtime, job, images)
             file_ids = delivery.deliver(job, pngs, seconds)
+    except JobCancelled:
+        log.info("job %s was cancelled while it ran; stopped", job_id)
+        return
     except Exception as exc:
         log.exception("job %s failed", job_id)
         _give_up(runtime, job_id, f"{type(exc).__name__}: {exc}")
@@ -158,14 +200,22 @@ def _give_up(runtime: WorkerRuntime, job_id: int, reason: str) -> None:
 
 
 def requeue_unfinished(runtime: WorkerRuntime, publish: Callable[[int], None]) -> int:
-    """Publish again every job the database says is queued or running. Only for a sole worker
-    that has just started (as in `chitrakar run`): then no other process can hold those jobs,
-    and a message the embedded broker lost with a stopped worker is replaced. A job that turns
-    out to be done already is skipped by `run_job`."""
+    """Publish again every job the database says was handed to the broker and is still
+    queued or running. Only for a sole worker that has just started (as in `chitrakar run`):
+    then no other process can hold those jobs, and a message the embedded broker lost with a
+    stopped worker is replaced. A job that turns out to be done already is skipped by
+    `run_job`; held jobs stay held until one of their user's jobs ends."""
     with runtime.store.unit_of_work() as uow:
-        job_ids = jobs.active_job_ids(uow)
+        job_ids = jobs.handed_over_active_job_ids(uow)
     for job_id in job_ids:
         publish(job_id)
     if job_ids:
         log.warning("re-queued %d unfinished job(s): %s", len(job_ids), job_ids)
+    # Held jobs whose user has places free (their hand-over was lost with a stop).
+    limit = runtime.settings.max_jobs_in_flight
+    with runtime.store.unit_of_work() as uow:
+        for user_id in jobs.users_with_held_jobs(uow):
+            for held_id in jobs.next_held_jobs(uow, user_id, limit):
+                publish(held_id)
+                job_ids.append(held_id)
     return len(job_ids)

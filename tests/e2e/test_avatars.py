@@ -528,3 +528,11 @@ def test_credits_run_out_with_a_clear_answer_and_quota_says_what_is_left(stack: 
     asked = emulator.send_text(chat, user, "/quota")
     status = emulator.wait_for("sendMessage", answer_to(asked), timeout=30)
     assert status.params["text"].startswith("Credits left today: 4 of 20. They renew at 00:00 UTC.")
+
+
+def test_cancel_says_so_when_there_is_nothing_to_cancel(stack: Stack) -> None:
+    emulator, _ = stack
+    user, chat = new_user(emulator)
+    asked = emulator.send_text(chat, user, "/cancel")
+    reply = emulator.wait_for("sendMessage", answer_to(asked), timeout=30)
+    assert reply.params["text"] == text("en", "cancel.nothing")

@@ -39,7 +39,7 @@ def test_a_pipeline_error_is_recorded_and_apologised_for(
     # 60 pixels is not a multiple of 8: diffusers refuses it, as it would a corrupt plan.
     plan = GenerationPlan("a lighthouse", 60, 60, 2, (1,), 7.0)
     origin = Origin("telegram", chat["id"], "private", "801", "Anil", "en", command["message_id"])
-    runtime = WorkerRuntime(settings)
+    runtime = WorkerRuntime(settings, publish=lambda _job_id: None)
     with runtime.store.unit_of_work() as uow:
         job_id = jobs.create_job(uow, origin, JobKind.PORTRAIT, plan)
         jobs.attach_status_message(uow, job_id, status["message_id"])

@@ -1,4 +1,5 @@
-"""Quotas: accounts and their append-only ledger; what each job cost; result checksums.
+"""Quotas and fairness: accounts and their append-only ledger; what each job cost; result
+checksums; when a job was handed to the broker.
 
 Revision ID: 0004
 Revises: 0003
@@ -54,10 +55,12 @@ def upgrade() -> None:
     with op.batch_alter_table("jobs") as jobs:
         jobs.add_column(sa.Column("cost", sa.Integer(), nullable=False, server_default="0"))
         jobs.add_column(sa.Column("result_checksums", sa.JSON(), nullable=True))
+        jobs.add_column(sa.Column("published_at", sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("jobs") as jobs:
+        jobs.drop_column("published_at")
         jobs.drop_column("result_checksums")
         jobs.drop_column("cost")
     op.drop_index("ix_ledger_account_day", table_name="ledger_entries")
