@@ -25,6 +25,7 @@ from chitrakar.artifacts import artifact_store_from_url
 from chitrakar.config import Settings
 from chitrakar.domain import Command
 from chitrakar.media import MediaStore
+from chitrakar.privacy import PrivacyService
 from chitrakar.queue import make_celery, publish_generate
 from chitrakar.services import JobIntake
 from chitrakar.styles import load_catalogue
@@ -40,6 +41,10 @@ MENU = (
     Command.STYLES,
     Command.QUOTA,
     Command.CANCEL,
+    Command.HISTORY,
+    Command.PRIVACY,
+    Command.EXPORT,
+    Command.FORGET,
     Command.HELP,
     Command.START,
 )
@@ -66,13 +71,15 @@ def _wire(settings: Settings) -> tuple[BotApplication, Store, Celery]:
         raise RuntimeError("CHITRAKAR_TELEGRAM_TOKEN is not set")
     store = Store(settings.resolved_database_url)
     celery = make_celery(settings, name="chitrakar.bot")
+    media = MediaStore(settings.media_dir)
+    artifacts = artifact_store_from_url(settings.artifact_store, settings.resolved_data_dir)
     intake = JobIntake(
         settings,
         store,
         lambda job_id: publish_generate(celery, job_id),
         load_catalogue(settings.styles_file),
-        MediaStore(settings.media_dir),
-        artifact_store_from_url(settings.artifact_store, settings.resolved_data_dir),
+        media,
+        artifacts,
     )
 
     async def close(_: Any) -> None:
@@ -90,7 +97,9 @@ def _wire(settings: Settings) -> tuple[BotApplication, Store, Celery]:
         .post_shutdown(close)
         .build()
     )
-    application.bot_data["services"] = BotServices(settings=settings, intake=intake)
+    application.bot_data["services"] = BotServices(
+        settings=settings, intake=intake, privacy=PrivacyService(store, artifacts, media)
+    )
     # New messages only: editing a sent command must not queue a second job.
     new_messages = filters.UpdateType.MESSAGE
     application.add_handler(CommandHandler(Command.START, handlers.start, new_messages))
@@ -100,6 +109,10 @@ def _wire(settings: Settings) -> tuple[BotApplication, Store, Celery]:
     application.add_handler(CommandHandler(Command.STYLES, handlers.styles, new_messages))
     application.add_handler(CommandHandler(Command.QUOTA, handlers.quota, new_messages))
     application.add_handler(CommandHandler(Command.CANCEL, handlers.cancel, new_messages))
+    application.add_handler(CommandHandler(Command.HISTORY, handlers.history, new_messages))
+    application.add_handler(CommandHandler(Command.PRIVACY, handlers.privacy, new_messages))
+    application.add_handler(CommandHandler(Command.EXPORT, handlers.export, new_messages))
+    application.add_handler(CommandHandler(Command.FORGET, handlers.forget, new_messages))
     application.add_handler(CommandHandler(Command.GROUP_QUOTA, handlers.group_quota, new_messages))
     # Videos and GIFs are caught too, to be told that a still photo is needed.
     pictures = filters.PHOTO | filters.Document.ALL | filters.ANIMATION | filters.VIDEO

@@ -9,6 +9,7 @@ from telegram import Update
 from telegram.ext import Application, CallbackContext, ExtBot
 
 from chitrakar.config import Settings
+from chitrakar.privacy import PrivacyService
 from chitrakar.services import JobIntake
 from chitrakar.texts import pick_language
 from db.jobs import Origin
@@ -20,6 +21,7 @@ CHANNEL = "telegram"
 class BotServices:
     settings: Settings
     intake: JobIntake
+    privacy: PrivacyService
 
 
 class BotContext(CallbackContext[ExtBot[None], dict[Any, Any], dict[Any, Any], dict[Any, Any]]):

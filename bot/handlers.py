@@ -10,25 +10,28 @@ from telegram import (
     ChatMember,
     InlineKeyboardButton,
     InlineKeyboardMarkup,
+    InputMediaPhoto,
     Message,
     MessageEntity,
     ReplyParameters,
     Update,
 )
-from telegram.constants import ChatType, MessageLimit
+from telegram.constants import ChatType, FileSizeLimit, MessageLimit
 from telegram.error import BadRequest, TelegramError
 
-from bot.context import BotContext, language_of, origin_of
+from bot.context import CHANNEL, BotContext, language_of, origin_of
 from chitrakar.buttons import (
     Action,
     Button,
     ButtonPress,
     InvalidButton,
+    forget_buttons,
+    history_buttons,
     labelled,
     parse_button,
     style_buttons,
 )
-from chitrakar.domain import Command, CommandError, option_limits, parse_image_command
+from chitrakar.domain import Command, CommandError, JobKind, option_limits, parse_image_command
 from chitrakar.photos import MAX_DOWNLOAD_BYTES, check_declared_size, prepare_selfie
 from chitrakar.quota import STEPS_INCLUDED
 from chitrakar.services import Accepted
@@ -37,6 +40,16 @@ from db.jobs import Origin
 
 log = logging.getLogger(__name__)
 
+# What a history line calls each kind of job.
+KIND_NAMES = {
+    JobKind.PORTRAIT: "history.kind_portrait",
+    JobKind.AVATAR: "history.kind_avatar",
+    JobKind.VARIATION: "history.kind_variation",
+    JobKind.UPSCALE: "history.kind_upscale",
+    JobKind.PREVIEWS: "history.kind_previews",
+}
+# How much of a prompt a history line shows.
+HISTORY_PROMPT_CHARS = 60
 # A group's daily credits an admin may set (a typo of 10**9 should not read as "unlimited").
 MAX_GROUP_QUOTA = 100_000
 
@@ -314,6 +327,147 @@ async def cancel(update: Update, context: BotContext) -> None:
     )
 
 
+async def history(update: Update, context: BotContext) -> None:
+    message, user = update.effective_message, update.effective_user
+    if message is None or user is None:
+        return
+    reply, keyboard = await _history_page(update, context, str(user.id), 1)
+    await message.reply_text(reply, reply_markup=keyboard)
+
+
+async def _history_page(
+    update: Update, context: BotContext, owner: str, page: int
+) -> tuple[str, InlineKeyboardMarkup | None]:
+    language = language_of(update)
+    origin = origin_of(update, language)
+    past, pages = await asyncio.to_thread(context.services.intake.history, origin, page)
+    if not past:
+        return text(language, "history.empty"), None
+    lines = [
+        text(
+            language,
+            "history.line",
+            number=n,
+            when=f"{job.created_at:%d %b %H:%M}",
+            what=text(language, KIND_NAMES[job.kind]),
+            prompt=_shown_prompt(job.plan.prompt),
+        )
+        for n, job in enumerate(past, start=1)
+    ]
+    reply = text(language, "history.header", page=page, pages=pages) + "\n\n" + "\n".join(lines)
+    rows = history_buttons(owner, [job.id for job in past], page, pages)
+    return reply, _keyboard(language, rows)
+
+
+def _shown_prompt(prompt: str) -> str:
+    return (
+        prompt if len(prompt) <= HISTORY_PROMPT_CHARS else prompt[: HISTORY_PROMPT_CHARS - 1] + "…"
+    )
+
+
+async def privacy(update: Update, context: BotContext) -> None:
+    message = update.effective_message
+    if message is None:
+        return
+    settings = context.services.settings
+    await message.reply_text(
+        text(
+            language_of(update),
+            "privacy.text",
+            daily_quota=settings.daily_quota,
+        )
+    )
+
+
+async def export(update: Update, context: BotContext) -> None:
+    """Everything stored about the user, as a ZIP file."""
+    message, user = update.effective_message, update.effective_user
+    if message is None or user is None:
+        return
+    language = language_of(update)
+    archive = await asyncio.to_thread(
+        context.services.privacy.export_zip, CHANNEL, str(user.id), text(language, "export.readme")
+    )
+    if archive is None:
+        await message.reply_text(text(language, "export.nothing"))
+        return
+    if len(archive) > FileSizeLimit.FILESIZE_UPLOAD:
+        await message.reply_text(text(language, "export.too_large"))
+        return
+    await message.reply_document(
+        archive,
+        filename=f"chitrakar-{user.id}.zip",
+        caption=text(language, "export.caption"),
+    )
+
+
+async def forget(update: Update, context: BotContext) -> None:
+    """Ask before deleting everything stored about the user."""
+    message, user = update.effective_message, update.effective_user
+    if message is None or user is None:
+        return
+    language = language_of(update)
+    await message.reply_text(
+        text(language, "forget.confirm"),
+        reply_markup=_keyboard(language, forget_buttons(str(user.id))),
+    )
+
+
+async def _on_owned_press(update: Update, context: BotContext, press: ButtonPress) -> None:
+    """History pages and the forget confirmation: only the user they belong to may press."""
+    query, user = update.callback_query, update.effective_user
+    assert query is not None and user is not None
+    language = language_of(update)
+    if press.owner != str(user.id):
+        await _answer(update, text(language, "button.not_yours"), alert=True)
+        return
+    if press.action == Action.HISTORY:
+        assert press.page is not None
+        reply, keyboard = await _history_page(update, context, press.owner, press.page)
+        await _answer(update)
+        if query.message is not None:
+            try:
+                await context.bot.edit_message_text(
+                    reply,
+                    chat_id=query.message.chat.id,
+                    message_id=query.message.message_id,
+                    reply_markup=keyboard,
+                )
+            except TelegramError as exc:
+                log.info("could not turn the history page: %s", exc)
+        return
+    if not press.confirm:
+        await _answer(update, text(language, "forget.kept"))
+        return
+    report = await asyncio.to_thread(context.services.privacy.forget, CHANNEL, press.owner)
+    await _answer(update)
+    done = text(language, "forget.done", jobs=report.jobs, files=report.artifacts + report.inputs)
+    if query.message is not None:
+        try:
+            await context.bot.edit_message_text(
+                done, chat_id=query.message.chat.id, message_id=query.message.message_id
+            )
+            return
+        except TelegramError as exc:
+            log.info("could not edit the forget confirmation: %s", exc)
+    await context.bot.send_message(user.id, done)
+
+
+async def _resend(
+    update: Update, context: BotContext, origin: Origin, press: ButtonPress, admin: bool
+) -> None:
+    """A past result sent again by Telegram's file ids: no upload, no GPU."""
+    job = await asyncio.to_thread(context.services.intake.to_resend, origin, press, admin)
+    await _answer(update)
+    file_ids = list(job.result_file_ids)
+    if len(file_ids) == 1:
+        await context.bot.send_photo(origin.chat_id, file_ids[0])
+    else:
+        await context.bot.send_media_group(
+            origin.chat_id, [InputMediaPhoto(file_id) for file_id in file_ids]
+        )
+
+
 async def group_quota(update: Update, context: BotContext) -> None:
     """`/groupquota <credits per day>` or `/groupquota off`, for a group's admins."""
     message, chat, user = update.effective_message, update.effective_chat, update.effective_user
@@ -377,6 +531,9 @@ async def on_button(update: Update, context: BotContext) -> None:
         await _answer(update, text(language, "button.invalid"), alert=True)
         return
     origin = origin_of(update, language, trigger=f"button:{query.id}")
+    if press.action in (Action.HISTORY, Action.FORGET):
+        await _on_owned_press(update, context, press)
+        return
     if press.action == Action.STYLE:
         assert press.style is not None
         style = await asyncio.to_thread(intake.set_default_style, origin, press.style)
@@ -397,6 +554,9 @@ async def on_button(update: Update, context: BotContext) -> None:
     try:
         if press.action == Action.PICK:
             await _send_pick(update, context, origin, press, is_admin)
+            return
+        if press.action == Action.RESEND:
+            await _resend(update, context, origin, press, is_admin)
             return
         accepted = await asyncio.to_thread(intake.accept_press, origin, press, is_admin)
     except CommandError as exc:  # a refused press, or credits short

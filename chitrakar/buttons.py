@@ -29,6 +29,9 @@ class Action(StrEnum):
     UPSCALE = "u"  # image i at twice the size
     PICK = "p"  # image i as a file, at full size
     STYLE = "s"  # make a style the user's default
+    RESEND = "r"  # send a past result again (by Telegram's file id)
+    HISTORY = "h"  # a page of the user's history
+    FORGET = "f"  # confirm (or not) deleting everything stored about the user
 
 
 class InvalidButton(ValueError):
@@ -41,11 +44,19 @@ class ButtonPress:
     job_id: int | None = None
     index: int | None = None
     style: str | None = None
+    # History pages and the forget confirmation belong to one user: only they may press.
+    owner: str | None = None
+    page: int | None = None
+    confirm: bool | None = None
 
     @property
     def data(self) -> str:
         if self.action == Action.STYLE:
             return f"{self.action}:{self.style}"
+        if self.action == Action.HISTORY:
+            return f"{self.action}:{self.owner}:{self.page}"
+        if self.action == Action.FORGET:
+            return f"{self.action}:{self.owner}:{'y' if self.confirm else 'n'}"
         if self.index is None:
             return f"{self.action}:{self.job_id}"
         return f"{self.action}:{self.job_id}:{self.index}"
@@ -60,7 +71,9 @@ class Button:
     label_params: dict[str, Any] = field(default_factory=dict)
 
 
-_JOB_PATTERN = re.compile(r"(?P<action>[avup]):(?P<job>[1-9][0-9]{0,18})(?::(?P<index>[0-9]))?")
+_JOB_PATTERN = re.compile(r"(?P<action>[avupr]):(?P<job>[1-9][0-9]{0,18})(?::(?P<index>[0-9]))?")
+_HISTORY_PATTERN = re.compile(r"h:(?P<owner>[1-9][0-9]{0,19}):(?P<page>[1-9][0-9]{0,3})")
+_FORGET_PATTERN = re.compile(r"f:(?P<owner>[1-9][0-9]{0,19}):(?P<choice>[yn])")
 _STYLE_PATTERN = re.compile(r"s:(?P<style>[a-z0-9][a-z0-9-]{0,40})")
 _NEEDS_INDEX = frozenset({Action.VARIATION, Action.UPSCALE, Action.PICK})
 
@@ -71,6 +84,10 @@ def parse_button(data: str | None) -> ButtonPress:
         raise InvalidButton(data)
     if style := _STYLE_PATTERN.fullmatch(data):
         return ButtonPress(Action.STYLE, style=style["style"])
+    if history := _HISTORY_PATTERN.fullmatch(data):
+        return ButtonPress(Action.HISTORY, owner=history["owner"], page=int(history["page"]))
+    if forget := _FORGET_PATTERN.fullmatch(data):
+        return ButtonPress(Action.FORGET, owner=forget["owner"], confirm=forget["choice"] == "y")
     match = _JOB_PATTERN.fullmatch(data)
     if match is None:
         raise InvalidButton(data)
@@ -113,6 +130,35 @@ def offered_actions(kind: JobKind, count: int) -> frozenset[Action]:
     if kind == JobKind.PREVIEWS:
         return frozenset()
     return frozenset(b.press.action for row in result_buttons(0, kind, count) for b in row)
+
+
+def history_buttons(owner: str, job_ids: list[int], page: int, pages: int) -> list[list[Button]]:
+    """Under a page of history: send each result again, or make it again with new seeds;
+    then the pages before and after."""
+    rows = [
+        [
+            Button("button.resend", ButtonPress(Action.RESEND, job_id=job_id), {"number": n}),
+            Button("button.repeat", ButtonPress(Action.AGAIN, job_id=job_id), {"number": n}),
+        ]
+        for n, job_id in enumerate(job_ids, start=1)
+    ]
+    turns = []
+    if page > 1:
+        turns.append(
+            Button("button.previous", ButtonPress(Action.HISTORY, owner=owner, page=page - 1))
+        )
+    if page < pages:
+        turns.append(Button("button.next", ButtonPress(Action.HISTORY, owner=owner, page=page + 1)))
+    return [*rows, turns] if turns else rows
+
+
+def forget_buttons(owner: str) -> list[list[Button]]:
+    return [
+        [
+            Button("button.forget_yes", ButtonPress(Action.FORGET, owner=owner, confirm=True)),
+            Button("button.forget_no", ButtonPress(Action.FORGET, owner=owner, confirm=False)),
+        ]
+    ]
 
 
 def style_buttons(catalogue: StyleCatalogue, language: str, per_row: int = 2) -> list[list[Button]]:

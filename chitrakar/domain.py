@@ -17,6 +17,10 @@ class Command(StrEnum):
     STYLES = "styles"
     QUOTA = "quota"
     CANCEL = "cancel"
+    HISTORY = "history"
+    PRIVACY = "privacy"
+    EXPORT = "export"
+    FORGET = "forget"
     GROUP_QUOTA = "groupquota"
 
 

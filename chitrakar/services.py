@@ -43,6 +43,9 @@ from db.session import Store, UnitOfWork
 
 log = logging.getLogger(__name__)
 
+# Past jobs on one page of /history (each with two buttons, so a phone shows them all).
+HISTORY_PAGE_SIZE = 5
+
 
 @dataclass(frozen=True)
 class QuotaStatus:
@@ -260,6 +263,25 @@ class JobIntake:
     def hand_over_held(self, job_id: int) -> None:
         """Publish the held jobs of a job's user that now have a place."""
         hand_over_held(self._store, self._publish, job_id, self._settings.max_jobs_in_flight)
+
+    def history(self, origin: Origin, page: int) -> tuple[list[JobView], int]:
+        """A page of the user's results in this chat, newest first, and the number of pages."""
+        with self._store.unit_of_work() as uow:
+            return jobs.history_page(
+                uow,
+                origin.channel,
+                origin.chat_id,
+                origin.user_external_id,
+                page,
+                HISTORY_PAGE_SIZE,
+            )
+
+    def to_resend(self, origin: Origin, press: ButtonPress, presser_is_admin: bool) -> JobView:
+        """A past result to send again by its Telegram file ids. Raises ButtonRefused."""
+        parent = self._pressable(origin, press, presser_is_admin)
+        if not parent.result_file_ids:
+            raise ButtonRefused("button.result_gone")
+        return parent
 
     def set_default_style(self, origin: Origin, key: str) -> Style | None:
         """Make a style the user's default; None when the catalogue no longer has it."""

@@ -70,6 +70,7 @@ class JobView:
     created_at: datetime
     started_at: datetime | None
     input_path: str | None = None
+    result_file_ids: tuple[str, ...] = ()
     parent_job_id: int | None = None
     parent_index: int | None = None
     # Artifact keys of the results and their SHA-256, in image order.
@@ -113,6 +114,7 @@ class JobView:
             parent_index=job.parent_index,
             result_paths=tuple(job.result_paths or ()),
             result_checksums=tuple(job.result_checksums or ()),
+            result_file_ids=tuple(job.result_file_ids or ()),
             options=dict(job.options or {}),
             cost=job.cost or 0,
         )
@@ -456,8 +458,9 @@ def cancel_jobs(uow: UnitOfWork, channel: str, chat_id: int, external_id: str) -
 
 
 def is_cancelled(uow: UnitOfWork, job_id: int) -> bool:
+    """Cancelled, or gone altogether (its user had everything about them deleted)."""
     status = uow.session.scalar(select(Job.status).where(Job.id == job_id))
-    return status == JobStatus.CANCELLED
+    return status is None or status == JobStatus.CANCELLED
 
 
 def hold_again(uow: UnitOfWork, job_id: int) -> None:
@@ -473,3 +476,26 @@ def users_with_held_jobs(uow: UnitOfWork) -> list[int]:
             .distinct()
         )
     )
+
+
+def history_page(
+    uow: UnitOfWork, channel: str, chat_id: int, external_id: str, page: int, per_page: int
+) -> tuple[list[JobView], int]:
+    """A page (from 1) of the user's finished jobs with images in one chat, newest first,
+    and how many pages there are."""
+    mine = (
+        select(Job)
+        .join(User)
+        .where(
+            User.channel == channel,
+            User.external_id == external_id,
+            Job.chat_id == chat_id,
+            Job.status == JobStatus.DONE,
+            Job.command != JobKind.PREVIEWS,
+        )
+    )
+    total = int(uow.session.scalar(select(func.count()).select_from(mine.subquery())) or 0)
+    rows = uow.session.scalars(
+        mine.order_by(Job.id.desc()).offset((page - 1) * per_page).limit(per_page)
+    )
+    return [JobView.of(job) for job in rows], max(1, -(-total // per_page))

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -536,3 +538,72 @@ def test_cancel_says_so_when_there_is_nothing_to_cancel(stack: Stack) -> None:
     asked = emulator.send_text(chat, user, "/cancel")
     reply = emulator.wait_for("sendMessage", answer_to(asked), timeout=30)
     assert reply.params["text"] == text("en", "cancel.nothing")
+
+
+def test_history_export_and_forget(stack: Stack) -> None:
+    emulator, database_url = stack
+    user, chat = new_user(emulator)
+    prompts = [f"diya number {n}" for n in range(6)]
+    for prompt in prompts:
+        command = emulator.send_text(chat, user, f"/portrait {prompt}")
+        emulator.wait_for("sendPhoto", replying_to(command), timeout=240)
+    made = wait_done(database_url, chat["id"], 6)
+
+    asked = emulator.send_text(chat, user, "/history")
+    page = emulator.wait_for("sendMessage", answer_to(asked), timeout=30).result
+    assert page["text"].startswith(text("en", "history.header", page=1, pages=2))
+    assert "diya number 5" in page["text"] and "diya number 0" not in page["text"]
+    newest = made[-1]
+    data = callback_data(emulator, page)
+    assert data[:2] == [f"r:{newest.id}", f"a:{newest.id}"]
+    assert data[-1] == f"h:{user['id']}:2"
+
+    # Sent again by Telegram's file id: no upload.
+    emulator.press(page, user, f"r:{newest.id}")
+    again = emulator.wait_for(
+        "sendPhoto", lambda c: c.params.get("photo") == newest.result_file_ids[0], 30
+    )
+    assert again.files == {}
+
+    # Another user cannot turn someone's pages.
+    other = emulator.user(next(_fresh_ids), "Nosy")
+    refused = emulator.press(page, other, f"h:{user['id']}:2")
+    assert emulator.wait_for_answer(refused).params["text"] == text("en", "button.not_yours")
+    emulator.press(page, user, f"h:{user['id']}:2")
+    turned = emulator.wait_for(
+        "editMessageText", lambda c: c.params.get("message_id") == page["message_id"], 30
+    )
+    assert "diya number 0" in turned.params["text"]
+
+    asked = emulator.send_text(chat, user, "/privacy")
+    assert emulator.wait_for("sendMessage", answer_to(asked), 30).params["text"] == text(
+        "en", "privacy.text", daily_quota=20
+    )
+
+    asked = emulator.send_text(chat, user, "/export")
+    sent = emulator.wait_for("sendDocument", answer_to(asked), timeout=60)
+    with zipfile.ZipFile(io.BytesIO(sent.files["document"])) as archive:
+        names = set(archive.namelist())
+        exported = json.loads(archive.read("jobs.json"))
+        assert archive.read("README.txt").decode() == text("en", "export.readme")
+    assert {"profile.json", "jobs.json", "ledger.json"} <= names
+    assert sorted(job["id"] for job in exported) == sorted(job.id for job in made)
+    for job in made:
+        assert f"results/{job.result_paths[0]}" in names or job.result_paths[0] in names
+
+    asked = emulator.send_text(chat, user, "/forget")
+    confirm = emulator.wait_for("sendMessage", answer_to(asked), 30).result
+    emulator.press(confirm, user, f"f:{user['id']}:y")
+    done = emulator.wait_for(
+        "editMessageText", lambda c: c.params.get("message_id") == confirm["message_id"], 30
+    )
+    assert done.params["text"] == text("en", "forget.done", jobs=6, files=6)
+    assert jobs_in_chat(database_url, chat["id"]) == []
+    for job in made:
+        assert not (
+            Path(database_url.removeprefix("sqlite:///")).parent / job.result_paths[0]
+        ).exists()
+    asked = emulator.send_text(chat, user, "/history")
+    assert emulator.wait_for("sendMessage", answer_to(asked), 30).params["text"] == text(
+        "en", "history.empty"
+    )

@@ -1,0 +1,233 @@
+"""A user's rows, for the right of access (export) and the right to erasure (forget).
+
+`collect` gathers everything the database holds about one user; `delete` removes it. Both work
+inside the caller's unit of work and do not commit. Files (results, selfie crops) are not
+touched here: the record names them, and the caller deletes them after the commit
+(chitrakar.privacy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+from sqlalchemy import Select, or_, select, update
+from sqlalchemy import delete as sql_delete
+from sqlalchemy.orm import Session
+
+from chitrakar.domain import JobKind
+from chitrakar.quota import user_account
+from db.models import Account, Job, JobEvent, LedgerEntry, User
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """What is stored about one user, as JSON-ready values (dates and times as ISO strings)."""
+
+    # The user's row: channel, external id, name, language, default style, created_at...
+    profile: dict[str, Any]
+    # Every column of each of their jobs, oldest first, each with its "events".
+    jobs: list[dict[str, Any]]
+    # Credit movements: every entry of their own account, and every entry (of any account,
+    # such as a group's) about one of their jobs. Each names its "account" key.
+    ledger: list[dict[str, Any]]
+    # The results of their jobs: artifact keys ("results/42/0-1234.png"); a value starting
+    # with "/" is a legacy absolute path of a local file.
+    artifact_keys: list[str]
+    # The selfie crops (absolute paths) that are theirs: the inputs of their avatar jobs.
+    input_paths: list[str]
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        # SQLite keeps no time zone: what it returns was written as UTC.
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    return value
+
+
+def _json_row(row: Mapping[Any, Any], leave_out: frozenset[str] = frozenset()) -> dict[str, Any]:
+    return {name: _json_value(value) for name, value in row.items() if name not in leave_out}
+
+
+def _columns(model: type[User] | type[Job] | type[JobEvent]) -> Select[Any]:
+    # Every column of the table, read as plain rows (no ORM objects enter the session): a
+    # column added to the model later is exported without a change here.
+    return select(*model.__table__.columns)
+
+
+def _user_id(session: Session, channel: str, external_id: str) -> int | None:
+    return session.scalar(
+        select(User.id).where(User.channel == channel, User.external_id == external_id)
+    )
+
+
+def _hold(session: Session, channel: str, external_id: str) -> None:
+    """Keep the user's rows from changing until the caller's transaction ends, so that the
+    record names every row that is deleted: a request of theirs arriving meanwhile waits for
+    the commit and is then recorded afresh (a new user row), rather than adding a job (and a
+    selfie) that is deleted without the record naming it."""
+    mine = (User.channel == channel, User.external_id == external_id)
+    # PostgreSQL: the row lock; a new request's insert-if-absent of the row waits for it.
+    session.execute(select(User.id).where(*mine).with_for_update())
+    # SQLite has no row locks (and ignores FOR UPDATE): a write takes the database's write
+    # lock before anything is read. On PostgreSQL this changes nothing.
+    session.execute(
+        update(User)
+        .where(*mine)
+        .values(channel=User.channel)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _account_id(session: Session, channel: str, external_id: str) -> int | None:
+    return session.scalar(
+        select(Account.id).where(Account.key == user_account(channel, external_id))
+    )
+
+
+def _jobs_of(user_id: int | None) -> Select[Any]:
+    return select(Job.id).where(Job.user_id == user_id)
+
+
+def _ledger_filter(user_id: int | None, account_id: int | None) -> Any:
+    return or_(LedgerEntry.account_id == account_id, LedgerEntry.job_id.in_(_jobs_of(user_id)))
+
+
+def _dedupe(values: list[str]) -> list[str]:
+    return list(dict.fromkeys(values))
+
+
+def collect(session: Session, channel: str, external_id: str) -> UserRecord | None:
+    """Everything stored about a user; None when nothing is (no user row, no account row)."""
+    user_id = _user_id(session, channel, external_id)
+    account_id = _account_id(session, channel, external_id)
+    if user_id is None and account_id is None:
+        return None
+
+    profile: dict[str, Any] = {}
+    if user_id is not None:
+        user = session.execute(_columns(User).where(User.id == user_id)).mappings().one()
+        profile = _json_row(user)
+
+    events: dict[int, list[dict[str, Any]]] = {}
+    event_rows = session.execute(
+        _columns(JobEvent).where(JobEvent.job_id.in_(_jobs_of(user_id))).order_by(JobEvent.id)
+    ).mappings()
+    for event in event_rows:
+        events.setdefault(event["job_id"], []).append(_json_row(event, frozenset({"job_id"})))
+
+    job_list: list[dict[str, Any]] = []
+    artifact_keys: list[str] = []
+    avatar_inputs: list[str] = []
+    for job in session.execute(
+        _columns(Job).where(Job.user_id == user_id).order_by(Job.id)
+    ).mappings():
+        job_list.append({**_json_row(job), "events": events.get(job["id"], [])})
+        artifact_keys.extend(job["result_paths"] or ())
+        if job["command"] == JobKind.AVATAR and job["input_path"] is not None:
+            avatar_inputs.append(job["input_path"])
+
+    ledger_rows = session.execute(
+        select(
+            Account.key.label("account"),
+            LedgerEntry.kind,
+            LedgerEntry.amount,
+            LedgerEntry.day,
+            LedgerEntry.job_id,
+            LedgerEntry.note,
+            LedgerEntry.at,
+        )
+        .join(Account, Account.id == LedgerEntry.account_id)
+        .where(_ledger_filter(user_id, account_id))
+        .order_by(LedgerEntry.id)
+    ).mappings()
+
+    return UserRecord(
+        profile=profile,
+        jobs=job_list,
+        ledger=[_json_row(entry) for entry in ledger_rows],
+        artifact_keys=_dedupe(artifact_keys),
+        input_paths=_own_inputs(session, user_id, _dedupe(avatar_inputs)),
+    )
+
+
+def _own_inputs(session: Session, user_id: int | None, paths: list[str]) -> list[str]:
+    """The selfies among `paths` that are this user's. An admin who presses Again under a
+    member's avatar in a group makes an avatar job of their own from the member's selfie: the
+    selfie stays the member's, the sender of the first job made from it (one with no parent).
+    So a path that another user's first avatar job names is left out."""
+    if not paths:
+        return []
+    others = set(
+        session.scalars(
+            select(Job.input_path).where(
+                Job.command == JobKind.AVATAR,
+                Job.parent_job_id.is_(None),
+                Job.user_id != user_id,
+                Job.input_path.in_(paths),
+            )
+        )
+    )
+    return [path for path in paths if path not in others]
+
+
+def delete(session: Session, channel: str, external_id: str) -> UserRecord | None:
+    """Delete every row about a user, after collecting them; returns the record (so that the
+    caller can delete the files it names once the deletion is committed), or None when
+    nothing is stored about them. Does not commit.
+
+    Rows of other users are never deleted: a job of someone else made from one of this user's
+    results (an admin's variation in a group) stays, with no parent."""
+    _hold(session, channel, external_id)
+    record = collect(session, channel, external_id)
+    if record is None:
+        return None
+    user_id = _user_id(session, channel, external_id)
+    account_id = _account_id(session, channel, external_id)
+    their_jobs = _jobs_of(user_id)
+
+    # Jobs that start from one of theirs (their own follow-ups, or another user's) lose the
+    # reference, so that their jobs can go.
+    session.execute(
+        update(Job)
+        .where(Job.parent_job_id.in_(their_jobs))
+        .values(parent_job_id=None)
+        .execution_options(synchronize_session="fetch")
+    )
+    # Their account's entries, and every entry about one of their jobs whatever the account:
+    # a group's reserve, commit or refund for their job records what they asked for and
+    # links it to them (the job id), and the job it names is going. Deleted explicitly: the
+    # foreign key cascades, but SQLite enforces that only with PRAGMA foreign_keys on. So the
+    # group gets back the credits their jobs took that day, as the user gets a fresh quota:
+    # for the ledger, the jobs were never asked for.
+    session.execute(
+        sql_delete(LedgerEntry)
+        .where(_ledger_filter(user_id, account_id))
+        .execution_options(synchronize_session="fetch")
+    )
+    session.execute(
+        sql_delete(JobEvent)
+        .where(JobEvent.job_id.in_(their_jobs))
+        .execution_options(synchronize_session="fetch")
+    )
+    session.execute(
+        sql_delete(Job).where(Job.user_id == user_id).execution_options(synchronize_session="fetch")
+    )
+    if account_id is not None:
+        session.execute(
+            sql_delete(Account)
+            .where(Account.id == account_id)
+            .execution_options(synchronize_session="fetch")
+        )
+    if user_id is not None:
+        session.execute(
+            sql_delete(User)
+            .where(User.id == user_id)
+            .execution_options(synchronize_session="fetch")
+        )
+    session.flush()
+    return record

@@ -1,0 +1,380 @@
+"""Export and erasure of a user's data on real databases (SQLite and PostgreSQL): the export
+holds everything stored about the user and nothing of anyone else; after forgetting, no row
+of any table mentions them and their files are gone, while the other user's data is intact."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from sqlalchemy import String, func, or_, select
+
+from chitrakar.artifacts import LocalArtifactStore
+from chitrakar.domain import GenerationPlan, JobKind
+from chitrakar.media import MediaStore
+from chitrakar.privacy import ForgetReport, PrivacyService
+from chitrakar.quota import Account
+from db import jobs, ledger
+from db.jobs import Charge, Origin
+from db.migrate import upgrade_to_head
+from db.models import Account as AccountRow
+from db.models import Base, Job, LedgerEntry, User
+from db.session import Store
+
+DAY = date(2026, 11, 26)
+GROUP = -100
+A, B = "42", "43"
+A_KEY, B_KEY, GROUP_KEY = "user:telegram:42", "user:telegram:43", "group:telegram:-100"
+README = "What is in this archive (the caller's translated text)."
+
+
+@dataclass
+class World:
+    store: Store
+    artifacts: LocalArtifactStore
+    media: MediaStore
+    service: PrivacyService
+    tmp: Path
+    job_ids: dict[str, list[int]] = field(default_factory=lambda: {A: [], B: []})
+    result_keys: dict[str, list[str]] = field(default_factory=lambda: {A: [], B: []})
+    selfies: dict[str, str] = field(default_factory=dict)
+    legacy_path: Path | None = None
+    next_message: int = 1
+
+    def origin(self, user: str, chat_id: int) -> Origin:
+        self.next_message += 1
+        chat_type = "private" if chat_id > 0 else "group"
+        return Origin("telegram", chat_id, chat_type, user, f"user {user}", "en", self.next_message)
+
+    def charge(self, user: str, chat_id: int) -> Charge:
+        accounts = [Account(f"user:telegram:{user}", 100)]
+        if chat_id < 0:
+            accounts.append(Account(GROUP_KEY, 50))
+        return Charge(tuple(accounts), 2, DAY)
+
+    def job(
+        self,
+        user: str,
+        prompt: str,
+        *,
+        chat_id: int = GROUP,
+        kind: JobKind = JobKind.PORTRAIT,
+        images: int = 1,
+        input_path: str | None = None,
+        parent: int | None = None,
+        outcome: str = "done",
+    ) -> int:
+        plan = GenerationPlan(prompt, 64, 64, 4, tuple(range(1, images + 1)), 7.0)
+        with self.store.unit_of_work() as uow:
+            job_id = jobs.create_job(
+                uow,
+                self.origin(user, chat_id),
+                kind,
+                plan,
+                options={"images": images},
+                input_path=input_path,
+                parent_job_id=parent,
+                parent_index=0 if parent is not None else None,
+                charge=self.charge(user, chat_id),
+            )
+            jobs.start_job(uow, job_id, "worker-1")
+            if outcome == "failed":
+                jobs.fail_job(uow, job_id, "RuntimeError: out of memory")
+            elif outcome == "legacy":
+                # A row from before the artifact store: an absolute path, no checksum.
+                self.legacy_path = self.tmp / "old-results" / str(job_id) / "0-1.png"
+                self.legacy_path.parent.mkdir(parents=True)
+                self.legacy_path.write_bytes(b"legacy png of " + user.encode())
+                jobs.complete_job(
+                    uow,
+                    job_id,
+                    result_paths=[str(self.legacy_path)],
+                    result_file_ids=["legacy-file-id"],
+                    generation_seconds=1.0,
+                )
+            else:
+                stored = [
+                    self.artifacts.put(
+                        f"results/{job_id}/{i}-{seed}.png", f"png {user} {job_id} {i}".encode()
+                    )
+                    for i, seed in enumerate(plan.seeds)
+                ]
+                jobs.complete_job(
+                    uow,
+                    job_id,
+                    result_paths=[s.key for s in stored],
+                    result_checksums=[s.sha256 for s in stored],
+                    result_file_ids=[f"file-{job_id}-{i}" for i in range(len(stored))],
+                    generation_seconds=2.5,
+                )
+                self.result_keys[user] += [s.key for s in stored]
+        self.job_ids[user].append(job_id)
+        return job_id
+
+    def selfie(self, user: str, colour: str) -> str:
+        path = self.media.save_input(Image.new("RGB", (8, 8), colour))
+        self.selfies[user] = path
+        return path
+
+
+@pytest.fixture
+def world(database_url: str, tmp_path: Path) -> World:
+    upgrade_to_head(database_url)
+    store = Store(database_url)
+    artifacts = LocalArtifactStore(tmp_path / "artifacts")
+    media = MediaStore(tmp_path / "media")
+    w = World(store, artifacts, media, PrivacyService(store, artifacts, media), tmp_path)
+
+    a_group = w.job(A, "a tea stall at dusk", images=2)
+    w.job(A, "a kite over the river", chat_id=42, outcome="failed")
+    a_avatar = w.job(A, "A's avatar", kind=JobKind.AVATAR, input_path=w.selfie(A, "red"))
+    w.job(A, "an old portrait", chat_id=42, outcome="legacy")
+
+    w.job(B, "a lighthouse in monsoon rain")
+    # B, an admin of the group, presses buttons under A's results there: a variation of A's
+    # image and Again under A's avatar (which reuses A's selfie: it stays A's).
+    w.job(B, "B's variation of the tea stall", kind=JobKind.VARIATION, parent=a_group)
+    w.job(
+        B, "B's again of A's avatar", kind=JobKind.AVATAR, input_path=w.selfies[A], parent=a_avatar
+    )
+    b_avatar = w.job(B, "B's own avatar", kind=JobKind.AVATAR, input_path=w.selfie(B, "blue"))
+    # ... and A presses Again under B's avatar: B's selfie stays B's.
+    w.job(
+        A, "A's again of B's avatar", kind=JobKind.AVATAR, input_path=w.selfies[B], parent=b_avatar
+    )
+
+    with store.unit_of_work() as uow:
+        ledger.grant(uow.session, A_KEY, 5, DAY, note="festival bonus")
+        ledger.grant(uow.session, B_KEY, 3, DAY)
+        uow.commit()
+    return w
+
+
+B_PROMPTS = ("a lighthouse in monsoon rain", "B's variation", "B's again", "B's own avatar")
+
+
+def entries_of(store: Store, key: str, user: str | None = None) -> list[tuple[Any, ...]]:
+    """(account, kind, amount, job_id) of an account's entries, or of those about a user's
+    jobs whatever the account."""
+    with store.unit_of_work() as uow:
+        query = (
+            select(AccountRow.key, LedgerEntry.kind, LedgerEntry.amount, LedgerEntry.job_id)
+            .join(AccountRow, AccountRow.id == LedgerEntry.account_id)
+            .order_by(LedgerEntry.id)
+        )
+        condition = AccountRow.key == key
+        if user is not None:
+            their_jobs = select(Job.id).join(User).where(User.external_id == user)
+            condition = or_(condition, LedgerEntry.job_id.in_(their_jobs))
+        return [tuple(row) for row in uow.session.execute(query.where(condition))]
+
+
+def table_contents(store: Store) -> dict[str, list[dict[str, Any]]]:
+    with store.engine.connect() as connection:
+        return {
+            table.name: [dict(row._mapping) for row in connection.execute(select(table))]
+            for table in Base.metadata.sorted_tables
+        }
+
+
+def read_zip(data: bytes) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert archive.testzip() is None
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+def test_an_export_holds_everything_about_the_user_and_nothing_of_anyone_else(
+    world: World,
+) -> None:
+    a_keys = world.result_keys[A]
+    # A result deleted already (by retention, say): listed in jobs.json, not in the ZIP.
+    gone = a_keys[1]
+    world.artifacts.delete(gone)
+
+    data = world.service.export_zip("telegram", A, README)
+    assert data is not None
+    files = read_zip(data)
+
+    assert files["README.txt"].decode() == README
+    assert world.legacy_path is not None
+    legacy_name = "results/" + "/".join(world.legacy_path.parts[-2:])
+    assert set(files) == {
+        "README.txt",
+        "profile.json",
+        "jobs.json",
+        "ledger.json",
+        *(f"results/{key}" for key in a_keys if key != gone),
+        legacy_name,
+        f"inputs/{Path(world.selfies[A]).name}",
+    }
+    for key in a_keys:
+        if key != gone:
+            assert files[f"results/{key}"] == world.artifacts.get(key)
+    assert files[legacy_name] == world.legacy_path.read_bytes()
+    assert files[f"inputs/{Path(world.selfies[A]).name}"] == Path(world.selfies[A]).read_bytes()
+
+    profile = json.loads(files["profile.json"])
+    assert (profile["channel"], profile["external_id"], profile["display_name"]) == (
+        "telegram",
+        A,
+        "user 42",
+    )
+    assert profile["created_at"].endswith("+00:00")
+
+    exported = json.loads(files["jobs.json"])
+    with world.store.unit_of_work() as uow:
+        stored = list(
+            uow.session.scalars(
+                select(Job).join(User).where(User.external_id == A).order_by(Job.id)
+            )
+        )
+        assert [job["id"] for job in exported] == [job.id for job in stored]
+        for job, row in zip(exported, stored, strict=True):
+            assert job["prompt"] == row.prompt
+            assert job["status"] == row.status
+            assert job["command"] == row.command
+            assert job["seeds"] == row.seeds
+            assert job["options"] == row.options
+            assert job["result_paths"] == row.result_paths
+            assert job["result_checksums"] == row.result_checksums
+            assert job["result_file_ids"] == row.result_file_ids
+            assert job["error"] == row.error
+            assert [e["status"] for e in job["events"]] == [e.status for e in row.events]
+            assert job["created_at"].endswith("+00:00")
+    # The deleted result is still listed.
+    assert any(gone in (job["result_paths"] or []) for job in exported)
+    assert {job["status"] for job in exported} == {"done", "failed"}
+
+    expected = entries_of(world.store, A_KEY, user=A)
+    exported_ledger = json.loads(files["ledger.json"])
+    assert [
+        (e["account"], e["kind"], e["amount"], e["job_id"]) for e in exported_ledger
+    ] == expected
+    assert {e["account"] for e in exported_ledger} == {A_KEY, GROUP_KEY}
+    assert {e["job_id"] for e in exported_ledger} - {None} <= set(world.job_ids[A])
+    assert any(e["kind"] == "refund" and e["amount"] == 2 for e in exported_ledger)
+    assert any(
+        e["note"] == "festival bonus" and e["day"] == DAY.isoformat() for e in exported_ledger
+    )
+
+    # Nothing of B: not their prompts, results, selfie or ledger.
+    everything = b"".join(files.values())
+    for prompt in B_PROMPTS:
+        assert prompt.encode() not in everything
+    for key in world.result_keys[B]:
+        assert f"results/{key}" not in files
+    assert world.artifacts.get(world.result_keys[B][0]) not in everything
+    assert Path(world.selfies[B]).read_bytes() not in files.values()
+    assert B_KEY.encode() not in everything
+    world.store.dispose()
+
+
+def test_forgetting_a_user_leaves_no_row_or_file_of_theirs_and_others_intact(
+    world: World,
+) -> None:
+    with world.store.unit_of_work() as uow:
+        a_user = uow.session.scalars(select(User.id).where(User.external_id == A)).one()
+        a_account = uow.session.scalars(select(AccountRow.id).where(AccountRow.key == A_KEY)).one()
+    a_jobs = set(world.job_ids[A])
+    a_entries = entries_of(world.store, A_KEY, user=A)
+    b_entries = entries_of(world.store, B_KEY, user=B)
+    b_results = {key: world.artifacts.get(key) for key in world.result_keys[B]}
+    assert world.legacy_path is not None
+
+    report = world.service.forget("telegram", A)
+
+    assert report == ForgetReport(
+        jobs=len(a_jobs),
+        ledger_entries=len(a_entries),
+        artifacts=len(world.result_keys[A]) + 1,  # and the legacy file
+        inputs=1,
+    )
+
+    # No row of any table, present or added later, names A: a generic scan of every column
+    # that holds (or refers to) a user, job or account id, and of every string column.
+    forbidden_ids = {"users": {a_user}, "jobs": a_jobs, "accounts": {a_account}}
+    by_name = {
+        "user_id": "users",
+        "job_id": "jobs",
+        "parent_job_id": "jobs",
+        "account_id": "accounts",
+    }
+    contents = table_contents(world.store)
+    assert set(contents) == {table.name for table in Base.metadata.sorted_tables}
+    for table in Base.metadata.sorted_tables:
+        for row in contents[table.name]:
+            for column in table.columns:
+                value = row[column.name]
+                targets = {fk.column.table.name for fk in column.foreign_keys}
+                if column.primary_key:
+                    targets.add(table.name)
+                if column.name in by_name:
+                    targets.add(by_name[column.name])
+                for target in targets:
+                    assert value not in forbidden_ids.get(target, set()), (table.name, row)
+                if isinstance(column.type, String) and isinstance(value, str):
+                    assert value not in {A, A_KEY}, (table.name, row)
+
+    assert not set(world.result_keys[A]) & set(world.artifacts.keys())
+    assert not world.legacy_path.exists()
+    assert not Path(world.selfies[A]).exists()
+
+    # B's data is intact: user, jobs, results, selfie, ledger, the group's account.
+    assert Path(world.selfies[B]).exists()
+    assert {key: world.artifacts.get(key) for key in world.result_keys[B]} == b_results
+    assert entries_of(world.store, B_KEY, user=B) == b_entries
+    with world.store.unit_of_work() as uow:
+        assert uow.session.scalar(select(User.id).where(User.external_id == B)) is not None
+        b_jobs = {job.id: job for job in uow.session.scalars(select(Job))}
+        assert set(b_jobs) == set(world.job_ids[B])
+        # The variation of A's image and the Again under A's avatar survive, with no parent.
+        variation, again = world.job_ids[B][1], world.job_ids[B][2]
+        assert b_jobs[variation].parent_job_id is None
+        assert b_jobs[again].parent_job_id is None
+        assert b_jobs[variation].status == "done"
+        keys = set(uow.session.scalars(select(AccountRow.key)))
+        assert keys == {B_KEY, GROUP_KEY}
+    world.store.dispose()
+
+
+def test_an_unknown_user_has_nothing_to_export_or_forget(world: World) -> None:
+    before = table_contents(world.store)
+    keys = world.artifacts.keys()
+
+    assert world.service.export_zip("telegram", "999", README) is None
+    assert world.service.export_zip("web", A, README) is None  # same id, other channel
+    assert world.service.forget("telegram", "999") == ForgetReport(0, 0, 0, 0)
+
+    assert table_contents(world.store) == before
+    assert world.artifacts.keys() == keys
+    assert Path(world.selfies[A]).exists()
+    world.store.dispose()
+
+
+def test_an_account_without_a_user_row_is_exported_and_forgotten(world: World) -> None:
+    # Credits granted to someone who has not written yet: only an account row holds them.
+    with world.store.unit_of_work() as uow:
+        ledger.grant(uow.session, "user:telegram:77", 4, DAY, note="welcome")
+        uow.commit()
+
+    data = world.service.export_zip("telegram", "77", README)
+    assert data is not None
+    files = read_zip(data)
+    assert json.loads(files["profile.json"]) == {}
+    assert json.loads(files["jobs.json"]) == []
+    assert [(e["kind"], e["amount"]) for e in json.loads(files["ledger.json"])] == [("grant", 4)]
+
+    assert world.service.forget("telegram", "77") == ForgetReport(0, 1, 0, 0)
+    with world.store.unit_of_work() as uow:
+        assert (
+            uow.session.scalar(select(func.count()).where(AccountRow.key == "user:telegram:77"))
+            == 0
+        )
+    world.store.dispose()
