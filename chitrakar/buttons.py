@@ -99,9 +99,12 @@ def parse_button(data: str | None) -> ButtonPress:
     return ButtonPress(action, job_id=job_id, index=index)
 
 
-def result_buttons(job_id: int, kind: JobKind, count: int) -> list[list[Button]]:
+def result_buttons(
+    job_id: int, kind: JobKind, count: int, selfie_kept: bool = True
+) -> list[list[Button]]:
     """Rows of buttons under a result, Midjourney-style: upscale or vary one image, make
-    the set again, and for avatars and upscales take an image as a file."""
+    the set again, and for avatars and upscales take an image as a file. An avatar set can
+    be made again only while its selfie is kept."""
     numbered = count > 1
 
     def row(action: Action, key: str, numbered_key: str) -> list[Button]:
@@ -120,7 +123,7 @@ def result_buttons(job_id: int, kind: JobKind, count: int) -> list[list[Button]]
         rows.append(row(Action.VARIATION, "button.variation", "button.variation_n"))
     if kind in (JobKind.AVATAR, JobKind.UPSCALE):
         rows.append(row(Action.PICK, "button.pick", "button.pick_n"))
-    if kind != JobKind.UPSCALE:
+    if kind != JobKind.UPSCALE and (kind != JobKind.AVATAR or selfie_kept):
         rows.append([Button("button.again", ButtonPress(Action.AGAIN, job_id=job_id))])
     return rows
 

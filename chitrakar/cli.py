@@ -105,6 +105,43 @@ def cmd_bot(settings: Settings, _: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_beat(settings: Settings, _: argparse.Namespace) -> int:
+    """The scheduler of periodic tasks (the retention sweep): one per deployment."""
+    _require_current_schema(settings)
+    from workers.celery_app import app
+
+    app.start(["beat", f"--loglevel={settings.log_level.upper()}"])
+    return 0
+
+
+def cmd_retention_sweep(settings: Settings, _: argparse.Namespace) -> int:
+    """Delete what the retention rules say is due, now."""
+    _require_current_schema(settings)
+    from datetime import UTC, datetime
+
+    from chitrakar.artifacts import artifact_store_from_url
+    from chitrakar.media import MediaStore
+    from chitrakar.retention import sweep
+    from db.session import Store
+
+    store = Store(settings.resolved_database_url)
+    try:
+        report = sweep(
+            settings,
+            store,
+            artifact_store_from_url(settings.artifact_store, settings.resolved_data_dir),
+            MediaStore(settings.media_dir),
+            datetime.now(UTC),
+        )
+    finally:
+        store.dispose()
+    print(
+        f"deleted the results of {report.results} job(s), {report.inputs} selfie crop(s) "
+        f"and the files of {report.orphans} job(s) that no longer exist"
+    )
+    return 0
+
+
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     _require_token(settings)
     _require_valid_catalogue(settings)
@@ -132,6 +169,8 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             "--without-mingle",
             f"--loglevel={settings.log_level.upper()}",
             f"--hostname=chitrakar-{os.getpid()}@%h",
+            # `chitrakar run`: this worker also runs the periodic tasks (no separate beat).
+            *(["--beat"] if args.beat else []),
         ]
     )
     return 0
@@ -147,7 +186,7 @@ def cmd_run(settings: Settings, _: argparse.Namespace) -> int:
     # Its own session: Ctrl-C in the terminal reaches the bot alone, which then stops the
     # worker gracefully (the job in hand is finished first).
     worker = subprocess.Popen(
-        [sys.executable, "-m", "chitrakar", "worker", "--requeue-unfinished"],
+        [sys.executable, "-m", "chitrakar", "worker", "--requeue-unfinished", "--beat"],
         start_new_session=True,
         preexec_fn=_die_with_parent,
     )
@@ -218,7 +257,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="first re-queue every job left queued or running; only for a sole worker "
         "(chitrakar run uses it)",
     )
+    worker.add_argument(
+        "--beat",
+        action="store_true",
+        help="also run the periodic tasks (the retention sweep); for a sole worker. With "
+        "several, run `chitrakar beat` once instead",
+    )
     worker.set_defaults(func=cmd_worker)
+    sub.add_parser(
+        "beat", help="run the periodic tasks' scheduler (once per deployment)"
+    ).set_defaults(func=cmd_beat)
+    retention = sub.add_parser("retention", help="data retention").add_subparsers(
+        dest="retention", required=True
+    )
+    retention.add_parser(
+        "sweep", help="delete the results, selfie crops and orphaned files that are due"
+    ).set_defaults(func=cmd_retention_sweep)
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db", required=True)
     db.add_parser("upgrade", help="migrate the database to the newest schema").set_defaults(

@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     # Jobs of one user handed to the workers at a time; the rest wait their turn in the
     # database, so one user's flood cannot hold up everyone else.
     max_jobs_in_flight: int = Field(default=2, ge=1)
+    # Results are deleted this many days after their job ended; selfie crops this many hours
+    # after the last job that used them (0: as soon as it ends; then 🔄 Again on an avatar
+    # asks for the selfie again).
+    retention_days: float = Field(default=30, gt=0)
+    input_retention_hours: float = Field(default=0, ge=0)
 
     # A TOML file of styles that replace, add to or hide the built-in catalogue's entries.
     styles_file: Path | None = None

@@ -15,6 +15,9 @@ from chitrakar.config import Settings
 
 QUEUE = "chitrakar.generate"
 GENERATE_TASK = "chitrakar.generate_images"
+RETENTION_TASK = "chitrakar.retention_sweep"
+# How often beat runs the retention sweep.
+RETENTION_SWEEP_EVERY_S = 3600
 # A redelivered message must not arrive while the job is still running: longer than any job.
 VISIBILITY_TIMEOUT_S = 3 * 3600
 
@@ -33,6 +36,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "worker_hijack_root_logger": False,
+        "beat_schedule": {
+            "retention-sweep": {
+                "task": RETENTION_TASK,
+                "schedule": RETENTION_SWEEP_EVERY_S,
+                "options": {"queue": QUEUE},
+            }
+        },
+        "beat_schedule_filename": str(settings.resolved_data_dir / "beat-schedule"),
     }
     if settings.resolved_broker_url.startswith("filesystem://"):
         queue_dir = settings.broker_dir / "queue"

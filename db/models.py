@@ -141,9 +141,9 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(255))
     # Artifact keys of the results (relative: "results/42/0-1234.png") and their SHA-256.
-    result_paths: Mapped[list[str] | None] = mapped_column(JSON)
-    result_checksums: Mapped[list[str] | None] = mapped_column(JSON)
-    result_file_ids: Mapped[list[str] | None] = mapped_column(JSON)
+    result_paths: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
+    result_checksums: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
+    result_file_ids: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
 
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

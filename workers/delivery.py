@@ -156,6 +156,7 @@ class TelegramDelivery:
         except TelegramError as exc:
             log.warning("the Bot API did not answer getMe (%s); will try again per delivery", exc)
         self._progress_interval = settings.progress_interval
+        self._selfies_kept = settings.input_retention_hours > 0
         # Per job in progress: its throttle, and its status edit still on the way, if any.
         self._throttles: dict[int, ProgressThrottle] = {}
         self._edits: dict[int, Future[None]] = {}
@@ -240,7 +241,8 @@ class TelegramDelivery:
     async def _deliver(self, job: JobView, images: Sequence[bytes], seconds: float) -> list[str]:
         captions = [self._caption(job, seed, seconds) for seed in job.plan.seeds]
         photos = [_as_photo(png) for png in images]
-        keyboard = _keyboard(job.language, result_buttons(job.id, job.kind, len(photos)))
+        rows = result_buttons(job.id, job.kind, len(photos), selfie_kept=self._selfies_kept)
+        keyboard = _keyboard(job.language, rows)
         await _quietly(self._bot.send_chat_action(job.chat_id, ChatAction.UPLOAD_PHOTO))
         if len(photos) == 1:
             sent = [

@@ -13,7 +13,7 @@ from PIL import Image
 from chitrakar.artifacts import ArtifactMissing, StoredArtifact
 from chitrakar.domain import MAX_ATTEMPTS, JobKind
 from chitrakar.services import hand_over_held
-from db import jobs
+from db import jobs, retention
 from db.jobs import JobView
 from workers.pipelines import (
     ProgressCallback,
@@ -62,15 +62,22 @@ def run_job(runtime: WorkerRuntime, job_id: int) -> None:
     """Make a job's images and deliver them; on any failure, record it and apologise.
     A job that has already ended is left alone, so a redelivered task does no harm. When
     it ends, its user's next held job (if any) is handed to the broker."""
-    with runtime.store.unit_of_work() as uow:
-        job = jobs.start_job(uow, job_id, runtime.name)
-    if job is None:
-        log.info("job %s has already ended; nothing to do", job_id)
-        return
     try:
-        _run(runtime, job)
-    finally:
-        hand_over_held(runtime.store, runtime.publish, job_id, runtime.settings.max_jobs_in_flight)
+        with runtime.store.unit_of_work() as uow:
+            job = jobs.start_job(uow, job_id, runtime.name)
+        if job is None:
+            log.info("job %s has already ended; nothing to do", job_id)
+            return
+        try:
+            _run(runtime, job)
+        finally:
+            _drop_selfie_if_not_kept(runtime, job)
+            limit = runtime.settings.max_jobs_in_flight
+            hand_over_held(runtime.store, runtime.publish, job_id, limit)
+    except jobs.JobNotFound:
+        # Its user had everything about them deleted (/forget) meanwhile: so are its images.
+        log.info("job %s no longer exists; its results are deleted", job_id)
+        runtime.artifacts.delete_prefix(f"results/{job_id}/")
 
 
 def _run(runtime: WorkerRuntime, job: JobView) -> None:
@@ -186,6 +193,18 @@ def _previews(runtime: WorkerRuntime, on_progress: ProgressCallback) -> Path:
         on_progress,
         extra=runtime.identity.without_face(runtime.pipeline),
     )
+
+
+def _drop_selfie_if_not_kept(runtime: WorkerRuntime, job: JobView) -> None:
+    """With CHITRAKAR_INPUT_RETENTION_HOURS=0 a selfie crop goes as soon as its job ends;
+    otherwise the hourly retention sweep removes it when due."""
+    if job.kind != JobKind.AVATAR or job.input_path is None:
+        return
+    if runtime.settings.input_retention_hours > 0:
+        return
+    runtime.media.forget_input(job.input_path)
+    with runtime.store.unit_of_work() as uow:
+        retention.forget_input(uow, job.input_path)
 
 
 def _give_up(runtime: WorkerRuntime, job_id: int, reason: str) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from functools import cache
 
-from chitrakar.queue import GENERATE_TASK, publish_generate
+from chitrakar.queue import GENERATE_TASK, RETENTION_TASK, publish_generate
+from chitrakar.retention import sweep
 from workers.celery_app import app, settings
 from workers.runtime import WorkerRuntime
 from workers.service import run_job
@@ -19,3 +21,9 @@ def runtime() -> WorkerRuntime:
 @app.task(name=GENERATE_TASK)
 def generate_images_task(job_id: int) -> None:
     run_job(runtime(), job_id)
+
+
+@app.task(name=RETENTION_TASK)
+def retention_sweep_task() -> None:
+    worker = runtime()
+    sweep(settings, worker.store, worker.artifacts, worker.media, datetime.now(UTC))

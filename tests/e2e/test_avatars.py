@@ -39,7 +39,8 @@ Stack = tuple[BotApiEmulator, str]
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Stack]:
     emulator = BotApiEmulator().start()
     data_dir = tmp_path_factory.mktemp("data")
-    env = chitrakar_env(emulator, data_dir, tiny_model)
+    # Selfie crops kept a day, for 🔄 Again on avatars (by default they go with their job).
+    env = chitrakar_env(emulator, data_dir, tiny_model, input_retention_hours="24")
     with chitrakar_process("run", env=env, log_dir=data_dir):
         emulator.wait_for("setMyCommands", lambda c: c.params.get("language_code") == "hi", 60)
         yield emulator, f"sqlite:///{data_dir / 'chitrakar.db'}"

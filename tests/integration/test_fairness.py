@@ -167,3 +167,50 @@ def test_a_job_cancelled_while_it_runs_stops_and_is_refunded(
             uow.session, Account("user:telegram:811", settings.daily_quota), intake.quota_day()
         )
     assert left == settings.daily_quota
+
+
+def test_a_job_whose_user_is_forgotten_while_it_runs_stops_cleanly(
+    emulator: BotApiEmulator,
+    tmp_path: Path,
+    tiny_model: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from chitrakar.privacy import PrivacyService
+
+    settings = Settings(
+        telegram_token=emulator.token,
+        telegram_api_url=emulator.base_url,
+        telegram_file_url=emulator.base_file_url,
+        data_dir=tmp_path,
+        model=str(tiny_model),
+        device="cpu",
+        image_size=64,
+        default_steps=6,
+    )
+    upgrade_to_head(settings.resolved_database_url)
+    user = emulator.user(812, "Ravi")
+    chat = emulator.private_chat(user)
+    command = emulator.history_message(chat, user, "/portrait a quiet lake")
+    runtime = WorkerRuntime(settings, publish=lambda _job_id: None)
+    intake = JobIntake(
+        settings, runtime.store, lambda _: None, runtime.catalogue, runtime.media, runtime.artifacts
+    )
+    who = Origin("telegram", chat["id"], "private", "812", "Ravi", "en", command["message_id"])
+    accepted = intake.accept(who, parse_image_command(Command.PORTRAIT, "a quiet lake"))
+    privacy = PrivacyService(runtime.store, runtime.artifacts, runtime.media)
+    monkeypatch.setattr(service, "CANCEL_CHECK_INTERVAL_S", 0.0)
+    real_progress = runtime.delivery.progress
+
+    def progress(job: jobs.JobView, done: int, total: int) -> None:
+        if done == 2:  # the user sends /forget and confirms while the job runs
+            privacy.forget("telegram", "812")
+        real_progress(job, done, total)
+
+    monkeypatch.setattr(runtime.delivery, "progress", progress)
+    try:
+        service.run_job(runtime, accepted.job_id)
+    finally:
+        runtime.close()
+    assert jobs_in_chat(settings.resolved_database_url, chat["id"]) == []
+    assert runtime.artifacts.keys("results/") == []
+    assert emulator.calls_to("sendPhoto", chat["id"]) == []

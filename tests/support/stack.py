@@ -29,7 +29,10 @@ def chitrakar_env(
     *,
     database_url: str | None = None,
     broker_url: str | None = None,
+    **settings: str,
 ) -> dict[str, str]:
+    """The environment of a test deployment; `settings` are more CHITRAKAR_ variables, by
+    their names in lower case without the prefix."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHITRAKAR_") or "TEST" in k}
     env.update(
         CHITRAKAR_TELEGRAM_TOKEN=emulator.token,
@@ -48,6 +51,7 @@ def chitrakar_env(
         env["CHITRAKAR_DATABASE_URL"] = database_url
     if broker_url:
         env["CHITRAKAR_BROKER_URL"] = broker_url
+    env.update({f"CHITRAKAR_{name.upper()}": value for name, value in settings.items()})
     return env
 
 

@@ -1,0 +1,67 @@
+"""Retention: results are deleted CHITRAKAR_RETENTION_DAYS after their job ended, selfie crops
+CHITRAKAR_INPUT_RETENTION_HOURS after the last job that used them (0: as soon as it ends),
+and result files no job refers to any more (left by a failed deletion) are removed. Run
+hourly by Celery beat (`retention_sweep`), or by hand with `chitrakar retention sweep`."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from chitrakar.artifacts import ArtifactStore
+from chitrakar.config import Settings
+from chitrakar.media import MediaStore
+from db import retention
+from db.session import Store
+
+log = logging.getLogger(__name__)
+
+_RESULT_KEY = re.compile(r"results/(?P<job>[0-9]+)/")
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    results: int = 0  # jobs whose results were deleted
+    inputs: int = 0  # selfie crops deleted
+    orphans: int = 0  # result files of jobs that no longer exist
+
+
+def sweep(
+    settings: Settings,
+    store: Store,
+    artifacts: ArtifactStore,
+    media: MediaStore,
+    now: datetime,
+) -> SweepReport:
+    """Delete what is due at `now` (an aware datetime), files first, then the references."""
+    with store.unit_of_work() as uow:
+        due = retention.results_due(uow, now - timedelta(days=settings.retention_days))
+    for job_id in due:
+        artifacts.delete_prefix(f"results/{job_id}/")
+        with store.unit_of_work() as uow:
+            retention.forget_results(uow, job_id)
+
+    cut_off = now - timedelta(hours=settings.input_retention_hours)
+    with store.unit_of_work() as uow:
+        inputs = retention.inputs_due(uow, cut_off)
+    for path in inputs:
+        media.forget_input(path)
+        with store.unit_of_work() as uow:
+            retention.forget_input(uow, path)
+
+    by_job: dict[int, list[str]] = {}
+    for key in artifacts.keys("results/"):
+        if match := _RESULT_KEY.match(key):
+            by_job.setdefault(int(match["job"]), []).append(key)
+    with store.unit_of_work() as uow:
+        known = retention.existing_job_ids(uow, list(by_job))
+    orphans = [job_id for job_id in by_job if job_id not in known]
+    for job_id in orphans:
+        artifacts.delete_prefix(f"results/{job_id}/")
+
+    report = SweepReport(results=len(due), inputs=len(inputs), orphans=len(orphans))
+    if report != SweepReport():
+        log.info("retention sweep: %s", report)
+    return report

@@ -1,0 +1,74 @@
+"""What the retention rules remove, found in the database. The caller deletes the files and
+then records it here; nothing about a job's history (its row, events, ledger) is removed."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+
+from chitrakar.domain import ACTIVE_STATUSES, JobKind
+from db.models import Job, JobEvent
+from db.session import UnitOfWork
+
+
+def results_due(uow: UnitOfWork, finished_before: datetime) -> list[int]:
+    """Jobs that ended before the cut-off and still hold results."""
+    return list(
+        uow.session.scalars(
+            select(Job.id)
+            .where(Job.finished_at < finished_before, Job.result_paths.is_not(None))
+            .order_by(Job.id)
+        )
+    )
+
+
+def forget_results(uow: UnitOfWork, job_id: int) -> None:
+    """Record that a job's results were deleted (their files are gone). Commits."""
+    job = uow.session.get(Job, job_id)
+    if job is None:
+        return
+    job.result_paths = job.result_checksums = job.result_file_ids = None
+    job.events.append(JobEvent(status=job.status, detail="results deleted (retention)"))
+    uow.commit()
+
+
+def inputs_due(uow: UnitOfWork, ended_before: datetime) -> list[str]:
+    """Selfie crops whose avatar jobs (an original and its Again presses) all ended before
+    the cut-off."""
+    rows = uow.session.execute(
+        select(Job.input_path, Job.status, Job.finished_at).where(
+            Job.command == JobKind.AVATAR, Job.input_path.is_not(None)
+        )
+    ).all()
+    latest: dict[str, datetime | None] = {}
+    busy: set[str] = set()
+    for path, status, finished_at in rows:
+        if path is None:
+            continue
+        if status in ACTIVE_STATUSES or finished_at is None:
+            busy.add(path)
+            continue
+        known = latest.get(path)
+        latest[path] = finished_at if known is None else max(known, finished_at)
+    return sorted(
+        path
+        for path, finished in latest.items()
+        if path not in busy and finished is not None and _utc(finished) < _utc(ended_before)
+    )
+
+
+def forget_input(uow: UnitOfWork, path: str) -> None:
+    """Record that a selfie crop was deleted: every job that used it. Commits."""
+    for job in uow.session.scalars(select(Job).where(Job.input_path == path)):
+        job.input_path = None
+    uow.commit()
+
+
+def existing_job_ids(uow: UnitOfWork, job_ids: list[int]) -> set[int]:
+    return set(uow.session.scalars(select(Job.id).where(Job.id.in_(job_ids))))
+
+
+def _utc(moment: datetime) -> datetime:
+    # SQLite keeps no time zone: what it returns was written as UTC.
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
