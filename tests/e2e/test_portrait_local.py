@@ -301,6 +301,12 @@ def test_start_help_and_the_command_menu_in_hindi(stack: tuple[BotApiEmulator, s
         "portrait",
         "avatar",
         "styles",
+        "quota",
+        "cancel",
+        "history",
+        "privacy",
+        "export",
+        "forget",
         "help",
         "start",
     ]
