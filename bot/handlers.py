@@ -17,7 +17,7 @@ from telegram import (
     Update,
 )
 from telegram.constants import ChatType, FileSizeLimit, MessageLimit
-from telegram.error import BadRequest, TelegramError
+from telegram.error import BadRequest, Forbidden, TelegramError
 
 from bot.context import CHANNEL, BotContext, language_of, origin_of
 from chitrakar.buttons import (
@@ -29,6 +29,7 @@ from chitrakar.buttons import (
     history_buttons,
     labelled,
     parse_button,
+    repeatable,
     style_buttons,
 )
 from chitrakar.domain import Command, CommandError, JobKind, option_limits, parse_image_command
@@ -348,14 +349,18 @@ async def _history_page(
             language,
             "history.line",
             number=n,
-            when=f"{job.created_at:%d %b %H:%M}",
+            when=f"{job.created_at.astimezone(context.services.settings.zone):%d %b %H:%M}",
             what=text(language, KIND_NAMES[job.kind]),
             prompt=_shown_prompt(job.plan.prompt),
         )
         for n, job in enumerate(past, start=1)
     ]
     reply = text(language, "history.header", page=page, pages=pages) + "\n\n" + "\n".join(lines)
-    rows = history_buttons(owner, [job.id for job in past], page, pages)
+    entries = [
+        (job.id, repeatable(job.kind, len(job.plan.seeds), job.input_path is not None))
+        for job in past
+    ]
+    rows = history_buttons(owner, entries, page, pages)
     return reply, _keyboard(language, rows)
 
 
@@ -394,11 +399,21 @@ async def export(update: Update, context: BotContext) -> None:
     if len(archive) > FileSizeLimit.FILESIZE_UPLOAD:
         await message.reply_text(text(language, "export.too_large"))
         return
-    await message.reply_document(
-        archive,
-        filename=f"chitrakar-{user.id}.zip",
-        caption=text(language, "export.caption"),
-    )
+    # Personal data goes to the person: in a group, to their private chat with the bot.
+    try:
+        await context.bot.send_document(
+            user.id,
+            archive,
+            filename=f"chitrakar-{user.id}.zip",
+            caption=text(language, "export.caption"),
+        )
+    except Forbidden:
+        await message.reply_text(
+            text(language, "export.private_first", bot_username=context.bot.username)
+        )
+        return
+    if message.chat.type != ChatType.PRIVATE:
+        await message.reply_text(text(language, "export.sent_privately"))
 
 
 async def forget(update: Update, context: BotContext) -> None:

@@ -135,15 +135,20 @@ def offered_actions(kind: JobKind, count: int) -> frozenset[Action]:
     return frozenset(b.press.action for row in result_buttons(0, kind, count) for b in row)
 
 
-def history_buttons(owner: str, job_ids: list[int], page: int, pages: int) -> list[list[Button]]:
-    """Under a page of history: send each result again, or make it again with new seeds;
-    then the pages before and after."""
+def history_buttons(
+    owner: str, entries: list[tuple[int, bool]], page: int, pages: int
+) -> list[list[Button]]:
+    """Under a page of history: send each result again, or (where it can be: see
+    `repeatable`) make it again with new seeds; then the pages before and after. `entries`
+    are (job id, repeatable) pairs."""
     rows = [
-        [
-            Button("button.resend", ButtonPress(Action.RESEND, job_id=job_id), {"number": n}),
-            Button("button.repeat", ButtonPress(Action.AGAIN, job_id=job_id), {"number": n}),
-        ]
-        for n, job_id in enumerate(job_ids, start=1)
+        [Button("button.resend", ButtonPress(Action.RESEND, job_id=job_id), {"number": n})]
+        + (
+            [Button("button.repeat", ButtonPress(Action.AGAIN, job_id=job_id), {"number": n})]
+            if can_repeat
+            else []
+        )
+        for n, (job_id, can_repeat) in enumerate(entries, start=1)
     ]
     turns = []
     if page > 1:
@@ -153,6 +158,12 @@ def history_buttons(owner: str, job_ids: list[int], page: int, pages: int) -> li
     if page < pages:
         turns.append(Button("button.next", ButtonPress(Action.HISTORY, owner=owner, page=page + 1)))
     return [*rows, turns] if turns else rows
+
+
+def repeatable(kind: JobKind, count: int, selfie_kept: bool) -> bool:
+    """Whether a result can be made again: its kind offers it, and an avatar's selfie is
+    still there to start from."""
+    return Action.AGAIN in offered_actions(kind, count) and (kind != JobKind.AVATAR or selfie_kept)
 
 
 def forget_buttons(owner: str) -> list[list[Button]]:

@@ -281,7 +281,7 @@ def was_abandoned(status: JobStatus, answered: bool, age_seconds: float) -> bool
 
 # A job whose worker died this many times is given up, so one bad job cannot loop forever.
 MAX_ATTEMPTS = 3
-_TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
+TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELLED}),
     # RUNNING -> RUNNING: a redelivered task picks the job up again after a worker died.
     JobStatus.RUNNING: frozenset(
@@ -298,7 +298,7 @@ class InvalidTransition(RuntimeError):
 
 
 def check_transition(current: JobStatus, new: JobStatus) -> None:
-    if new not in _TRANSITIONS[current]:
+    if new not in TRANSITIONS[current]:
         raise InvalidTransition(f"job cannot go from {current} to {new}")
 
 

@@ -149,17 +149,25 @@ class JobIntake:
         own id (in the origin's trigger) makes a repeated callback find the same job."""
         parent = self._pressable(origin, press, presser_is_admin)
         kind, plan = plan_followup(parent.kind, parent.plan, press, self._rng)
-        input_path = None
-        if press.action == Action.AGAIN:
-            input_path = parent.input_path
-            if input_path is not None and not Path(input_path).exists():
-                raise ButtonRefused("button.input_gone")
-        else:
+        input_path: str | None = None
+        start_job: int | None = parent.id
+        start_index = press.index
+        if press.action != Action.AGAIN:
             # The worker reads the parent's result from the artifact store by parent and index.
             assert press.index is not None
-            key, _ = self._result_of(parent, press.index)
-            if not self.artifacts.exists(key):
+            self._require_result(parent, press.index)
+        elif parent.kind == JobKind.AVATAR:
+            # Again on avatars starts from the same selfie, while it is kept.
+            input_path = parent.input_path
+            if input_path is None or not Path(input_path).exists():
+                raise ButtonRefused("button.input_gone")
+        elif parent.kind == JobKind.VARIATION:
+            # Again on variations varies the same image once more.
+            start_job, start_index = parent.parent_job_id, parent.parent_index
+            source = self.find_job(start_job) if start_job is not None else None
+            if source is None or start_index is None:
                 raise ButtonRefused("button.result_gone")
+            self._require_result(source, start_index)
         charge = self._charge(origin, kind, plan)
         return self._record(
             origin,
@@ -169,11 +177,16 @@ class JobIntake:
                 kind,
                 plan,
                 input_path=input_path,
-                parent_job_id=parent.id,
-                parent_index=press.index,
+                parent_job_id=start_job,
+                parent_index=start_index,
                 charge=charge,
             ),
         )
+
+    def _require_result(self, job: JobView, index: int) -> None:
+        key, _ = self._result_of(job, index)
+        if not self.artifacts.exists(key):
+            raise ButtonRefused("button.result_gone")
 
     def accounts_of(self, origin: Origin) -> tuple[Account, ...]:
         """Who pays for a request: the user, and in a group with a quota, the group too."""

@@ -5,17 +5,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from chitrakar.domain import (
     ACTIVE_STATUSES,
+    TRANSITIONS,
     GenerationPlan,
+    InvalidTransition,
     JobKind,
     JobStatus,
     check_transition,
@@ -187,6 +190,25 @@ def _set_status(job: Job, status: JobStatus, detail: str | None = None) -> None:
     job.events.append(JobEvent(status=status, detail=detail))
 
 
+def _move(session: Session, job: Job, new: JobStatus, detail: str | None = None) -> bool:
+    """Move a job to `new` only if, at the moment of writing, it is still in a status that
+    may go there. The conditional UPDATE decides between a worker finishing a job and its
+    user cancelling it at the same moment (it waits for the other's row lock on PostgreSQL,
+    for the write lock on SQLite); the loser sees the winner's status. False if it lost."""
+    allowed = [s for s in JobStatus if new in TRANSITIONS[s]]
+    moved = cast(
+        CursorResult[Any],
+        session.execute(
+            update(Job).where(Job.id == job.id, Job.status.in_(allowed)).values(status=new)
+        ),
+    )
+    session.refresh(job)
+    if moved.rowcount != 1:
+        return False
+    job.events.append(JobEvent(status=new, detail=detail))
+    return True
+
+
 def create_job(
     uow: UnitOfWork,
     origin: Origin,
@@ -310,9 +332,9 @@ def start_job(uow: UnitOfWork, job_id: int, worker: str) -> JobView | None:
     """Mark a job running for this attempt. None when it has already ended (a duplicate
     delivery of its task): there is nothing left to do."""
     job = _load(uow.session, job_id)
-    if JobStatus(job.status) not in ACTIVE_STATUSES:
+    if not _move(uow.session, job, JobStatus.RUNNING, f"attempt {job.attempts + 1} on {worker}"):
+        uow.commit()
         return None
-    _set_status(job, JobStatus.RUNNING, detail=f"attempt {job.attempts + 1} on {worker}")
     job.attempts += 1
     job.worker = worker
     job.started_at = utcnow()
@@ -330,14 +352,15 @@ def complete_job(
     generation_seconds: float,
 ) -> None:
     job = _load(uow.session, job_id)
-    if job.status == JobStatus.CANCELLED:
+    if not _move(uow.session, job, JobStatus.DONE):
+        if job.status != JobStatus.CANCELLED:
+            raise InvalidTransition(f"job {job_id} cannot go from {job.status} to done")
         # Cancelled while its images were on their way: it stays cancelled (and refunded);
         # what was delivered is recorded all the same.
         job.result_paths, job.result_file_ids = result_paths, result_file_ids
         job.result_checksums = result_checksums
         uow.commit()
         return
-    _set_status(job, JobStatus.DONE)
     ledger.commit(uow.session, job_id)
     job.result_paths = result_paths
     job.result_checksums = result_checksums
@@ -350,9 +373,9 @@ def complete_job(
 def fail_job(uow: UnitOfWork, job_id: int, error: str) -> JobView | None:
     """Mark a job failed with the reason; None when it had already ended."""
     job = _load(uow.session, job_id)
-    if JobStatus(job.status) not in ACTIVE_STATUSES:
+    if not _move(uow.session, job, JobStatus.FAILED, error):
+        uow.commit()
         return None
-    _set_status(job, JobStatus.FAILED, detail=error)
     ledger.refund(uow.session, job_id)
     job.error = error
     job.finished_at = utcnow()
@@ -449,7 +472,8 @@ def cancel_jobs(uow: UnitOfWork, channel: str, chat_id: int, external_id: str) -
         )
         .order_by(Job.id)
     ):
-        _set_status(job, JobStatus.CANCELLED, detail="cancelled by the user")
+        if not _move(uow.session, job, JobStatus.CANCELLED, "cancelled by the user"):
+            continue  # it ended meanwhile
         ledger.refund(uow.session, job.id)
         job.finished_at = utcnow()
         cancelled.append(JobView.of(job))

@@ -118,21 +118,26 @@ def refund(session: Session, job_id: int) -> None:
     """Give back what a job reserved, on the day it was reserved: exactly once however often
     it is called (the ledger's unique index), and never after the job was committed."""
     for entry in _reserves_of(session, job_id):
-        committed = session.scalar(
-            select(LedgerEntry.id).where(
-                LedgerEntry.account_id == entry.account_id,
-                LedgerEntry.job_id == job_id,
-                LedgerEntry.kind == COMMIT,
-            )
-        )
-        if committed is None:
+        if not _has(session, entry, COMMIT):
             _append_once(session, entry, REFUND, -entry.amount)
 
 
 def commit(session: Session, job_id: int) -> None:
-    """Make a job's reservation final (the job delivered its images)."""
+    """Make a job's reservation final (the job delivered its images); never after a refund."""
     for entry in _reserves_of(session, job_id):
-        _append_once(session, entry, COMMIT, 0)
+        if not _has(session, entry, REFUND):
+            _append_once(session, entry, COMMIT, 0)
+
+
+def _has(session: Session, entry: LedgerEntry, kind: str) -> bool:
+    found = session.scalar(
+        select(LedgerEntry.id).where(
+            LedgerEntry.account_id == entry.account_id,
+            LedgerEntry.job_id == entry.job_id,
+            LedgerEntry.kind == kind,
+        )
+    )
+    return found is not None
 
 
 def grant(session: Session, key: str, amount: int, day: date, note: str | None = None) -> None:

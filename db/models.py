@@ -98,6 +98,9 @@ class Job(Base):
         # One job per chat message or button press: a repeated update (a webhook retry, an
         # update offered twice) finds the job it already made.
         Index("ux_jobs_trigger", "channel", "chat_id", "trigger", unique=True),
+        # Ids are never reused (SQLite would, after a deletion such as /forget): a worker or a
+        # button holding an old id must not reach someone else's new job.
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -136,3 +136,32 @@ def test_credits_are_per_day_and_grants_add(store: Store) -> None:
     assert left(store, account) == 5
     assert left(store, account, date(2026, 11, 27)) == 10
     store.dispose()
+
+
+def test_a_job_cancelled_as_it_completes_stays_cancelled_and_refunded_once(
+    store: Store,
+) -> None:
+    """The worker finishes just as the user cancels: whichever writes first wins, and the
+    ledger holds either a commit or a refund, never both."""
+    account = Account("user:telegram:42", 10)
+    with store.unit_of_work() as uow:
+        job_id = jobs.create_job(uow, origin(1), JobKind.PORTRAIT, PLAN, charge=charge(4))
+        jobs.start_job(uow, job_id, "w")
+    with store.unit_of_work() as worker:
+        worker_view = jobs.get_job(worker, job_id)  # the worker has read RUNNING...
+        assert worker_view is not None
+        with store.unit_of_work() as user:
+            assert [j.id for j in jobs.cancel_jobs(user, "telegram", 42, "42")] == [job_id]
+        jobs.complete_job(  # ...and completes after the cancel was committed
+            worker, job_id, result_paths=["a.png"], result_file_ids=["x"], generation_seconds=1.0
+        )
+    assert left(store, account) == 10
+    with store.unit_of_work() as uow:
+        kinds = sorted(e.kind for e in uow.session.scalars(select(LedgerEntry)))
+        view = jobs.get_job(uow, job_id)
+    assert kinds == ["refund", "reserve"]
+    assert view is not None and view.status == "cancelled" and view.result_paths == ("a.png",)
+    # A start arriving after the cancel does nothing either.
+    with store.unit_of_work() as uow:
+        assert jobs.start_job(uow, job_id, "w2") is None
+    store.dispose()

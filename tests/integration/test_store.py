@@ -296,3 +296,18 @@ def test_a_repeat_of_a_request_never_answered_is_answered_and_published(
     assert (third.job_id, third.duplicate) == (first.job_id, True)
     assert published == [first.job_id]
     store.dispose()
+
+
+def test_the_id_of_a_deleted_job_is_never_given_again(store: Store) -> None:
+    """After /forget deletes someone's newest job, an old button or a worker holding its id
+    must not reach a new job of someone else."""
+    _, plan = request()
+    with store.unit_of_work() as uow:
+        first = jobs.create_job(uow, origin(message_id=1), JobKind.PORTRAIT, plan)
+        gone = uow.session.get(Job, first)
+        assert gone is not None
+        uow.session.delete(gone)
+        uow.commit()
+        second = jobs.create_job(uow, origin(message_id=2), JobKind.PORTRAIT, plan)
+    assert second > first
+    store.dispose()

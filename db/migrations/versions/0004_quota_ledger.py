@@ -1,5 +1,5 @@
 """Quotas and fairness: accounts and their append-only ledger; what each job cost; result
-checksums; when a job was handed to the broker.
+checksums; when a job was handed to the broker; job ids never reused.
 
 Revision ID: 0004
 Revises: 0003
@@ -52,7 +52,14 @@ def upgrade() -> None:
         "ux_ledger_job_kind", "ledger_entries", ["account_id", "job_id", "kind"], unique=True
     )
     op.create_index("ix_ledger_account_day", "ledger_entries", ["account_id", "day"])
-    with op.batch_alter_table("jobs") as jobs:
+    sqlite = op.get_bind().dialect.name == "sqlite"
+    # On SQLite the table is rebuilt with AUTOINCREMENT, so that ids of deleted jobs (/forget)
+    # are never given to new ones; PostgreSQL's sequences never reuse them anyway.
+    with op.batch_alter_table(
+        "jobs",
+        recreate="always" if sqlite else "auto",
+        table_kwargs={"sqlite_autoincrement": True} if sqlite else {},
+    ) as jobs:
         jobs.add_column(sa.Column("cost", sa.Integer(), nullable=False, server_default="0"))
         jobs.add_column(sa.Column("result_checksums", sa.JSON(), nullable=True))
         jobs.add_column(sa.Column("published_at", sa.DateTime(timezone=True), nullable=True))
