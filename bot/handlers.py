@@ -374,12 +374,20 @@ async def privacy(update: Update, context: BotContext) -> None:
     message = update.effective_message
     if message is None:
         return
-    settings = context.services.settings
+    settings, language = context.services.settings, language_of(update)
+    hours = settings.input_retention_hours
+    input_rule = (
+        text(language, "privacy.input_after", hours=f"{hours:g}")
+        if hours > 0
+        else text(language, "privacy.input_at_end")
+    )
     await message.reply_text(
         text(
-            language_of(update),
+            language,
             "privacy.text",
             daily_quota=settings.daily_quota,
+            retention_days=f"{settings.retention_days:g}",
+            input_rule=input_rule,
         )
     )
 

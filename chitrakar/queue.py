@@ -16,6 +16,9 @@ from chitrakar.config import Settings
 QUEUE = "chitrakar.generate"
 GENERATE_TASK = "chitrakar.generate_images"
 RETENTION_TASK = "chitrakar.retention_sweep"
+HAND_OVER_TASK = "chitrakar.hand_over_held"
+# How often beat looks for held jobs whose hand-over was lost.
+HAND_OVER_EVERY_S = 300
 # How often beat runs the retention sweep.
 RETENTION_SWEEP_EVERY_S = 3600
 # A redelivered message must not arrive while the job is still running: longer than any job.
@@ -41,7 +44,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "task": RETENTION_TASK,
                 "schedule": RETENTION_SWEEP_EVERY_S,
                 "options": {"queue": QUEUE},
-            }
+            },
+            "hand-over-held": {
+                "task": HAND_OVER_TASK,
+                "schedule": HAND_OVER_EVERY_S,
+                "options": {"queue": QUEUE},
+            },
         },
         "beat_schedule_filename": str(settings.resolved_data_dir / "beat-schedule"),
     }

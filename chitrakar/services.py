@@ -393,3 +393,26 @@ def hand_over_held(
             with store.unit_of_work() as uow:
                 jobs.hold_again(uow, next_id)
     return next_ids
+
+
+def hand_over_all_held(store: Store, publish: Callable[[int], None], limit: int) -> list[int]:
+    """Hand over the held jobs of every user with free places: those whose hand-over was
+    lost (a publish that failed, a process that stopped between taking a job in and handing
+    it over). Run at a sole worker's start and every few minutes by beat."""
+    handed: list[int] = []
+    with store.unit_of_work() as uow:
+        users = jobs.users_with_held_jobs(uow)
+    for user_id in users:
+        with store.unit_of_work() as uow:
+            next_ids = jobs.next_held_jobs(uow, user_id, limit)
+        for next_id in next_ids:
+            try:
+                publish(next_id)
+                handed.append(next_id)
+            except Exception:
+                log.exception("job %s could not be handed over; held again", next_id)
+                with store.unit_of_work() as uow:
+                    jobs.hold_again(uow, next_id)
+    if handed:
+        log.warning("handed over %d held job(s) whose turn had come: %s", len(handed), handed)
+    return handed

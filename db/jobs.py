@@ -279,11 +279,16 @@ def create_job(
 
 
 def queue_position(uow: UnitOfWork, job_id: int) -> int:
-    """1 for the next job to run: active jobs accepted before this one, plus one."""
+    """1 for the next job to run: active jobs handed to the workers before this one, plus
+    one. Jobs held back (another user's flood) are not ahead of it."""
     ahead = uow.session.scalar(
         select(func.count())
         .select_from(Job)
-        .where(Job.status.in_(list(ACTIVE_STATUSES)), Job.id < job_id)
+        .where(
+            Job.status.in_(list(ACTIVE_STATUSES)),
+            Job.id < job_id,
+            Job.published_at.is_not(None),
+        )
     )
     return int(ahead or 0) + 1
 

@@ -203,6 +203,10 @@ class TelegramDelivery:
             with contextlib.suppress(Exception):
                 edit.result(EDIT_SETTLE_S)
 
+    def stop_progress(self, job: JobView) -> None:
+        """The job stopped without a result to send (cancelled): forget its progress."""
+        self._settle(job)
+
     def started(self, job: JobView) -> None:
         self._edit_status(job, "status.running")
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from chitrakar.artifacts import ArtifactMissing, StoredArtifact
 from chitrakar.domain import MAX_ATTEMPTS, JobKind
-from chitrakar.services import hand_over_held
+from chitrakar.services import hand_over_all_held, hand_over_held
 from db import jobs, retention
 from db.jobs import JobView
 from workers.pipelines import (
@@ -109,6 +109,8 @@ def _run(runtime: WorkerRuntime, job: JobView) -> None:
             file_ids = delivery.deliver(job, pngs, seconds)
     except JobCancelled:
         log.info("job %s was cancelled while it ran; stopped", job_id)
+        # No progress edit still on its way may overwrite the bot's "Cancelled."
+        delivery.stop_progress(job)
         return
     except Exception as exc:
         log.exception("job %s failed", job_id)
@@ -232,9 +234,4 @@ def requeue_unfinished(runtime: WorkerRuntime, publish: Callable[[int], None]) -
         log.warning("re-queued %d unfinished job(s): %s", len(job_ids), job_ids)
     # Held jobs whose user has places free (their hand-over was lost with a stop).
     limit = runtime.settings.max_jobs_in_flight
-    with runtime.store.unit_of_work() as uow:
-        for user_id in jobs.users_with_held_jobs(uow):
-            for held_id in jobs.next_held_jobs(uow, user_id, limit):
-                publish(held_id)
-                job_ids.append(held_id)
-    return len(job_ids)
+    return len(job_ids) + len(hand_over_all_held(runtime.store, publish, limit))

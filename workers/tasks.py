@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from functools import cache
 
-from chitrakar.queue import GENERATE_TASK, RETENTION_TASK, publish_generate
+from chitrakar.queue import GENERATE_TASK, HAND_OVER_TASK, RETENTION_TASK, publish_generate
 from chitrakar.retention import sweep
+from chitrakar.services import hand_over_all_held
 from workers.celery_app import app, settings
 from workers.runtime import WorkerRuntime
 from workers.service import run_job
@@ -27,3 +28,9 @@ def generate_images_task(job_id: int) -> None:
 def retention_sweep_task() -> None:
     worker = runtime()
     sweep(settings, worker.store, worker.artifacts, worker.media, datetime.now(UTC))
+
+
+@app.task(name=HAND_OVER_TASK)
+def hand_over_held_task() -> None:
+    worker = runtime()
+    hand_over_all_held(worker.store, worker.publish, settings.max_jobs_in_flight)

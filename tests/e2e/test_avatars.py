@@ -577,9 +577,15 @@ def test_history_export_and_forget(stack: Stack) -> None:
     assert "diya number 0" in turned.params["text"]
 
     asked = emulator.send_text(chat, user, "/privacy")
-    assert emulator.wait_for("sendMessage", answer_to(asked), 30).params["text"] == text(
-        "en", "privacy.text", daily_quota=20
+    told = emulator.wait_for("sendMessage", answer_to(asked), 30).params["text"]
+    assert told == text(
+        "en",
+        "privacy.text",
+        daily_quota=20,
+        retention_days="30",
+        input_rule=text("en", "privacy.input_after", hours="24"),
     )
+    assert "for 30 days" in told and "24 hours after its last use" in told
 
     asked = emulator.send_text(chat, user, "/export")
     sent = emulator.wait_for("sendDocument", answer_to(asked), timeout=60)

@@ -13,7 +13,7 @@ from chitrakar.config import Settings
 from chitrakar.domain import Command, JobStatus, parse_image_command
 from chitrakar.media import MediaStore
 from chitrakar.quota import Account
-from chitrakar.services import JobIntake, hand_over_held
+from chitrakar.services import JobIntake, hand_over_all_held, hand_over_held
 from chitrakar.styles import load_catalogue
 from db import jobs, ledger
 from db.jobs import Origin
@@ -214,3 +214,36 @@ def test_a_job_whose_user_is_forgotten_while_it_runs_stops_cleanly(
     assert jobs_in_chat(settings.resolved_database_url, chat["id"]) == []
     assert runtime.artifacts.keys("results/") == []
     assert emulator.calls_to("sendPhoto", chat["id"]) == []
+
+
+def test_a_held_job_whose_hand_over_failed_is_handed_over_later(
+    store: Store, tmp_path: Path
+) -> None:
+    """The broker refused a held job when its turn came: it is held again, and beat's
+    periodic hand-over publishes it once the broker is back."""
+    broker: deque[int] = deque()
+    intake, settings = intake_for(store, tmp_path, broker)
+    request = parse_image_command(Command.PORTRAIT, "a kite")
+    ids = []
+    for n in range(3):
+        accepted = intake.accept(origin("3", n + 1), request)
+        intake.dispatch(accepted.job_id, status_message_id=None)
+        ids.append(accepted.job_id)
+    assert list(broker) == ids[:2]
+    for job_id in ids[:2]:
+        with store.unit_of_work() as uow:
+            jobs.start_job(uow, job_id, "w")
+            jobs.complete_job(
+                uow, job_id, result_paths=[], result_file_ids=[], generation_seconds=0
+            )
+
+    def broker_down(_job_id: int) -> None:
+        raise ConnectionError("broker down")
+
+    hand_over_held(store, broker_down, ids[1], settings.max_jobs_in_flight)
+    assert list(broker) == ids[:2]  # still held
+    assert hand_over_all_held(store, broker.append, settings.max_jobs_in_flight) == [ids[2]]
+    assert list(broker) == ids
+    # Nothing is handed over twice.
+    assert hand_over_all_held(store, broker.append, settings.max_jobs_in_flight) == []
+    store.dispose()

@@ -114,17 +114,20 @@ def test_a_job_from_acceptance_to_done(store: Store) -> None:
     store.dispose()
 
 
-def test_queue_position_counts_active_jobs_ahead(store: Store) -> None:
+def test_queue_position_counts_active_jobs_handed_over_ahead(store: Store) -> None:
     _req, plan = request()
     with store.unit_of_work() as uow:
-        first, second, third = (
+        first, second, third, fourth = (
             jobs.create_job(uow, origin(str(i), message_id=i), JobKind.PORTRAIT, plan)
-            for i in range(3)
+            for i in range(4)
         )
+        for job_id in (first, second, fourth):
+            assert jobs.claim_hand_over(uow, job_id, limit=2)
         jobs.start_job(uow, first, "w")
-        assert jobs.queue_position(uow, third) == 3
+        # The third is held back (its user's flood, say): it is not ahead of the fourth.
+        assert jobs.queue_position(uow, fourth) == 3
         jobs.fail_job(uow, second, "not queued")
-        assert jobs.queue_position(uow, third) == 2
+        assert jobs.queue_position(uow, fourth) == 2
     store.dispose()
 
 
