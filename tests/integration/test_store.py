@@ -117,7 +117,7 @@ def test_a_job_from_acceptance_to_done(store: Store) -> None:
 def test_queue_position_counts_active_jobs_handed_over_ahead(store: Store) -> None:
     _req, plan = request()
     with store.unit_of_work() as uow:
-        first, second, third, fourth = (
+        first, second, _held, fourth = (
             jobs.create_job(uow, origin(str(i), message_id=i), JobKind.PORTRAIT, plan)
             for i in range(4)
         )
