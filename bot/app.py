@@ -15,16 +15,18 @@ from telegram.ext import (
     CommandHandler,
     ContextTypes,
     MessageHandler,
+    TypeHandler,
     filters,
 )
 
-from bot import handlers
+from bot import admin, handlers
 from bot.context import BotApplication, BotContext, BotServices
 from bot.webhook import READINESS_TIMEOUT_S, serve_webhook
 from chitrakar.artifacts import artifact_store_from_url
 from chitrakar.config import Settings
 from chitrakar.domain import Command
 from chitrakar.media import MediaStore
+from chitrakar.moderation import Moderation
 from chitrakar.privacy import PrivacyService
 from chitrakar.queue import make_celery, publish_generate
 from chitrakar.services import JobIntake
@@ -98,8 +100,13 @@ def _wire(settings: Settings) -> tuple[BotApplication, Store, Celery]:
         .build()
     )
     application.bot_data["services"] = BotServices(
-        settings=settings, intake=intake, privacy=PrivacyService(store, artifacts, media)
+        settings=settings,
+        intake=intake,
+        privacy=PrivacyService(store, artifacts, media),
+        moderation=Moderation(settings, store, artifacts),
     )
+    # Before everything else: a banned user's commands and presses go no further.
+    application.add_handler(TypeHandler(Update, admin.ban_gate), group=-1)
     # New messages only: editing a sent command must not queue a second job.
     new_messages = filters.UpdateType.MESSAGE
     application.add_handler(CommandHandler(Command.START, handlers.start, new_messages))
@@ -130,6 +137,22 @@ def _wire(settings: Settings) -> tuple[BotApplication, Store, Celery]:
             handlers.photo_without_command,
         )
     )
+    admin_commands = {
+        Command.BAN: admin.ban,
+        Command.UNBAN: admin.unban,
+        Command.GRANT: admin.grant,
+        Command.SET_QUOTA: admin.set_quota,
+        Command.STATS: admin.stats,
+        Command.QUEUE: admin.queue,
+        Command.PAUSE: admin.pause,
+        Command.RESUME: admin.resume,
+        Command.AUDIT: admin.audit,
+        Command.SETTINGS: admin.settings,
+        Command.REPORT: admin.report,
+    }
+    for command, handler in admin_commands.items():
+        application.add_handler(CommandHandler(command, handler, new_messages))
+    application.add_handler(CallbackQueryHandler(admin.on_admin_button, pattern=r"^[gw]:"))
     application.add_handler(CallbackQueryHandler(handlers.on_button))
     application.add_error_handler(handlers.on_error)
     return application, store, celery

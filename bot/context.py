@@ -9,6 +9,7 @@ from telegram import Update
 from telegram.ext import Application, CallbackContext, ExtBot
 
 from chitrakar.config import Settings
+from chitrakar.moderation import Moderation
 from chitrakar.privacy import PrivacyService
 from chitrakar.services import JobIntake
 from chitrakar.texts import pick_language
@@ -22,6 +23,7 @@ class BotServices:
     settings: Settings
     intake: JobIntake
     privacy: PrivacyService
+    moderation: Moderation
 
 
 class BotContext(CallbackContext[ExtBot[None], dict[Any, Any], dict[Any, Any], dict[Any, Any]]):

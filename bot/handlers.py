@@ -86,7 +86,7 @@ def _usage(language: str, context: BotContext, command: Command = Command.PORTRA
     )
 
 
-def _keyboard(language: str, rows: list[list[Button]]) -> InlineKeyboardMarkup:
+def keyboard(language: str, rows: list[list[Button]]) -> InlineKeyboardMarkup:
     return InlineKeyboardMarkup(
         [
             [InlineKeyboardButton(label, callback_data=data) for label, data in row]
@@ -247,13 +247,13 @@ async def styles(update: Update, context: BotContext) -> None:
     language = language_of(update)
     intake = context.services.intake
     catalogue = intake.catalogue
-    keyboard = _keyboard(language, style_buttons(catalogue, language))
+    markup = keyboard(language, style_buttons(catalogue, language))
     grid = intake.media.grid_path(context.services.settings.model_label, catalogue)
     if await asyncio.to_thread(grid.is_file):
         await message.reply_photo(
             await asyncio.to_thread(grid.read_bytes),
             caption=text(language, "styles.grid_caption"),
-            reply_markup=keyboard,
+            reply_markup=markup,
         )
         return
     lines = [
@@ -271,7 +271,7 @@ async def styles(update: Update, context: BotContext) -> None:
         # A long catalogue (a deployment's own styles): the buttons still show every style.
         lines = [*lines[:-2], "…"]
         listing = text(language, "styles.list", lines="\n".join(lines))
-    await message.reply_text(listing, reply_markup=keyboard)
+    await message.reply_text(listing, reply_markup=markup)
     accepted = await asyncio.to_thread(intake.request_previews, origin_of(update, language))
     if accepted is not None and not accepted.duplicate:
         await message.reply_text(text(language, "styles.previews_coming"))
@@ -361,7 +361,7 @@ async def _history_page(
         for job in past
     ]
     rows = history_buttons(owner, entries, page, pages)
-    return reply, _keyboard(language, rows)
+    return reply, keyboard(language, rows)
 
 
 def _shown_prompt(prompt: str) -> str:
@@ -432,7 +432,7 @@ async def forget(update: Update, context: BotContext) -> None:
     language = language_of(update)
     await message.reply_text(
         text(language, "forget.confirm"),
-        reply_markup=_keyboard(language, forget_buttons(str(user.id))),
+        reply_markup=keyboard(language, forget_buttons(str(user.id))),
     )
 
 

@@ -32,6 +32,8 @@ class Action(StrEnum):
     RESEND = "r"  # send a past result again (by Telegram's file id)
     HISTORY = "h"  # a page of the user's history
     FORGET = "f"  # confirm (or not) deleting everything stored about the user
+    SETTING = "g"  # a group admin changes one of the group's settings
+    REVIEW = "w"  # a bot admin decides on a report
 
 
 class InvalidButton(ValueError):
@@ -48,6 +50,9 @@ class ButtonPress:
     owner: str | None = None
     page: int | None = None
     confirm: bool | None = None
+    # A setting ("c:portrait", "s:anime", "p:block", "x:on", "q:20") or a review decision
+    # ("dismissed", "deleted", "banned").
+    value: str | None = None
 
     @property
     def data(self) -> str:
@@ -57,6 +62,10 @@ class ButtonPress:
             return f"{self.action}:{self.owner}:{self.page}"
         if self.action == Action.FORGET:
             return f"{self.action}:{self.owner}:{'y' if self.confirm else 'n'}"
+        if self.action == Action.SETTING:
+            return f"{self.action}:{self.value}"
+        if self.action == Action.REVIEW:
+            return f"{self.action}:{self.job_id}:{_REVIEW_CODES[self.value or '']}"
         if self.index is None:
             return f"{self.action}:{self.job_id}"
         return f"{self.action}:{self.job_id}:{self.index}"
@@ -74,6 +83,14 @@ class Button:
 _JOB_PATTERN = re.compile(r"(?P<action>[avupr]):(?P<job>[1-9][0-9]{0,18})(?::(?P<index>[0-9]))?")
 _HISTORY_PATTERN = re.compile(r"h:(?P<owner>[1-9][0-9]{0,19}):(?P<page>[1-9][0-9]{0,3})")
 _FORGET_PATTERN = re.compile(r"f:(?P<owner>[1-9][0-9]{0,19}):(?P<choice>[yn])")
+_SETTING_PATTERN = re.compile(
+    r"g:(?P<value>c:[a-z]{1,20}|s:[a-z0-9][a-z0-9-]{0,40}|p:(?:block|spoiler|allow|default)"
+    r"|x:(?:on|off)|q:(?:off|[1-9][0-9]{0,4}))"
+)
+# A report's id travels in job_id; the decision as one letter.
+_REVIEW_PATTERN = re.compile(r"w:(?P<report>[1-9][0-9]{0,18}):(?P<code>[dxb])")
+_REVIEW_CODES = {"dismissed": "d", "deleted": "x", "banned": "b"}
+_REVIEW_DECISIONS = {code: decision for decision, code in _REVIEW_CODES.items()}
 _STYLE_PATTERN = re.compile(r"s:(?P<style>[a-z0-9][a-z0-9-]{0,40})")
 _NEEDS_INDEX = frozenset({Action.VARIATION, Action.UPSCALE, Action.PICK})
 
@@ -88,6 +105,12 @@ def parse_button(data: str | None) -> ButtonPress:
         return ButtonPress(Action.HISTORY, owner=history["owner"], page=int(history["page"]))
     if forget := _FORGET_PATTERN.fullmatch(data):
         return ButtonPress(Action.FORGET, owner=forget["owner"], confirm=forget["choice"] == "y")
+    if setting := _SETTING_PATTERN.fullmatch(data):
+        return ButtonPress(Action.SETTING, value=setting["value"])
+    if review := _REVIEW_PATTERN.fullmatch(data):
+        return ButtonPress(
+            Action.REVIEW, job_id=int(review["report"]), value=_REVIEW_DECISIONS[review["code"]]
+        )
     match = _JOB_PATTERN.fullmatch(data)
     if match is None:
         raise InvalidButton(data)
@@ -210,3 +233,18 @@ UPSCALE_STRENGTH = 0.3
 UPSCALE_FACTOR = 2
 # An upscale of an upscale would exceed what a chat shows and what a GPU tiles quickly.
 MAX_UPSCALED_SIDE = 4096
+
+
+def review_buttons(report_id: int) -> list[list[Button]]:
+    """Under a report's card, for the bot's admins."""
+
+    def press(decision: str) -> ButtonPress:
+        return ButtonPress(Action.REVIEW, job_id=report_id, value=decision)
+
+    return [
+        [
+            Button("button.review_dismiss", press("dismissed")),
+            Button("button.review_delete", press("deleted")),
+        ],
+        [Button("button.review_ban", press("banned"))],
+    ]

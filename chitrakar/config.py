@@ -51,6 +51,14 @@ class Settings(BaseSettings):
     default_steps: int = Field(default=25, ge=1, le=50)
     guidance_scale: float = Field(default=7.0, ge=0.0, le=30.0)
 
+    # Telegram user ids of the bot's admins, comma-separated ("12345,67890").
+    admin_ids: str = ""
+    # What happens to an image the content check flags: block it (refunded), send it under
+    # a spoiler, or allow it (private, adult-only deployments). Groups may choose their own.
+    content_policy: Literal["block", "spoiler", "allow"] = "block"
+    # A TOML file of terms that add to (or, under [allow], remove from) the prompt block lists.
+    blocklist_file: Path | None = None
+
     # Credits a user may spend per day (a default image costs 1), and the zone whose midnight
     # starts a new day.
     daily_quota: int = Field(default=20, ge=0)
@@ -84,6 +92,18 @@ class Settings(BaseSettings):
                 f"unknown time zone {value!r} (use an IANA name such as Asia/Kolkata)"
             ) from None
         return value
+
+    @field_validator("admin_ids")
+    @classmethod
+    def _ids(cls, value: str) -> str:
+        for part in value.split(","):
+            if part.strip() and not part.strip().isdigit():
+                raise ValueError(f"CHITRAKAR_ADMIN_IDS: {part.strip()!r} is not a Telegram user id")
+        return value
+
+    @property
+    def bot_admins(self) -> frozenset[str]:
+        return frozenset(part.strip() for part in self.admin_ids.split(",") if part.strip())
 
     @property
     def zone(self) -> ZoneInfo:

@@ -21,6 +21,18 @@ class Command(StrEnum):
     PRIVACY = "privacy"
     EXPORT = "export"
     FORGET = "forget"
+    REPORT = "report"
+    SETTINGS = "settings"
+    # Bot admins' commands (not in the menu).
+    BAN = "ban"
+    UNBAN = "unban"
+    GRANT = "grant"
+    SET_QUOTA = "setquota"
+    STATS = "stats"
+    QUEUE = "queue"
+    PAUSE = "pause"
+    RESUME = "resume"
+    AUDIT = "audit"
     GROUP_QUOTA = "groupquota"
 
 
@@ -265,6 +277,8 @@ class JobStatus(StrEnum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # Its images were flagged by the content check and not sent (credits refunded).
+    BLOCKED = "blocked"
 
 
 ACTIVE_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
@@ -285,11 +299,18 @@ TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELLED}),
     # RUNNING -> RUNNING: a redelivered task picks the job up again after a worker died.
     JobStatus.RUNNING: frozenset(
-        {JobStatus.RUNNING, JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED}
+        {
+            JobStatus.RUNNING,
+            JobStatus.DONE,
+            JobStatus.FAILED,
+            JobStatus.CANCELLED,
+            JobStatus.BLOCKED,
+        }
     ),
     JobStatus.DONE: frozenset(),
     JobStatus.FAILED: frozenset(),
     JobStatus.CANCELLED: frozenset(),
+    JobStatus.BLOCKED: frozenset(),
 }
 
 

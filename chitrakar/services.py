@@ -19,6 +19,7 @@ from chitrakar.buttons import Action, ButtonPress, ButtonRefused, may_press, off
 from chitrakar.config import Settings
 from chitrakar.domain import (
     Command,
+    CommandError,
     GenerationPlan,
     ImageRequest,
     JobKind,
@@ -26,6 +27,7 @@ from chitrakar.domain import (
     was_abandoned,
 )
 from chitrakar.media import MediaStore
+from chitrakar.moderation import PAUSED_FLAG
 from chitrakar.planning import Defaults, choose_style, plan_followup, plan_request
 from chitrakar.quota import (
     Account,
@@ -36,8 +38,9 @@ from chitrakar.quota import (
     quota_day,
     user_account,
 )
+from chitrakar.safety import PromptBlocked, PromptPolicy
 from chitrakar.styles import Style, StyleCatalogue
-from db import jobs, ledger
+from db import audit, jobs, ledger
 from db.jobs import JobView, Origin
 from db.session import Store, UnitOfWork
 
@@ -75,6 +78,7 @@ class JobIntake:
         catalogue: StyleCatalogue,
         media: MediaStore,
         artifacts: ArtifactStore,
+        prompt_policy: PromptPolicy | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -83,6 +87,7 @@ class JobIntake:
         self.catalogue = catalogue
         self.media = media
         self.artifacts = artifacts
+        self._prompt_policy = prompt_policy or PromptPolicy.load(settings.blocklist_file)
 
     @property
     def _defaults(self) -> Defaults:
@@ -100,9 +105,12 @@ class JobIntake:
         kind = JobKind.AVATAR if request.command == Command.AVATAR else JobKind.PORTRAIT
         if (kind == JobKind.AVATAR) != (selfie is not None):
             raise ValueError("an avatar needs a selfie, and only an avatar takes one")
+        # The prompt only: "--no nudity" asks for less, not more.
+        self._admit(origin, request.command, request.prompt)
         with self._store.unit_of_work() as uow:
             default = jobs.default_style_of(uow, origin.channel, origin.user_external_id)
         style = choose_style(request, self.catalogue, default)
+        self._admit_style(origin, style.key if style else None)
         plan = plan_request(
             request,
             style,
@@ -126,6 +134,42 @@ class JobIntake:
             self.media.forget_input(input_path)
             raise
 
+    def _admit(self, origin: Origin, command: Command, words: str = "") -> None:
+        """What stops a request before anything else: generation paused by an admin, the
+        command switched off in this group, or words the block lists refuse (recorded)."""
+        with self._store.unit_of_work() as uow:
+            paused = audit.get_flag(uow, PAUSED_FLAG)
+            chat = audit.chat_settings(uow, origin.channel, origin.chat_id)
+        if paused is not None:
+            raise CommandError("service.paused", notice=paused)
+        if command in chat.disabled_commands:
+            raise CommandError("settings.command_off", command=command)
+        verdict = self._prompt_policy.check(words) if words else None
+        if verdict is not None and verdict.blocked:
+            with self._store.unit_of_work() as uow:
+                audit.record(
+                    uow,
+                    channel=origin.channel,
+                    actor="system",
+                    actor_role="system",
+                    action="prompt_blocked",
+                    target=f"user:{origin.user_external_id}",
+                    chat_id=origin.chat_id,
+                    reason=verdict.category,
+                    detail={"term": verdict.term},
+                )
+            raise PromptBlocked(verdict)
+
+    def _admit_style(self, origin: Origin, style_key: str | None) -> None:
+        if style_key is None:
+            return
+        with self._store.unit_of_work() as uow:
+            chat = audit.chat_settings(uow, origin.channel, origin.chat_id)
+        if style_key in chat.disabled_styles:
+            style = self.catalogue.get(style_key)
+            name = style.name_in(origin.language) if style else style_key
+            raise CommandError("settings.style_off", style=name)
+
     def find_job(self, job_id: int) -> JobView | None:
         with self._store.unit_of_work() as uow:
             return jobs.get_job(uow, job_id)
@@ -148,6 +192,9 @@ class JobIntake:
         """A job from a button under a result: Again, a variation or an upscale. The press's
         own id (in the origin's trigger) makes a repeated callback find the same job."""
         parent = self._pressable(origin, press, presser_is_admin)
+        # What the group's admins switched off since applies to presses too.
+        self._admit(origin, Command.AVATAR if parent.kind == JobKind.AVATAR else Command.PORTRAIT)
+        self._admit_style(origin, parent.plan.style)
         kind, plan = plan_followup(parent.kind, parent.plan, press, self._rng)
         input_path: str | None = None
         start_job: int | None = parent.id
@@ -190,15 +237,14 @@ class JobIntake:
 
     def accounts_of(self, origin: Origin) -> tuple[Account, ...]:
         """Who pays for a request: the user, and in a group with a quota, the group too."""
-        accounts = [
-            Account(
-                user_account(origin.channel, origin.user_external_id), self._settings.daily_quota
-            )
-        ]
-        if origin.chat_type != "private":
-            key = group_account(origin.channel, origin.chat_id)
-            with self._store.unit_of_work() as uow:
-                accounts.append(Account(key, ledger.group_limit(uow.session, key)))
+        user_key = user_account(origin.channel, origin.user_external_id)
+        with self._store.unit_of_work() as uow:
+            # A bot admin may have set this user's own daily credits (/setquota).
+            own = ledger.account_limit(uow.session, user_key)
+            accounts = [Account(user_key, own if own is not None else self._settings.daily_quota)]
+            if origin.chat_type != "private":
+                key = group_account(origin.channel, origin.chat_id)
+                accounts.append(Account(key, ledger.account_limit(uow.session, key)))
         return tuple(accounts)
 
     def quota_day(self) -> date:
@@ -221,15 +267,19 @@ class JobIntake:
             left = [ledger.balance(uow.session, account, day) for account in accounts]
         return QuotaStatus(
             user_left=left[0] or 0,
-            user_limit=self._settings.daily_quota,
+            user_limit=accounts[0].daily_limit or 0,
             group_left=left[1] if len(left) > 1 else None,
             group_limit=accounts[1].daily_limit if len(accounts) > 1 else None,
             resets_at=next_reset(now, self._settings.zone),
         )
 
+    def group_quota(self, channel: str, chat_id: int) -> int | None:
+        with self._store.unit_of_work() as uow:
+            return ledger.account_limit(uow.session, group_account(channel, chat_id))
+
     def set_group_quota(self, origin: Origin, limit: int | None) -> None:
         with self._store.unit_of_work() as uow:
-            ledger.set_group_limit(
+            ledger.set_account_limit(
                 uow.session, group_account(origin.channel, origin.chat_id), limit
             )
             uow.commit()

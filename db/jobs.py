@@ -25,7 +25,7 @@ from chitrakar.domain import (
 )
 from chitrakar.quota import Account, QuotaExceeded
 from db import ledger
-from db.models import Job, JobEvent, User, utcnow
+from db.models import Job, JobEvent, ResultMessage, User, utcnow
 from db.session import UnitOfWork
 
 
@@ -528,3 +528,50 @@ def history_page(
         mine.order_by(Job.id.desc()).offset((page - 1) * per_page).limit(per_page)
     )
     return [JobView.of(job) for job in rows], max(1, -(-total // per_page))
+
+
+def block_job(
+    uow: UnitOfWork,
+    job_id: int,
+    reason: str,
+    *,
+    result_paths: list[str],
+    result_checksums: list[str],
+    generation_seconds: float | None = None,
+) -> JobView | None:
+    """The content check flagged the job's images: they are not sent, its credits come back,
+    and the images stay stored (for the admins' review) until retention removes them."""
+    job = _load(uow.session, job_id)
+    if not _move(uow.session, job, JobStatus.BLOCKED, reason):
+        uow.commit()
+        return None
+    ledger.refund(uow.session, job_id)
+    job.error = reason
+    job.result_paths, job.result_checksums = result_paths, result_checksums
+    job.generation_seconds = generation_seconds
+    job.finished_at = utcnow()
+    uow.commit()
+    return JobView.of(job)
+
+
+def record_result_messages(uow: UnitOfWork, job_id: int, chat_id: int, ids: list[int]) -> None:
+    uow.session.add_all(
+        ResultMessage(job_id=job_id, chat_id=chat_id, message_id=message_id) for message_id in ids
+    )
+    uow.commit()
+
+
+def job_for_message(uow: UnitOfWork, chat_id: int, message_id: int) -> JobView | None:
+    """The job whose result a chat message carries."""
+    job_id = uow.session.scalar(
+        select(ResultMessage.job_id).where(
+            ResultMessage.chat_id == chat_id, ResultMessage.message_id == message_id
+        )
+    )
+    return get_job(uow, job_id) if job_id is not None else None
+
+
+def result_message_ids(uow: UnitOfWork, job_id: int) -> list[int]:
+    return list(
+        uow.session.scalars(select(ResultMessage.message_id).where(ResultMessage.job_id == job_id))
+    )

@@ -149,10 +149,10 @@ def grant(session: Session, key: str, amount: int, day: date, note: str | None =
     session.flush()
 
 
-def group_limit(session: Session, key: str) -> int | None:
+def account_limit(session: Session, key: str) -> int | None:
     return session.scalar(select(AccountRow.daily_limit).where(AccountRow.key == key))
 
 
-def set_group_limit(session: Session, key: str, limit: int | None) -> None:
+def set_account_limit(session: Session, key: str, limit: int | None) -> None:
     account_id = _account_id(session, key)
     session.execute(update(AccountRow).where(AccountRow.id == account_id).values(daily_limit=limit))

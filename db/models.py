@@ -6,6 +6,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Date,
     DateTime,
     Float,
@@ -50,6 +51,8 @@ class User(Base):
     language: Mapped[str] = mapped_column(String(8), default="en")
     # Chosen from /styles; used when a request names no style.
     default_style: Mapped[str | None] = mapped_column(String(64))
+    # Banned by a bot admin: their commands get one short reply and nothing else.
+    banned: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -171,3 +174,84 @@ class JobEvent(Base):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="events")
+
+
+class AuditEvent(Base):
+    """Who did what to whom, when and why: every admin action and moderation decision.
+    Appended, never changed."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_at", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    channel: Mapped[str] = mapped_column(String(32))
+    # Who acted ("system" for automatic moderation) and in which role.
+    actor: Mapped[str] = mapped_column(String(64))
+    actor_role: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(32))
+    # The user, job or chat acted on, as text ("user:42", "job:7", "chat:-100").
+    target: Mapped[str | None] = mapped_column(String(128))
+    chat_id: Mapped[int | None] = mapped_column(BigInteger)
+    reason: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    # Whether the action was carried out (a refused admin command is recorded too).
+    allowed: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class ChatSettings(Base):
+    """What a group's admins decided for their group (/settings)."""
+
+    __tablename__ = "chat_settings"
+    __table_args__ = (UniqueConstraint("channel", "chat_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32))
+    chat_id: Mapped[int] = mapped_column(BigInteger)
+    # Commands and styles switched off in this chat (empty: everything allowed).
+    disabled_commands: Mapped[list[str]] = mapped_column(JSON, default=list)
+    disabled_styles: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # What happens to a flagged image here: block, spoiler or allow (None: the deployment's).
+    content_policy: Mapped[str | None] = mapped_column(String(16))
+    # Post every result under a spoiler (tap to reveal).
+    spoilers: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class ServiceFlag(Base):
+    """Switches an admin sets for the whole service: "paused" holds the message to users."""
+
+    __tablename__ = "service_flags"
+
+    key: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    set_by: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Report(Base):
+    """A member's flag on a result, and the admins' decision on it."""
+
+    __tablename__ = "reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    reporter: Mapped[str] = mapped_column(String(64))
+    chat_id: Mapped[int] = mapped_column(BigInteger)
+    # open, dismissed, deleted (the result), banned (the requester)
+    status: Mapped[str] = mapped_column(String(16), default="open")
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    decided_by: Mapped[str | None] = mapped_column(String(64))
+    decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ResultMessage(Base):
+    """A chat message that carries a job's result, so that a reply to it (/report) finds the
+    job, and a moderator can delete it."""
+
+    __tablename__ = "result_messages"
+    __table_args__ = (UniqueConstraint("chat_id", "message_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    chat_id: Mapped[int] = mapped_column(BigInteger)
+    message_id: Mapped[int] = mapped_column(BigInteger)

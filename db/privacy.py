@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from chitrakar.domain import JobKind
 from chitrakar.quota import user_account
-from db.models import Account, Job, JobEvent, LedgerEntry, User
+from db.models import Account, Job, JobEvent, LedgerEntry, Report, ResultMessage, User
 
 
 @dataclass(frozen=True)
@@ -212,6 +212,18 @@ def delete(session: Session, channel: str, external_id: str) -> UserRecord | Non
     session.execute(
         sql_delete(JobEvent)
         .where(JobEvent.job_id.in_(their_jobs))
+        .execution_options(synchronize_session="fetch")
+    )
+    # Reports they filed, reports on their jobs, and where their results were posted. (The
+    # audit log keeps its record of admin actions that named them: accountability.)
+    session.execute(
+        sql_delete(Report)
+        .where(or_(Report.reporter == external_id, Report.job_id.in_(their_jobs)))
+        .execution_options(synchronize_session="fetch")
+    )
+    session.execute(
+        sql_delete(ResultMessage)
+        .where(ResultMessage.job_id.in_(their_jobs))
         .execution_options(synchronize_session="fetch")
     )
     session.execute(

@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from time import monotonic
@@ -105,6 +106,12 @@ def _as_photo(png: bytes) -> bytes:
     with Image.open(io.BytesIO(png)) as image:
         image.convert("RGB").save(buffer, format="JPEG", quality=92)
     return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class Delivered:
+    file_ids: list[str]
+    message_ids: list[int]
 
 
 def _largest_photo_id(message: Message) -> str:
@@ -213,11 +220,13 @@ class TelegramDelivery:
     def progress(self, job: JobView, done: int, total: int) -> None:
         self._edit_status(job, "status.progress", percent=round(100 * done / max(total, 1)))
 
-    def deliver(self, job: JobView, images: Sequence[bytes], seconds: float) -> list[str]:
-        """Send the images as a reply to the request and remove the status message.
-        Returns Telegram's file ids. Raises when the images could not be sent."""
+    def deliver(
+        self, job: JobView, images: Sequence[bytes], seconds: float, spoiler: bool = False
+    ) -> Delivered:
+        """Send the images as a reply to the request (under a spoiler when asked) and remove
+        the status message. Raises when the images could not be sent."""
         self._settle(job)
-        return self._loop.run(self._deliver(job, images, seconds), DELIVERY_DEADLINE_S)
+        return self._loop.run(self._deliver(job, images, seconds, spoiler), DELIVERY_DEADLINE_S)
 
     def _caption(self, job: JobView, seed: int, seconds: float) -> str:
         """What was used, so that the user can make the image again."""
@@ -242,7 +251,9 @@ class TelegramDelivery:
             caption += "\n" + text(job.language, "result.without", negative=negative)
         return caption
 
-    async def _deliver(self, job: JobView, images: Sequence[bytes], seconds: float) -> list[str]:
+    async def _deliver(
+        self, job: JobView, images: Sequence[bytes], seconds: float, spoiler: bool
+    ) -> Delivered:
         captions = [self._caption(job, seed, seconds) for seed in job.plan.seeds]
         photos = [_as_photo(png) for png in images]
         rows = result_buttons(job.id, job.kind, len(photos), selfie_kept=self._selfies_kept)
@@ -255,6 +266,7 @@ class TelegramDelivery:
                         job.chat_id,
                         photos[0],
                         caption=captions[0],
+                        has_spoiler=spoiler,
                         reply_parameters=self._reply_to(job),
                         reply_markup=keyboard,
                         **_UPLOAD_TIMEOUTS,
@@ -267,7 +279,7 @@ class TelegramDelivery:
                     lambda: self._bot.send_media_group(
                         job.chat_id,
                         [
-                            InputMediaPhoto(photo, caption=caption)
+                            InputMediaPhoto(photo, caption=caption, has_spoiler=spoiler)
                             for photo, caption in zip(photos, captions, strict=True)
                         ],
                         reply_parameters=self._reply_to(job),
@@ -291,7 +303,38 @@ class TelegramDelivery:
                 )
             )
         await self._remove_status(job)
-        return [_largest_photo_id(message) for message in sent]
+        return Delivered(
+            file_ids=[_largest_photo_id(message) for message in sent],
+            message_ids=[message.message_id for message in sent],
+        )
+
+    def blocked(self, job: JobView) -> None:
+        """Tell the user their images were held back by the content check (credits back)."""
+        self._notify(job, text(job.language, "moderation.blocked_result"))
+
+    def _notify(self, job: JobView, notice: str) -> None:
+        """Put a final word on the job's status message, or else send it as a reply."""
+        self._settle(job)
+        try:
+            self._loop.run(self._replace_status(job, notice), DELIVERY_DEADLINE_S)
+        except Exception:
+            log.exception("could not tell chat %s about job %s", job.chat_id, job.id)
+
+    async def _replace_status(self, job: JobView, notice: str) -> None:
+        if job.status_message_id is not None:
+            try:
+                await self._bot.edit_message_text(
+                    notice, chat_id=job.chat_id, message_id=job.status_message_id
+                )
+                return
+            except TelegramError as exc:
+                # The user may have deleted the status message: reply instead.
+                log.warning("could not edit the status message of job %s: %s", job.id, exc)
+        await _respecting_flood_limits(
+            lambda: self._bot.send_message(
+                job.chat_id, notice, reply_parameters=self._reply_to(job)
+            )
+        )
 
     async def _remove_status(self, job: JobView) -> None:
         if job.status_message_id is not None:
@@ -320,25 +363,4 @@ class TelegramDelivery:
 
     def apologise(self, job: JobView) -> None:
         """Tell the user their job failed: on the status message, or else as a reply."""
-        self._settle(job)
-        try:
-            self._loop.run(self._apologise(job), DELIVERY_DEADLINE_S)
-        except Exception:
-            log.exception("could not tell chat %s that job %s failed", job.chat_id, job.id)
-
-    async def _apologise(self, job: JobView) -> None:
-        apology = text(job.language, "error.generation_failed", job_id=job.id)
-        if job.status_message_id is not None:
-            try:
-                await self._bot.edit_message_text(
-                    apology, chat_id=job.chat_id, message_id=job.status_message_id
-                )
-                return
-            except TelegramError as exc:
-                # The user may have deleted the status message: reply instead.
-                log.warning("could not edit the status message of job %s: %s", job.id, exc)
-        await _respecting_flood_limits(
-            lambda: self._bot.send_message(
-                job.chat_id, apology, reply_parameters=self._reply_to(job)
-            )
-        )
+        self._notify(job, text(job.language, "error.generation_failed", job_id=job.id))

@@ -14,6 +14,7 @@ from chitrakar.config import Settings
 from chitrakar.media import MediaStore
 from chitrakar.styles import StyleCatalogue, load_catalogue
 from db.session import Store
+from workers.classifier import OutputClassifier
 from workers.delivery import TelegramDelivery
 from workers.identity import IdentityStage, choose_identity_stage
 from workers.pipelines import LoadedPipeline, default_dtype, load_pipeline, resolve_device
@@ -57,6 +58,11 @@ class WorkerRuntime:
     def pipeline(self) -> LoadedPipeline:
         device = resolve_device(self.settings.device)
         return load_pipeline(self.model_source(), device, default_dtype(device))
+
+    @cached_property
+    def classifier(self) -> OutputClassifier:
+        """The content check every image passes before it is sent (loaded once)."""
+        return OutputClassifier()
 
     @cached_property
     def identity(self) -> IdentityStage:

@@ -12,8 +12,9 @@ from PIL import Image
 
 from chitrakar.artifacts import ArtifactMissing, StoredArtifact
 from chitrakar.domain import MAX_ATTEMPTS, JobKind
+from chitrakar.safety import ContentPolicy, ImageAction, decide
 from chitrakar.services import hand_over_all_held, hand_over_held
-from db import jobs, retention
+from db import audit, jobs, retention
 from db.jobs import JobView
 from workers.pipelines import (
     ProgressCallback,
@@ -96,6 +97,7 @@ def _run(runtime: WorkerRuntime, job: JobView) -> None:
             watch.check()
             delivery.progress(job, done, total)
 
+        message_ids: list[int] = []
         if job.kind == JobKind.PREVIEWS:
             grid = _previews(runtime, on_progress)
             seconds = perf_counter() - started
@@ -106,7 +108,11 @@ def _run(runtime: WorkerRuntime, job: JobView) -> None:
             seconds = perf_counter() - started
             watch.check(force=True)
             stored, pngs = _save(runtime, job, images)
-            file_ids = delivery.deliver(job, pngs, seconds)
+            action = moderate(runtime, job, images, stored, seconds)
+            if action == ImageAction.BLOCK:
+                return
+            sent = delivery.deliver(job, pngs, seconds, spoiler=action == ImageAction.SPOILER)
+            file_ids, message_ids = sent.file_ids, sent.message_ids
     except JobCancelled:
         log.info("job %s was cancelled while it ran; stopped", job_id)
         # No progress edit still on its way may overwrite the bot's "Cancelled."
@@ -125,7 +131,56 @@ def _run(runtime: WorkerRuntime, job: JobView) -> None:
             result_file_ids=file_ids,
             generation_seconds=seconds,
         )
+        # A reply to any of these messages (/report) finds the job.
+        jobs.record_result_messages(uow, job_id, job.chat_id, message_ids)
     log.info("job %s done: %d image(s) in %.2f s", job_id, len(file_ids), seconds)
+
+
+def moderate(
+    runtime: WorkerRuntime,
+    job: JobView,
+    images: list[Image.Image],
+    stored: list[StoredArtifact],
+    seconds: float,
+) -> ImageAction:
+    """Check every image before it is sent. A flagged one, under the chat's policy (or the
+    deployment's), blocks the job (its credits come back, the images stay for review), goes
+    under a spoiler, or is sent. A group may also want every result under a spoiler."""
+    verdicts = [runtime.classifier.classify(image) for image in images]
+    flagged = [v for v in verdicts if v.flagged]
+    with runtime.store.unit_of_work() as uow:
+        chat = audit.chat_settings(uow, job.channel, job.chat_id)
+    policy = ContentPolicy(chat.content_policy or runtime.settings.content_policy)
+    action = decide(bool(flagged), policy)
+    if flagged:
+        labels = sorted({label for v in flagged for label in v.labels})
+        with runtime.store.unit_of_work() as uow:
+            audit.record(
+                uow,
+                channel=job.channel,
+                actor="system",
+                actor_role="system",
+                action=f"output_{action}",
+                target=f"job:{job.id}",
+                chat_id=job.chat_id,
+                reason=f"content check under policy {policy}",
+                detail={"labels": labels, "requester": job.requester},
+            )
+    if action == ImageAction.BLOCK:
+        with runtime.store.unit_of_work() as uow:
+            blocked = jobs.block_job(
+                uow,
+                job.id,
+                "blocked by the content check",
+                result_paths=[artifact.key for artifact in stored],
+                result_checksums=[artifact.sha256 for artifact in stored],
+                generation_seconds=seconds,
+            )
+        if blocked is not None:
+            runtime.delivery.blocked(blocked)
+        log.warning("job %s blocked by the content check", job.id)
+        return action
+    return ImageAction.SPOILER if chat.spoilers else action
 
 
 def make_images(

@@ -1,0 +1,526 @@
+"""Admin and moderation in the chat: the ban gate, bot admins' commands, a group's /settings,
+/report and its review card. Each handler turns the message into a call on
+`chitrakar.moderation`, which decides the permission and writes the audit log."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from telegram import InlineKeyboardMarkup, Message, Update
+from telegram.constants import ChatType
+from telegram.error import TelegramError
+from telegram.ext import ApplicationHandlerStop
+
+from bot.context import CHANNEL, BotContext, language_of
+from bot.handlers import command_arguments, keyboard
+from chitrakar.buttons import Action, Button, ButtonPress, review_buttons
+from chitrakar.domain import CommandError
+from chitrakar.moderation import Actor
+from chitrakar.permissions import Permission
+from chitrakar.texts import text
+
+log = logging.getLogger(__name__)
+
+# How long Telegram's answer to "is this user a group admin?" is trusted.
+ADMIN_CACHE_S = 60.0
+# Commands a group's admins can switch off in /settings.
+SWITCHABLE_COMMANDS = ("portrait", "avatar")
+GROUP_QUOTA_CHOICES = ("off", "10", "20", "50", "100")
+POLICIES = ("default", "block", "spoiler", "allow")
+DECISION_NAMES = {
+    "dismissed": "report.decision_dismissed",
+    "deleted": "report.decision_deleted",
+    "banned": "report.decision_banned",
+}
+
+
+async def is_group_admin(context: BotContext, chat_id: int, user_id: int) -> bool:
+    """Telegram's word on it, cached briefly (admins change rarely; every button asks)."""
+    if chat_id == user_id:
+        return False
+    cache: dict[tuple[int, int], tuple[float, bool]] = context.bot_data.setdefault(
+        "admin_cache", {}
+    )
+    cached = cache.get((chat_id, user_id))
+    if cached is not None and cached[0] > time.monotonic():
+        return cached[1]
+    try:
+        member = await context.bot.get_chat_member(chat_id, user_id)
+        answer = member.status in ("administrator", "creator")
+    except TelegramError as exc:
+        log.warning("could not look up user %s in chat %s: %s", user_id, chat_id, exc)
+        return False
+    cache[(chat_id, user_id)] = (time.monotonic() + ADMIN_CACHE_S, answer)
+    return answer
+
+
+async def actor_of(update: Update, context: BotContext) -> Actor:
+    chat, user = update.effective_chat, update.effective_user
+    assert chat is not None and user is not None
+    group_admin = chat.type != ChatType.PRIVATE and await is_group_admin(context, chat.id, user.id)
+    role = context.services.moderation.role_of(str(user.id), group_admin)
+    return Actor(channel=CHANNEL, user_id=str(user.id), role=role, chat_id=chat.id)
+
+
+async def ban_gate(update: Update, context: BotContext) -> None:
+    """Before any handler: a banned user's commands and presses get one short answer and go
+    no further. Plain chat messages are ignored as before."""
+    user = update.effective_user
+    if user is None:
+        return
+    message = update.effective_message
+    is_command = bool(message and (message.text or message.caption or "").startswith("/"))
+    if update.callback_query is None and not is_command:
+        return
+    if str(user.id) in context.services.settings.bot_admins:
+        return
+    moderation = context.services.moderation
+    if not await asyncio.to_thread(moderation.is_banned, CHANNEL, str(user.id)):
+        return
+    refusal = text(language_of(update), "moderation.banned")
+    try:
+        if update.callback_query is not None:
+            await update.callback_query.answer(refusal, show_alert=True)
+        elif message is not None:
+            await message.reply_text(refusal)
+    except TelegramError as exc:
+        log.info("could not answer banned user %s: %s", user.id, exc)
+    raise ApplicationHandlerStop
+
+
+async def _reply(message: Message, update: Update, key: str, **params: object) -> None:
+    await message.reply_text(text(language_of(update), key, **params))
+
+
+def _target_and_rest(message: Message) -> tuple[str | None, list[str]]:
+    """The user a command is about (a reply's author, or the first word) and the rest."""
+    words = command_arguments(message).split()
+    replied = message.reply_to_message
+    if replied is not None and replied.from_user is not None and not replied.from_user.is_bot:
+        return str(replied.from_user.id), words
+    if words and words[0].isdigit():
+        return words[0], words[1:]
+    return None, words
+
+
+async def _admin_call(update: Update, run: object) -> bool:
+    """Run a moderation call in a thread; a refusal or bad input becomes its reply."""
+    message = update.effective_message
+    assert message is not None and callable(run)
+    try:
+        await asyncio.to_thread(run)
+    except CommandError as exc:
+        await _reply(message, update, exc.key, **exc.params)
+        return False
+    return True
+
+
+async def ban(update: Update, context: BotContext) -> None:
+    await _ban(update, context, banned=True)
+
+
+async def unban(update: Update, context: BotContext) -> None:
+    await _ban(update, context, banned=False)
+
+
+async def _ban(update: Update, context: BotContext, banned: bool) -> None:
+    message = update.effective_message
+    if message is None:
+        return
+    actor = await actor_of(update, context)
+    target, rest = _target_and_rest(message)
+    moderation = context.services.moderation
+    if target is None:
+        if await _admin_call(update, lambda: moderation.check(actor, Permission.BAN, "ban")):
+            await _reply(message, update, "admin.usage_ban")
+        return
+    reason = " ".join(rest) or None
+    if await _admin_call(update, lambda: moderation.ban(actor, target, banned, reason)):
+        await _reply(message, update, "admin.banned" if banned else "admin.unbanned", user=target)
+
+
+async def grant(update: Update, context: BotContext) -> None:
+    message = update.effective_message
+    if message is None:
+        return
+    actor = await actor_of(update, context)
+    target, rest = _target_and_rest(message)
+    moderation = context.services.moderation
+    if target is None or len(rest) != 1 or not rest[0].isdigit():
+        if await _admin_call(update, lambda: moderation.check(actor, Permission.GRANT, "grant")):
+            await _reply(message, update, "admin.usage_grant")
+        return
+    credits = int(rest[0])
+    if await _admin_call(update, lambda: moderation.grant(actor, target, credits)):
+        await _reply(message, update, "admin.granted", user=target, credits=credits)
+
+
+async def set_quota(update: Update, context: BotContext) -> None:
+    message = update.effective_message
+    if message is None:
+        return
+    actor = await actor_of(update, context)
+    target, rest = _target_and_rest(message)
+    moderation = context.services.moderation
+    valid = len(rest) == 1 and (rest[0].isdigit() or rest[0].lower() == "default")
+    if target is None or not valid:
+        check = lambda: moderation.check(actor, Permission.SET_QUOTA, "set_quota")  # noqa: E731
+        if await _admin_call(update, check):
+            await _reply(message, update, "admin.usage_setquota")
+        return
+    credits = None if rest[0].lower() == "default" else int(rest[0])
+    if await _admin_call(update, lambda: moderation.set_quota(actor, target, credits)):
+        if credits is None:
+            await _reply(message, update, "admin.quota_reset", user=target)
+        else:
+            await _reply(message, update, "admin.quota_set", user=target, credits=credits)
+
+
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f} s"
+
+
+async def stats(update: Update, context: BotContext) -> None:
+    message = update.effective_message
+    if message is None:
+        return
+    actor = await actor_of(update, context)
+    try:
+        figures = await asyncio.to_thread(context.services.moderation.stats, actor)
+    except CommandError as exc:
+        await _reply(message, update, exc.key, **exc.params)
+        return
+    by_status = ", ".join(f"{status} {n}" for status, n in figures.jobs_by_status.items() if n)
+    top = ", ".join(f"{name or uid} {n}" for uid, name, n in figures.top_users) or "–"
+    await _reply(
+        message,
+        update,
+        "admin.stats",
+        by_status=by_status or "0",
+        images=figures.images,
+        gpu_seconds=figures.gpu_seconds,
+        blocked=figures.blocked,
+        queue=figures.queue_length,
+        held=figures.held,
+        wait_median=_seconds(figures.wait_median_s),
+        wait_p95=_seconds(figures.wait_p95_s),
+        gen_median=_seconds(figures.generation_median_s),
+        gen_p95=_seconds(figures.generation_p95_s),
+        top=top,
+    )
+
+
+async def queue(update: Update, context: BotContext) -> None:
+    message = update.effective_message
+    if message is None:
+        return
+    actor = await actor_of(update, context)
+    language = language_of(update)
+    try:
+        entries = await asyncio.to_thread(context.services.moderation.queue, actor)
+    except CommandError as exc:
+        await _reply(message, update, exc.key, **exc.params)
+        return
+    if not entries:
+        await _reply(message, update, "admin.queue_empty")
+        return
+    lines = [
+        text(
+            language,
+            "admin.queue_line",
+            job=entry.id,
+            status=entry.status,
+            held=" (held)" if entry.held else "",
+            command=entry.command,
+            user=entry.display_name or entry.external_id,
+            chat=entry.chat_id,
+        )
+        for entry in entries
+    ]
+    await message.reply_text("\n".join([text(language, "admin.queue_header"), *lines]))
+
+
+async def pause(update: Update, context: BotContext) -> None:
+    message = update.effective_message
+    if message is None:
+        return
+    actor = await actor_of(update, context)
+    words = command_arguments(message) or text(language_of(update), "admin.pause_default")
+    if await _admin_call(update, lambda: context.services.moderation.pause(actor, words)):
+        await _reply(message, update, "admin.paused", notice=words)
+
+
+async def resume(update: Update, context: BotContext) -> None:
+    message = update.effective_message
+    if message is None:
+        return
+    actor = await actor_of(update, context)
+    if await _admin_call(update, lambda: context.services.moderation.pause(actor, None)):
+        await _reply(message, update, "admin.resumed")
+
+
+async def audit(update: Update, context: BotContext) -> None:
+    message = update.effective_message
+    if message is None:
+        return
+    actor = await actor_of(update, context)
+    language = language_of(update)
+    try:
+        events = await asyncio.to_thread(context.services.moderation.audit_log, actor)
+    except CommandError as exc:
+        await _reply(message, update, exc.key, **exc.params)
+        return
+    if not events:
+        await _reply(message, update, "admin.audit_empty")
+        return
+    zone = context.services.settings.zone
+    lines = [
+        text(
+            language,
+            "admin.audit_line",
+            when=f"{event.at.astimezone(zone):%d %b %H:%M}",
+            actor=event.actor,
+            role=event.actor_role,
+            action=event.action,
+            refused="" if event.allowed else " (refused)",
+            target=event.target or "",
+            reason=(event.reason or "")[:80],
+        )
+        for event in events
+    ]
+    await message.reply_text("\n".join([text(language, "admin.audit_header"), *lines]))
+
+
+def _settings_view(
+    update: Update, context: BotContext, chat_id: int
+) -> tuple[str, InlineKeyboardMarkup]:
+    """The /settings message: what is set now, and a button for each change."""
+    language = language_of(update)
+    services = context.services
+    view = services.moderation.chat_settings(CHANNEL, chat_id)
+    quota = services.intake.group_quota(CHANNEL, chat_id)
+
+    def state(on: bool) -> str:
+        return text(language, "settings.on" if on else "settings.off")
+
+    policy_names = {
+        "default": text(language, "settings.policy_default"),
+        "block": text(language, "settings.policy_block"),
+        "spoiler": text(language, "settings.policy_spoiler"),
+        "allow": text(language, "settings.policy_allow"),
+    }
+    current_policy = view.content_policy or "default"
+    rows: list[list[Button]] = [
+        [
+            Button(
+                "button.setting_command",
+                ButtonPress(Action.SETTING, value=f"c:{command}"),
+                {"command": command, "state": state(command not in view.disabled_commands)},
+            )
+            for command in SWITCHABLE_COMMANDS
+        ],
+        [
+            Button(
+                "button.setting_policy",
+                ButtonPress(Action.SETTING, value=f"p:{policy}"),
+                {"policy": policy_names[policy], "mark": "✓ " if policy == current_policy else ""},
+            )
+            for policy in POLICIES
+        ],
+        [
+            Button(
+                "button.setting_spoilers",
+                ButtonPress(Action.SETTING, value=f"x:{'off' if view.spoilers else 'on'}"),
+                {"state": state(view.spoilers)},
+            )
+        ],
+        [
+            Button(
+                "button.setting_quota",
+                ButtonPress(Action.SETTING, value=f"q:{choice}"),
+                {
+                    "quota": text(language, "settings.unlimited") if choice == "off" else choice,
+                    "mark": "✓ "
+                    if (quota is None and choice == "off") or str(quota) == choice
+                    else "",
+                },
+            )
+            for choice in GROUP_QUOTA_CHOICES
+        ],
+    ]
+    styles = [
+        Button(
+            "button.setting_style",
+            ButtonPress(Action.SETTING, value=f"s:{style.key}"),
+            {
+                "name": style.name_in(language),
+                "state": state(style.key not in view.disabled_styles),
+            },
+        )
+        for style in services.intake.catalogue.styles.values()
+    ]
+    rows += [styles[i : i + 2] for i in range(0, len(styles), 2)]
+    body = text(
+        language,
+        "settings.header",
+        commands=", ".join(
+            f"/{c} {state(c not in view.disabled_commands)}" for c in SWITCHABLE_COMMANDS
+        ),
+        styles=", ".join(sorted(view.disabled_styles)) or text(language, "settings.none"),
+        policy=policy_names[current_policy],
+        spoilers=state(view.spoilers),
+        quota=quota if quota is not None else text(language, "settings.unlimited"),
+    )
+    return body, keyboard(language, rows)
+
+
+async def settings(update: Update, context: BotContext) -> None:
+    message, chat = update.effective_message, update.effective_chat
+    if message is None or chat is None:
+        return
+    if chat.type == ChatType.PRIVATE:
+        await _reply(message, update, "settings.groups_only")
+        return
+    actor = await actor_of(update, context)
+    moderation = context.services.moderation
+    if not await _admin_call(
+        update, lambda: moderation.check(actor, Permission.GROUP_SETTINGS, "settings")
+    ):
+        return
+    body, markup = await asyncio.to_thread(_settings_view, update, context, chat.id)
+    await message.reply_text(body, reply_markup=markup)
+
+
+async def on_admin_button(update: Update, context: BotContext) -> None:
+    """A press in /settings (group admins) or on a report's card (bot admins)."""
+    from chitrakar.buttons import InvalidButton, parse_button
+
+    query = update.callback_query
+    if query is None:
+        return
+    language = language_of(update)
+    try:
+        press = parse_button(query.data)
+    except InvalidButton:
+        await _answer(query, text(language, "button.invalid"), alert=True)
+        return
+    actor = await actor_of(update, context)
+    try:
+        if press.action == Action.SETTING:
+            await _change_setting(update, context, actor, press.value or "")
+        elif press.action == Action.REVIEW:
+            await _review(update, context, actor, press)
+    except CommandError as exc:
+        await _answer(query, text(language, exc.key, **exc.params), alert=True)
+
+
+async def _answer(query: object, message: str | None = None, alert: bool = False) -> None:
+    from telegram import CallbackQuery
+
+    assert isinstance(query, CallbackQuery)
+    try:
+        await query.answer(message, show_alert=alert)
+    except TelegramError as exc:
+        log.info("could not answer callback query %s: %s", query.id, exc)
+
+
+async def _change_setting(update: Update, context: BotContext, actor: Actor, value: str) -> None:
+    query, chat = update.callback_query, update.effective_chat
+    assert query is not None and chat is not None
+    kind, _, choice = value.partition(":")
+    moderation = context.services.moderation
+    change: dict[str, object]
+    if kind == "c":
+        change = {"toggle_command": choice}
+    elif kind == "s":
+        change = {"toggle_style": choice}
+    elif kind == "p":
+        change = {"content_policy": None if choice == "default" else choice}
+    elif kind == "x":
+        change = {"spoilers": choice == "on"}
+    else:
+        change = {"group_quota": None if choice == "off" else int(choice)}
+    await asyncio.to_thread(lambda: moderation.change_settings(actor, **change))  # type: ignore[arg-type]
+    await _answer(query)
+    body, markup = await asyncio.to_thread(_settings_view, update, context, chat.id)
+    if query.message is not None:
+        try:
+            await context.bot.edit_message_text(
+                body, chat_id=chat.id, message_id=query.message.message_id, reply_markup=markup
+            )
+        except TelegramError as exc:
+            log.info("could not update the settings message: %s", exc)
+
+
+async def report(update: Update, context: BotContext) -> None:
+    """`/report` as a reply to a result: the bot's admins get a review card."""
+    message = update.effective_message
+    if message is None:
+        return
+    replied = message.reply_to_message
+    if replied is None:
+        await _reply(message, update, "report.usage")
+        return
+    actor = await actor_of(update, context)
+    moderation = context.services.moderation
+    try:
+        report_id, job = await asyncio.to_thread(moderation.report, actor, replied.message_id)
+    except CommandError as exc:
+        await _reply(message, update, exc.key, **exc.params)
+        return
+    await _reply(message, update, "report.sent")
+    for admin_id in sorted(context.services.settings.bot_admins):
+        card = text(
+            "en",
+            "report.card",
+            report=report_id,
+            job=job.id,
+            chat=job.chat_id,
+            requester=job.requester,
+            reporter=actor.user_id,
+            prompt=job.plan.prompt[:300],
+        )
+        markup = keyboard("en", review_buttons(report_id))
+        try:
+            if job.result_file_ids:
+                await context.bot.send_photo(
+                    int(admin_id), job.result_file_ids[0], caption=card, reply_markup=markup
+                )
+            else:
+                await context.bot.send_message(int(admin_id), card, reply_markup=markup)
+        except TelegramError as exc:
+            # An admin who never opened a chat with the bot cannot be written to.
+            log.warning("could not send report %s to admin %s: %s", report_id, admin_id, exc)
+
+
+async def _review(update: Update, context: BotContext, actor: Actor, press: ButtonPress) -> None:
+    query = update.callback_query
+    assert query is not None and press.job_id is not None and press.value is not None
+    language = language_of(update)
+    moderation = context.services.moderation
+    review = await asyncio.to_thread(moderation.review, actor, press.job_id, press.value)
+    if review is None:
+        await _answer(query, text(language, "report.already_decided"), alert=True)
+        return
+    if review.job is not None:
+        for message_id in review.delete_messages:
+            try:
+                await context.bot.delete_message(review.job.chat_id, message_id)
+            except TelegramError as exc:
+                log.info("could not delete message %s: %s", message_id, exc)
+    decision = text(language, DECISION_NAMES.get(press.value, "report.decision_dismissed"))
+    await _answer(
+        query,
+        text(
+            language, "report.decided", report=press.job_id, decision=decision, admin=actor.user_id
+        ),
+    )
+    if query.message is not None:
+        try:
+            await context.bot.edit_message_reply_markup(
+                chat_id=query.message.chat.id, message_id=query.message.message_id
+            )
+        except TelegramError as exc:
+            log.info("could not clear the review buttons: %s", exc)

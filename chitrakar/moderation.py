@@ -1,0 +1,240 @@
+"""Admin and moderation actions from any chat channel. Each asks `chitrakar.permissions`
+first, and each is written to the audit log: done or refused, who, whom, what and why.
+
+Blocking (database, files) calls; channels run them in a thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from chitrakar.artifacts import ArtifactStore
+from chitrakar.config import Settings
+from chitrakar.domain import CommandError
+from chitrakar.permissions import Permission, Role, may, role_of
+from chitrakar.quota import quota_day, user_account
+from db import audit, jobs, ledger, stats
+from db.audit import AuditEntry, ChatSettingsView, ReportView
+from db.jobs import JobView
+from db.session import Store
+from db.stats import QueueEntry, Stats
+
+log = logging.getLogger(__name__)
+
+PAUSED_FLAG = "paused"
+# The most credits one /grant or /setquota may give (a typo must not read as "unlimited").
+MAX_CREDITS = 100_000
+
+
+class NotAllowed(CommandError):
+    """A command the user's role does not permit (recorded in the audit log)."""
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who acts, where: their id, role and chat."""
+
+    channel: str
+    user_id: str
+    role: Role
+    chat_id: int
+
+
+@dataclass(frozen=True)
+class Review:
+    """What a decision on a report did, for the channel to finish (delete messages)."""
+
+    report: ReportView
+    job: JobView | None
+    delete_messages: list[int]
+
+
+class Moderation:
+    def __init__(self, settings: Settings, store: Store, artifacts: ArtifactStore) -> None:
+        self._settings = settings
+        self._store = store
+        self._artifacts = artifacts
+
+    def role_of(self, user_id: str, is_group_admin: bool) -> Role:
+        return role_of(user_id, self._settings.bot_admins, is_group_admin)
+
+    def is_banned(self, channel: str, user_id: str) -> bool:
+        with self._store.unit_of_work() as uow:
+            return audit.is_banned(uow, channel, user_id)
+
+    def paused(self) -> str | None:
+        """The message to users while generation is paused; None when it runs."""
+        with self._store.unit_of_work() as uow:
+            return audit.get_flag(uow, PAUSED_FLAG)
+
+    def check(self, actor: Actor, permission: Permission, action: str) -> None:
+        """Raise NotAllowed (and record the refusal) unless the actor may do this."""
+        if may(actor.role, permission):
+            return
+        self._record(actor, action, allowed=False, reason="not permitted for the role")
+        raise NotAllowed("admin.not_allowed")
+
+    def _record(
+        self,
+        actor: Actor,
+        action: str,
+        *,
+        target: str | None = None,
+        reason: str | None = None,
+        detail: dict[str, object] | None = None,
+        allowed: bool = True,
+    ) -> None:
+        with self._store.unit_of_work() as uow:
+            audit.record(
+                uow,
+                channel=actor.channel,
+                actor=actor.user_id,
+                actor_role=actor.role,
+                action=action,
+                target=target,
+                chat_id=actor.chat_id,
+                reason=reason,
+                detail=dict(detail) if detail else None,
+                allowed=allowed,
+            )
+
+    def ban(self, actor: Actor, target: str, banned: bool, reason: str | None) -> None:
+        self.check(actor, Permission.BAN, "ban" if banned else "unban")
+        if target in self._settings.bot_admins:
+            raise CommandError("admin.cannot_ban_admin")
+        with self._store.unit_of_work() as uow:
+            audit.set_banned(uow, actor.channel, target, banned)
+        self._record(actor, "ban" if banned else "unban", target=f"user:{target}", reason=reason)
+
+    def grant(self, actor: Actor, target: str, credits: int) -> None:
+        self.check(actor, Permission.GRANT, "grant")
+        _check_credits(credits)
+        day = quota_day(datetime.now(UTC), self._settings.zone)
+        with self._store.unit_of_work() as uow:
+            key = user_account(actor.channel, target)
+            ledger.grant(uow.session, key, credits, day, note=f"granted by {actor.user_id}")
+            uow.commit()
+        self._record(actor, "grant", target=f"user:{target}", detail={"credits": credits})
+
+    def set_quota(self, actor: Actor, target: str, credits: int | None) -> None:
+        """A user's own daily credits (None: back to CHITRAKAR_DAILY_QUOTA)."""
+        self.check(actor, Permission.SET_QUOTA, "set_quota")
+        if credits is not None:
+            _check_credits(credits)
+        with self._store.unit_of_work() as uow:
+            ledger.set_account_limit(uow.session, user_account(actor.channel, target), credits)
+            uow.commit()
+        self._record(actor, "set_quota", target=f"user:{target}", detail={"credits": credits})
+
+    def stats(self, actor: Actor) -> Stats:
+        self.check(actor, Permission.STATS, "stats")
+        now = datetime.now(UTC)
+        with self._store.unit_of_work() as uow:
+            return stats.stats_since(uow, now - timedelta(days=1), now)
+
+    def queue(self, actor: Actor) -> list[QueueEntry]:
+        self.check(actor, Permission.STATS, "queue")
+        with self._store.unit_of_work() as uow:
+            return stats.queue_snapshot(uow)
+
+    def audit_log(self, actor: Actor, limit: int = 15) -> list[AuditEntry]:
+        self.check(actor, Permission.AUDIT, "audit")
+        with self._store.unit_of_work() as uow:
+            return audit.latest(uow, limit)
+
+    def pause(self, actor: Actor, message: str | None) -> None:
+        """Stop taking new jobs; users are told `message` (or a default)."""
+        self.check(actor, Permission.PAUSE, "pause" if message is not None else "resume")
+        with self._store.unit_of_work() as uow:
+            audit.set_flag(uow, PAUSED_FLAG, message, actor.user_id)
+        self._record(actor, "pause" if message is not None else "resume", reason=message)
+
+    def chat_settings(self, channel: str, chat_id: int) -> ChatSettingsView:
+        with self._store.unit_of_work() as uow:
+            return audit.chat_settings(uow, channel, chat_id)
+
+    def change_settings(
+        self,
+        actor: Actor,
+        *,
+        toggle_command: str | None = None,
+        toggle_style: str | None = None,
+        content_policy: str | audit._Unset | None = audit.UNSET,
+        spoilers: bool | None = None,
+        group_quota: int | audit._Unset | None = audit.UNSET,
+    ) -> ChatSettingsView:
+        self.check(actor, Permission.GROUP_SETTINGS, "settings")
+        with self._store.unit_of_work() as uow:
+            view = audit.update_chat_settings(
+                uow,
+                actor.channel,
+                actor.chat_id,
+                toggle_command=toggle_command,
+                toggle_style=toggle_style,
+                content_policy=content_policy,
+                spoilers=spoilers,
+            )
+            if not isinstance(group_quota, audit._Unset):
+                key = f"group:{actor.channel}:{actor.chat_id}"
+                ledger.set_account_limit(uow.session, key, group_quota)
+                uow.commit()
+        change = {
+            "command": toggle_command,
+            "style": toggle_style,
+            "content_policy": None if isinstance(content_policy, audit._Unset) else content_policy,
+            "spoilers": spoilers,
+            "group_quota": None if isinstance(group_quota, audit._Unset) else group_quota,
+        }
+        self._record(
+            actor,
+            "settings",
+            target=f"chat:{actor.chat_id}",
+            detail={k: v for k, v in change.items() if v is not None},
+        )
+        return view
+
+    def report(self, actor: Actor, replied_message_id: int) -> tuple[int, JobView]:
+        """A member flags the result a message carries. Raises CommandError when the message
+        carries none."""
+        self.check(actor, Permission.REPORT, "report")
+        with self._store.unit_of_work() as uow:
+            job = jobs.job_for_message(uow, actor.chat_id, replied_message_id)
+            report_id = (
+                audit.open_report(uow, job.id, actor.user_id, actor.chat_id) if job else None
+            )
+        if job is None or report_id is None:
+            raise CommandError("report.not_a_result")
+        self._record(actor, "report", target=f"job:{job.id}", detail={"report": report_id})
+        return report_id, job
+
+    def review(self, actor: Actor, report_id: int, decision: str) -> Review | None:
+        """A bot admin decides: dismiss, delete the result, or ban its requester. None when
+        the report is unknown or already decided."""
+        self.check(actor, Permission.REVIEW, "review")
+        with self._store.unit_of_work() as uow:
+            report = audit.decide_report(uow, report_id, decision, actor.user_id)
+            job = jobs.get_job(uow, report.job_id) if report is not None else None
+            messages = jobs.result_message_ids(uow, report.job_id) if report is not None else []
+        if report is None:
+            return None
+        delete: list[int] = []
+        if job is not None and decision == "deleted":
+            self._artifacts.delete_prefix(f"results/{job.id}/")
+            delete = messages
+        if job is not None and decision == "banned":
+            with self._store.unit_of_work() as uow:
+                audit.set_banned(uow, job.channel, job.requester, True)
+        self._record(
+            actor,
+            f"review_{decision}",
+            target=f"job:{report.job_id}",
+            detail={"report": report_id, "requester": job.requester if job else None},
+        )
+        return Review(report=report, job=job, delete_messages=delete)
+
+
+def _check_credits(credits: int) -> None:
+    if not 0 <= credits <= MAX_CREDITS:
+        raise CommandError("admin.credits_range", limit=MAX_CREDITS)

@@ -1,0 +1,49 @@
+"""Who may do what: every permission is decided here, in one place. Plain Python, no I/O;
+the channel finds out the facts (is this a group admin?) and asks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+
+
+class Role(StrEnum):
+    BOT_ADMIN = "bot_admin"  # named in CHITRAKAR_ADMIN_IDS
+    GROUP_ADMIN = "group_admin"  # an administrator of the group, as Telegram says
+    MEMBER = "member"
+
+
+class Permission(StrEnum):
+    GENERATE = "generate"  # make images, press result buttons
+    REPORT = "report"  # flag a result for review
+    GROUP_SETTINGS = "group_settings"  # /settings in their group
+    GROUP_QUOTA = "group_quota"  # /groupquota in their group
+    BAN = "ban"  # /ban, /unban
+    GRANT = "grant"  # /grant credits
+    SET_QUOTA = "set_quota"  # /setquota of a user
+    STATS = "stats"  # /stats, /queue
+    PAUSE = "pause"  # /pause, /resume
+    AUDIT = "audit"  # /audit
+    REVIEW = "review"  # decide on reports
+
+
+_MEMBER = frozenset({Permission.GENERATE, Permission.REPORT})
+_GROUP_ADMIN = _MEMBER | {Permission.GROUP_SETTINGS, Permission.GROUP_QUOTA}
+GRANTS: Mapping[Role, frozenset[Permission]] = {
+    Role.MEMBER: _MEMBER,
+    Role.GROUP_ADMIN: _GROUP_ADMIN,
+    Role.BOT_ADMIN: frozenset(Permission),
+}
+
+
+def role_of(user_id: str, bot_admins: frozenset[str], is_group_admin: bool) -> Role:
+    if user_id in bot_admins:
+        return Role.BOT_ADMIN
+    return Role.GROUP_ADMIN if is_group_admin else Role.MEMBER
+
+
+def may(role: Role, permission: Permission, *, banned: bool = False) -> bool:
+    """A banned user may do nothing; a bot admin is never banned from their own bot."""
+    if banned and role != Role.BOT_ADMIN:
+        return False
+    return permission in GRANTS[role]

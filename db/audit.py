@@ -1,0 +1,379 @@
+"""Moderation and admin records: the audit log, bans, service flags, group settings and
+reports on results. Every function takes a unit of work; those that change something commit.
+
+Changes that could race (two admins at once, a report tapped twice) are atomic on SQLite and
+PostgreSQL alike: rows are created with an insert-if-absent, and a read-modify-write first
+takes the row's lock (PostgreSQL) or the database's write lock (SQLite).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any, Final, cast
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import CursorResult
+from sqlalchemy.orm import Session
+
+from db.models import AuditEvent, ChatSettings, Job, Report, ServiceFlag, User, utcnow
+from db.session import UnitOfWork
+
+# What happens to a flagged image in a chat (ChatSettings.content_policy).
+CONTENT_POLICIES: Final = frozenset({"block", "spoiler", "allow"})
+# A report is open until an admin decides it one of these ways.
+REPORT_OPEN: Final = "open"
+REPORT_DECISIONS: Final = frozenset({"dismissed", "deleted", "banned"})
+
+
+def _as_utc(moment: datetime) -> datetime:
+    # SQLite keeps no time zone: what it returns was written as UTC.
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _insert(session: Session) -> Callable[[Any], Any]:
+    # Both dialects' inserts have on_conflict_do_nothing/update; the generic one does not.
+    insert: Callable[[Any], Any] = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}[
+        session.get_bind().dialect.name
+    ]
+    return insert
+
+
+# The audit log.
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: int
+    at: datetime
+    channel: str
+    actor: str
+    actor_role: str
+    action: str
+    target: str | None
+    chat_id: int | None
+    reason: str | None
+    detail: dict[str, Any] | None
+    allowed: bool
+
+    @classmethod
+    def of(cls, event: AuditEvent) -> AuditEntry:
+        return cls(
+            id=event.id,
+            at=_as_utc(event.at),
+            channel=event.channel,
+            actor=event.actor,
+            actor_role=event.actor_role,
+            action=event.action,
+            target=event.target,
+            chat_id=event.chat_id,
+            reason=event.reason,
+            detail=dict(event.detail) if event.detail is not None else None,
+            allowed=bool(event.allowed),
+        )
+
+
+def record(
+    uow: UnitOfWork,
+    *,
+    channel: str,
+    actor: str,
+    actor_role: str,
+    action: str,
+    target: str | None = None,
+    chat_id: int | None = None,
+    reason: str | None = None,
+    detail: dict[str, Any] | None = None,
+    allowed: bool = True,
+) -> int:
+    """Append an event to the audit log; returns its id. Commits (with whatever else the
+    unit of work holds, so an action and its record can be made durable together)."""
+    event = AuditEvent(
+        at=utcnow(),
+        channel=channel,
+        actor=actor,
+        actor_role=actor_role,
+        action=action,
+        target=target,
+        chat_id=chat_id,
+        reason=reason,
+        detail=detail,
+        allowed=allowed,
+    )
+    uow.session.add(event)
+    uow.session.flush()
+    event_id = event.id
+    uow.commit()
+    return event_id
+
+
+def latest(uow: UnitOfWork, limit: int = 20, channel: str | None = None) -> list[AuditEntry]:
+    """The newest events first, of one channel or of all."""
+    query = select(AuditEvent).order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(limit)
+    if channel is not None:
+        query = query.where(AuditEvent.channel == channel)
+    return [AuditEntry.of(event) for event in uow.session.scalars(query)]
+
+
+def count_by_action(uow: UnitOfWork, since: datetime) -> dict[str, int]:
+    """How many events of each action (allowed or refused) were recorded since `since`;
+    actions without any are absent."""
+    rows = uow.session.execute(
+        select(AuditEvent.action, func.count())
+        .where(AuditEvent.at >= _as_utc(since))
+        .group_by(AuditEvent.action)
+    )
+    return {action: int(count) for action, count in rows}
+
+
+# Bans.
+
+
+def set_banned(uow: UnitOfWork, channel: str, external_id: str, banned: bool) -> None:
+    """Ban or unban a user, creating their row if they never wrote to the bot. Commits."""
+    session = uow.session
+    session.execute(
+        _insert(session)(User)
+        .values(
+            channel=channel,
+            external_id=external_id,
+            language="en",
+            banned=banned,
+            created_at=utcnow(),
+        )
+        .on_conflict_do_nothing(index_elements=["channel", "external_id"])
+    )
+    session.execute(
+        update(User)
+        .where(User.channel == channel, User.external_id == external_id)
+        .values(banned=banned)
+    )
+    uow.commit()
+
+
+def is_banned(uow: UnitOfWork, channel: str, external_id: str) -> bool:
+    banned = uow.session.scalar(
+        select(User.banned).where(User.channel == channel, User.external_id == external_id)
+    )
+    return bool(banned)
+
+
+# Service flags.
+
+
+def set_flag(uow: UnitOfWork, key: str, value: str | None, set_by: str) -> None:
+    """Set a service-wide switch ("paused": the message shown to users); None removes it.
+    Commits."""
+    session = uow.session
+    if value is None:
+        session.execute(delete(ServiceFlag).where(ServiceFlag.key == key))
+    else:
+        at = utcnow()
+        session.execute(
+            _insert(session)(ServiceFlag)
+            .values(key=key, value=value, set_by=set_by, at=at)
+            .on_conflict_do_update(
+                index_elements=["key"], set_={"value": value, "set_by": set_by, "at": at}
+            )
+        )
+    uow.commit()
+
+
+def get_flag(uow: UnitOfWork, key: str) -> str | None:
+    return uow.session.scalar(select(ServiceFlag.value).where(ServiceFlag.key == key))
+
+
+# Group settings.
+
+
+@dataclass(frozen=True)
+class ChatSettingsView:
+    """What a chat's admins decided; the defaults where they decided nothing."""
+
+    disabled_commands: frozenset[str] = frozenset()
+    disabled_styles: frozenset[str] = frozenset()
+    # block, spoiler or allow; None: the deployment's policy.
+    content_policy: str | None = None
+    spoilers: bool = False
+
+    @classmethod
+    def of(cls, row: ChatSettings) -> ChatSettingsView:
+        return cls(
+            disabled_commands=frozenset(row.disabled_commands or ()),
+            disabled_styles=frozenset(row.disabled_styles or ()),
+            content_policy=row.content_policy,
+            spoilers=bool(row.spoilers),
+        )
+
+
+class _Unset(Enum):
+    UNSET = "unset"
+
+
+# update_chat_settings(content_policy=UNSET) leaves the policy as it is (None resets it).
+UNSET: Final = _Unset.UNSET
+
+
+def chat_settings(uow: UnitOfWork, channel: str, chat_id: int) -> ChatSettingsView:
+    row = uow.session.scalar(
+        select(ChatSettings).where(ChatSettings.channel == channel, ChatSettings.chat_id == chat_id)
+    )
+    return ChatSettingsView.of(row) if row is not None else ChatSettingsView()
+
+
+def _toggled(values: list[str] | None, item: str) -> list[str]:
+    current = set(values or ())
+    current.symmetric_difference_update({item})
+    return sorted(current)
+
+
+def update_chat_settings(
+    uow: UnitOfWork,
+    channel: str,
+    chat_id: int,
+    *,
+    toggle_command: str | None = None,
+    toggle_style: str | None = None,
+    content_policy: str | _Unset | None = UNSET,
+    spoilers: bool | None = None,
+) -> ChatSettingsView:
+    """Change a chat's settings: a toggled command or style is switched off if it was on and
+    on if it was off; content_policy None goes back to the deployment's (UNSET: unchanged);
+    spoilers None: unchanged. Returns the settings as they now are. Commits. Raises
+    ValueError for a content policy other than block, spoiler or allow."""
+    if isinstance(content_policy, str) and content_policy not in CONTENT_POLICIES:
+        raise ValueError(f"unknown content policy {content_policy!r}")
+    session = uow.session
+    # On SQLite this write takes the database's write lock for the whole read-modify-write.
+    session.execute(
+        _insert(session)(ChatSettings)
+        .values(
+            channel=channel,
+            chat_id=chat_id,
+            disabled_commands=[],
+            disabled_styles=[],
+            content_policy=None,
+            spoilers=False,
+        )
+        .on_conflict_do_nothing(index_elements=["channel", "chat_id"])
+    )
+    row = session.scalars(
+        select(ChatSettings)
+        .where(ChatSettings.channel == channel, ChatSettings.chat_id == chat_id)
+        .with_for_update()
+        # The row may be in the session from an earlier read: read it again, under the lock.
+        .execution_options(populate_existing=True)
+    ).one()
+    if toggle_command is not None:
+        row.disabled_commands = _toggled(row.disabled_commands, toggle_command)
+    if toggle_style is not None:
+        row.disabled_styles = _toggled(row.disabled_styles, toggle_style)
+    if not isinstance(content_policy, _Unset):
+        row.content_policy = content_policy
+    if spoilers is not None:
+        row.spoilers = spoilers
+    view = ChatSettingsView.of(row)
+    uow.commit()
+    return view
+
+
+# Reports on results.
+
+
+@dataclass(frozen=True)
+class ReportView:
+    id: int
+    job_id: int
+    reporter: str
+    chat_id: int
+    # open, dismissed, deleted or banned
+    status: str
+    at: datetime
+    decided_by: str | None = None
+    decided_at: datetime | None = None
+
+    @classmethod
+    def of(cls, report: Report) -> ReportView:
+        return cls(
+            id=report.id,
+            job_id=report.job_id,
+            reporter=report.reporter,
+            chat_id=report.chat_id,
+            status=report.status,
+            at=_as_utc(report.at),
+            decided_by=report.decided_by,
+            decided_at=_as_utc(report.decided_at) if report.decided_at else None,
+        )
+
+
+def open_report(uow: UnitOfWork, job_id: int, reporter: str, chat_id: int) -> int | None:
+    """Record a member's report on a job's result; returns its id, or None when the job does
+    not exist. A reporter's report on a job that is still open is returned again rather than
+    made twice (a decided one is not: a new report opens). Commits."""
+    session = uow.session
+    # Locks the job's row (PostgreSQL) or takes the write lock (SQLite), so two taps at once
+    # find one another's report rather than both adding one.
+    locked = cast(
+        CursorResult[Any],
+        session.execute(update(Job).where(Job.id == job_id).values(status=Job.status)),
+    )
+    if locked.rowcount != 1:
+        uow.commit()
+        return None
+    existing = session.scalar(
+        select(Report.id)
+        .where(Report.job_id == job_id, Report.reporter == reporter, Report.status == REPORT_OPEN)
+        .order_by(Report.id)
+        .limit(1)
+    )
+    if existing is not None:
+        uow.commit()
+        return existing
+    report = Report(
+        job_id=job_id, reporter=reporter, chat_id=chat_id, status=REPORT_OPEN, at=utcnow()
+    )
+    session.add(report)
+    session.flush()
+    report_id = report.id
+    uow.commit()
+    return report_id
+
+
+def decide_report(
+    uow: UnitOfWork, report_id: int, status: str, decided_by: str
+) -> ReportView | None:
+    """Close an open report as dismissed, deleted (the result) or banned (the requester).
+    None when there is no such report or it was already decided (by another admin, maybe at
+    the same moment: exactly one decision wins). Commits. Raises ValueError for another
+    status."""
+    if status not in REPORT_DECISIONS:
+        raise ValueError(f"unknown report decision {status!r}")
+    session = uow.session
+    decided = cast(
+        CursorResult[Any],
+        session.execute(
+            update(Report)
+            .where(Report.id == report_id, Report.status == REPORT_OPEN)
+            .values(status=status, decided_by=decided_by, decided_at=utcnow())
+        ),
+    )
+    if decided.rowcount != 1:
+        uow.commit()
+        return None
+    report = session.scalars(
+        select(Report).where(Report.id == report_id).execution_options(populate_existing=True)
+    ).one()
+    view = ReportView.of(report)
+    uow.commit()
+    return view
+
+
+def get_report(uow: UnitOfWork, report_id: int) -> ReportView | None:
+    report = uow.session.scalars(
+        select(Report).where(Report.id == report_id).execution_options(populate_existing=True)
+    ).one_or_none()
+    return ReportView.of(report) if report is not None else None

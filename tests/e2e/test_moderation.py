@@ -1,0 +1,246 @@
+"""Admin commands, bans, pausing, group settings, the prompt block lists and /report, end to
+end: the real bot and worker (`chitrakar run`, tiny model) against the Bot API emulator."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from chitrakar.texts import text
+from db.models import AuditEvent
+from db.session import Store
+from tests.support.botapi import BotApiEmulator, Call
+from tests.support.stack import chitrakar_env, chitrakar_process, jobs_in_chat
+
+pytestmark = pytest.mark.e2e
+ADMIN_ID = 9001
+_fresh_ids = itertools.count(5000)
+Stack = tuple[BotApiEmulator, str]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Stack]:
+    emulator = BotApiEmulator().start()
+    data_dir = tmp_path_factory.mktemp("data")
+    env = chitrakar_env(emulator, data_dir, tiny_model, admin_ids=str(ADMIN_ID))
+    with chitrakar_process("run", env=env, log_dir=data_dir):
+        emulator.wait_for("setMyCommands", lambda c: c.params.get("language_code") == "hi", 60)
+        yield emulator, f"sqlite:///{data_dir / 'chitrakar.db'}"
+    emulator.stop()
+
+
+def answer_to(message: dict[str, Any]) -> Callable[[Call], bool]:
+    def check(call: Call) -> bool:
+        result = call.result if isinstance(call.result, dict) else {}
+        return (
+            call.params.get("chat_id") == message["chat"]["id"]
+            and result.get("message_id", 0) > message["message_id"]
+        )
+
+    return check
+
+
+def say(emulator: BotApiEmulator, chat: dict[str, Any], user: dict[str, Any], words: str) -> str:
+    """Send a message and return the text of the bot's next message in that chat."""
+    message = emulator.send_text(chat, user, words)
+    return str(emulator.wait_for("sendMessage", answer_to(message), timeout=60).params["text"])
+
+
+def audit_events(database_url: str) -> list[AuditEvent]:
+    store = Store(database_url)
+    try:
+        with store.unit_of_work() as uow:
+            events = list(uow.session.scalars(select(AuditEvent).order_by(AuditEvent.id)))
+            uow.session.expunge_all()
+            return events
+    finally:
+        store.dispose()
+
+
+def wait_done(database_url: str, chat_id: int, count: int) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        jobs = jobs_in_chat(database_url, chat_id)
+        if len([j for j in jobs if j.status in ("done", "failed", "blocked")]) >= count:
+            return
+        time.sleep(0.1)
+    raise AssertionError("jobs did not end")
+
+
+ADMIN_COMMANDS = [
+    ("/ban 777 spam", "admin.banned", {"user": "777"}),
+    ("/unban 777", "admin.unbanned", {"user": "777"}),
+    ("/grant 777 5", "admin.granted", {"user": "777", "credits": 5}),
+    ("/setquota 777 30", "admin.quota_set", {"user": "777", "credits": 30}),
+    ("/setquota 777 default", "admin.quota_reset", {"user": "777"}),
+    ("/resume", "admin.resumed", {}),
+]
+
+
+@pytest.mark.parametrize(("command", "key", "params"), ADMIN_COMMANDS)
+def test_admin_commands_work_for_admins_and_are_refused_and_recorded_for_others(
+    stack: Stack, command: str, key: str, params: dict[str, Any]
+) -> None:
+    emulator, database_url = stack
+    admin = emulator.user(ADMIN_ID, "Admin")
+    member = emulator.user(next(_fresh_ids), "Member")
+    assert say(emulator, emulator.private_chat(member), member, command) == text(
+        "en", "admin.not_allowed"
+    )
+    refused = [e for e in audit_events(database_url) if e.actor == str(member["id"])]
+    assert refused and refused[-1].allowed is False
+    assert say(emulator, emulator.private_chat(admin), admin, command) == text("en", key, **params)
+    done = [e for e in audit_events(database_url) if e.actor == str(ADMIN_ID)]
+    assert done[-1].allowed is True
+
+
+@pytest.mark.parametrize("command", ["/stats", "/queue", "/audit"])
+def test_reports_for_admins_only(stack: Stack, command: str) -> None:
+    emulator, _ = stack
+    admin = emulator.user(ADMIN_ID, "Admin")
+    member = emulator.user(next(_fresh_ids), "Member")
+    assert say(emulator, emulator.private_chat(member), member, command) == text(
+        "en", "admin.not_allowed"
+    )
+    reply = say(emulator, emulator.private_chat(admin), admin, command)
+    assert reply != text("en", "admin.not_allowed")
+    if command == "/stats":
+        assert reply.startswith("Last 24 hours")
+    if command == "/audit":
+        assert reply.startswith(text("en", "admin.audit_header"))
+
+
+def test_a_banned_user_gets_one_short_reply_and_nothing_else(stack: Stack) -> None:
+    emulator, database_url = stack
+    admin = emulator.user(ADMIN_ID, "Admin")
+    user = emulator.user(next(_fresh_ids), "Spammer")
+    chat = emulator.private_chat(user)
+    say(emulator, emulator.private_chat(admin), admin, f"/ban {user['id']} flooding")
+    assert say(emulator, chat, user, "/portrait a fort") == text("en", "moderation.banned")
+    assert jobs_in_chat(database_url, chat["id"]) == []
+    say(emulator, emulator.private_chat(admin), admin, f"/unban {user['id']}")
+    assert say(emulator, chat, user, "/portrait a fort") == text("en", "status.queued", position=1)
+
+
+def test_pause_tells_users_and_resume_lets_them_in(stack: Stack) -> None:
+    emulator, database_url = stack
+    admin = emulator.user(ADMIN_ID, "Admin")
+    user = emulator.user(next(_fresh_ids), "Patient")
+    chat = emulator.private_chat(user)
+    say(emulator, emulator.private_chat(admin), admin, "/pause GPU maintenance until 6 pm")
+    assert say(emulator, chat, user, "/portrait a fort") == text(
+        "en", "service.paused", notice="GPU maintenance until 6 pm"
+    )
+    assert jobs_in_chat(database_url, chat["id"]) == []
+    say(emulator, emulator.private_chat(admin), admin, "/resume")
+    assert say(emulator, chat, user, "/portrait a fort").startswith("Queued.")
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "a nude woman on a beach",  # English
+        "एक नग्न महिला",  # Hindi
+        "ek nangi ladki",  # Hinglish
+        "a n.u.d.e woman",  # an evasion
+    ],
+)
+def test_a_blocked_prompt_queues_and_charges_nothing(stack: Stack, prompt: str) -> None:
+    emulator, database_url = stack
+    user = emulator.user(next(_fresh_ids), "Tester")
+    chat = emulator.private_chat(user)
+    assert say(emulator, chat, user, f"/portrait {prompt}") == text("en", "safety.prompt_blocked")
+    assert jobs_in_chat(database_url, chat["id"]) == []
+    assert say(emulator, chat, user, "/quota").startswith("Credits left today: 20 of 20.")
+    blocked = [e for e in audit_events(database_url) if e.action == "prompt_blocked"]
+    assert blocked[-1].target == f"user:{user['id']}"
+
+
+def test_group_settings_apply_in_that_group_only(stack: Stack) -> None:
+    emulator, _ = stack
+    group_admin = emulator.user(next(_fresh_ids), "Host")
+    member = emulator.user(next(_fresh_ids), "Guest")
+    group = emulator.group_chat(-400_000 - next(_fresh_ids))
+    other = emulator.group_chat(-400_000 - next(_fresh_ids))
+    emulator.set_admins(group["id"], [group_admin["id"]])
+
+    assert say(emulator, group, member, "/settings") == text("en", "admin.not_allowed")
+    asked = emulator.send_text(group, group_admin, "/settings")
+    panel = emulator.wait_for("sendMessage", answer_to(asked), timeout=30).result
+    data = [b["callback_data"] for row in emulator.buttons_of(panel) for b in row]
+    assert {"g:c:portrait", "g:s:anime", "g:p:block", "g:x:on", "g:q:20"} <= set(data)
+
+    refused = emulator.press(panel, member, "g:c:portrait")
+    assert emulator.wait_for_answer(refused).params["text"] == text("en", "admin.not_allowed")
+
+    def press_and_wait(data_: str) -> dict[str, Any]:
+        edits = len(emulator.calls_to("editMessageText", group["id"]))
+        emulator.wait_for_answer(emulator.press(panel, group_admin, data_))
+        deadline = time.monotonic() + 30
+        while len(emulator.calls_to("editMessageText", group["id"])) == edits:
+            assert time.monotonic() < deadline, "the settings message was not updated"
+            time.sleep(0.05)
+        return dict(emulator.calls_to("editMessageText", group["id"])[-1].result)
+
+    panel = press_and_wait("g:s:anime")
+    assert say(emulator, group, member, "/portrait a fort --style anime") == text(
+        "en", "settings.style_off", style="Anime"
+    )
+    panel = press_and_wait("g:c:portrait")
+    assert "/portrait off" in panel["text"]
+    assert say(emulator, group, member, "/portrait a fort") == text(
+        "en", "settings.command_off", command="portrait"
+    )
+    # Another group is not affected.
+    assert say(emulator, other, member, "/portrait a fort --style anime").startswith("Queued.")
+
+
+def test_report_reaches_the_admins_and_their_buttons_work(stack: Stack) -> None:
+    emulator, database_url = stack
+    admin = emulator.user(ADMIN_ID, "Admin")
+    admin_chat = emulator.private_chat(admin)
+    asker, reporter = (emulator.user(next(_fresh_ids), n) for n in ("Asker", "Watcher"))
+    group = emulator.group_chat(-500_000 - next(_fresh_ids))
+    command = emulator.send_text(group, asker, "/portrait a festival crowd")
+    photo = emulator.wait_for(
+        "sendPhoto",
+        lambda c: c.params.get("chat_id") == group["id"] and isinstance(c.result, dict),
+        timeout=120,
+    )
+    wait_done(database_url, group["id"], 1)
+
+    reply = emulator.send_text(group, reporter, "/report", reply_to=photo.result)
+    thanks = emulator.wait_for("sendMessage", answer_to(reply), timeout=30)
+    assert thanks.params["text"] == text("en", "report.sent")
+    card = emulator.wait_for(
+        "sendPhoto", lambda c: c.params.get("chat_id") == admin_chat["id"], timeout=30
+    )
+    data = [
+        b["callback_data"] for row in card.params["reply_markup"]["inline_keyboard"] for b in row
+    ]
+    report_id = data[0].split(":")[1]
+    assert data == [f"w:{report_id}:d", f"w:{report_id}:x", f"w:{report_id}:b"]
+
+    # Only a bot admin may decide; the admin deletes the result from the group.
+    refused = emulator.press(card.result, reporter, f"w:{report_id}:x", check_button=True)
+    assert emulator.wait_for_answer(refused).params["text"] == text("en", "admin.not_allowed")
+    emulator.press(card.result, admin, f"w:{report_id}:x")
+    emulator.wait_for(
+        "deleteMessage",
+        lambda c: (
+            c.params.get("chat_id") == group["id"]
+            and c.params.get("message_id") == photo.result["message_id"]
+        ),
+        timeout=30,
+    )
+    again = emulator.press(card.result, admin, f"w:{report_id}:b", check_button=False)
+    assert emulator.wait_for_answer(again).params["text"] == text("en", "report.already_decided")
+    actions = [e.action for e in audit_events(database_url)]
+    assert "report" in actions and "review_deleted" in actions
+    assert command  # the request itself is untouched: only its result was removed

@@ -1,0 +1,133 @@
+"""The output classifier with the real NudeNet detector (its model ships in the package, so this
+runs offline): real photographs and a blank image are not flagged; the flagged path, which no
+test image here may show, runs against a stand-in detector."""
+
+from __future__ import annotations
+
+import importlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as photographs
+
+from workers.classifier import ImageVerdict, OutputClassifier
+
+NOT_FLAGGED = ImageVerdict(flagged=False, labels=(), score=0.0)
+
+
+@pytest.fixture(scope="module")
+def classifier() -> OutputClassifier:
+    return OutputClassifier()
+
+
+def test_a_portrait_is_not_flagged(classifier: OutputClassifier) -> None:
+    astronaut = Image.fromarray(photographs.astronaut())
+    assert classifier.classify(astronaut) == NOT_FLAGGED
+    # The detector does see her face: a face is found, and is not unsafe.
+    detector: Any = classifier._detector
+    labels = {found["class"] for found in detector.detect(np.asarray(astronaut)[:, :, ::-1])}
+    assert labels & {"FACE_FEMALE", "FACE_MALE"}
+    assert not labels & OutputClassifier.UNSAFE_LABELS
+
+
+def test_a_photo_without_people_is_not_flagged(classifier: OutputClassifier) -> None:
+    assert classifier.classify(Image.fromarray(photographs.coffee())) == NOT_FLAGGED
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.new("RGB", (512, 512), "white"),
+        Image.new("RGB", (64, 96), "black"),
+        Image.new("L", (128, 128), 128),
+        Image.new("RGBA", (128, 64), (200, 150, 100, 0)),
+        Image.fromarray(photographs.camera()),  # greyscale
+    ],
+    ids=["white", "black-portrait", "grey-L", "transparent-RGBA", "camera-L"],
+)
+def test_other_images_are_read_and_not_flagged(
+    classifier: OutputClassifier, image: Image.Image
+) -> None:
+    assert classifier.classify(image) == NOT_FLAGGED
+
+
+def test_the_model_loads_once_across_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    nudenet = importlib.import_module("nudenet")
+    detector_class: Any = nudenet.NudeDetector
+    loads: list[object] = []
+
+    class Counted(detector_class):  # type: ignore[misc]
+        def __init__(self) -> None:
+            loads.append(self)
+            super().__init__()
+
+    monkeypatch.setattr(nudenet, "NudeDetector", Counted)
+    classifier = OutputClassifier()
+    assert classifier._detector is None  # nothing loaded until the first image
+    image = Image.fromarray(photographs.coffee())
+    with ThreadPoolExecutor(4) as pool:
+        verdicts = list(pool.map(classifier.classify, [image] * 8))
+    assert verdicts == [NOT_FLAGGED] * 8
+    assert len(loads) == 1
+
+
+class _StandIn:
+    """NudeNet's `detect` answer for an image this suite cannot hold."""
+
+    def __init__(self, detections: list[dict[str, Any]]) -> None:
+        self.detections = detections
+        self.seen: list[Any] = []
+
+    def detect(self, image: Any) -> list[dict[str, Any]]:
+        self.seen.append(image)
+        return self.detections
+
+
+def test_exposed_labels_flag_the_image() -> None:
+    classifier = OutputClassifier(threshold=0.5)
+    stand_in = _StandIn(
+        [
+            {"class": "FACE_FEMALE", "score": 0.92, "box": [1, 2, 3, 4]},
+            {"class": "FEMALE_BREAST_COVERED", "score": 0.88, "box": [1, 2, 3, 4]},
+            {"class": "FEMALE_GENITALIA_EXPOSED", "score": 0.81234, "box": [1, 2, 3, 4]},
+            {"class": "BUTTOCKS_EXPOSED", "score": 0.64, "box": [1, 2, 3, 4]},
+            {"class": "BUTTOCKS_EXPOSED", "score": 0.55, "box": [5, 6, 7, 8]},
+            {"class": "ANUS_EXPOSED", "score": 0.3, "box": [1, 2, 3, 4]},  # under the threshold
+        ]
+    )
+    classifier._detector = stand_in
+    verdict = classifier.classify(Image.new("RGB", (40, 30), (255, 0, 0)))
+    assert verdict.flagged
+    assert verdict.labels == ("FEMALE_GENITALIA_EXPOSED:0.81", "BUTTOCKS_EXPOSED:0.64")
+    assert verdict.score == pytest.approx(0.81234)
+    # It was given what NudeNet reads from a file: 8-bit BGR, height x width x 3.
+    (array,) = stand_in.seen
+    assert array.shape == (30, 40, 3)
+    assert array.dtype == np.uint8
+    assert array.flags["C_CONTIGUOUS"]
+    assert tuple(array[0, 0]) == (0, 0, 255)
+
+
+def test_the_threshold_decides(monkeypatch: pytest.MonkeyPatch) -> None:
+    detections = [{"class": "MALE_GENITALIA_EXPOSED", "score": 0.45, "box": [0, 0, 1, 1]}]
+    strict, lenient = OutputClassifier(threshold=0.4), OutputClassifier(threshold=0.5)
+    for classifier in (strict, lenient):
+        monkeypatch.setattr(classifier, "_detector", _StandIn(detections))
+    image = Image.new("RGB", (8, 8))
+    assert strict.classify(image).labels == ("MALE_GENITALIA_EXPOSED:0.45",)
+    assert lenient.classify(image) == NOT_FLAGGED
+    with pytest.raises(ValueError, match="threshold"):
+        OutputClassifier(threshold=0)
+
+
+def test_the_unsafe_labels_are_nudenet_classes() -> None:
+    # The class names, in the order of the model's outputs, from NudeNet's own source.
+    classes = set(vars(importlib.import_module("nudenet.nudenet"))["__labels"])
+    assert len(classes) == 18
+    assert classes >= OutputClassifier.UNSAFE_LABELS
+    assert {label for label in classes if label.endswith("_COVERED")}.isdisjoint(
+        OutputClassifier.UNSAFE_LABELS
+    )
