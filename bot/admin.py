@@ -19,12 +19,15 @@ from chitrakar.buttons import Action, Button, ButtonPress, review_buttons
 from chitrakar.domain import CommandError
 from chitrakar.moderation import Actor
 from chitrakar.permissions import Permission
-from chitrakar.texts import text
+from chitrakar.texts import DEFAULT_LANGUAGE, text
 
 log = logging.getLogger(__name__)
 
 # How long Telegram's answer to "is this user a group admin?" is trusted.
 ADMIN_CACHE_S = 60.0
+ADMIN_CACHE_SIZE = 10_000
+# A banned user is told at most this often.
+BANNED_REPLY_EVERY_S = 300.0
 # Commands a group's admins can switch off in /settings.
 SWITCHABLE_COMMANDS = ("portrait", "avatar")
 GROUP_QUOTA_CHOICES = ("off", "10", "20", "50", "100")
@@ -52,7 +55,11 @@ async def is_group_admin(context: BotContext, chat_id: int, user_id: int) -> boo
     except TelegramError as exc:
         log.warning("could not look up user %s in chat %s: %s", user_id, chat_id, exc)
         return False
-    cache[(chat_id, user_id)] = (time.monotonic() + ADMIN_CACHE_S, answer)
+    now = time.monotonic()
+    if len(cache) > ADMIN_CACHE_SIZE:
+        for key in [k for k, (expires, _) in cache.items() if expires <= now]:
+            del cache[key]
+    cache[(chat_id, user_id)] = (now + ADMIN_CACHE_S, answer)
     return answer
 
 
@@ -79,6 +86,13 @@ async def ban_gate(update: Update, context: BotContext) -> None:
     moderation = context.services.moderation
     if not await asyncio.to_thread(moderation.is_banned, CHANNEL, str(user.id)):
         return
+    # One short reply now and then, not one per message: a banned user must not be able to
+    # make the bot flood a group.
+    told: dict[int, float] = context.bot_data.setdefault("banned_told", {})
+    now = time.monotonic()
+    if told.get(user.id, 0.0) > now:
+        raise ApplicationHandlerStop
+    told[user.id] = now + BANNED_REPLY_EVERY_S
     refusal = text(language_of(update), "moderation.banned")
     try:
         if update.callback_query is not None:
@@ -97,11 +111,17 @@ async def _reply(message: Message, update: Update, key: str, **params: object) -
 def _target_and_rest(message: Message) -> tuple[str | None, list[str]]:
     """The user a command is about (a reply's author, or the first word) and the rest."""
     words = command_arguments(message).split()
-    replied = message.reply_to_message
-    if replied is not None and replied.from_user is not None and not replied.from_user.is_bot:
-        return str(replied.from_user.id), words
-    if words and words[0].isdigit():
+    # An id given wins over a reply (in a forum topic every message "replies" to the topic).
+    if words and words[0].isdecimal():
         return words[0], words[1:]
+    replied = message.reply_to_message
+    if (
+        replied is not None
+        and replied.forum_topic_created is None
+        and replied.from_user is not None
+        and not replied.from_user.is_bot
+    ):
+        return str(replied.from_user.id), words
     return None, words
 
 
@@ -148,7 +168,7 @@ async def grant(update: Update, context: BotContext) -> None:
     actor = await actor_of(update, context)
     target, rest = _target_and_rest(message)
     moderation = context.services.moderation
-    if target is None or len(rest) != 1 or not rest[0].isdigit():
+    if target is None or len(rest) != 1 or not rest[0].isdecimal():
         if await _admin_call(update, lambda: moderation.check(actor, Permission.GRANT, "grant")):
             await _reply(message, update, "admin.usage_grant")
         return
@@ -164,7 +184,7 @@ async def set_quota(update: Update, context: BotContext) -> None:
     actor = await actor_of(update, context)
     target, rest = _target_and_rest(message)
     moderation = context.services.moderation
-    valid = len(rest) == 1 and (rest[0].isdigit() or rest[0].lower() == "default")
+    valid = len(rest) == 1 and (rest[0].isdecimal() or rest[0].lower() == "default")
     if target is None or not valid:
         check = lambda: moderation.check(actor, Permission.SET_QUOTA, "set_quota")  # noqa: E731
         if await _admin_call(update, check):
@@ -178,37 +198,41 @@ async def set_quota(update: Update, context: BotContext) -> None:
             await _reply(message, update, "admin.quota_set", user=target, credits=credits)
 
 
-def _seconds(value: float | None) -> str:
-    return "–" if value is None else f"{value:.1f} s"
-
-
 async def stats(update: Update, context: BotContext) -> None:
     message = update.effective_message
     if message is None:
         return
     actor = await actor_of(update, context)
+    language = language_of(update)
     try:
-        figures = await asyncio.to_thread(context.services.moderation.stats, actor)
+        figures, events = await asyncio.to_thread(context.services.moderation.stats, actor)
     except CommandError as exc:
         await _reply(message, update, exc.key, **exc.params)
         return
+    none = text(language, "admin.none_value")
+
+    def seconds(value: float | None) -> str:
+        return none if value is None else text(language, "admin.seconds", value=value)
+
     by_status = ", ".join(f"{status} {n}" for status, n in figures.jobs_by_status.items() if n)
-    top = ", ".join(f"{name or uid} {n}" for uid, name, n in figures.top_users) or "–"
+    top = ", ".join(f"{name or uid} {n}" for uid, name, n in figures.top_users) or none
     await _reply(
         message,
         update,
         "admin.stats",
+        zone=context.services.settings.timezone,
         by_status=by_status or "0",
         images=figures.images,
         gpu_seconds=figures.gpu_seconds,
         blocked=figures.blocked,
         queue=figures.queue_length,
         held=figures.held,
-        wait_median=_seconds(figures.wait_median_s),
-        wait_p95=_seconds(figures.wait_p95_s),
-        gen_median=_seconds(figures.generation_median_s),
-        gen_p95=_seconds(figures.generation_p95_s),
+        wait_median=seconds(figures.wait_median_s),
+        wait_p95=seconds(figures.wait_p95_s),
+        gen_median=seconds(figures.generation_median_s),
+        gen_p95=seconds(figures.generation_p95_s),
         top=top,
+        events=", ".join(f"{action} {n}" for action, n in sorted(events.items())) or none,
     )
 
 
@@ -232,7 +256,7 @@ async def queue(update: Update, context: BotContext) -> None:
             "admin.queue_line",
             job=entry.id,
             status=entry.status,
-            held=" (held)" if entry.held else "",
+            held=text(language, "admin.held_mark") if entry.held else "",
             command=entry.command,
             user=entry.display_name or entry.external_id,
             chat=entry.chat_id,
@@ -259,6 +283,7 @@ async def resume(update: Update, context: BotContext) -> None:
     actor = await actor_of(update, context)
     if await _admin_call(update, lambda: context.services.moderation.pause(actor, None)):
         await _reply(message, update, "admin.resumed")
+        await asyncio.to_thread(context.services.intake.hand_over_all_held)
 
 
 async def audit(update: Update, context: BotContext) -> None:
@@ -284,7 +309,7 @@ async def audit(update: Update, context: BotContext) -> None:
             actor=event.actor,
             role=event.actor_role,
             action=event.action,
-            refused="" if event.allowed else " (refused)",
+            refused="" if event.allowed else text(language, "admin.refused_mark"),
             target=event.target or "",
             reason=(event.reason or "")[:80],
         )
@@ -385,9 +410,10 @@ async def settings(update: Update, context: BotContext) -> None:
         return
     actor = await actor_of(update, context)
     moderation = context.services.moderation
-    if not await _admin_call(
-        update, lambda: moderation.check(actor, Permission.GROUP_SETTINGS, "settings")
-    ):
+    try:
+        await asyncio.to_thread(moderation.check, actor, Permission.GROUP_SETTINGS, "settings")
+    except CommandError:
+        await _reply(message, update, "settings.admins_only")
         return
     body, markup = await asyncio.to_thread(_settings_view, update, context, chat.id)
     await message.reply_text(body, reply_markup=markup)
@@ -431,6 +457,10 @@ async def _change_setting(update: Update, context: BotContext, actor: Actor, val
     assert query is not None and chat is not None
     kind, _, choice = value.partition(":")
     moderation = context.services.moderation
+    unknown_style = kind == "s" and context.services.intake.catalogue.get(choice) is None
+    if (kind == "c" and choice not in SWITCHABLE_COMMANDS) or unknown_style:
+        await _answer(query, text(language_of(update), "button.invalid"), alert=True)
+        return
     change: dict[str, object]
     if kind == "c":
         change = {"toggle_command": choice}
@@ -470,10 +500,15 @@ async def report(update: Update, context: BotContext) -> None:
     except CommandError as exc:
         await _reply(message, update, exc.key, **exc.params)
         return
+    admins = sorted(context.services.settings.bot_admins)
+    if not admins:
+        log.warning("report %s has no one to go to: CHITRAKAR_ADMIN_IDS is empty", report_id)
+        await _reply(message, update, "report.no_reviewers")
+        return
     await _reply(message, update, "report.sent")
-    for admin_id in sorted(context.services.settings.bot_admins):
+    for admin_id in admins:
         card = text(
-            "en",
+            DEFAULT_LANGUAGE,
             "report.card",
             report=report_id,
             job=job.id,
@@ -482,7 +517,7 @@ async def report(update: Update, context: BotContext) -> None:
             reporter=actor.user_id,
             prompt=job.plan.prompt[:300],
         )
-        markup = keyboard("en", review_buttons(report_id))
+        markup = keyboard(DEFAULT_LANGUAGE, review_buttons(report_id))
         try:
             if job.result_file_ids:
                 await context.bot.send_photo(

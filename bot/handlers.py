@@ -507,7 +507,7 @@ async def group_quota(update: Update, context: BotContext) -> None:
     limit: int | None
     if argument == "off":
         limit = None
-    elif argument.isdigit() and int(argument) <= MAX_GROUP_QUOTA:
+    elif argument.isdecimal() and int(argument) <= MAX_GROUP_QUOTA:
         limit = int(argument)
     else:
         await message.reply_text(text(language, "quota.group_usage"))

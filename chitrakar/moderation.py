@@ -14,8 +14,8 @@ from chitrakar.artifacts import ArtifactStore
 from chitrakar.config import Settings
 from chitrakar.domain import CommandError
 from chitrakar.permissions import Permission, Role, may, role_of
-from chitrakar.quota import quota_day, user_account
-from db import audit, jobs, ledger, stats
+from chitrakar.quota import group_account, next_reset, quota_day, user_account
+from db import audit, jobs, ledger, retention, stats
 from db.audit import AuditEntry, ChatSettingsView, ReportView
 from db.jobs import JobView
 from db.session import Store
@@ -106,7 +106,19 @@ class Moderation:
             raise CommandError("admin.cannot_ban_admin")
         with self._store.unit_of_work() as uow:
             audit.set_banned(uow, actor.channel, target, banned)
-        self._record(actor, "ban" if banned else "unban", target=f"user:{target}", reason=reason)
+        cancelled = self._cancel_all(actor.channel, target) if banned else []
+        self._record(
+            actor,
+            "ban" if banned else "unban",
+            target=f"user:{target}",
+            reason=reason,
+            detail={"cancelled_jobs": [job.id for job in cancelled]} if cancelled else None,
+        )
+
+    def _cancel_all(self, channel: str, user_id: str) -> list[JobView]:
+        """A banned user's queued, held and running jobs stop, refunded."""
+        with self._store.unit_of_work() as uow:
+            return jobs.cancel_jobs(uow, channel, None, user_id, reason="the user was banned")
 
     def grant(self, actor: Actor, target: str, credits: int) -> None:
         self.check(actor, Permission.GRANT, "grant")
@@ -128,11 +140,13 @@ class Moderation:
             uow.commit()
         self._record(actor, "set_quota", target=f"user:{target}", detail={"credits": credits})
 
-    def stats(self, actor: Actor) -> Stats:
+    def stats(self, actor: Actor) -> tuple[Stats, dict[str, int]]:
+        """Today's figures (since midnight in CHITRAKAR_TIMEZONE) and audit events by action."""
         self.check(actor, Permission.STATS, "stats")
         now = datetime.now(UTC)
+        since = next_reset(now, self._settings.zone) - timedelta(days=1)
         with self._store.unit_of_work() as uow:
-            return stats.stats_since(uow, now - timedelta(days=1), now)
+            return stats.stats_since(uow, since, now), audit.count_by_action(uow, since)
 
     def queue(self, actor: Actor) -> list[QueueEntry]:
         self.check(actor, Permission.STATS, "queue")
@@ -145,6 +159,8 @@ class Moderation:
             return audit.latest(uow, limit)
 
     def pause(self, actor: Actor, message: str | None) -> None:
+        # New requests are refused while paused, and held jobs are not handed over; jobs the
+        # workers already hold finish.
         """Stop taking new jobs; users are told `message` (or a default)."""
         self.check(actor, Permission.PAUSE, "pause" if message is not None else "resume")
         with self._store.unit_of_work() as uow:
@@ -177,7 +193,7 @@ class Moderation:
                 spoilers=spoilers,
             )
             if not isinstance(group_quota, audit._Unset):
-                key = f"group:{actor.channel}:{actor.chat_id}"
+                key = group_account(actor.channel, actor.chat_id)
                 ledger.set_account_limit(uow.session, key, group_quota)
                 uow.commit()
         change = {
@@ -222,10 +238,17 @@ class Moderation:
         delete: list[int] = []
         if job is not None and decision == "deleted":
             self._artifacts.delete_prefix(f"results/{job.id}/")
+            with self._store.unit_of_work() as uow:
+                retention.forget_results(uow, job.id, why=f"report {report_id}")
             delete = messages
-        if job is not None and decision == "banned":
+        if (
+            job is not None
+            and decision == "banned"
+            and job.requester not in self._settings.bot_admins
+        ):
             with self._store.unit_of_work() as uow:
                 audit.set_banned(uow, job.channel, job.requester, True)
+            self._cancel_all(job.channel, job.requester)
         self._record(
             actor,
             f"review_{decision}",

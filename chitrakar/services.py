@@ -323,6 +323,10 @@ class JobIntake:
             self.hand_over_held(cancelled[0].id)
         return cancelled
 
+    def hand_over_all_held(self) -> list[int]:
+        """After /resume: the held jobs whose turn has come."""
+        return hand_over_all_held(self._store, self._publish, self._settings.max_jobs_in_flight)
+
     def hand_over_held(self, job_id: int) -> None:
         """Publish the held jobs of a job's user that now have a place."""
         hand_over_held(self._store, self._publish, job_id, self._settings.max_jobs_in_flight)
@@ -357,6 +361,7 @@ class JobIntake:
     def request_previews(self, origin: Origin) -> Accepted | None:
         """Queue the making of the style preview grid; None when a job is making it already
         (that job sends it to the chat that asked first)."""
+        self._admit(origin, Command.STYLES)
         with self._store.unit_of_work() as uow:
             if jobs.active_job_of_kind(uow, JobKind.PREVIEWS) is not None:
                 return None
@@ -433,6 +438,8 @@ def hand_over_held(
     """After a job of a user ended: hand over that user's oldest held jobs, as many as now
     have a place. Shared by the bot (after /cancel) and the workers (after a job)."""
     with store.unit_of_work() as uow:
+        if audit.get_flag(uow, PAUSED_FLAG) is not None:
+            return []  # paused: held jobs wait for /resume
         next_ids = jobs.next_held_jobs(uow, jobs.user_id_of(uow, job_id), limit)
     for next_id in next_ids:
         try:
@@ -451,6 +458,8 @@ def hand_over_all_held(store: Store, publish: Callable[[int], None], limit: int)
     it over). Run at a sole worker's start and every few minutes by beat."""
     handed: list[int] = []
     with store.unit_of_work() as uow:
+        if audit.get_flag(uow, PAUSED_FLAG) is not None:
+            return handed
         users = jobs.users_with_held_jobs(uow)
     for user_id in users:
         with store.unit_of_work() as uow:

@@ -463,21 +463,30 @@ def handed_over_active_job_ids(uow: UnitOfWork) -> list[int]:
     )
 
 
-def cancel_jobs(uow: UnitOfWork, channel: str, chat_id: int, external_id: str) -> list[JobView]:
-    """Cancel the user's queued and running jobs in a chat, refunding each. Commits."""
+def cancel_jobs(
+    uow: UnitOfWork,
+    channel: str,
+    chat_id: int | None,
+    external_id: str,
+    reason: str = "cancelled by the user",
+) -> list[JobView]:
+    """Cancel the user's queued and running jobs in a chat (None: in every chat), refunding
+    each. Commits."""
     cancelled = []
-    for job in uow.session.scalars(
+    query = (
         select(Job)
         .join(User)
         .where(
             User.channel == channel,
             User.external_id == external_id,
-            Job.chat_id == chat_id,
             Job.status.in_(list(ACTIVE_STATUSES)),
         )
         .order_by(Job.id)
-    ):
-        if not _move(uow.session, job, JobStatus.CANCELLED, "cancelled by the user"):
+    )
+    if chat_id is not None:
+        query = query.where(Job.chat_id == chat_id)
+    for job in uow.session.scalars(query):
+        if not _move(uow.session, job, JobStatus.CANCELLED, reason):
             continue  # it ended meanwhile
         ledger.refund(uow.session, job.id)
         job.finished_at = utcnow()

@@ -23,13 +23,14 @@ def results_due(uow: UnitOfWork, finished_before: datetime) -> list[int]:
     )
 
 
-def forget_results(uow: UnitOfWork, job_id: int) -> None:
-    """Record that a job's results were deleted (their files are gone). Commits."""
+def forget_results(uow: UnitOfWork, job_id: int, why: str = "retention") -> None:
+    """Record that a job's results were deleted (their files are gone, and Telegram's copies
+    are no longer offered again). Commits."""
     job = uow.session.get(Job, job_id)
     if job is None:
         return
     job.result_paths = job.result_checksums = job.result_file_ids = None
-    job.events.append(JobEvent(status=job.status, detail="results deleted (retention)"))
+    job.events.append(JobEvent(status=job.status, detail=f"results deleted ({why})"))
     uow.commit()
 
 

@@ -1,0 +1,157 @@
+"""Admin actions on real databases: a ban stops the user's jobs (refunded), a deleted result
+cannot be sent again, bot admins cannot be banned by a review, /pause holds the hand-over of
+held jobs until /resume, /grant and /setquota change what the user may spend."""
+
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+
+import pytest
+
+from chitrakar.artifacts import LocalArtifactStore
+from chitrakar.buttons import Action, ButtonPress, ButtonRefused
+from chitrakar.config import Settings
+from chitrakar.domain import Command, CommandError, parse_image_command
+from chitrakar.media import MediaStore
+from chitrakar.moderation import Actor, Moderation
+from chitrakar.permissions import Role
+from chitrakar.services import JobIntake
+from chitrakar.styles import load_catalogue
+from db import audit, jobs
+from db.jobs import Origin
+from db.migrate import upgrade_to_head
+from db.session import Store
+
+ADMIN = "9001"
+
+
+@pytest.fixture
+def world(database_url: str, tmp_path: Path) -> tuple[JobIntake, Moderation, Store, deque[int]]:
+    upgrade_to_head(database_url)
+    store = Store(database_url)
+    settings = Settings(
+        data_dir=tmp_path, image_size=64, default_steps=4, daily_quota=10, admin_ids=ADMIN
+    )
+    broker: deque[int] = deque()
+    artifacts = LocalArtifactStore(tmp_path)
+    intake = JobIntake(
+        settings, store, broker.append, load_catalogue(), MediaStore(settings.media_dir), artifacts
+    )
+    return intake, Moderation(settings, store, artifacts), store, broker
+
+
+def origin(user: str, message_id: int, chat_id: int = -100) -> Origin:
+    return Origin("telegram", chat_id, "group", user, user, "en", message_id)
+
+
+def admin(chat_id: int = -100) -> Actor:
+    return Actor("telegram", ADMIN, Role.BOT_ADMIN, chat_id)
+
+
+def test_a_ban_stops_the_users_jobs_and_refunds_them(world) -> None:  # type: ignore[no-untyped-def]
+    intake, moderation, store, _broker = world
+    request = parse_image_command(Command.PORTRAIT, "a market --n 2")
+    for n in range(3):  # two handed over, one held
+        accepted = intake.accept(origin("7", n + 1), request)
+        intake.dispatch(accepted.job_id, status_message_id=None)
+    assert intake.quota_status(origin("7", 9)).user_left == 4
+    moderation.ban(admin(), "7", True, "spam")
+    with store.unit_of_work() as uow:
+        assert jobs.active_job_ids(uow) == []
+        assert audit.is_banned(uow, "telegram", "7")
+    assert intake.quota_status(origin("7", 9)).user_left == 10
+    with pytest.raises(CommandError) as refused:
+        moderation.ban(admin(), ADMIN, True, None)
+    assert refused.value.key == "admin.cannot_ban_admin"
+    store.dispose()
+
+
+def _done_job(intake: JobIntake, store: Store, user: str) -> int:
+    accepted = intake.accept(origin(user, 1), parse_image_command(Command.PORTRAIT, "a kite"))
+    intake.dispatch(accepted.job_id, status_message_id=None)
+    stored = intake.artifacts.put(f"results/{accepted.job_id}/0-1.png", b"png")
+    with store.unit_of_work() as uow:
+        jobs.start_job(uow, accepted.job_id, "w")
+        jobs.complete_job(
+            uow,
+            accepted.job_id,
+            result_paths=[stored.key],
+            result_checksums=[stored.sha256],
+            result_file_ids=["telegram-file"],
+            generation_seconds=1.0,
+        )
+        jobs.record_result_messages(uow, accepted.job_id, -100, [55])
+    return accepted.job_id
+
+
+def test_a_reported_result_deleted_cannot_be_sent_again(world) -> None:  # type: ignore[no-untyped-def]
+    intake, moderation, store, _ = world
+    job_id = _done_job(intake, store, "8")
+    member = Actor("telegram", "5", Role.MEMBER, -100)
+    report_id, job = moderation.report(member, 55)
+    assert job.id == job_id
+    with pytest.raises(CommandError):
+        moderation.review(member, report_id, "deleted")  # members may not decide
+    review = moderation.review(admin(), report_id, "deleted")
+    assert review is not None and review.delete_messages == [55]
+    assert moderation.review(admin(), report_id, "banned") is None  # decided once
+    assert intake.artifacts.keys(f"results/{job_id}/") == []
+    press = ButtonPress(Action.RESEND, job_id=job_id)
+    with pytest.raises(ButtonRefused):
+        intake.to_resend(origin("8", 2), press, presser_is_admin=False)
+    with pytest.raises(CommandError) as not_a_result:
+        moderation.report(member, 999)
+    assert not_a_result.value.key == "report.not_a_result"
+    store.dispose()
+
+
+def test_a_review_never_bans_a_bot_admin(world) -> None:  # type: ignore[no-untyped-def]
+    intake, moderation, store, _ = world
+    _done_job(intake, store, ADMIN)
+    report_id, _job = moderation.report(Actor("telegram", "5", Role.MEMBER, -100), 55)
+    assert moderation.review(admin(), report_id, "banned") is not None
+    assert not moderation.is_banned("telegram", ADMIN)
+    store.dispose()
+
+
+def test_pause_holds_the_hand_over_until_resume(world) -> None:  # type: ignore[no-untyped-def]
+    intake, moderation, store, broker = world
+    request = parse_image_command(Command.PORTRAIT, "a lake")
+    ids = []
+    for n in range(3):
+        accepted = intake.accept(origin("9", n + 1), request)
+        intake.dispatch(accepted.job_id, status_message_id=None)
+        ids.append(accepted.job_id)
+    moderation.pause(admin(), "maintenance")
+    with pytest.raises(CommandError) as paused:
+        intake.accept(origin("9", 10), request)
+    assert (paused.value.key, paused.value.params) == ("service.paused", {"notice": "maintenance"})
+    with store.unit_of_work() as uow:
+        jobs.start_job(uow, ids[0], "w")
+        jobs.complete_job(uow, ids[0], result_paths=[], result_file_ids=[], generation_seconds=0)
+    intake.hand_over_held(ids[0])
+    assert list(broker) == ids[:2]  # the held third waits while paused
+    moderation.pause(admin(), None)
+    assert intake.hand_over_all_held() == [ids[2]]
+    store.dispose()
+
+
+def test_grant_and_setquota_change_what_a_user_may_spend(world) -> None:  # type: ignore[no-untyped-def]
+    intake, moderation, store, _ = world
+    who = origin("11", 1)
+    moderation.grant(admin(), "11", 5)
+    assert intake.quota_status(who).user_left == 15
+    moderation.set_quota(admin(), "11", 30)
+    status = intake.quota_status(who)
+    assert (status.user_left, status.user_limit) == (35, 30)
+    moderation.set_quota(admin(), "11", None)
+    assert intake.quota_status(who).user_limit == 10
+    with pytest.raises(CommandError) as not_admin:
+        moderation.grant(Actor("telegram", "11", Role.GROUP_ADMIN, -100), "11", 5)
+    assert not_admin.value.key == "admin.not_allowed"
+    with store.unit_of_work() as uow:
+        refused = [e for e in audit.latest(uow) if not e.allowed]
+    assert refused[0].action == "grant" and refused[0].actor == "11"
+
+    store.dispose()
