@@ -170,7 +170,7 @@ def test_group_settings_apply_in_that_group_only(stack: Stack) -> None:
     other = emulator.group_chat(-400_000 - next(_fresh_ids))
     emulator.set_admins(group["id"], [group_admin["id"]])
 
-    assert say(emulator, group, member, "/settings") == text("en", "admin.not_allowed")
+    assert say(emulator, group, member, "/settings") == text("en", "settings.admins_only")
     asked = emulator.send_text(group, group_admin, "/settings")
     panel = emulator.wait_for("sendMessage", answer_to(asked), timeout=30).result
     data = [b["callback_data"] for row in emulator.buttons_of(panel) for b in row]
