@@ -13,19 +13,16 @@ from telegram.constants import ChatType
 from telegram.error import TelegramError
 from telegram.ext import ApplicationHandlerStop
 
-from bot.context import CHANNEL, BotContext, language_of
+from bot.context import CHANNEL, BotContext, actor_of, language_of
 from bot.handlers import command_arguments, keyboard
 from chitrakar.buttons import Action, Button, ButtonPress, review_buttons
 from chitrakar.domain import CommandError
 from chitrakar.moderation import Actor
-from chitrakar.permissions import Permission
+from chitrakar.permissions import Permission, may
 from chitrakar.texts import DEFAULT_LANGUAGE, text
 
 log = logging.getLogger(__name__)
 
-# How long Telegram's answer to "is this user a group admin?" is trusted.
-ADMIN_CACHE_S = 60.0
-ADMIN_CACHE_SIZE = 10_000
 # A banned user is told at most this often.
 BANNED_REPLY_EVERY_S = 300.0
 # Commands a group's admins can switch off in /settings.
@@ -39,38 +36,6 @@ DECISION_NAMES = {
 }
 
 
-async def is_group_admin(context: BotContext, chat_id: int, user_id: int) -> bool:
-    """Telegram's word on it, cached briefly (admins change rarely; every button asks)."""
-    if chat_id == user_id:
-        return False
-    cache: dict[tuple[int, int], tuple[float, bool]] = context.bot_data.setdefault(
-        "admin_cache", {}
-    )
-    cached = cache.get((chat_id, user_id))
-    if cached is not None and cached[0] > time.monotonic():
-        return cached[1]
-    try:
-        member = await context.bot.get_chat_member(chat_id, user_id)
-        answer = member.status in ("administrator", "creator")
-    except TelegramError as exc:
-        log.warning("could not look up user %s in chat %s: %s", user_id, chat_id, exc)
-        return False
-    now = time.monotonic()
-    if len(cache) > ADMIN_CACHE_SIZE:
-        for key in [k for k, (expires, _) in cache.items() if expires <= now]:
-            del cache[key]
-    cache[(chat_id, user_id)] = (now + ADMIN_CACHE_S, answer)
-    return answer
-
-
-async def actor_of(update: Update, context: BotContext) -> Actor:
-    chat, user = update.effective_chat, update.effective_user
-    assert chat is not None and user is not None
-    group_admin = chat.type != ChatType.PRIVATE and await is_group_admin(context, chat.id, user.id)
-    role = context.services.moderation.role_of(str(user.id), group_admin)
-    return Actor(channel=CHANNEL, user_id=str(user.id), role=role, chat_id=chat.id)
-
-
 async def ban_gate(update: Update, context: BotContext) -> None:
     """Before any handler: a banned user's commands and presses get one short answer and go
     no further. Plain chat messages are ignored as before."""
@@ -81,10 +46,10 @@ async def ban_gate(update: Update, context: BotContext) -> None:
     is_command = bool(message and (message.text or message.caption or "").startswith("/"))
     if update.callback_query is None and not is_command:
         return
-    if str(user.id) in context.services.settings.bot_admins:
-        return
     moderation = context.services.moderation
-    if not await asyncio.to_thread(moderation.is_banned, CHANNEL, str(user.id)):
+    banned = await asyncio.to_thread(moderation.is_banned, CHANNEL, str(user.id))
+    role = moderation.role_of(str(user.id), is_group_admin=False)
+    if may(role, Permission.GENERATE, banned=banned):
         return
     # One short reply now and then, not one per message: a banned user must not be able to
     # make the bot flood a group.

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from telegram import Update
+from telegram.constants import ChatType
+from telegram.error import TelegramError
 from telegram.ext import Application, CallbackContext, ExtBot
 
 from chitrakar.config import Settings
-from chitrakar.moderation import Moderation
+from chitrakar.moderation import Actor, Moderation
 from chitrakar.privacy import PrivacyService
 from chitrakar.services import JobIntake
 from chitrakar.texts import pick_language
 from db.jobs import Origin
 
 CHANNEL = "telegram"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,3 +63,40 @@ def origin_of(update: Update, language: str, trigger: str | None = None) -> Orig
         request_message_id=message.message_id if message is not None else None,
         trigger=trigger,
     )
+
+
+# How long Telegram's answer to "is this user a group admin?" is trusted.
+ADMIN_CACHE_S = 60.0
+ADMIN_CACHE_SIZE = 10_000
+
+
+async def is_group_admin(context: BotContext, chat_id: int, user_id: int) -> bool:
+    """Telegram's word on it, cached briefly (admins change rarely; every button asks)."""
+    if chat_id == user_id:
+        return False
+    cache: dict[tuple[int, int], tuple[float, bool]] = context.bot_data.setdefault(
+        "admin_cache", {}
+    )
+    cached = cache.get((chat_id, user_id))
+    if cached is not None and cached[0] > time.monotonic():
+        return cached[1]
+    try:
+        member = await context.bot.get_chat_member(chat_id, user_id)
+        answer = member.status in ("administrator", "creator")
+    except TelegramError as exc:
+        log.warning("could not look up user %s in chat %s: %s", user_id, chat_id, exc)
+        return False
+    now = time.monotonic()
+    if len(cache) > ADMIN_CACHE_SIZE:
+        for key in [k for k, (expires, _) in cache.items() if expires <= now]:
+            del cache[key]
+    cache[(chat_id, user_id)] = (now + ADMIN_CACHE_S, answer)
+    return answer
+
+
+async def actor_of(update: Update, context: BotContext) -> Actor:
+    chat, user = update.effective_chat, update.effective_user
+    assert chat is not None and user is not None
+    group_admin = chat.type != ChatType.PRIVATE and await is_group_admin(context, chat.id, user.id)
+    role = context.services.moderation.role_of(str(user.id), group_admin)
+    return Actor(channel=CHANNEL, user_id=str(user.id), role=role, chat_id=chat.id)

@@ -7,7 +7,6 @@ import asyncio
 import logging
 
 from telegram import (
-    ChatMember,
     InlineKeyboardButton,
     InlineKeyboardMarkup,
     InputMediaPhoto,
@@ -19,7 +18,7 @@ from telegram import (
 from telegram.constants import ChatType, FileSizeLimit, MessageLimit
 from telegram.error import BadRequest, Forbidden, TelegramError
 
-from bot.context import CHANNEL, BotContext, language_of, origin_of
+from bot.context import CHANNEL, BotContext, actor_of, is_group_admin, language_of, origin_of
 from chitrakar.buttons import (
     Action,
     Button,
@@ -33,6 +32,7 @@ from chitrakar.buttons import (
     style_buttons,
 )
 from chitrakar.domain import Command, CommandError, JobKind, option_limits, parse_image_command
+from chitrakar.permissions import Permission
 from chitrakar.photos import MAX_DOWNLOAD_BYTES, check_declared_size, prepare_selfie
 from chitrakar.quota import STEPS_INCLUDED
 from chitrakar.services import Accepted
@@ -500,7 +500,12 @@ async def group_quota(update: Update, context: BotContext) -> None:
     if chat.type == ChatType.PRIVATE:
         await message.reply_text(text(language, "quota.group_only"))
         return
-    if not await _is_admin(context, chat.id, user.id):
+    actor = await actor_of(update, context)
+    try:
+        await asyncio.to_thread(
+            context.services.moderation.check, actor, Permission.GROUP_QUOTA, "group_quota"
+        )
+    except CommandError:
         await message.reply_text(text(language, "quota.group_admins_only"))
         return
     argument = command_arguments(message).lower()
@@ -518,15 +523,6 @@ async def group_quota(update: Update, context: BotContext) -> None:
         await message.reply_text(text(language, "quota.group_unlimited"))
     else:
         await message.reply_text(text(language, "quota.group_set", limit=limit))
-
-
-async def _is_admin(context: BotContext, chat_id: int, user_id: int) -> bool:
-    try:
-        member = await context.bot.get_chat_member(chat_id, user_id)
-    except TelegramError as exc:
-        log.warning("could not look up user %s in chat %s: %s", user_id, chat_id, exc)
-        return False
-    return member.status in (ChatMember.ADMINISTRATOR, ChatMember.OWNER)
 
 
 async def _answer(update: Update, text_: str | None = None, alert: bool = False) -> None:
@@ -572,7 +568,7 @@ async def on_button(update: Update, context: BotContext) -> None:
         and parent.chat_id == chat.id
         and parent.requester != str(user.id)
         and chat.type != ChatType.PRIVATE
-        and await _is_admin(context, chat.id, user.id)
+        and await is_group_admin(context, chat.id, user.id)
     )
     try:
         if press.action == Action.PICK:

@@ -79,6 +79,7 @@ ADMIN_COMMANDS = [
     ("/grant 777 5", "admin.granted", {"user": "777", "credits": 5}),
     ("/setquota 777 30", "admin.quota_set", {"user": "777", "credits": 30}),
     ("/setquota 777 default", "admin.quota_reset", {"user": "777"}),
+    ("/pause Back after the upgrade", "admin.paused", {"notice": "Back after the upgrade"}),
     ("/resume", "admin.resumed", {}),
 ]
 
