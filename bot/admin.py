@@ -14,7 +14,7 @@ from telegram.error import TelegramError
 from telegram.ext import ApplicationHandlerStop
 
 from bot.context import CHANNEL, BotContext, actor_of, language_of
-from bot.handlers import answer_quietly, command_arguments, keyboard
+from bot.handlers import command_arguments, keyboard
 from chitrakar.buttons import Action, Button, ButtonPress, review_buttons
 from chitrakar.domain import CommandError
 from chitrakar.moderation import Actor
@@ -395,7 +395,7 @@ async def on_admin_button(update: Update, context: BotContext) -> None:
     try:
         press = parse_button(query.data)
     except InvalidButton:
-        await answer_quietly(update, text(language, "button.invalid"), alert=True)
+        await _answer(query, text(language, "button.invalid"), alert=True)
         return
     actor = await actor_of(update, context)
     try:
@@ -404,7 +404,17 @@ async def on_admin_button(update: Update, context: BotContext) -> None:
         elif press.action == Action.REVIEW:
             await _review(update, context, actor, press)
     except CommandError as exc:
-        await answer_quietly(update, text(language, exc.key, **exc.params), alert=True)
+        await _answer(query, text(language, exc.key, **exc.params), alert=True)
+
+
+async def _answer(query: object, message: str | None = None, alert: bool = False) -> None:
+    from telegram import CallbackQuery
+
+    assert isinstance(query, CallbackQuery)
+    try:
+        await query.answer(message, show_alert=alert)
+    except TelegramError as exc:
+        log.info("could not answer callback query %s: %s", query.id, exc)
 
 
 async def _change_setting(update: Update, context: BotContext, actor: Actor, value: str) -> None:
@@ -414,7 +424,7 @@ async def _change_setting(update: Update, context: BotContext, actor: Actor, val
     moderation = context.services.moderation
     unknown_style = kind == "s" and context.services.intake.catalogue.get(choice) is None
     if (kind == "c" and choice not in SWITCHABLE_COMMANDS) or unknown_style:
-        await answer_quietly(update, text(language_of(update), "button.invalid"), alert=True)
+        await _answer(query, text(language_of(update), "button.invalid"), alert=True)
         return
     change: dict[str, object]
     if kind == "c":
@@ -428,7 +438,7 @@ async def _change_setting(update: Update, context: BotContext, actor: Actor, val
     else:
         change = {"group_quota": None if choice == "off" else int(choice)}
     await asyncio.to_thread(lambda: moderation.change_settings(actor, **change))  # type: ignore[arg-type]
-    await answer_quietly(update)
+    await _answer(query)
     body, markup = await asyncio.to_thread(_settings_view, update, context, chat.id)
     if query.message is not None:
         try:
@@ -492,7 +502,7 @@ async def _review(update: Update, context: BotContext, actor: Actor, press: Butt
     moderation = context.services.moderation
     review = await asyncio.to_thread(moderation.review, actor, press.job_id, press.value)
     if review is None:
-        await answer_quietly(update, text(language, "report.already_decided"), alert=True)
+        await _answer(query, text(language, "report.already_decided"), alert=True)
         return
     if review.job is not None:
         for message_id in review.delete_messages:
@@ -501,8 +511,8 @@ async def _review(update: Update, context: BotContext, actor: Actor, press: Butt
             except TelegramError as exc:
                 log.info("could not delete message %s: %s", message_id, exc)
     decision = text(language, DECISION_NAMES.get(press.value, "report.decision_dismissed"))
-    await answer_quietly(
-        update,
+    await _answer(
+        query,
         text(
             language, "report.decided", report=press.job_id, decision=decision, admin=actor.user_id
         ),

@@ -442,12 +442,12 @@ async def _on_owned_press(update: Update, context: BotContext, press: ButtonPres
     assert query is not None and user is not None
     language = language_of(update)
     if press.owner != str(user.id):
-        await answer_quietly(update, text(language, "button.not_yours"), alert=True)
+        await _answer(update, text(language, "button.not_yours"), alert=True)
         return
     if press.action == Action.HISTORY:
         assert press.page is not None
         reply, keyboard = await _history_page(update, context, press.owner, press.page)
-        await answer_quietly(update)
+        await _answer(update)
         if query.message is not None:
             try:
                 await context.bot.edit_message_text(
@@ -460,10 +460,10 @@ async def _on_owned_press(update: Update, context: BotContext, press: ButtonPres
                 log.info("could not turn the history page: %s", exc)
         return
     if not press.confirm:
-        await answer_quietly(update, text(language, "forget.kept"))
+        await _answer(update, text(language, "forget.kept"))
         return
     report = await asyncio.to_thread(context.services.privacy.forget, CHANNEL, press.owner)
-    await answer_quietly(update)
+    await _answer(update)
     done = text(language, "forget.done", jobs=report.jobs, files=report.artifacts + report.inputs)
     if query.message is not None:
         try:
@@ -481,7 +481,7 @@ async def _resend(
 ) -> None:
     """A past result sent again by Telegram's file ids: no upload, no GPU."""
     job = await asyncio.to_thread(context.services.intake.to_resend, origin, press, admin)
-    await answer_quietly(update)
+    await _answer(update)
     file_ids = list(job.result_file_ids)
     if len(file_ids) == 1:
         await context.bot.send_photo(origin.chat_id, file_ids[0])
@@ -525,7 +525,7 @@ async def group_quota(update: Update, context: BotContext) -> None:
         await message.reply_text(text(language, "quota.group_set", limit=limit))
 
 
-async def answer_quietly(update: Update, text_: str | None = None, alert: bool = False) -> None:
+async def _answer(update: Update, text_: str | None = None, alert: bool = False) -> None:
     """Answer a button press. A failed answer (the query too old after a backlog, say) only
     leaves the user's spinner turning a little longer: it must not stop the press's job."""
     query = update.callback_query
@@ -547,7 +547,7 @@ async def on_button(update: Update, context: BotContext) -> None:
         press = parse_button(query.data)
     except InvalidButton:
         log.info("unknown callback data %r from user %s", query.data, user.id)
-        await answer_quietly(update, text(language, "button.invalid"), alert=True)
+        await _answer(update, text(language, "button.invalid"), alert=True)
         return
     origin = origin_of(update, language, trigger=f"button:{query.id}")
     if press.action in (Action.HISTORY, Action.FORGET):
@@ -557,11 +557,9 @@ async def on_button(update: Update, context: BotContext) -> None:
         assert press.style is not None
         style = await asyncio.to_thread(intake.set_default_style, origin, press.style)
         if style is None:
-            await answer_quietly(update, text(language, "button.style_unknown"), alert=True)
+            await _answer(update, text(language, "button.style_unknown"), alert=True)
         else:
-            await answer_quietly(
-                update, text(language, "button.style_set", name=style.name_in(language))
-            )
+            await _answer(update, text(language, "button.style_set", name=style.name_in(language)))
         return
     assert press.job_id is not None
     parent = await asyncio.to_thread(intake.find_job, press.job_id)
@@ -581,13 +579,11 @@ async def on_button(update: Update, context: BotContext) -> None:
             return
         accepted = await asyncio.to_thread(intake.accept_press, origin, press, is_admin)
     except CommandError as exc:  # a refused press, or credits short
-        await answer_quietly(update, text(language, exc.key, **exc.params), alert=True)
+        await _answer(update, text(language, exc.key, **exc.params), alert=True)
         return
     if accepted.duplicate:
         return  # a repeated update of a press already answered
-    await answer_quietly(
-        update, text(language, "button.queued", position=max(accepted.position, 1))
-    )
+    await _answer(update, text(language, "button.queued", position=max(accepted.position, 1)))
     reply_to = origin.request_message_id
     await _announce_and_dispatch_to(chat.id, reply_to or 0, accepted, language, context)
 
@@ -599,7 +595,7 @@ async def _send_pick(
     assert press.index is not None
     language = language_of(update)
     job, png = await asyncio.to_thread(context.services.intake.result_to_pick, origin, press, admin)
-    await answer_quietly(update)
+    await _answer(update)
     await context.bot.send_document(
         job.chat_id,
         png,

@@ -41,7 +41,6 @@ from chitrakar.quota import (
 from chitrakar.safety import PromptBlocked, PromptPolicy
 from chitrakar.styles import Style, StyleCatalogue
 from db import audit, jobs, ledger
-from db.audit import ChatSettingsView
 from db.jobs import JobView, Origin
 from db.session import Store, UnitOfWork
 
@@ -107,11 +106,11 @@ class JobIntake:
         if (kind == JobKind.AVATAR) != (selfie is not None):
             raise ValueError("an avatar needs a selfie, and only an avatar takes one")
         # The prompt only: "--no nudity" asks for less, not more.
-        chat = self._admit(origin, request.command, request.prompt)
+        self._admit(origin, request.command, request.prompt)
         with self._store.unit_of_work() as uow:
             default = jobs.default_style_of(uow, origin.channel, origin.user_external_id)
         style = choose_style(request, self.catalogue, default)
-        self._admit_style(origin, chat, style.key if style else None)
+        self._admit_style(origin, style.key if style else None)
         plan = plan_request(
             request,
             style,
@@ -135,7 +134,7 @@ class JobIntake:
             self.media.forget_input(input_path)
             raise
 
-    def _admit(self, origin: Origin, command: Command, words: str = "") -> ChatSettingsView:
+    def _admit(self, origin: Origin, command: Command, words: str = "") -> None:
         """What stops a request before anything else: generation paused by an admin, the
         command switched off in this group, or words the block lists refuse (recorded)."""
         with self._store.unit_of_work() as uow:
@@ -160,10 +159,13 @@ class JobIntake:
                     detail={"term": verdict.term},
                 )
             raise PromptBlocked(verdict)
-        return chat
 
-    def _admit_style(self, origin: Origin, chat: ChatSettingsView, style_key: str | None) -> None:
-        if style_key is not None and style_key in chat.disabled_styles:
+    def _admit_style(self, origin: Origin, style_key: str | None) -> None:
+        if style_key is None:
+            return
+        with self._store.unit_of_work() as uow:
+            chat = audit.chat_settings(uow, origin.channel, origin.chat_id)
+        if style_key in chat.disabled_styles:
             style = self.catalogue.get(style_key)
             name = style.name_in(origin.language) if style else style_key
             raise CommandError("settings.style_off", style=name)
@@ -191,8 +193,8 @@ class JobIntake:
         own id (in the origin's trigger) makes a repeated callback find the same job."""
         parent = self._pressable(origin, press, presser_is_admin)
         # What the group's admins switched off since applies to presses too.
-        command = Command.AVATAR if parent.kind == JobKind.AVATAR else Command.PORTRAIT
-        self._admit_style(origin, self._admit(origin, command), parent.plan.style)
+        self._admit(origin, Command.AVATAR if parent.kind == JobKind.AVATAR else Command.PORTRAIT)
+        self._admit_style(origin, parent.plan.style)
         kind, plan = plan_followup(parent.kind, parent.plan, press, self._rng)
         input_path: str | None = None
         start_job: int | None = parent.id

@@ -8,22 +8,39 @@ takes the row's lock (PostgreSQL) or the database's write lock (SQLite).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, Final, cast
 
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import CursorResult
+from sqlalchemy.orm import Session
 
 from db.models import AuditEvent, ChatSettings, Job, Report, ServiceFlag, User, utcnow
-from db.session import UnitOfWork, as_utc, upsert_insert
+from db.session import UnitOfWork
 
 # What happens to a flagged image in a chat (ChatSettings.content_policy).
 CONTENT_POLICIES: Final = frozenset({"block", "spoiler", "allow"})
 # A report is open until an admin decides it one of these ways.
 REPORT_OPEN: Final = "open"
 REPORT_DECISIONS: Final = frozenset({"dismissed", "deleted", "banned"})
+
+
+def _as_utc(moment: datetime) -> datetime:
+    # SQLite keeps no time zone: what it returns was written as UTC.
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _insert(session: Session) -> Callable[[Any], Any]:
+    # Both dialects' inserts have on_conflict_do_nothing/update; the generic one does not.
+    insert: Callable[[Any], Any] = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}[
+        session.get_bind().dialect.name
+    ]
+    return insert
 
 
 # The audit log.
@@ -47,7 +64,7 @@ class AuditEntry:
     def of(cls, event: AuditEvent) -> AuditEntry:
         return cls(
             id=event.id,
-            at=as_utc(event.at),
+            at=_as_utc(event.at),
             channel=event.channel,
             actor=event.actor,
             actor_role=event.actor_role,
@@ -107,7 +124,7 @@ def count_by_action(uow: UnitOfWork, since: datetime) -> dict[str, int]:
     actions without any are absent."""
     rows = uow.session.execute(
         select(AuditEvent.action, func.count())
-        .where(AuditEvent.at >= as_utc(since))
+        .where(AuditEvent.at >= _as_utc(since))
         .group_by(AuditEvent.action)
     )
     return {action: int(count) for action, count in rows}
@@ -120,7 +137,7 @@ def set_banned(uow: UnitOfWork, channel: str, external_id: str, banned: bool) ->
     """Ban or unban a user, creating their row if they never wrote to the bot. Commits."""
     session = uow.session
     session.execute(
-        upsert_insert(session)(User)
+        _insert(session)(User)
         .values(
             channel=channel,
             external_id=external_id,
@@ -157,7 +174,7 @@ def set_flag(uow: UnitOfWork, key: str, value: str | None, set_by: str) -> None:
     else:
         at = utcnow()
         session.execute(
-            upsert_insert(session)(ServiceFlag)
+            _insert(session)(ServiceFlag)
             .values(key=key, value=value, set_by=set_by, at=at)
             .on_conflict_do_update(
                 index_elements=["key"], set_={"value": value, "set_by": set_by, "at": at}
@@ -233,7 +250,7 @@ def update_chat_settings(
     session = uow.session
     # On SQLite this write takes the database's write lock for the whole read-modify-write.
     session.execute(
-        upsert_insert(session)(ChatSettings)
+        _insert(session)(ChatSettings)
         .values(
             channel=channel,
             chat_id=chat_id,
@@ -287,9 +304,9 @@ class ReportView:
             reporter=report.reporter,
             chat_id=report.chat_id,
             status=report.status,
-            at=as_utc(report.at),
+            at=_as_utc(report.at),
             decided_by=report.decided_by,
-            decided_at=as_utc(report.decided_at) if report.decided_at else None,
+            decided_at=_as_utc(report.decided_at) if report.decided_at else None,
         )
 
 

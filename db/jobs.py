@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any, cast
 
 from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -23,7 +26,7 @@ from chitrakar.domain import (
 from chitrakar.quota import Account, QuotaExceeded
 from db import ledger
 from db.models import Job, JobEvent, ResultMessage, User, utcnow
-from db.session import UnitOfWork, as_utc, upsert_insert
+from db.session import UnitOfWork
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,8 @@ class JobView:
                 lora_scale=job.lora_scale if job.lora_scale is not None else 1.0,
             ),
             attempts=job.attempts,
-            created_at=as_utc(job.created_at),
-            started_at=as_utc(job.started_at) if job.started_at else None,
+            created_at=_as_utc(job.created_at),
+            started_at=_as_utc(job.started_at) if job.started_at else None,
             input_path=job.input_path,
             parent_job_id=job.parent_job_id,
             parent_index=job.parent_index,
@@ -118,6 +121,11 @@ class JobView:
             options=dict(job.options or {}),
             cost=job.cost or 0,
         )
+
+
+def _as_utc(moment: datetime) -> datetime:
+    # SQLite keeps no time zone: what it returns was written as UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -144,8 +152,13 @@ class DuplicateRequest(Exception):
 def _user_for(session: Session, origin: Origin) -> User:
     """The user's row, created if new. Two requests from a new user can arrive at once, so the
     insert is an atomic insert-if-absent rather than a look-then-add."""
+    # Both dialects' inserts have on_conflict_do_nothing; the generic one does not.
+    insert: Callable[[type[User]], Any] = {
+        "postgresql": postgresql_insert,
+        "sqlite": sqlite_insert,
+    }[session.get_bind().dialect.name]
     session.execute(
-        upsert_insert(session)(User)
+        insert(User)
         .values(
             channel=origin.channel,
             external_id=origin.user_external_id,

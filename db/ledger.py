@@ -8,23 +8,33 @@ Functions here work inside the caller's transaction and do not commit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date
+from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from chitrakar.quota import Account, exceeded
 from db.models import Account as AccountRow
 from db.models import LedgerEntry
-from db.session import upsert_insert
 
 GRANT, RESERVE, COMMIT, REFUND = "grant", "reserve", "commit", "refund"
 
 
+def _insert(session: Session) -> Callable[[Any], Any]:
+    # Both dialects' inserts have on_conflict_do_nothing; the generic one does not.
+    insert: Callable[[Any], Any] = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}[
+        session.get_bind().dialect.name
+    ]
+    return insert
+
+
 def _account_id(session: Session, key: str) -> int:
     session.execute(
-        upsert_insert(session)(AccountRow)
+        _insert(session)(AccountRow)
         .values(key=key, lock_version=0)
         .on_conflict_do_nothing(index_elements=["key"])
     )
@@ -92,7 +102,7 @@ def _reserves_of(session: Session, job_id: int) -> list[LedgerEntry]:
 
 def _append_once(session: Session, reserve_entry: LedgerEntry, kind: str, amount: int) -> None:
     session.execute(
-        upsert_insert(session)(LedgerEntry)
+        _insert(session)(LedgerEntry)
         .values(
             account_id=reserve_entry.account_id,
             job_id=reserve_entry.job_id,

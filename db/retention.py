@@ -3,13 +3,13 @@ then records it here; nothing about a job's history (its row, events, ledger) is
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 
 from chitrakar.domain import ACTIVE_STATUSES, JobKind
 from db.models import Job, JobEvent
-from db.session import UnitOfWork, as_utc
+from db.session import UnitOfWork
 
 
 def results_due(uow: UnitOfWork, finished_before: datetime) -> list[int]:
@@ -55,7 +55,7 @@ def inputs_due(uow: UnitOfWork, ended_before: datetime) -> list[str]:
     return sorted(
         path
         for path, finished in latest.items()
-        if path not in busy and finished is not None and as_utc(finished) < as_utc(ended_before)
+        if path not in busy and finished is not None and _utc(finished) < _utc(ended_before)
     )
 
 
@@ -68,3 +68,8 @@ def forget_input(uow: UnitOfWork, path: str) -> None:
 
 def existing_job_ids(uow: UnitOfWork, job_ids: list[int]) -> set[int]:
     return set(uow.session.scalars(select(Job.id).where(Job.id.in_(job_ids))))
+
+
+def _utc(moment: datetime) -> datetime:
+    # SQLite keeps no time zone: what it returns was written as UTC.
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

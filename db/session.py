@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -67,17 +62,3 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
-
-
-def upsert_insert(session: Session) -> Callable[[Any], Any]:
-    """The dialect's INSERT, which has on_conflict_do_nothing (the generic one does not):
-    for atomic insert-if-absent on SQLite and PostgreSQL alike."""
-    insert: Callable[[Any], Any] = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}[
-        session.get_bind().dialect.name
-    ]
-    return insert
-
-
-def as_utc(moment: datetime) -> datetime:
-    """An aware UTC datetime. SQLite keeps no time zone: what it returns was written as UTC."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

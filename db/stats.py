@@ -10,15 +10,21 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import func, select
 
 from chitrakar.domain import ACTIVE_STATUSES, JobStatus
 from db.models import Job, User
-from db.session import UnitOfWork, as_utc
+from db.session import UnitOfWork
 
 TOP_USERS = 5
+
+
+def _as_utc(moment: datetime) -> datetime:
+    # SQLite keeps no time zone: what it returns was written as UTC. A bound parameter is
+    # turned to UTC too, as SQLite compares the text of the times.
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def percentile(values: Sequence[float], p: float) -> float | None:
@@ -60,7 +66,7 @@ class Stats:
 
 def stats_since(uow: UnitOfWork, since: datetime, now: datetime) -> Stats:
     session = uow.session
-    since, now = as_utc(since), as_utc(now)
+    since, now = _as_utc(since), _as_utc(now)
 
     by_status = {status.value: 0 for status in JobStatus}
     for status, count in session.execute(
@@ -99,7 +105,7 @@ def stats_since(uow: UnitOfWork, since: datetime, now: datetime) -> Stats:
         names[user_id] = (external_id, display_name)
 
     waits = [
-        (as_utc(started) - as_utc(created)).total_seconds()
+        (_as_utc(started) - _as_utc(created)).total_seconds()
         for created, started in session.execute(
             select(Job.created_at, Job.started_at).where(
                 Job.started_at >= since, Job.started_at <= now
@@ -186,7 +192,7 @@ def queue_snapshot(uow: UnitOfWork, limit: int = 10) -> list[QueueEntry]:
             display_name=row.display_name,
             chat_id=row.chat_id,
             command=row.command,
-            created_at=as_utc(row.created_at),
+            created_at=_as_utc(row.created_at),
             held=row.published_at is None,
         )
         for row in rows
