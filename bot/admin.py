@@ -15,6 +15,7 @@ from telegram.ext import ApplicationHandlerStop
 
 from bot.context import CHANNEL, BotContext, actor_of, language_of
 from bot.handlers import command_arguments, keyboard
+from chitrakar import replies
 from chitrakar.buttons import Action, Button, ButtonPress, review_buttons
 from chitrakar.domain import CommandError
 from chitrakar.moderation import Actor
@@ -75,10 +76,10 @@ async def _reply(message: Message, update: Update, key: str, **params: object) -
 
 def _target_and_rest(message: Message) -> tuple[str | None, list[str]]:
     """The user a command is about (a reply's author, or the first word) and the rest."""
-    words = command_arguments(message).split()
     # An id given wins over a reply (in a forum topic every message "replies" to the topic).
-    if words and words[0].isdecimal():
-        return words[0], words[1:]
+    target, words = replies.admin_target(command_arguments(message).split())
+    if target is not None:
+        return target, words
     replied = message.reply_to_message
     if (
         replied is not None
@@ -174,31 +175,8 @@ async def stats(update: Update, context: BotContext) -> None:
     except CommandError as exc:
         await _reply(message, update, exc.key, **exc.params)
         return
-    none = text(language, "admin.none_value")
-
-    def seconds(value: float | None) -> str:
-        return none if value is None else text(language, "admin.seconds", value=value)
-
-    by_status = ", ".join(f"{status} {n}" for status, n in figures.jobs_by_status.items() if n)
-    top = ", ".join(f"{name or uid} {n}" for uid, name, n in figures.top_users) or none
-    await _reply(
-        message,
-        update,
-        "admin.stats",
-        zone=context.services.settings.timezone,
-        by_status=by_status or "0",
-        images=figures.images,
-        gpu_seconds=figures.gpu_seconds,
-        blocked=figures.blocked,
-        queue=figures.queue_length,
-        held=figures.held,
-        wait_median=seconds(figures.wait_median_s),
-        wait_p95=seconds(figures.wait_p95_s),
-        gen_median=seconds(figures.generation_median_s),
-        gen_p95=seconds(figures.generation_p95_s),
-        top=top,
-        events=", ".join(f"{action} {n}" for action, n in sorted(events.items())) or none,
-    )
+    timezone = context.services.settings.timezone
+    await message.reply_text(replies.stats_reply(language, figures, events, timezone))
 
 
 async def queue(update: Update, context: BotContext) -> None:
@@ -212,23 +190,7 @@ async def queue(update: Update, context: BotContext) -> None:
     except CommandError as exc:
         await _reply(message, update, exc.key, **exc.params)
         return
-    if not entries:
-        await _reply(message, update, "admin.queue_empty")
-        return
-    lines = [
-        text(
-            language,
-            "admin.queue_line",
-            job=entry.id,
-            status=entry.status,
-            held=text(language, "admin.held_mark") if entry.held else "",
-            command=entry.command,
-            user=entry.display_name or entry.external_id,
-            chat=entry.chat_id,
-        )
-        for entry in entries
-    ]
-    await message.reply_text("\n".join([text(language, "admin.queue_header"), *lines]))
+    await message.reply_text(replies.queue_reply(language, entries))
 
 
 async def pause(update: Update, context: BotContext) -> None:
@@ -262,25 +224,8 @@ async def audit(update: Update, context: BotContext) -> None:
     except CommandError as exc:
         await _reply(message, update, exc.key, **exc.params)
         return
-    if not events:
-        await _reply(message, update, "admin.audit_empty")
-        return
     zone = context.services.settings.zone
-    lines = [
-        text(
-            language,
-            "admin.audit_line",
-            when=f"{event.at.astimezone(zone):%d %b %H:%M}",
-            actor=event.actor,
-            role=event.actor_role,
-            action=event.action,
-            refused="" if event.allowed else text(language, "admin.refused_mark"),
-            target=event.target or "",
-            reason=(event.reason or "")[:80],
-        )
-        for event in events
-    ]
-    await message.reply_text("\n".join([text(language, "admin.audit_header"), *lines]))
+    await message.reply_text(replies.audit_reply(language, events, zone))
 
 
 def _settings_view(

@@ -19,38 +19,26 @@ from telegram.constants import ChatType, FileSizeLimit, MessageLimit
 from telegram.error import BadRequest, Forbidden, TelegramError
 
 from bot.context import CHANNEL, BotContext, actor_of, is_group_admin, language_of, origin_of
+from chitrakar import replies
 from chitrakar.buttons import (
     Action,
     Button,
     ButtonPress,
     InvalidButton,
     forget_buttons,
-    history_buttons,
     labelled,
     parse_button,
-    repeatable,
     style_buttons,
 )
-from chitrakar.domain import Command, CommandError, JobKind, option_limits, parse_image_command
+from chitrakar.domain import Command, CommandError, option_limits, parse_image_command
 from chitrakar.permissions import Permission
 from chitrakar.photos import MAX_DOWNLOAD_BYTES, check_declared_size, prepare_selfie
-from chitrakar.quota import STEPS_INCLUDED
 from chitrakar.services import Accepted
 from chitrakar.texts import text
 from db.jobs import Origin
 
 log = logging.getLogger(__name__)
 
-# What a history line calls each kind of job.
-KIND_NAMES = {
-    JobKind.PORTRAIT: "history.kind_portrait",
-    JobKind.AVATAR: "history.kind_avatar",
-    JobKind.VARIATION: "history.kind_variation",
-    JobKind.UPSCALE: "history.kind_upscale",
-    JobKind.PREVIEWS: "history.kind_previews",
-}
-# How much of a prompt a history line shows.
-HISTORY_PROMPT_CHARS = 60
 # A group's daily credits an admin may set (a typo of 10**9 should not read as "unlimited").
 MAX_GROUP_QUOTA = 100_000
 
@@ -74,16 +62,6 @@ def _caption_addressed_elsewhere(message: Message, bot_username: str) -> bool:
     command = (message.caption or "").split(maxsplit=1)[0]
     _, at, username = command.partition("@")
     return bool(at) and username.lower() != bot_username.lower()
-
-
-def _usage(language: str, context: BotContext, command: Command = Command.PORTRAIT) -> str:
-    key = "usage.avatar" if command == Command.AVATAR else "usage.portrait"
-    return text(
-        language,
-        key,
-        default_steps=context.services.settings.default_steps,
-        **option_limits(),
-    )
 
 
 def keyboard(language: str, rows: list[list[Button]]) -> InlineKeyboardMarkup:
@@ -122,10 +100,8 @@ async def portrait(update: Update, context: BotContext) -> None:
         request = parse_image_command(Command.PORTRAIT, command_arguments(message))
         accepted = await asyncio.to_thread(intake.accept, origin_of(update, language), request)
     except CommandError as exc:
-        reply = text(language, exc.key, **exc.params)
-        if exc.key.startswith("error."):
-            reply += "\n\n" + _usage(language, context)
-        await message.reply_text(reply)
+        steps = context.services.settings.default_steps
+        await message.reply_text(replies.command_error(language, steps, Command.PORTRAIT, exc))
         return
     await _announce_and_dispatch(message, accepted, language, context)
 
@@ -207,10 +183,8 @@ async def avatar(update: Update, context: BotContext) -> None:
             intake.accept, origin_of(update, language), request, selfie
         )
     except CommandError as exc:
-        reply = text(language, exc.key, **exc.params)
-        if exc.key.startswith("error."):
-            reply += "\n\n" + _usage(language, context, Command.AVATAR)
-        await message.reply_text(reply)
+        steps = context.services.settings.default_steps
+        await message.reply_text(replies.command_error(language, steps, Command.AVATAR, exc))
         return
     await _announce_and_dispatch(message, accepted, language, context)
 
@@ -256,21 +230,7 @@ async def styles(update: Update, context: BotContext) -> None:
             reply_markup=markup,
         )
         return
-    lines = [
-        text(
-            language,
-            "styles.line",
-            name=style.name_in(language),
-            code=style.key,
-            description=style.description_in(language),
-        )
-        for style in catalogue.styles.values()
-    ]
-    listing = text(language, "styles.list", lines="\n".join(lines))
-    while len(listing) > MessageLimit.MAX_TEXT_LENGTH:
-        # A long catalogue (a deployment's own styles): the buttons still show every style.
-        lines = [*lines[:-2], "…"]
-        listing = text(language, "styles.list", lines="\n".join(lines))
+    listing = replies.styles_listing(language, catalogue, MessageLimit.MAX_TEXT_LENGTH)
     await message.reply_text(listing, reply_markup=markup)
     accepted = await asyncio.to_thread(intake.request_previews, origin_of(update, language))
     if accepted is not None and not accepted.duplicate:
@@ -286,20 +246,8 @@ async def quota(update: Update, context: BotContext) -> None:
     language = language_of(update)
     intake = context.services.intake
     status = await asyncio.to_thread(intake.quota_status, origin_of(update, language))
-    resets = f"{status.resets_at:%H:%M} {context.services.settings.timezone}"
-    reply = text(
-        language,
-        "quota.status",
-        left=status.user_left,
-        limit=status.user_limit,
-        resets=resets,
-        steps_included=STEPS_INCLUDED,
-    )
-    if status.group_left is not None:
-        reply += "\n\n" + text(
-            language, "quota.group_status", left=status.group_left, limit=status.group_limit
-        )
-    await message.reply_text(reply)
+    timezone = context.services.settings.timezone
+    await message.reply_text(replies.quota_reply(language, status, timezone))
 
 
 async def cancel(update: Update, context: BotContext) -> None:
@@ -323,9 +271,7 @@ async def cancel(update: Update, context: BotContext) -> None:
                 )
             except TelegramError as exc:
                 log.info("could not mark job %s cancelled in the chat: %s", job.id, exc)
-    await message.reply_text(
-        text(language, "cancel.done", count=len(cancelled), credits=sum(j.cost for j in cancelled))
-    )
+    await message.reply_text(replies.cancel_reply(language, cancelled))
 
 
 async def history(update: Update, context: BotContext) -> None:
@@ -342,54 +288,16 @@ async def _history_page(
     language = language_of(update)
     origin = origin_of(update, language)
     past, pages = await asyncio.to_thread(context.services.intake.history, origin, page)
-    if not past:
-        return text(language, "history.empty"), None
-    lines = [
-        text(
-            language,
-            "history.line",
-            number=n,
-            when=f"{job.created_at.astimezone(context.services.settings.zone):%d %b %H:%M}",
-            what=text(language, KIND_NAMES[job.kind]),
-            prompt=_shown_prompt(job.plan.prompt),
-        )
-        for n, job in enumerate(past, start=1)
-    ]
-    reply = text(language, "history.header", page=page, pages=pages) + "\n\n" + "\n".join(lines)
-    entries = [
-        (job.id, repeatable(job.kind, len(job.plan.seeds), job.input_path is not None))
-        for job in past
-    ]
-    rows = history_buttons(owner, entries, page, pages)
-    return reply, keyboard(language, rows)
-
-
-def _shown_prompt(prompt: str) -> str:
-    return (
-        prompt if len(prompt) <= HISTORY_PROMPT_CHARS else prompt[: HISTORY_PROMPT_CHARS - 1] + "…"
-    )
+    zone = context.services.settings.zone
+    reply, rows = replies.history_reply(language, past, page, pages, zone, owner)
+    return reply, None if rows is None else keyboard(language, rows)
 
 
 async def privacy(update: Update, context: BotContext) -> None:
     message = update.effective_message
     if message is None:
         return
-    settings, language = context.services.settings, language_of(update)
-    hours = settings.input_retention_hours
-    input_rule = (
-        text(language, "privacy.input_after", hours=f"{hours:g}")
-        if hours > 0
-        else text(language, "privacy.input_at_end")
-    )
-    await message.reply_text(
-        text(
-            language,
-            "privacy.text",
-            daily_quota=settings.daily_quota,
-            retention_days=f"{settings.retention_days:g}",
-            input_rule=input_rule,
-        )
-    )
+    await message.reply_text(replies.privacy_reply(language_of(update), context.services.settings))
 
 
 async def export(update: Update, context: BotContext) -> None:
