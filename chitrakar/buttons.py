@@ -218,6 +218,11 @@ def labelled(language: str, rows: list[list[Button]]) -> list[list[tuple[str, st
     ]
 
 
+def stored_rows(language: str, rows: list[list[Button]]) -> list[list[list[str]]]:
+    """The same, as plain lists: what a channel that keeps its messages as JSON stores."""
+    return [[[label, data] for label, data in row] for row in labelled(language, rows)]
+
+
 def may_press(*, presser: str, requester: str, in_group: bool, presser_is_admin: bool) -> bool:
     """Result buttons belong to who asked; in a group, the chat's admins may press them too."""
     return presser == requester or (in_group and presser_is_admin)

@@ -73,6 +73,9 @@ class PrivacyService:
             archive.writestr("jobs.json", _json(record.jobs))
             archive.writestr("ledger.json", _json(record.ledger))
             names = {"README.txt", "profile.json", "jobs.json", "ledger.json"}
+            if record.messages:
+                archive.writestr("messages.json", _json(record.messages))
+                names.add("messages.json")
             for key, data in self._results(record):
                 name = f"results/{key}"
                 if name not in names:

@@ -1,6 +1,7 @@
 """Retention: results are deleted CHITRAKAR_RETENTION_DAYS after their job ended, selfie crops
 CHITRAKAR_INPUT_RETENTION_HOURS after the last job that used them (0: as soon as it ends),
-and result files no job refers to any more (left by a failed deletion) are removed. Run
+and result files no job refers to any more (left by a failed deletion) are removed; web chat
+messages go with the results (they hold the prompts), with expired sign-ins. Run
 hourly by Celery beat (`retention_sweep`), or by hand with `chitrakar retention sweep`."""
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from datetime import datetime, timedelta
 from chitrakar.artifacts import ArtifactStore
 from chitrakar.config import Settings
 from chitrakar.media import MediaStore
-from db import retention
+from db import retention, web
 from db.session import Store
 
 log = logging.getLogger(__name__)
 
 _RESULT_KEY = re.compile(r"results/(?P<job>[0-9]+)/")
+# The web chat's change feed only has to reach pages that are open.
+WEB_CHANGES_KEPT = timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class SweepReport:
     results: int = 0  # jobs whose results were deleted
     inputs: int = 0  # selfie crops deleted
     orphans: int = 0  # result files of jobs that no longer exist
+    web_messages: int = 0  # web chat messages older than the retention period
 
 
 def sweep(
@@ -61,7 +65,14 @@ def sweep(
     for job_id in orphans:
         artifacts.delete_prefix(f"results/{job_id}/")
 
-    report = SweepReport(results=len(due), inputs=len(inputs), orphans=len(orphans))
+    with store.unit_of_work() as uow:
+        messages = web.forget_messages_before(uow, now - timedelta(days=settings.retention_days))
+        web.end_expired(uow, now)
+        web.prune_changes(uow, now - WEB_CHANGES_KEPT)
+
+    report = SweepReport(
+        results=len(due), inputs=len(inputs), orphans=len(orphans), web_messages=messages
+    )
     if report != SweepReport():
         log.info("retention sweep: %s", report)
     return report

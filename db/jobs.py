@@ -347,6 +347,20 @@ def start_job(uow: UnitOfWork, job_id: int, worker: str) -> JobView | None:
     return JobView.of(job)
 
 
+def record_results(
+    uow: UnitOfWork, job_id: int, result_paths: list[str], result_checksums: list[str]
+) -> None:
+    """Name a running job's results once they may be shown (stored, and past the content
+    check), before they are sent: a channel that serves them itself (the web chat) can do so
+    as soon as the message that shows them arrives. Commits."""
+    uow.session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+        .values(result_paths=result_paths, result_checksums=result_checksums)
+    )
+    uow.commit()
+
+
 def complete_job(
     uow: UnitOfWork,
     job_id: int,

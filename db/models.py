@@ -255,3 +255,86 @@ class ResultMessage(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     chat_id: Mapped[int] = mapped_column(BigInteger)
     message_id: Mapped[int] = mapped_column(BigInteger)
+
+
+class WebAccount(Base):
+    """A person who signs in to the built-in web chat. Their chat is their own: its chat id
+    is the account id, and it is always a private chat."""
+
+    __tablename__ = "web_accounts"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # The name an admin invited them by (lower case; unique).
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WebSignInLink(Base):
+    """A one-time sign-in link. Only a hash of its secret is kept."""
+
+    __tablename__ = "web_sign_in_links"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("web_accounts.id", ondelete="CASCADE"), index=True
+    )
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WebSession(Base):
+    """A signed-in browser. The cookie holds the secret; only its hash is kept."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("web_accounts.id", ondelete="CASCADE"), index=True
+    )
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # Every form and request that changes something must carry it.
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class WebMessage(Base):
+    """One message of a web chat, from the user or from the bot (whose status messages the
+    worker edits as a job goes on)."""
+
+    __tablename__ = "web_messages"
+    __table_args__ = (
+        Index("ix_web_messages_chat_id_id", "chat_id", "id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    chat_id: Mapped[int] = mapped_column(BigInteger)
+    from_bot: Mapped[bool] = mapped_column(Boolean)
+    text: Mapped[str] = mapped_column(Text, default="")
+    # Images shown in the message: [{"job": 42, "index": 0}] or [{"grid": "<file name>"}].
+    images: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    spoiler: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Rows of [label, callback data]: the same buttons as under a Telegram message.
+    buttons: Mapped[list[list[list[str]]]] = mapped_column(JSON, default=list)
+    # A file to download: {"href": "/export", "name": "…"}.
+    attachment: Mapped[dict[str, str] | None] = mapped_column(JSON(none_as_null=True))
+    reply_to: Mapped[int | None] = mapped_column(BigInteger)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WebChange(Base):
+    """The web chats' change feed: one row per message written or edited, in order. Open
+    pages follow it (server-sent events), whichever process wrote the message."""
+
+    __tablename__ = "web_changes"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    chat_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    message_id: Mapped[int] = mapped_column(BigInteger)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

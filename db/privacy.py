@@ -9,7 +9,7 @@ touched here: the record names them, and the caller deletes them after the commi
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from chitrakar.domain import JobKind
 from chitrakar.quota import user_account
+from db import web
 from db.models import Account, Job, JobEvent, LedgerEntry, Report, ResultMessage, User
 
 
@@ -38,6 +39,8 @@ class UserRecord:
     artifact_keys: list[str]
     # The selfie crops (absolute paths) that are theirs: the inputs of their avatar jobs.
     input_paths: list[str]
+    # A web chat user's messages with the bot (empty on other channels).
+    messages: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _json_value(value: Any) -> Any:
@@ -105,7 +108,9 @@ def collect(session: Session, channel: str, external_id: str) -> UserRecord | No
     """Everything stored about a user; None when nothing is (no user row, no account row)."""
     user_id = _user_id(session, channel, external_id)
     account_id = _account_id(session, channel, external_id)
-    if user_id is None and account_id is None:
+    chat = web.chat_of(external_id) if channel == web.CHANNEL else None
+    messages = web.transcript(session, chat) if chat is not None else []
+    if user_id is None and account_id is None and not messages:
         return None
 
     profile: dict[str, Any] = {}
@@ -152,6 +157,7 @@ def collect(session: Session, channel: str, external_id: str) -> UserRecord | No
         ledger=[_json_row(entry) for entry in ledger_rows],
         artifact_keys=_dedupe(artifact_keys),
         input_paths=_own_inputs(session, user_id, _dedupe(avatar_inputs)),
+        messages=messages,
     )
 
 
@@ -229,6 +235,10 @@ def delete(session: Session, channel: str, external_id: str) -> UserRecord | Non
     session.execute(
         sql_delete(Job).where(Job.user_id == user_id).execution_options(synchronize_session="fetch")
     )
+    # A web chat's transcript holds their prompts.
+    chat = web.chat_of(external_id) if channel == web.CHANNEL else None
+    if chat is not None:
+        web.forget_chat(session, chat)
     if account_id is not None:
         session.execute(
             sql_delete(Account)

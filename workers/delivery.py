@@ -14,7 +14,6 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from time import monotonic
@@ -38,9 +37,12 @@ from chitrakar.domain import JobKind, ProgressThrottle
 from chitrakar.styles import StyleCatalogue
 from chitrakar.texts import text
 from db.jobs import JobView
+from workers.outbound import Delivered, result_caption
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+CHANNEL = "telegram"
 
 # Read and write timeouts of one upload; a delivery with its retries gets the longer deadline.
 UPLOAD_TIMEOUT_S = 60.0
@@ -106,12 +108,6 @@ def _as_photo(png: bytes) -> bytes:
     with Image.open(io.BytesIO(png)) as image:
         image.convert("RGB").save(buffer, format="JPEG", quality=92)
     return buffer.getvalue()
-
-
-@dataclass(frozen=True)
-class Delivered:
-    file_ids: list[str]
-    message_ids: list[int]
 
 
 def _largest_photo_id(message: Message) -> str:
@@ -228,33 +224,10 @@ class TelegramDelivery:
         self._settle(job)
         return self._loop.run(self._deliver(job, images, seconds, spoiler), DELIVERY_DEADLINE_S)
 
-    def _caption(self, job: JobView, seed: int, seconds: float) -> str:
-        """What was used, so that the user can make the image again."""
-        plan = job.plan
-        size = {"seed": seed, "width": plan.width, "height": plan.height, "seconds": seconds}
-        if job.kind == JobKind.UPSCALE:
-            return text(job.language, "result.caption_upscaled", **size)
-        style = self._catalogue.get(plan.style) if plan.style else None
-        if style is None:
-            caption = text(job.language, "result.caption", steps=plan.steps, **size)
-        else:
-            caption = text(
-                job.language,
-                "result.caption_style",
-                style=style.name_in(job.language),
-                code=style.key,
-                steps=plan.steps,
-                **size,
-            )
-        negative = job.options.get("negative")
-        if negative:
-            caption += "\n" + text(job.language, "result.without", negative=negative)
-        return caption
-
     async def _deliver(
         self, job: JobView, images: Sequence[bytes], seconds: float, spoiler: bool
     ) -> Delivered:
-        captions = [self._caption(job, seed, seconds) for seed in job.plan.seeds]
+        captions = [result_caption(self._catalogue, job, seed, seconds) for seed in job.plan.seeds]
         photos = [_as_photo(png) for png in images]
         rows = result_buttons(job.id, job.kind, len(photos), selfie_kept=self._selfies_kept)
         keyboard = _keyboard(job.language, rows)

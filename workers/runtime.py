@@ -14,10 +14,14 @@ from chitrakar.config import Settings
 from chitrakar.media import MediaStore
 from chitrakar.styles import StyleCatalogue, load_catalogue
 from db.session import Store
+from db.web import CHANNEL as WEB_CHANNEL
 from workers.classifier import OutputClassifier
+from workers.delivery import CHANNEL as TELEGRAM_CHANNEL
 from workers.delivery import TelegramDelivery
 from workers.identity import IdentityStage, choose_identity_stage
+from workers.outbound import ChannelDeliveries, Delivery
 from workers.pipelines import LoadedPipeline, default_dtype, load_pipeline, resolve_device
+from workers.web_delivery import WebDelivery
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +40,15 @@ class WorkerRuntime:
         )
 
     @cached_property
-    def delivery(self) -> TelegramDelivery:
-        return TelegramDelivery(self.settings, self.catalogue)
+    def delivery(self) -> ChannelDeliveries:
+        """Each job's answer goes back to the channel it came from: the web chat (through
+        the database), and Telegram when a token is set."""
+        factories: dict[str, Callable[[], Delivery]] = {
+            WEB_CHANNEL: lambda: WebDelivery(self.settings, self.store, self.catalogue)
+        }
+        if self.settings.telegram_token is not None:
+            factories[TELEGRAM_CHANNEL] = lambda: TelegramDelivery(self.settings, self.catalogue)
+        return ChannelDeliveries(factories)
 
     def model_source(self) -> str:
         if self.settings.model is not None:

@@ -111,6 +111,10 @@ def _run(runtime: WorkerRuntime, job: JobView) -> None:
             action = moderate(runtime, job, images, stored, seconds)
             if action == ImageAction.BLOCK:
                 return
+            with runtime.store.unit_of_work() as uow:
+                jobs.record_results(
+                    uow, job_id, [a.key for a in stored], [a.sha256 for a in stored]
+                )
             sent = delivery.deliver(job, pngs, seconds, spoiler=action == ImageAction.SPOILER)
             file_ids, message_ids = sent.file_ids, sent.message_ids
     except JobCancelled:
