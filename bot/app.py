@@ -1,13 +1,10 @@
-"""Wiring of the bot process: settings, store, queue and handlers, in one place."""
+"""The Telegram bot: its handlers and command menu, on the services `bootstrap` wires."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
-from typing import Any
 
-from celery import Celery
 from telegram import BotCommand, Update
 from telegram.ext import (
     Application,
@@ -20,36 +17,14 @@ from telegram.ext import (
 )
 
 from bot import admin, handlers
-from bot.context import BotApplication, BotContext, BotServices
-from bot.webhook import READINESS_TIMEOUT_S, serve_webhook
-from chitrakar.artifacts import artifact_store_from_url
+from bot.bootstrap import BotServices, bootstrap
+from bot.context import BotApplication, BotContext
 from chitrakar.config import Settings
-from chitrakar.domain import Command
-from chitrakar.media import MediaStore
-from chitrakar.moderation import Moderation
-from chitrakar.privacy import PrivacyService
-from chitrakar.queue import make_celery, publish_generate
-from chitrakar.services import JobIntake
-from chitrakar.styles import load_catalogue
+from chitrakar.domain import MENU, Command
 from chitrakar.texts import DEFAULT_LANGUAGE, LANGUAGES, text
-from db.session import Store
 
 log = logging.getLogger(__name__)
 
-# The command menu, in the order users see it.
-MENU = (
-    Command.PORTRAIT,
-    Command.AVATAR,
-    Command.STYLES,
-    Command.QUOTA,
-    Command.CANCEL,
-    Command.HISTORY,
-    Command.PRIVACY,
-    Command.EXPORT,
-    Command.FORGET,
-    Command.HELP,
-    Command.START,
-)
 # A photo or an image file whose caption is `/avatar …` (or `/avatar@bot …`).
 AVATAR_CAPTION = re.compile(r"^/avatar(?:@\w+)?(?:\s|$)", re.IGNORECASE)
 
@@ -63,29 +38,12 @@ async def register_commands(application: BotApplication) -> None:
     log.info("bot @%s is up", application.bot.username)
 
 
-def build_application(settings: Settings) -> BotApplication:
-    application, _, _ = _wire(settings)
-    return application
-
-
-def _wire(settings: Settings) -> tuple[BotApplication, Store, Celery]:
+def build_application(settings: Settings, services: BotServices | None = None) -> BotApplication:
+    """The Telegram bot: python-telegram-bot's application with every handler, on the
+    services of `bootstrap` (made here when not given)."""
     if settings.telegram_token is None:
         raise RuntimeError("CHITRAKAR_TELEGRAM_TOKEN is not set")
-    store = Store(settings.resolved_database_url)
-    celery = make_celery(settings, name="chitrakar.bot")
-    media = MediaStore(settings.media_dir)
-    artifacts = artifact_store_from_url(settings.artifact_store, settings.resolved_data_dir)
-    intake = JobIntake(
-        settings,
-        store,
-        lambda job_id: publish_generate(celery, job_id),
-        load_catalogue(settings.styles_file),
-        media,
-        artifacts,
-    )
-
-    async def close(_: Any) -> None:
-        store.dispose()
+    services = services or bootstrap(settings)
 
     application: BotApplication = (
         Application.builder()
@@ -96,15 +54,9 @@ def _wire(settings: Settings) -> tuple[BotApplication, Store, Celery]:
         # Handle updates from different chats at once; each handler awaits its own I/O.
         .concurrent_updates(True)
         .post_init(register_commands)
-        .post_shutdown(close)
         .build()
     )
-    application.bot_data["services"] = BotServices(
-        settings=settings,
-        intake=intake,
-        privacy=PrivacyService(store, artifacts, media),
-        moderation=Moderation(settings, store, artifacts),
-    )
+    application.bot_data["services"] = services
     # Before everything else: a banned user's commands and presses go no further.
     application.add_handler(TypeHandler(Update, admin.ban_gate), group=-1)
     # New messages only: editing a sent command must not queue a second job.
@@ -155,18 +107,4 @@ def _wire(settings: Settings) -> tuple[BotApplication, Store, Celery]:
     application.add_handler(CallbackQueryHandler(admin.on_admin_button, pattern=r"^[gw]:"))
     application.add_handler(CallbackQueryHandler(handlers.on_button))
     application.add_error_handler(handlers.on_error)
-    return application, store, celery
-
-
-def run(settings: Settings) -> None:
-    """Long polling, or a webhook server when CHITRAKAR_TELEGRAM_WEBHOOK_URL is set."""
-    application, store, celery = _wire(settings)
-    if settings.telegram_webhook_url is None:
-        application.run_polling(allowed_updates=Update.ALL_TYPES)
-        return
-
-    def broker_ping() -> None:
-        with celery.connection_for_write() as connection:
-            connection.ensure_connection(max_retries=1, timeout=READINESS_TIMEOUT_S)
-
-    asyncio.run(serve_webhook(application, settings, store, broker_ping))
+    return application

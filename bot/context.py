@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from telegram import Update
@@ -12,23 +11,13 @@ from telegram.constants import ChatType
 from telegram.error import TelegramError
 from telegram.ext import Application, CallbackContext, ExtBot
 
-from chitrakar.config import Settings
-from chitrakar.moderation import Actor, Moderation
-from chitrakar.privacy import PrivacyService
-from chitrakar.services import JobIntake
+from bot.bootstrap import BotServices
+from chitrakar.moderation import Actor
 from chitrakar.texts import pick_language
 from db.jobs import Origin
 
 CHANNEL = "telegram"
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BotServices:
-    settings: Settings
-    intake: JobIntake
-    privacy: PrivacyService
-    moderation: Moderation
 
 
 class BotContext(CallbackContext[ExtBot[None], dict[Any, Any], dict[Any, Any], dict[Any, Any]]):

@@ -1,4 +1,4 @@
-"""Webhook mode: an aiohttp server that takes Telegram's updates and health checks.
+"""Telegram's webhook route, on the bot process's HTTP server.
 
 The route only authenticates, parses and enqueues the update; the application's handlers do
 the rest, exactly as in polling mode.
@@ -6,51 +6,54 @@ the rest, exactly as in polling mode.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
-import signal
-from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
-from sqlalchemy import text as sql
 from telegram import Update
 
 from bot.context import BotApplication
-from chitrakar.config import Settings
-from db.session import Store
 
 log = logging.getLogger(__name__)
 
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"  # noqa: S105 (a header name)
-# Telegram's updates are small; anything larger is not from Telegram.
+# Telegram's updates are small; anything larger is not from Telegram. (The server as a whole
+# takes larger bodies: the web chat's photo uploads.)
 MAX_UPDATE_BYTES = 1024 * 1024
-READINESS_TIMEOUT_S = 5.0
 
 
 def webhook_path(url: str) -> str:
     return urlsplit(url).path or "/"
 
 
-def build_web_app(
-    application: BotApplication, settings: Settings, store: Store, broker_ping: Callable[[], None]
-) -> web.Application:
-    """`broker_ping` blocks, and raises when the broker cannot be reached."""
-    assert settings.telegram_webhook_url and settings.telegram_webhook_secret
-    secret = settings.telegram_webhook_secret.get_secret_value().encode()
+async def _read_at_most(request: web.Request, limit: int) -> bytes:
+    """The whole body, however it arrives; 413 as soon as it is over `limit`."""
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+    return bytes(body)
+
+
+def add_webhook_route(
+    app: web.Application, application: BotApplication, url: str, secret: str
+) -> None:
+    expected = secret.encode()
 
     async def receive_update(request: web.Request) -> web.Response:
         given = request.headers.get(SECRET_HEADER)
         if given is None:
             return web.Response(status=401, text="missing secret token")
         # aiohttp keeps undecodable header bytes as surrogates; encode them back, don't fail.
-        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), secret):
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
             log.warning("webhook call with a wrong secret from %s", request.remote)
             return web.Response(status=403, text="wrong secret token")
-        # The whole body, however it arrives; over client_max_size aiohttp answers 413.
-        body = await request.read()
+        body = await _read_at_most(request, MAX_UPDATE_BYTES)
         try:
             data = json.loads(body)
             if not isinstance(data, dict):
@@ -63,66 +66,4 @@ def build_web_app(
         await application.update_queue.put(update)
         return web.Response(text="ok")
 
-    async def healthz(_: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    def check_dependencies() -> None:
-        with store.engine.connect() as connection:
-            connection.execute(sql("select 1"))
-        broker_ping()
-
-    async def readyz(_: web.Request) -> web.Response:
-        try:
-            await asyncio.wait_for(asyncio.to_thread(check_dependencies), READINESS_TIMEOUT_S)
-        except Exception as exc:
-            log.warning("not ready: %s", exc)
-            return web.Response(status=503, text=f"not ready: {type(exc).__name__}")
-        return web.Response(text="ready")
-
-    app = web.Application(client_max_size=MAX_UPDATE_BYTES)
-    app.router.add_post(webhook_path(settings.telegram_webhook_url), receive_update)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    return app
-
-
-async def serve_webhook(
-    application: BotApplication, settings: Settings, store: Store, broker_ping: Callable[[], None]
-) -> None:
-    """Register the webhook, serve until SIGTERM or SIGINT, then finish what was taken in."""
-    assert settings.telegram_webhook_url and settings.telegram_webhook_secret
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-
-    runner = web.AppRunner(build_web_app(application, settings, store, broker_ping))
-    try:
-        async with application:
-            await application.start()
-            try:
-                await runner.setup()
-                try:
-                    await web.TCPSite(runner, settings.web_host, settings.web_port).start()
-                except OSError as exc:
-                    raise SystemExit(
-                        f"The webhook server cannot listen on {settings.web_host}:"
-                        f"{settings.web_port}: {exc.strerror or exc}"
-                    ) from None
-                log.info("webhook server on %s:%s", settings.web_host, settings.web_port)
-                await application.bot.set_webhook(
-                    settings.telegram_webhook_url,
-                    secret_token=settings.telegram_webhook_secret.get_secret_value(),
-                    allowed_updates=Update.ALL_TYPES,
-                )
-                if application.post_init is not None:
-                    await application.post_init(application)
-                await stop.wait()
-                log.info("stopping: no new updates; finishing those taken in")
-            finally:
-                await runner.cleanup()
-                if application.running:
-                    await application.stop()
-    finally:
-        if application.post_shutdown is not None:
-            await application.post_shutdown(application)
+    app.router.add_post(webhook_path(url), receive_update)

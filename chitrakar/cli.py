@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,11 +17,15 @@ from chitrakar.config import Settings, load_settings
 
 log = logging.getLogger("chitrakar")
 
+# The web chat account `chitrakar run` prints a sign-in link for.
+OWNER_ACCOUNT = "owner"
+USER_NAME = re.compile(r"[a-z0-9._@+-]{1,64}")
 # How long `chitrakar run` lets its worker finish the job in hand when stopping.
 WORKER_STOP_TIMEOUT_S = 300
 
 TELEGRAM_SETUP_GUIDE = """\
-CHITRAKAR_TELEGRAM_TOKEN is not set, so there is no chat to serve yet.
+CHITRAKAR_TELEGRAM_TOKEN is not set and the web chat is off (CHITRAKAR_WEB_CHAT=false), so
+there is no chat to serve. Turn the web chat on, or connect a Telegram bot.
 
 To connect a Telegram bot:
   1. In Telegram, open @BotFather, send /newbot and follow its questions.
@@ -46,8 +51,9 @@ def _require_current_schema(settings: Settings) -> None:
         raise SystemExit("The database schema is not up to date: run `chitrakar db upgrade` first.")
 
 
-def _require_token(settings: Settings) -> None:
-    if settings.telegram_token is None:
+def _require_a_chat(settings: Settings) -> None:
+    """Something to serve: the web chat, or Telegram."""
+    if settings.telegram_token is None and not settings.web_chat:
         print(TELEGRAM_SETUP_GUIDE, file=sys.stderr)
         raise SystemExit(2)
 
@@ -91,7 +97,7 @@ def cmd_db_upgrade(settings: Settings, _: argparse.Namespace) -> int:
 
 
 def cmd_bot(settings: Settings, _: argparse.Namespace) -> int:
-    _require_token(settings)
+    _require_a_chat(settings)
     _require_valid_catalogue(settings)
     if settings.telegram_webhook_url and settings.telegram_webhook_secret is None:
         raise SystemExit(
@@ -99,7 +105,7 @@ def cmd_bot(settings: Settings, _: argparse.Namespace) -> int:
             "set a random secret (1-256 characters: A-Z, a-z, 0-9, _ and -)."
         )
     _require_current_schema(settings)
-    from bot.app import run
+    from bot.server import run
 
     run(settings)
     return 0
@@ -136,14 +142,14 @@ def cmd_retention_sweep(settings: Settings, _: argparse.Namespace) -> int:
     finally:
         store.dispose()
     print(
-        f"deleted the results of {report.results} job(s), {report.inputs} selfie crop(s) "
-        f"and the files of {report.orphans} job(s) that no longer exist"
+        f"deleted the results of {report.results} job(s), {report.inputs} selfie crop(s), "
+        f"the files of {report.orphans} job(s) that no longer exist and "
+        f"{report.web_messages} web chat message(s)"
     )
     return 0
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    _require_token(settings)
     _require_valid_catalogue(settings)
     _require_current_schema(settings)
     from chitrakar.queue import publish_generate
@@ -157,7 +163,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         runtime().pipeline  # noqa: B018
     except ModelNotFound as exc:
         raise SystemExit(f"The worker cannot start: {exc}") from None
-    runtime().delivery  # noqa: B018
+    runtime().delivery.connect_all()
     if args.requeue_unfinished:
         requeue_unfinished(runtime(), lambda job_id: publish_generate(app, job_id))
     app.worker_main(
@@ -178,11 +184,13 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_run(settings: Settings, _: argparse.Namespace) -> int:
     """Store, worker and bot on one machine: the database is upgraded, a worker runs as a
-    child process (taking up what a previous run left unfinished), and the bot polls in this
-    one until stopped."""
-    _require_token(settings)
+    child process (taking up what a previous run left unfinished), and the bot (the web chat,
+    and Telegram when a token is set) runs in this one until stopped."""
+    _require_a_chat(settings)
     _require_valid_catalogue(settings)
     cmd_db_upgrade(settings, _)
+    if settings.web_chat:
+        _greet_the_owner(settings)
     # Its own session: Ctrl-C in the terminal reaches the bot alone, which then stops the
     # worker gracefully (the job in hand is finished first).
     worker = subprocess.Popen(
@@ -218,6 +226,80 @@ def cmd_run(settings: Settings, _: argparse.Namespace) -> int:
     return 1 if worker_failed.is_set() else result
 
 
+def _greet_the_owner(settings: Settings) -> None:
+    """On the terminal: where the web chat is, and a fresh one-time sign-in link for the
+    machine's owner (an admin), as a notebook server prints its token."""
+    link = _invite(settings, OWNER_ACCOUNT, admin=True)
+    model = (
+        "the tiny demo model (its images are noise)" if settings.uses_demo_model else settings.model
+    )
+    print(
+        f"\nChitrakar's web chat: {settings.public_web_url}\n"
+        f"Sign in as {OWNER_ACCOUNT} (once, within {settings.web_link_hours:g} h): {link}\n"
+        f"Invite others with: chitrakar users invite NAME\n"
+        f"Model: {model}\n"
+        + (
+            "Telegram: on\n"
+            if settings.telegram_token
+            else "Telegram: off (no CHITRAKAR_TELEGRAM_TOKEN)\n"
+        ),
+        flush=True,
+    )
+
+
+def _invite(settings: Settings, name: str, admin: bool) -> str:
+    from datetime import timedelta
+
+    from db import web
+    from db.session import Store
+
+    store = Store(settings.resolved_database_url)
+    try:
+        with store.unit_of_work() as uow:
+            account = web.ensure_account(uow, name, is_admin=admin)
+        with store.unit_of_work() as uow:
+            token = web.issue_sign_in_link(
+                uow, account.id, timedelta(hours=settings.web_link_hours)
+            )
+    finally:
+        store.dispose()
+    return f"{settings.public_web_url}/signin/{token}"
+
+
+def cmd_users_invite(settings: Settings, args: argparse.Namespace) -> int:
+    """A one-time sign-in link to the web chat for NAME (the account is made if new)."""
+    _require_current_schema(settings)
+    name = args.name.strip().lower()
+    if not USER_NAME.fullmatch(name):
+        print(
+            "a name is 1-64 letters, digits, dots, dashes or underscores (an e-mail address works)",
+            file=sys.stderr,
+        )
+        return 2
+    link = _invite(settings, name, admin=args.admin)
+    role = "an admin" if args.admin else "a user"
+    print(f"Sign-in link for {name} ({role}), valid once within {settings.web_link_hours:g} h:")
+    print(link)
+    return 0
+
+
+def cmd_users_list(settings: Settings, _: argparse.Namespace) -> int:
+    _require_current_schema(settings)
+    from db import web
+    from db.session import Store
+
+    store = Store(settings.resolved_database_url)
+    try:
+        with store.unit_of_work() as uow:
+            found = web.accounts(uow)
+    finally:
+        store.dispose()
+    for account in found:
+        print(f"{account.id:6} {account.name}{'  (admin)' if account.is_admin else ''}")
+    print(f"{len(found)} web chat account(s)")
+    return 0
+
+
 def _die_with_parent() -> None:
     """In the worker child: get SIGTERM if `chitrakar run` itself dies (Linux)."""
     if sys.platform.startswith("linux"):
@@ -249,7 +331,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="run store, worker and bot on this machine").set_defaults(
         func=cmd_run
     )
-    sub.add_parser("bot", help="run the Telegram bot").set_defaults(func=cmd_bot)
+    sub.add_parser(
+        "bot", help="run the chat front end: the web chat, and Telegram when a token is set"
+    ).set_defaults(func=cmd_bot)
+    users = sub.add_parser("users", help="web chat accounts").add_subparsers(
+        dest="users", required=True
+    )
+    invite = users.add_parser("invite", help="print a one-time sign-in link for NAME")
+    invite.add_argument("name")
+    invite.add_argument("--admin", action="store_true", help="the account may use admin commands")
+    invite.set_defaults(func=cmd_users_invite)
+    users.add_parser("list", help="list the web chat accounts").set_defaults(func=cmd_users_list)
     worker = sub.add_parser("worker", help="run a generation worker")
     worker.add_argument(
         "--requeue-unfinished",

@@ -28,8 +28,17 @@ class Settings(BaseSettings):
     telegram_webhook_url: str | None = None
     # Required with a webhook: Telegram sends it in X-Telegram-Bot-Api-Secret-Token.
     telegram_webhook_secret: SecretStr | None = Field(default=None, min_length=1, max_length=256)
+    # The one HTTP server of the bot process: the web chat, the webhook and health checks.
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=8080, ge=1, le=65535)
+    # The built-in web chat (the channel that needs no Telegram), on by default.
+    web_chat: bool = True
+    # Where browsers reach the web chat, for sign-in links (behind a proxy: its public
+    # https URL; https also marks the session cookie Secure). Unset: http://web_host:web_port.
+    web_url: str | None = None
+    # Days a web chat sign-in lasts, and hours a sign-in link stays valid (once).
+    web_session_days: float = Field(default=30, gt=0)
+    web_link_hours: float = Field(default=24, gt=0)
     # Seconds between two progress edits of one status message (Telegram allows about one
     # edit a second per chat, and far fewer in busy groups).
     progress_interval: float = Field(default=3.0, ge=0.0)
@@ -148,6 +157,14 @@ class Settings(BaseSettings):
     @property
     def uses_demo_model(self) -> bool:
         return self.model is None
+
+    @property
+    def public_web_url(self) -> str:
+        """The web chat's address as users reach it, without a trailing slash."""
+        if self.web_url:
+            return self.web_url.rstrip("/")
+        host = f"[{self.web_host}]" if ":" in self.web_host else self.web_host
+        return f"http://{host}:{self.web_port}"
 
 
 def load_settings() -> Settings:

@@ -36,6 +36,22 @@ class Command(StrEnum):
     GROUP_QUOTA = "groupquota"
 
 
+# The command menu, in the order users see it (Telegram's menu, the web chat's chips).
+MENU = (
+    Command.PORTRAIT,
+    Command.AVATAR,
+    Command.STYLES,
+    Command.QUOTA,
+    Command.CANCEL,
+    Command.HISTORY,
+    Command.PRIVACY,
+    Command.EXPORT,
+    Command.FORGET,
+    Command.HELP,
+    Command.START,
+)
+
+
 class JobKind(StrEnum):
     """What a job makes. A command or a button press creates one."""
 

@@ -18,6 +18,7 @@ from tests.support.botapi import BotApiEmulator
 from tests.support.stack import (
     chitrakar_env,
     chitrakar_process,
+    free_port,
     jobs_in_chat,
     run_chitrakar,
     wait_for_jobs,
@@ -25,13 +26,6 @@ from tests.support.stack import (
 
 pytestmark = pytest.mark.e2e
 SECRET = "s3cret-Token_for-tests"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def call(url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> int:
@@ -219,7 +213,7 @@ def test_a_port_in_use_is_a_clear_error(
         taken.listen()
         result = run_chitrakar("bot", env=env, cwd=tmp_path)
     assert result.returncode == 1
-    assert "The webhook server cannot listen on 127.0.0.1:" in result.stderr
+    assert "The web server cannot listen on 127.0.0.1:" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,8 +23,15 @@ TEST_IMAGE_SIZE = 64
 TEST_STEPS = 4
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
 def chitrakar_env(
-    emulator: BotApiEmulator,
+    emulator: BotApiEmulator | None,
     data_dir: Path,
     model: Path,
     *,
@@ -31,13 +39,18 @@ def chitrakar_env(
     broker_url: str | None = None,
     **settings: str,
 ) -> dict[str, str]:
-    """The environment of a test deployment; `settings` are more CHITRAKAR_ variables, by
-    their names in lower case without the prefix."""
+    """The environment of a test deployment (Telegram through the emulator; without one, the
+    web chat alone); `settings` are more CHITRAKAR_ variables, by their names in lower case
+    without the prefix. The web server gets a free port of its own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHITRAKAR_") or "TEST" in k}
+    if emulator is not None:
+        env.update(
+            CHITRAKAR_TELEGRAM_TOKEN=emulator.token,
+            CHITRAKAR_TELEGRAM_API_URL=emulator.base_url,
+            CHITRAKAR_TELEGRAM_FILE_URL=emulator.base_file_url,
+        )
     env.update(
-        CHITRAKAR_TELEGRAM_TOKEN=emulator.token,
-        CHITRAKAR_TELEGRAM_API_URL=emulator.base_url,
-        CHITRAKAR_TELEGRAM_FILE_URL=emulator.base_file_url,
+        CHITRAKAR_WEB_PORT=str(free_port()),
         CHITRAKAR_DATA_DIR=str(data_dir),
         CHITRAKAR_MODEL=str(model),
         CHITRAKAR_DEVICE="cpu",

@@ -72,3 +72,25 @@ def test_the_bot_process_does_not_load_torch(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_the_web_chat_does_not_load_torch_or_the_workers(tmp_path: Path) -> None:
+    probe = (
+        "import sys\n"
+        "from chitrakar.config import Settings\n"
+        "from bot.bootstrap import bootstrap\n"
+        "from bot.server import build_http_app\n"
+        "settings = Settings(data_dir=sys.argv[1])\n"
+        "build_http_app(settings, bootstrap(settings), None)\n"
+        "heavy = ('torch', 'diffusers', 'transformers', 'workers', 'telegram')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert result.stdout.strip() == "[]"

@@ -180,3 +180,22 @@ def test_avatar_style_named_twice_is_refused() -> None:
     with pytest.raises(CommandError) as raised:
         parse_image_command(Command.AVATAR, "anime --style warli")
     assert raised.value.key == "error.option_repeated"
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("/portrait a cat", ("portrait", "a cat")),
+        ("  /Portrait@chitrakar_bot   a cat  ", ("portrait", "a cat")),
+        ("/quota", ("quota", "")),
+        ("/portrait\na cat on\ntwo lines", ("portrait", "a cat on\ntwo lines")),
+        ("hello /portrait", (None, "hello /portrait")),
+        ("", (None, "")),
+    ],
+)
+def test_a_web_chat_line_splits_into_command_and_arguments(
+    line: str, expected: tuple[str | None, str]
+) -> None:
+    from bot.web.chat import split_command
+
+    assert split_command(line) == expected

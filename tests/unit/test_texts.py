@@ -28,13 +28,17 @@ def test_every_language_has_every_text_with_the_same_placeholders(language: str)
 def keys_named_in_the_code() -> set[str]:
     named: set[str] = set()
     pattern = re.compile(
-        r'"((?:start|help|usage|error|status|result|photo|avatar|styles|button|quota|cancel|history|privacy|export|forget|admin|moderation|service|safety|settings|report)\.[a-z_]+)"'
+        r'"((?:start|help|usage|error|status|result|photo|avatar|styles|button|quota|cancel|history|privacy|export|forget|admin|moderation|service|safety|settings|report|web)\.[a-z_]+)"'
     )
     for package in ("bot", "workers", "chitrakar"):
         for path in (ROOT / package).rglob("*.py"):
             named |= set(pattern.findall(path.read_text("utf-8")))
+    # The web chat's templates: t("web.send") or t('web.send').
+    in_templates = re.compile(r"""\bt\(["']([a-z]+\.[a-z_]+)["']""")
+    for path in (ROOT / "bot" / "web" / "templates").glob("*.html"):
+        named |= set(in_templates.findall(path.read_text("utf-8")))
     # The command menu is built from the menu's commands: menu.<command>.
-    from bot.app import MENU
+    from chitrakar.domain import MENU
 
     named |= {f"menu.{command}" for command in MENU}
     return named

@@ -1,0 +1,62 @@
+"""The one place that wires the bot process's parts: settings, store, queue and the services
+every chat channel calls (Telegram's handlers and the web chat alike)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from celery import Celery
+
+from chitrakar.artifacts import artifact_store_from_url
+from chitrakar.config import Settings
+from chitrakar.media import MediaStore
+from chitrakar.moderation import Moderation
+from chitrakar.privacy import PrivacyService
+from chitrakar.queue import make_celery, publish_generate
+from chitrakar.services import JobIntake
+from chitrakar.styles import load_catalogue
+from db.session import Store
+
+# How long a readiness check waits for the database or the broker.
+READINESS_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class BotServices:
+    settings: Settings
+    intake: JobIntake
+    privacy: PrivacyService
+    moderation: Moderation
+    store: Store
+    celery: Celery
+
+    def broker_ping(self) -> None:
+        """Blocks; raises when the broker cannot be reached."""
+        with self.celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=READINESS_TIMEOUT_S)
+
+    def close(self) -> None:
+        self.store.dispose()
+
+
+def bootstrap(settings: Settings) -> BotServices:
+    store = Store(settings.resolved_database_url)
+    celery = make_celery(settings, name="chitrakar.bot")
+    media = MediaStore(settings.media_dir)
+    artifacts = artifact_store_from_url(settings.artifact_store, settings.resolved_data_dir)
+    intake = JobIntake(
+        settings,
+        store,
+        lambda job_id: publish_generate(celery, job_id),
+        load_catalogue(settings.styles_file),
+        media,
+        artifacts,
+    )
+    return BotServices(
+        settings=settings,
+        intake=intake,
+        privacy=PrivacyService(store, artifacts, media),
+        moderation=Moderation(settings, store, artifacts),
+        store=store,
+        celery=celery,
+    )

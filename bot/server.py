@@ -1,0 +1,144 @@
+"""The bot process: one asyncio loop running the Telegram bot (polling or webhook) when a
+token is set, and one HTTP server for the web chat, the webhook and the health checks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from sqlalchemy import text as sql
+
+from bot.bootstrap import READINESS_TIMEOUT_S, BotServices, bootstrap
+from chitrakar.config import Settings
+
+if TYPE_CHECKING:
+    # Telegram is loaded only when a token is set: the web chat alone needs none of it.
+    from bot.context import BotApplication
+
+log = logging.getLogger(__name__)
+
+# The largest request body: a photo for /avatar (Telegram's own download limit, 20 MB) with
+# the form around it. Each route may take less (a webhook update: 1 MB).
+MAX_REQUEST_BYTES = 21 * 1024 * 1024
+
+
+def build_http_app(
+    settings: Settings, services: BotServices, telegram: BotApplication | None
+) -> web.Application:
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    add_health_routes(app, services)
+    if telegram is not None and settings.telegram_webhook_url:
+        from bot.webhook import add_webhook_route
+
+        assert settings.telegram_webhook_secret is not None
+        add_webhook_route(
+            app,
+            telegram,
+            settings.telegram_webhook_url,
+            settings.telegram_webhook_secret.get_secret_value(),
+        )
+    if settings.web_chat:
+        from bot.web.server import add_web_chat
+
+        add_web_chat(app, services)
+    return app
+
+
+def add_health_routes(app: web.Application, services: BotServices) -> None:
+    """`/healthz`: the process answers. `/readyz`: the database and the broker answer too."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    def check_dependencies() -> None:
+        with services.store.engine.connect() as connection:
+            connection.execute(sql("select 1"))
+        services.broker_ping()
+
+    async def readyz(_: web.Request) -> web.Response:
+        try:
+            await asyncio.wait_for(asyncio.to_thread(check_dependencies), READINESS_TIMEOUT_S)
+        except Exception as exc:
+            log.warning("not ready: %s", exc)
+            return web.Response(status=503, text=f"not ready: {type(exc).__name__}")
+        return web.Response(text="ready")
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+
+
+def run(settings: Settings) -> None:
+    asyncio.run(serve(settings))
+
+
+async def serve(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT; then take no more updates and finish those taken in."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    services = bootstrap(settings)
+    telegram: BotApplication | None = None
+    if settings.telegram_token is not None:
+        from bot.app import build_application
+
+        telegram = build_application(settings, services)
+    runner = web.AppRunner(build_http_app(settings, services, telegram))
+    try:
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, settings.web_host, settings.web_port).start()
+        except OSError as exc:
+            raise SystemExit(
+                f"The web server cannot listen on {settings.web_host}:{settings.web_port}: "
+                f"{exc.strerror or exc} (set CHITRAKAR_WEB_PORT to a free port)"
+            ) from None
+        if settings.web_chat:
+            log.info("web chat on %s", settings.public_web_url)
+        else:
+            log.info("HTTP server (health checks) on %s:%s", settings.web_host, settings.web_port)
+        if telegram is None:
+            await stop.wait()
+            log.info("stopping: no new requests; finishing those taken in")
+        else:
+            await _run_telegram(telegram, settings, stop, runner)
+    finally:
+        # Safe to repeat: a runner already cleaned up has nothing left to stop.
+        await runner.cleanup()
+        services.close()
+
+
+async def _run_telegram(
+    application: BotApplication, settings: Settings, stop: asyncio.Event, runner: web.AppRunner
+) -> None:
+    """Until `stop`: then the HTTP server stops first (no more webhook updates or web chat
+    requests; those in hand finish), then polling, then the handlers finish what they hold."""
+    from telegram import Update
+
+    async with application:
+        await application.start()
+        try:
+            if settings.telegram_webhook_url:
+                assert settings.telegram_webhook_secret is not None
+                await application.bot.set_webhook(
+                    settings.telegram_webhook_url,
+                    secret_token=settings.telegram_webhook_secret.get_secret_value(),
+                    allowed_updates=Update.ALL_TYPES,
+                )
+            else:
+                assert application.updater is not None
+                await application.updater.start_polling(allowed_updates=Update.ALL_TYPES)
+            if application.post_init is not None:
+                await application.post_init(application)
+            await stop.wait()
+            log.info("stopping: no new requests; finishing those taken in")
+            await runner.cleanup()
+        finally:
+            if application.updater is not None and application.updater.running:
+                await application.updater.stop()
+            if application.running:
+                await application.stop()

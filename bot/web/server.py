@@ -1,0 +1,444 @@
+"""The web chat's routes, on the bot process's HTTP server.
+
+Routes only check who is asking (session cookie, CSRF token, size), turn the request into a
+call on `WebChat` (in a thread: it blocks) and answer; pages follow their chat through
+server-sent events. Every page is rendered on the server; a little JavaScript sends forms
+without reloading and shows new messages, and the forms work without it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import jinja2
+from aiohttp import web
+
+from bot.bootstrap import BotServices
+from bot.web.chat import MAX_LINE_CHARS, WebChat
+from bot.web.feed import ChangeFeed
+from chitrakar.artifacts import ArtifactMissing
+from chitrakar.domain import MENU, Command, JobStatus
+from chitrakar.photos import MAX_DOWNLOAD_BYTES
+from chitrakar.texts import pick_language, text
+from db import web as records
+from db.web import CHANNEL, MessageView, SessionView
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).parent
+SIGN_IN_COOKIE = "chitrakar_signin"
+CSRF_HEADER = "X-CSRF-Token"
+# Sent by the page's script: it wants JSON back, not a redirect.
+FETCH_HEADER = "X-Requested-With"
+# Messages a page opens with (older ones scroll out of the record's view).
+PAGE_MESSAGES = 100
+# A comment down an idle stream now and then keeps proxies from closing it.
+KEEPALIVE_S = 15.0
+GRID_NAME = re.compile(r"grid-[0-9a-f]{16}\.jpg")
+# A running job's results are named once they may be shown; a cancelled job keeps those it
+# had sent already.
+SHOWN_STATUSES = frozenset({JobStatus.RUNNING, JobStatus.DONE, JobStatus.CANCELLED})
+PRESS_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
+SECURITY_HEADERS = {
+    # Only this server's own scripts, styles and images; no framing; no referrer (a sign-in
+    # link in the address bar must not travel to anyone).
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' blob:; style-src 'self'; script-src 'self'; "
+        "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+
+SESSION = "chitrakar.session"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class WebChatRoutes:
+    def __init__(self, services: BotServices) -> None:
+        self._services = services
+        self._settings = services.settings
+        self._chat = WebChat(services)
+        self._feed = ChangeFeed(services.store)
+        self._secure = self._settings.public_web_url.startswith("https://")
+        # Browsers keep a Secure cookie only over https; "__Host-" pins it to this host.
+        self._cookie = "__Host-chitrakar" if self._secure else "chitrakar_session"
+        self._templates = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(HERE / "templates"),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+        )
+        # Static files' URLs carry a digest of their content: a new version is fetched anew.
+        versions = {
+            path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+            for path in (HERE / "static").iterdir()
+        }
+        self._templates.globals["static"] = lambda name: f"/static/{name}?v={versions[name]}"
+
+    def add_to(self, app: web.Application) -> None:
+        app.middlewares.append(self._middleware)
+        app.on_startup.append(self._start)
+        app.on_shutdown.append(self._stop)
+        router = app.router
+        router.add_get("/", self.page)
+        router.add_get("/signin/{token}", self.sign_in_page)
+        router.add_post("/signin/{token}", self.sign_in)
+        router.add_post("/signout", self.sign_out)
+        router.add_post("/send", self.send)
+        router.add_post("/press", self.press)
+        router.add_get("/events", self.events)
+        router.add_get(r"/images/{job:\d+}/{index:\d+}", self.image)
+        router.add_get("/grids/{name}", self.grid)
+        router.add_get("/export", self.export)
+        router.add_static("/static", HERE / "static")
+
+    async def _start(self, _: web.Application) -> None:
+        await self._feed.start()
+
+    async def _stop(self, _: web.Application) -> None:
+        await self._feed.stop()
+
+    # -- who is asking ----------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        secret = request.cookies.get(self._cookie)
+        session = None
+        if secret:
+            session = await asyncio.to_thread(self._session_of, secret)
+        request[SESSION] = session
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            exc.headers.update(SECURITY_HEADERS)
+            raise
+        if not response.prepared:
+            response.headers.update(SECURITY_HEADERS)
+            if session is not None:
+                # Pages and images of one person: never kept by a shared cache.
+                response.headers.setdefault("Cache-Control", "private, no-store")
+        return response
+
+    def _session_of(self, secret: str) -> SessionView | None:
+        with self._services.store.unit_of_work() as uow:
+            return records.session_of(uow, secret)
+
+    @staticmethod
+    def _language(request: web.Request) -> str:
+        accepted = request.headers.get("Accept-Language", "")
+        return pick_language(accepted.split(",")[0].split(";")[0].strip() or None)
+
+    def _signed_in(self, request: web.Request) -> SessionView:
+        session: SessionView | None = request[SESSION]
+        if session is None:
+            raise web.HTTPUnauthorized(text=text(self._language(request), "web.signed_out"))
+        return session
+
+    def _check_csrf(self, request: web.Request, session: SessionView, given: str | None) -> None:
+        given = request.headers.get(CSRF_HEADER) or given or ""
+        if not hmac.compare_digest(given.encode(), session.csrf_token.encode()):
+            log.warning("web chat: a request without the right CSRF token from %s", request.remote)
+            raise web.HTTPForbidden(text=text(self._language(request), "web.forbidden"))
+
+    def _render(self, name: str, language: str, status: int = 200, **values: Any) -> web.Response:
+        body = self._templates.get_template(name).render(
+            t=lambda key, **params: text(language, key, **params),
+            language=language,
+            **values,
+        )
+        return web.Response(text=body, status=status, content_type="text/html")
+
+    # -- pages ------------------------------------------------------------------------
+
+    async def page(self, request: web.Request) -> web.Response:
+        language = self._language(request)
+        session: SessionView | None = request[SESSION]
+        if session is None:
+            return self._render("welcome.html", language, status=401)
+        after, messages = await asyncio.to_thread(self._opening, session.account.id)
+        return self._render(
+            "chat.html",
+            language,
+            session=session,
+            messages=messages,
+            after=after,
+            demo=self._settings.uses_demo_model,
+            notice=request.query.get("notice", "")[:300],
+            menu=_menu(language),
+            max_upload=MAX_DOWNLOAD_BYTES,
+        )
+
+    def _opening(self, chat_id: int) -> tuple[int, list[MessageView]]:
+        with self._services.store.unit_of_work() as uow:
+            # The feed's position first: a change made meanwhile is shown twice, not lost.
+            after = records.last_change_id(uow)
+            return after, records.recent_messages(uow, chat_id, PAGE_MESSAGES)
+
+    def _message_html(self, message: MessageView, session: SessionView, language: str) -> str:
+        template = self._templates.get_template("message.html")
+        return template.render(
+            m=message,
+            session=session,
+            t=lambda key, **params: text(language, key, **params),
+        )
+
+    # -- signing in and out -------------------------------------------------------------
+
+    async def sign_in_page(self, request: web.Request) -> web.Response:
+        """A button, not a sign-in: link previews and scanners open links, and must not use
+        up a one-time link."""
+        language = self._language(request)
+        nonce = secrets.token_urlsafe(24)
+        response = self._render(
+            "signin.html", language, token=request.match_info["token"], nonce=nonce
+        )
+        response.set_cookie(
+            SIGN_IN_COOKIE,
+            nonce,
+            path="/signin",
+            httponly=True,
+            samesite="Strict",
+            secure=self._secure,
+            max_age=3600,
+        )
+        return response
+
+    async def sign_in(self, request: web.Request) -> web.Response:
+        language = self._language(request)
+        form = await request.post()
+        cookie = request.cookies.get(SIGN_IN_COOKIE, "")
+        given = str(form.get("nonce", ""))
+        # Double submit: only the page this server gave this browser can sign it in.
+        if not cookie or not hmac.compare_digest(cookie.encode(), given.encode()):
+            raise web.HTTPForbidden(text=text(language, "web.forbidden"))
+        redeemed = await asyncio.to_thread(self._redeem, request.match_info["token"])
+        if redeemed is None:
+            return self._render("link_invalid.html", language, status=410)
+        account, secret = redeemed
+        log.info("web chat: %s signed in", account.name)
+        response = web.HTTPSeeOther("/")
+        response.set_cookie(
+            self._cookie,
+            secret,
+            path="/",
+            httponly=True,
+            samesite="Lax",
+            secure=self._secure,
+            max_age=int(timedelta(days=self._settings.web_session_days).total_seconds()),
+        )
+        response.del_cookie(SIGN_IN_COOKIE, path="/signin")
+        raise response
+
+    def _redeem(self, token: str) -> tuple[records.AccountView, str] | None:
+        with self._services.store.unit_of_work() as uow:
+            return records.redeem_sign_in_link(
+                uow, token, timedelta(days=self._settings.web_session_days)
+            )
+
+    async def sign_out(self, request: web.Request) -> web.Response:
+        session = self._signed_in(request)
+        form = await request.post()
+        self._check_csrf(request, session, str(form.get("csrf", "")))
+        secret = request.cookies.get(self._cookie, "")
+        await asyncio.to_thread(self._end_session, secret)
+        response = web.HTTPSeeOther("/")
+        response.del_cookie(self._cookie, path="/")
+        raise response
+
+    def _end_session(self, secret: str) -> None:
+        with self._services.store.unit_of_work() as uow:
+            records.end_session(uow, secret)
+
+    # -- talking ------------------------------------------------------------------------
+
+    async def send(self, request: web.Request) -> web.StreamResponse:
+        """A line typed, perhaps with a photo (for /avatar)."""
+        session = self._signed_in(request)
+        language = self._language(request)
+        # Over the server's body limit aiohttp refuses with 413 before anything is kept.
+        form = await request.post()
+        self._check_csrf(request, session, str(form.get("csrf", "")))
+        line = str(form.get("text", ""))
+        if len(line) > MAX_LINE_CHARS:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=MAX_LINE_CHARS,
+                actual_size=len(line),
+                text=text(language, "web.too_long", limit=MAX_LINE_CHARS),
+            )
+        photo: bytes | None = None
+        # The camera's and the gallery's inputs: the one that holds a file.
+        for upload in form.getall("photo", []):
+            if isinstance(upload, web.FileField):
+                data = upload.file.read(MAX_DOWNLOAD_BYTES + 1)
+                if len(data) > MAX_DOWNLOAD_BYTES:
+                    raise web.HTTPRequestEntityTooLarge(
+                        max_size=MAX_DOWNLOAD_BYTES,
+                        actual_size=len(data),
+                        text=text(
+                            language, "photo.too_large", limit_mb=MAX_DOWNLOAD_BYTES // 2**20
+                        ),
+                    )
+                photo = photo or data or None
+        if not line.strip() and photo is None:
+            return self._done(request, {})
+        await asyncio.to_thread(self._chat.take_line, session.account, language, line, photo)
+        return self._done(request, {})
+
+    async def press(self, request: web.Request) -> web.StreamResponse:
+        session = self._signed_in(request)
+        language = self._language(request)
+        form = await request.post()
+        self._check_csrf(request, session, str(form.get("csrf", "")))
+        under = str(form.get("under", ""))
+        press_id = str(form.get("press", ""))
+        answer = await asyncio.to_thread(
+            self._chat.press,
+            session.account,
+            language,
+            str(form.get("data", ""))[:64],
+            int(under) if under.isdecimal() else None,
+            press_id if PRESS_ID.fullmatch(press_id) else None,
+        )
+        return self._done(
+            request,
+            {"notice": answer.notice, "alert": answer.alert, "reload": answer.reload},
+        )
+
+    @staticmethod
+    def _done(request: web.Request, answer: dict[str, Any]) -> web.StreamResponse:
+        if request.headers.get(FETCH_HEADER) == "fetch":
+            return web.json_response({"ok": True, **answer})
+        # A plain form (no script): back to the chat, with the notice shown on top.
+        notice = answer.get("notice")
+        location = "/" if not notice else "/?" + urlencode({"notice": notice})
+        raise web.HTTPSeeOther(location)
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: each changed message of the chat, rendered, as it changes."""
+        session = self._signed_in(request)
+        language = self._language(request)
+        chat = session.account.id
+        start = request.headers.get("Last-Event-ID") or request.query.get("after", "0")
+        after = int(start) if start.isdecimal() else 0
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",  # nginx: pass each event on at once
+            }
+        )
+        response.headers.update(SECURITY_HEADERS)
+        await response.prepare(request)
+        woken = self._feed.subscribe(chat)
+        try:
+            while not self._feed.closing.is_set():
+                woken.clear()
+                last, changed = await asyncio.to_thread(self._feed.changes, chat, after)
+                for number, message in enumerate(changed, start=1):
+                    payload = json.dumps(
+                        {
+                            "id": message.id,
+                            "deleted": message.deleted,
+                            "html": self._message_html(message, session, language),
+                        }
+                    )
+                    # The id on the last of a batch: a page that reconnects resumes after it.
+                    event_id = f"id: {last}\n" if number == len(changed) else ""
+                    await response.write(f"{event_id}event: message\ndata: {payload}\n\n".encode())
+                after = last
+                try:
+                    await asyncio.wait_for(woken.wait(), KEEPALIVE_S)
+                except TimeoutError:
+                    await response.write(b": keep-alive\n\n")
+        except ConnectionResetError:
+            pass  # the page was closed
+        finally:
+            self._feed.unsubscribe(chat, woken)
+        return response
+
+    # -- images and files ---------------------------------------------------------------
+
+    async def image(self, request: web.Request) -> web.Response:
+        """One result image, for its owner only (404 to everyone else: not even whether it
+        exists is told)."""
+        session = self._signed_in(request)
+        job_id, index = int(request.match_info["job"]), int(request.match_info["index"])
+        png = await asyncio.to_thread(self._result, session, job_id, index)
+        if png is None:
+            raise web.HTTPNotFound(text=text(self._language(request), "web.not_found"))
+        headers = {}
+        if "download" in request.query:
+            headers["Content-Disposition"] = (
+                f'attachment; filename="chitrakar-{job_id}-{index + 1}.png"'
+            )
+        return web.Response(body=png, content_type="image/png", headers=headers)
+
+    def _result(self, session: SessionView, job_id: int, index: int) -> bytes | None:
+        intake = self._services.intake
+        job = intake.find_job(job_id)
+        # Results are named on a job only once they may be shown (past the content check);
+        # a blocked job's stay for the admins' review, and a failed one's are not shown.
+        if (
+            job is None
+            or job.channel != CHANNEL
+            or job.requester != str(session.account.id)
+            or job.status not in SHOWN_STATUSES
+            or index >= len(job.result_paths)
+        ):
+            return None
+        checksum = job.result_checksums[index] if index < len(job.result_checksums) else None
+        try:
+            return intake.artifacts.get(job.result_paths[index], checksum)
+        except ArtifactMissing:
+            return None
+
+    async def grid(self, request: web.Request) -> web.FileResponse:
+        """The style preview grid (the same for everyone signed in)."""
+        self._signed_in(request)
+        name = request.match_info["name"]
+        intake = self._services.intake
+        folder = intake.media.grid_path(self._settings.model_label, intake.catalogue).parent
+        path = folder / name
+        if not GRID_NAME.fullmatch(name) or not path.is_file():
+            raise web.HTTPNotFound(text=text(self._language(request), "web.not_found"))
+        return web.FileResponse(path)
+
+    async def export(self, request: web.Request) -> web.Response:
+        """Everything stored about the user, as a ZIP (made when asked, kept nowhere)."""
+        session = self._signed_in(request)
+        language = self._language(request)
+        archive = await asyncio.to_thread(
+            self._services.privacy.export_zip,
+            CHANNEL,
+            str(session.account.id),
+            text(language, "export.readme"),
+        )
+        if archive is None:
+            raise web.HTTPNotFound(text=text(language, "export.nothing"))
+        name = f"chitrakar-{session.account.id}.zip"
+        return web.Response(
+            body=archive,
+            content_type="application/zip",
+            headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )
+
+
+def _menu(language: str) -> list[tuple[str, str]]:
+    """The command chips above the composer: (command, what it does), as Telegram's menu."""
+    return [(f"/{c}", text(language, f"menu.{c}")) for c in MENU if c != Command.START]
+
+
+def add_web_chat(app: web.Application, services: BotServices) -> None:
+    WebChatRoutes(services).add_to(app)

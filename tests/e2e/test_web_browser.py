@@ -1,0 +1,166 @@
+"""The web chat in a real headless browser (Playwright driving Debian's Chromium), on a phone's
+screen: sign in, ask for a portrait and watch it being made, press a button, upload a selfie,
+and a second person who cannot open the first one's images."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+from skimage import data as photographs
+
+from chitrakar.texts import text
+from tests.support.stack import chitrakar_env, chitrakar_process
+from tests.support.webchat import WebStack, invite
+
+pytestmark = pytest.mark.e2e
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True}
+# Results take a few seconds on two CPU cores with the tiny model.
+WAIT_MS = 90_000
+
+
+def chromium_path() -> str:
+    path = os.environ.get("CHITRAKAR_TEST_CHROMIUM") or shutil.which("chromium")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is not installed (.ci/run installs Debian's chromium)")
+        pytest.skip("Chromium is not installed")
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebStack]:
+    data_dir = tmp_path_factory.mktemp("web-browser")
+    # More steps than elsewhere, so that progress has time to show.
+    env = chitrakar_env(None, data_dir, Path("unused"), default_steps="30")
+    # As a new user runs it: no model configured, so the worker makes the tiny demo model.
+    del env["CHITRAKAR_MODEL"]
+    base = f"http://127.0.0.1:{env['CHITRAKAR_WEB_PORT']}"
+    with chitrakar_process("run", env=env, log_dir=data_dir):
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the web chat did not start"
+            time.sleep(0.2)
+        yield WebStack(base, env, data_dir, f"sqlite:///{data_dir / 'chitrakar.db'}")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with playwright_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=chromium_path(), args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
+        yield launched
+        launched.close()
+
+
+def signed_in_page(browser: object, stack: WebStack, name: str, **context: object) -> object:
+    page = browser.new_context(**PHONE, **context).new_page()  # type: ignore[attr-defined]
+    page.goto(invite(stack, name))
+    page.click("#sign-in")
+    page.wait_for_selector("#composer")
+    return page
+
+
+def send(page: object, line: str) -> None:
+    page.fill("#text", line)  # type: ignore[attr-defined]
+    page.press("#text", "Enter")  # type: ignore[attr-defined]
+
+
+def test_sign_in_ask_watch_progress_see_the_image_and_press_again(
+    browser: object, stack: WebStack
+) -> None:
+    expect = playwright_api.expect
+    page = signed_in_page(browser, stack, "lata")
+    expect(page.locator("#demo-banner")).to_contain_text("Demo model")
+    # The link is used: the address bar no longer holds it, and it cannot be used again.
+    assert page.url == f"{stack.base}/"
+
+    send(page, "/portrait a cinematic portrait of a grandmother in a Kerala saree --seed 5")
+    expect(page.locator(".msg.me").last).to_have_text(
+        "/portrait a cinematic portrait of a grandmother in a Kerala saree --seed 5"
+    )
+    # Progress, live on the status message, then the image in its place.
+    expect(
+        page.locator(".msg.bot", has_text=re.compile(r"Creating your image… \d+%"))
+    ).to_be_visible(timeout=WAIT_MS)
+    result = page.locator(".msg.bot", has=page.locator("img"))
+    expect(result).to_have_count(1, timeout=WAIT_MS)
+    expect(page.locator(".msg.bot", has_text="Creating your image")).to_have_count(0)
+    image = result.locator("img")
+    expect(image).to_have_js_property("naturalWidth", 64)
+    expect(result).to_contain_text("Seed 5 · 30 steps · 64×64")
+    download = result.locator("a.download")
+    assert download.get_attribute("href").endswith("?download=1")
+
+    result.get_by_role("button", name="🔄 Again").click()
+    expect(page.locator("#notice")).to_contain_text("Queued.")
+    expect(page.locator(".msg.bot", has=page.locator("img"))).to_have_count(2, timeout=WAIT_MS)
+    # The page, reloaded, shows the same conversation from the store.
+    page.reload()
+    expect(page.locator(".msg.bot", has=page.locator("img"))).to_have_count(2)
+    page.context.close()
+
+
+def test_an_avatar_from_a_photo_upload(browser: object, stack: WebStack, tmp_path: Path) -> None:
+    expect = playwright_api.expect
+    page = signed_in_page(browser, stack, "arjun")
+    selfie = tmp_path / "selfie.jpg"
+    Image.fromarray(photographs.astronaut()).save(selfie, quality=90)
+    page.set_input_files("#gallery", str(selfie))
+    expect(page.locator("#attached")).to_contain_text("selfie.jpg")
+    assert page.input_value("#text") == "/avatar "
+    page.fill("#text", "/avatar watercolour --n 2 --steps 4")
+    page.click("#send")
+    expect(page.locator(".msg.me").last).to_have_text("📷 /avatar watercolour --n 2 --steps 4")
+    expect(page.locator("#attached")).to_be_hidden()
+    album = page.locator(".msg.bot", has=page.locator("img"))
+    expect(album.locator("img")).to_have_count(2, timeout=WAIT_MS)
+    expect(album).to_contain_text("Watercolour")
+    page.context.close()
+
+
+def test_a_second_person_cannot_open_the_first_ones_images(
+    browser: object, stack: WebStack
+) -> None:
+    expect = playwright_api.expect
+    owner = signed_in_page(browser, stack, "nila")
+    send(owner, "/portrait a monsoon street in Mumbai --steps 4")
+    image = owner.locator(".msg.bot img").first
+    expect(image).to_be_visible(timeout=WAIT_MS)
+    src = image.get_attribute("src")
+    assert src is not None and src.startswith("/images/")
+    assert owner.request.get(f"{stack.base}{src}").status == 200
+
+    other = signed_in_page(browser, stack, "vikram")
+    response = other.goto(f"{stack.base}{src}")
+    assert response is not None and response.status == 404
+    # And without a session at all.
+    anonymous = browser.new_context(**PHONE).new_page()  # type: ignore[attr-defined]
+    response = anonymous.goto(f"{stack.base}{src}")
+    assert response is not None and response.status == 401
+    for page in (owner, other, anonymous):
+        page.context.close()
+
+
+def test_the_page_speaks_hindi_to_a_hindi_browser(browser: object, stack: WebStack) -> None:
+    expect = playwright_api.expect
+    page = signed_in_page(browser, stack, "savitri", locale="hi-IN")
+    expect(page.locator("#send")).to_have_text(text("hi", "web.send"))
+    send(page, "/quota")
+    expect(page.locator(".msg.bot").last).to_contain_text("आज बचे क्रेडिट")
+    page.context.close()

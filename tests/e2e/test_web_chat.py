@@ -1,0 +1,349 @@
+"""The built-in web chat over HTTP: `chitrakar run` with no Telegram token (the web chat, a
+real worker, the tiny model), and what it refuses: no session, a forged CSRF token, another
+person's image, oversized uploads. Each refusal has its status and leaves nothing stored."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+from skimage import data as photographs
+from sqlalchemy import func, select
+
+from chitrakar.photos import MAX_DOWNLOAD_BYTES
+from chitrakar.texts import text
+from db.models import Job, WebMessage
+from db.session import Store
+from tests.support.stack import chitrakar_env, chitrakar_process
+from tests.support.webchat import WebStack, WebUser, invite
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[WebStack]:
+    data_dir = tmp_path_factory.mktemp("web")
+    env = chitrakar_env(None, data_dir, tiny_model)
+    base = f"http://127.0.0.1:{env['CHITRAKAR_WEB_PORT']}"
+    with chitrakar_process("run", env=env, log_dir=data_dir):
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the web chat did not start"
+            time.sleep(0.2)
+        yield WebStack(base, env, data_dir, f"sqlite:///{data_dir / 'chitrakar.db'}")
+
+
+@pytest.fixture(scope="module")
+def asha(stack: WebStack) -> Iterator[WebUser]:
+    user = WebUser(stack, "asha")
+    yield user
+    user.close()
+
+
+@pytest.fixture(scope="module")
+def ravi(stack: WebStack) -> Iterator[WebUser]:
+    user = WebUser(stack, "ravi")
+    yield user
+    user.close()
+
+
+def counts(stack: WebStack) -> tuple[int, int, int]:
+    """Messages, jobs and kept selfie crops: what a refused request must not add to."""
+    store = Store(stack.database_url)
+    try:
+        with store.unit_of_work() as uow:
+            messages = uow.session.scalar(select(func.count()).select_from(WebMessage)) or 0
+            jobs = uow.session.scalar(select(func.count()).select_from(Job)) or 0
+    finally:
+        store.dispose()
+    inputs = stack.data_dir / "media" / "inputs"
+    return messages, jobs, len(list(inputs.glob("*"))) if inputs.exists() else 0
+
+
+def jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def a_result(user: WebUser, after: int = 0) -> object:
+    return user.wait_for(lambda m: m.id > after and m.from_bot and bool(m.images))
+
+
+def test_the_terminal_shows_the_web_chat_and_a_sign_in_link(stack: WebStack) -> None:
+    log = (stack.data_dir / "run.log").read_text()
+    assert f"Chitrakar's web chat: {stack.base}" in log
+    assert f"Sign in as owner (once, within 24 h): {stack.base}/signin/" in log
+    assert "Telegram: off" in log
+
+
+def test_without_a_session_everything_is_refused_and_nothing_stored(stack: WebStack) -> None:
+    before = counts(stack)
+    with httpx.Client(base_url=stack.base, timeout=30) as anonymous:
+        page = anonymous.get("/")
+        assert page.status_code == 401
+        assert "chitrakar users invite NAME" in page.text
+        for path in ("/send", "/press", "/signout"):
+            assert anonymous.post(path, data={"text": "/portrait a cat"}).status_code == 401
+        for path in ("/events", "/images/1/0", "/export", "/grids/grid-0123456789abcdef.jpg"):
+            assert anonymous.get(path).status_code == 401
+        anonymous.cookies.set("chitrakar_session", "made-up")
+        assert anonymous.get("/").status_code == 401
+    assert counts(stack) == before
+
+
+def test_a_sign_in_link_signs_in_once_with_a_safe_cookie(stack: WebStack) -> None:
+    link = invite(stack, "meera")
+    with httpx.Client(timeout=30) as browser:
+        # Opening the link (a link preview, a scanner) does not use it up.
+        assert browser.get(link).status_code == 200
+        page = browser.get(link)
+        assert page.headers["Content-Security-Policy"].startswith("default-src 'self'")
+        assert page.headers["Referrer-Policy"] == "no-referrer"
+        nonce = browser.cookies["chitrakar_signin"]
+        # A form posted from elsewhere lacks this browser's nonce.
+        assert browser.post(link, data={"nonce": "guess"}).status_code == 403
+        signed_in = browser.post(link, data={"nonce": nonce})
+        assert signed_in.status_code == 303
+        cookie = signed_in.headers["set-cookie"]
+        assert "chitrakar_session=" in cookie
+        assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/" in cookie
+        assert browser.get(f"{stack.base}/").status_code == 200
+        # Used: a second browser cannot sign in with it.
+    with httpx.Client(timeout=30) as other:
+        other.get(link)
+        again = other.post(link, data={"nonce": other.cookies["chitrakar_signin"]})
+        assert again.status_code == 410
+        assert "used already or has expired" in again.text
+        garbage = f"{stack.base}/signin/not-a-link"
+        other.get(garbage)
+        assert (
+            other.post(garbage, data={"nonce": other.cookies["chitrakar_signin"]}).status_code
+            == 410
+        )
+
+
+def test_a_forged_csrf_token_is_refused_and_nothing_stored(stack: WebStack, asha: WebUser) -> None:
+    before = counts(stack)
+    assert asha.send("/portrait a forged request", csrf="not-the-token").status_code == 403
+    assert asha.send("/portrait a forged request", csrf="").status_code == 403
+    forged_press = asha.http.post("/press", data={"data": "a:1", "csrf": "x" * 43})
+    assert forged_press.status_code == 403
+    assert asha.http.post("/signout", data={"csrf": ""}).status_code == 403
+    assert counts(stack) == before
+    assert asha.http.get("/").status_code == 200  # still signed in
+
+
+def test_oversized_uploads_are_refused_and_nothing_stored(stack: WebStack, asha: WebUser) -> None:
+    before = counts(stack)
+    # Over the server's body limit: refused while it arrives.
+    huge = asha.send("/avatar watercolour", photo=b"\xff" * (22 * 1024 * 1024))
+    assert huge.status_code == 413
+    # Under the body limit but over the photo limit.
+    large = asha.send("/avatar watercolour", photo=b"\xff" * (MAX_DOWNLOAD_BYTES + 1))
+    assert large.status_code == 413
+    assert "20 MB" in large.text
+    long_line = asha.send("/portrait " + "x" * 5000)
+    assert long_line.status_code == 413
+    assert counts(stack) == before
+
+
+def test_a_portrait_comes_back_with_buttons_and_only_its_owner_sees_it(
+    stack: WebStack, asha: WebUser, ravi: WebUser
+) -> None:
+    assert (
+        asha.send("/portrait a kite festival over old Ahmedabad --n 2 --seed 7").status_code == 200
+    )
+    asked = asha.wait_for(lambda m: not m.from_bot and m.text.startswith("/portrait a kite"))
+    result = asha.wait_for(lambda m: m.from_bot and bool(m.images) and m.reply_to == asked.id)
+    assert [image["index"] for image in result.images] == [0, 1]
+    assert "Seed 7" in result.images[0]["caption"] and "Seed 8" in result.images[1]["caption"]
+    job = result.images[0]["job"]
+    labels = [label for row in result.buttons for label, _ in row]
+    assert {"U1", "U2", "V1", "V2", "🔄 Again"} <= set(labels)
+    # The status message showed the queue, then was removed when the images came.
+    status = asha.wait_for(lambda m: m.from_bot and m.reply_to == asked.id and not m.images)
+    assert status.deleted
+
+    mine = asha.http.get(f"/images/{job}/1")
+    assert mine.status_code == 200 and mine.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(mine.content)).size == (64, 64)
+    download = asha.http.get(f"/images/{job}/1?download=1")
+    assert (
+        download.headers["content-disposition"] == f'attachment; filename="chitrakar-{job}-2.png"'
+    )
+    assert "no-store" in mine.headers["cache-control"]
+    # Someone else, signed in, guessing the URL: not found (not even "forbidden").
+    assert ravi.http.get(f"/images/{job}/1").status_code == 404
+    assert ravi.http.get(f"/images/{job}/0?download=1").status_code == 404
+    assert asha.http.get(f"/images/{job}/2").status_code == 404
+    # A button under Asha's result, pressed by Ravi: refused, nothing made.
+    before = counts(stack)
+    answer = ravi.press(f"a:{job}", under=result.id).json()
+    assert answer["alert"] and answer["notice"] == text("en", "button.stale")
+    assert counts(stack) == before
+
+
+def test_buttons_make_one_job_per_press_and_variations_arrive(asha: WebUser) -> None:
+    asha.send("/portrait a lighthouse at dawn --seed 3")
+    result = asha.wait_for(
+        lambda m: m.from_bot and bool(m.images) and "Seed 3" in m.images[0]["caption"]
+    )
+    job = result.images[0]["job"]
+    first = asha.press(f"v:{job}:0", under=result.id, press_id="press-0001").json()
+    repeated = asha.press(f"v:{job}:0", under=result.id, press_id="press-0001").json()
+    assert first["notice"].startswith("Queued.") and repeated["notice"] is None
+    variation = asha.wait_for(
+        lambda m: (
+            m.from_bot and bool(m.images) and m.images[0]["job"] > job and m.reply_to == result.id
+        )
+    )
+    later = [m for m in asha.messages() if m.from_bot and m.images and m.images[0]["job"] > job]
+    assert [m.id for m in later] == [variation.id]  # one job for the press sent twice
+    pick = asha.press(f"p:{job}:0", under=result.id).json()
+    assert pick["ok"]
+    assert asha.press("u:999999:0", under=result.id).json()["notice"] == text("en", "button.stale")
+    assert asha.press("not-a-button", under=result.id).json()["notice"] == text(
+        "en", "button.invalid"
+    )
+
+
+def test_commands_get_the_same_answers_as_in_telegram(asha: WebUser) -> None:
+    def reply_to(line: str) -> str:
+        assert asha.send(line).status_code == 200
+        asked = asha.messages()[-2 if asha.messages()[-1].from_bot else -1]
+        assert asked.text == line.strip()
+        return asha.wait_for(lambda m: m.from_bot and m.reply_to == asked.id).text
+
+    assert reply_to("/quota").startswith("Credits left today:")
+    assert reply_to("/privacy").startswith("What this bot stores")
+    assert reply_to("/portrait").startswith(text("en", "error.prompt_missing"))
+    assert reply_to("/avatar watercolour") == text("en", "web.avatar_how")
+    assert reply_to("/nonsense") == text("en", "web.unknown_command", command="nonsense")
+    assert reply_to("hello there") == text("en", "web.not_a_command")
+    assert reply_to("/settings") == text("en", "settings.groups_only")
+    assert reply_to("/stats") == text("en", "admin.not_allowed")
+    assert "--style" in reply_to("/help")
+
+
+def test_an_avatar_from_an_uploaded_selfie(stack: WebStack, ravi: WebUser) -> None:
+    before = counts(stack)
+    cat = ravi.send("/avatar watercolour", photo=jpeg(Image.fromarray(photographs.chelsea())))
+    assert cat.status_code == 200
+    assert ravi.wait_for(lambda m: m.from_bot and m.text == text("en", "photo.no_face"))
+    assert counts(stack)[1:] == before[1:]  # no job, no crop kept
+    selfie = jpeg(Image.fromarray(photographs.astronaut()))
+    assert ravi.send("/avatar watercolour --n 2", photo=selfie).status_code == 200
+    shown = ravi.wait_for(lambda m: not m.from_bot and m.text == "📷 /avatar watercolour --n 2")
+    album = ravi.wait_for(
+        lambda m: m.from_bot and bool(m.images) and m.reply_to == shown.id, timeout=120
+    )
+    assert len(album.images) == 2 and "Watercolour" in album.images[0]["caption"]
+
+
+def test_history_export_and_forget(stack: WebStack) -> None:
+    user = WebUser(stack, "kiran")
+    try:
+        user.send("/portrait a banyan tree --seed 11")
+        result = user.wait_for(lambda m: m.from_bot and bool(m.images))
+        user.send("/history")
+        page = user.wait_for(lambda m: m.from_bot and "a banyan tree" in m.text)
+        resend = next(data for row in page.buttons for _, data in row if data.startswith("r:"))
+        assert user.press(resend, under=page.id).json()["ok"]
+        again = user.wait_for(
+            lambda m: m.from_bot and m.images == [{"job": result.images[0]["job"], "index": 0}]
+        )
+        assert again.reply_to == page.id
+
+        archive = user.http.get("/export")
+        assert archive.status_code == 200
+        with zipfile.ZipFile(io.BytesIO(archive.content)) as opened:
+            names = set(opened.namelist())
+            transcript = json.loads(opened.read("messages.json"))
+        assert {"jobs.json", "messages.json"} <= names
+        assert any(n.startswith("results/") for n in names)
+        assert any(m["text"] == "/portrait a banyan tree --seed 11" for m in transcript)
+
+        user.send("/forget")
+        confirm = user.wait_for(lambda m: m.from_bot and m.text == text("en", "forget.confirm"))
+        data = next(d for row in confirm.buttons for _, d in row if d.endswith(":y"))
+        assert user.press(data, under=confirm.id).json()["reload"] is True
+        texts = [m.text for m in user.messages()]
+        assert len(texts) == 1 and texts[0].startswith(
+            "Done: everything stored about you is deleted"
+        )
+        assert user.http.get(f"/images/{result.images[0]['job']}/0").status_code == 404
+    finally:
+        user.close()
+
+
+def test_admins_moderate_from_the_web_chat(stack: WebStack) -> None:
+    owner, member = WebUser(stack, "owner", admin=True), WebUser(stack, "dev")
+    try:
+        owner.send("/stats")
+        assert owner.wait_for(lambda m: m.from_bot and m.text.startswith("Today, since midnight"))
+        owner.send(f"/ban {member.chat} spam")
+        assert owner.wait_for(
+            lambda m: m.from_bot and m.text == text("en", "admin.banned", user=member.chat)
+        )
+        member.send("/portrait anything")
+        assert member.wait_for(lambda m: m.from_bot and m.text == text("en", "moderation.banned"))
+        owner.send(f"/unban {member.chat}")
+        owner.wait_for(
+            lambda m: m.from_bot and m.text == text("en", "admin.unbanned", user=member.chat)
+        )
+        owner.send("/audit")
+        audit = owner.wait_for(
+            lambda m: m.from_bot and m.text.startswith(text("en", "admin.audit_header"))
+        )
+        assert "ban" in audit.text
+    finally:
+        owner.close()
+        member.close()
+
+
+def test_the_page_follows_its_chat_as_it_changes(stack: WebStack, asha: WebUser) -> None:
+    """Server-sent events: what the bot says arrives on the open page, rendered."""
+    with asha.http.stream("GET", "/events", params={"after": "0"}, timeout=60) as events:
+        assert events.headers["content-type"].startswith("text/event-stream")
+        asha.send("/quota")
+        deadline = time.monotonic() + 30
+        for line in events.iter_lines():
+            if line.startswith("data: ") and "Credits left today" in json.loads(line[6:])["html"]:
+                break
+            assert time.monotonic() < deadline
+
+
+def test_styles_list_then_preview_grid_then_a_default_style(stack: WebStack) -> None:
+    user = WebUser(stack, "tara")
+    try:
+        user.send("/styles")
+        listing = user.wait_for(lambda m: m.from_bot and m.text.startswith("Styles."))
+        assert any(d == "s:madhubani" for row in listing.buttons for _, d in row)
+        grid = user.wait_for(lambda m: m.from_bot and bool(m.images) and "grid" in m.images[0])
+        served = user.http.get(f"/grids/{grid.images[0]['grid']}")
+        assert served.status_code == 200 and served.headers["content-type"] == "image/jpeg"
+        assert user.http.get("/grids/../chitrakar.db").status_code == 404
+        assert user.http.get("/grids/grid-0000000000000000.jpg").status_code == 404
+        # Made once: the next /styles answers at once with the grid, and no new job.
+        user.send("/styles")
+        user.wait_for(lambda m: m.from_bot and m.id > grid.id and bool(m.images))
+        answer = user.press("s:madhubani", under=grid.id).json()
+        assert "Madhubani" in answer["notice"]
+        user.send("/portrait a peacock --steps 4")
+        result = user.wait_for(lambda m: m.from_bot and bool(m.images) and "job" in m.images[0])
+        assert "madhubani" in result.images[0]["caption"]
+    finally:
+        user.close()
