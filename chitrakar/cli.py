@@ -164,21 +164,39 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     except ModelNotFound as exc:
         raise SystemExit(f"The worker cannot start: {exc}") from None
     runtime().delivery.connect_all()
+    runtime().start_heartbeat()
+    if settings.worker_health_port is not None:
+        from workers.health import serve_health
+
+        def broker_ping() -> None:
+            with app.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=1, timeout=5)
+
+        serve_health(
+            settings.web_host,
+            settings.worker_health_port,
+            lambda: runtime().beating,
+            lambda: runtime().check_ready(broker_ping),
+        )
     if args.requeue_unfinished:
         requeue_unfinished(runtime(), lambda job_id: publish_generate(app, job_id))
-    app.worker_main(
-        [
-            "worker",
-            "--pool=solo",  # one process per GPU; CUDA does not survive a fork
-            "--concurrency=1",
-            "--without-gossip",
-            "--without-mingle",
-            f"--loglevel={settings.log_level.upper()}",
-            f"--hostname=chitrakar-{os.getpid()}@%h",
-            # `chitrakar run`: this worker also runs the periodic tasks (no separate beat).
-            *(["--beat"] if args.beat else []),
-        ]
-    )
+    try:
+        app.worker_main(
+            [
+                "worker",
+                "--pool=solo",  # one process per GPU; CUDA does not survive a fork
+                "--concurrency=1",
+                "--without-gossip",
+                "--without-mingle",
+                f"--loglevel={settings.log_level.upper()}",
+                f"--hostname=chitrakar-{os.getpid()}@%h",
+                # `chitrakar run`: this worker also runs the periodic tasks (no separate beat).
+                *(["--beat"] if args.beat else []),
+            ]
+        )
+    finally:
+        # A clean stop: the heartbeat goes, and with it any claim on a job.
+        runtime().close()
     return 0
 
 
@@ -227,15 +245,19 @@ def cmd_run(settings: Settings, _: argparse.Namespace) -> int:
 
 
 def _greet_the_owner(settings: Settings) -> None:
-    """On the terminal: where the web chat is, and a fresh one-time sign-in link for the
-    machine's owner (an admin), as a notebook server prints its token."""
-    link = _invite(settings, OWNER_ACCOUNT, admin=True)
+    """On the terminal: where the web chat is, and, until the machine's owner (an admin) has
+    signed in, a one-time sign-in link for them, as a notebook server prints its token."""
+    if _owner_signed_in(settings):
+        sign_in = f"Sign in on another device: chitrakar users invite {OWNER_ACCOUNT} --admin"
+    else:
+        link = _invite(settings, OWNER_ACCOUNT, admin=True)
+        sign_in = f"Sign in as {OWNER_ACCOUNT} (once, within {settings.web_link_hours:g} h): {link}"
     model = (
         "the tiny demo model (its images are noise)" if settings.uses_demo_model else settings.model
     )
     print(
         f"\nChitrakar's web chat: {settings.public_web_url}\n"
-        f"Sign in as {OWNER_ACCOUNT} (once, within {settings.web_link_hours:g} h): {link}\n"
+        f"{sign_in}\n"
         f"Invite others with: chitrakar users invite NAME\n"
         f"Model: {model}\n"
         + (
@@ -245,6 +267,19 @@ def _greet_the_owner(settings: Settings) -> None:
         ),
         flush=True,
     )
+
+
+def _owner_signed_in(settings: Settings) -> bool:
+    from db import web
+    from db.session import Store
+
+    store = Store(settings.resolved_database_url)
+    try:
+        with store.unit_of_work() as uow:
+            owner = next((a for a in web.accounts(uow) if a.name == OWNER_ACCOUNT), None)
+            return owner is not None and web.signed_in_somewhere(uow, owner.id)
+    finally:
+        store.dispose()
 
 
 def _invite(settings: Settings, name: str, admin: bool) -> str:
@@ -280,6 +315,25 @@ def cmd_users_invite(settings: Settings, args: argparse.Namespace) -> int:
     role = "an admin" if args.admin else "a user"
     print(f"Sign-in link for {name} ({role}), valid once within {settings.web_link_hours:g} h:")
     print(link)
+    return 0
+
+
+def cmd_users_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    """Sign NAME out of the web chat everywhere and void their unused links."""
+    _require_current_schema(settings)
+    from db import web
+    from db.session import Store
+
+    store = Store(settings.resolved_database_url)
+    try:
+        with store.unit_of_work() as uow:
+            revoked = web.revoke(uow, args.name)
+    finally:
+        store.dispose()
+    if revoked is None:
+        print(f"there is no web chat account named {args.name}", file=sys.stderr)
+        return 1
+    print(f"{revoked.name} is signed out everywhere; a new link lets them in again")
     return 0
 
 
@@ -342,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     invite.add_argument("--admin", action="store_true", help="the account may use admin commands")
     invite.set_defaults(func=cmd_users_invite)
     users.add_parser("list", help="list the web chat accounts").set_defaults(func=cmd_users_list)
+    revoke = users.add_parser("revoke", help="sign NAME out everywhere (a lost phone)")
+    revoke.add_argument("name")
+    revoke.set_defaults(func=cmd_users_revoke)
     worker = sub.add_parser("worker", help="run a generation worker")
     worker.add_argument(
         "--requeue-unfinished",

@@ -89,6 +89,17 @@ class Settings(BaseSettings):
     identity_adapter_weights: str = "ip-adapter-plus-face_sd15.safetensors"
     identity_adapter_scale: float = Field(default=0.6, ge=0.0, le=1.0)
 
+    # Reliability. Workers write a heartbeat this often; one silent for `worker_stale_after`
+    # is taken for dead and its running job goes back to the queue. The reconciler (run by
+    # beat this often) also publishes again a queued job whose message has waited longer than
+    # `republish_after` (a broker that restarted without persistence lost it).
+    heartbeat_interval: float = Field(default=10.0, gt=0)
+    worker_stale_after: float = Field(default=60.0, gt=0)
+    reconcile_interval: float = Field(default=60.0, gt=0)
+    republish_after: float = Field(default=600.0, gt=0)
+    # A worker's /healthz and /readyz, on web_host at this port (unset: none).
+    worker_health_port: int | None = Field(default=None, ge=1, le=65535)
+
     log_level: str = "INFO"
 
     @field_validator("timezone")

@@ -314,8 +314,10 @@ MAX_ATTEMPTS = 3
 TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELLED}),
     # RUNNING -> RUNNING: a redelivered task picks the job up again after a worker died.
+    # RUNNING -> QUEUED: the reconciler hands a dead worker's job back to the queue.
     JobStatus.RUNNING: frozenset(
         {
+            JobStatus.QUEUED,
             JobStatus.RUNNING,
             JobStatus.DONE,
             JobStatus.FAILED,

@@ -9,7 +9,7 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 from PIL import Image
@@ -40,7 +40,7 @@ from chitrakar.quota import (
 )
 from chitrakar.safety import PromptBlocked, PromptPolicy
 from chitrakar.styles import Style, StyleCatalogue
-from db import audit, jobs, ledger
+from db import audit, heartbeats, jobs, ledger
 from db.jobs import JobView, Origin
 from db.session import Store, UnitOfWork
 
@@ -475,3 +475,41 @@ def hand_over_all_held(store: Store, publish: Callable[[int], None], limit: int)
     if handed:
         log.warning("handed over %d held job(s) whose turn had come: %s", len(handed), handed)
     return handed
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    handed_back: list[int]  # running jobs of workers that stopped beating
+    republished: list[int]  # queued jobs whose message may have been lost
+
+
+def reconcile(store: Store, publish: Callable[[int], None], settings: Settings) -> Reconciled:
+    """Make the database and the broker agree: every job the database says is queued or
+    running is held by a live worker or has a message on its way. Run by beat (every
+    CHITRAKAR_RECONCILE_INTERVAL seconds); safe to run anywhere, any number of times: a
+    duplicate message finds its job started or ended and does nothing."""
+    now = datetime.now(UTC)
+    with store.unit_of_work() as uow:
+        alive = heartbeats.alive(uow, now - timedelta(seconds=settings.worker_stale_after))
+    with store.unit_of_work() as uow:
+        handed_back = jobs.hand_back_from_dead_workers(uow, alive)
+    with store.unit_of_work() as uow:
+        republished = jobs.republish_due(uow, now - timedelta(seconds=settings.republish_after))
+    for job_id in handed_back + republished:
+        try:
+            publish(job_id)
+        except Exception:
+            # Marked published: the next round, after `republish_after`, tries again.
+            log.exception("job %s could not be published again", job_id)
+    if handed_back:
+        log.warning(
+            "handed back %d job(s) of workers that stopped: %s", len(handed_back), handed_back
+        )
+    if republished:
+        log.warning(
+            "published again %d job(s) whose message may be lost: %s", len(republished), republished
+        )
+    with store.unit_of_work() as uow:
+        # Rows of workers gone for a day: nothing refers to them any more.
+        heartbeats.forget_dead(uow, now - timedelta(days=1))
+    return Reconciled(handed_back=handed_back, republished=republished)

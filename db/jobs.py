@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -24,9 +25,11 @@ from chitrakar.domain import (
     check_transition,
 )
 from chitrakar.quota import Account, QuotaExceeded
-from db import ledger
+from db import heartbeats, ledger
 from db.models import Job, JobEvent, ResultMessage, User, utcnow
 from db.session import UnitOfWork
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,9 @@ class JobView:
     # What the user typed as options (those they set), for captions.
     options: dict[str, Any] = field(default_factory=dict)
     cost: int = 0
+    # The worker that holds (or last held) it, and whether its result reached the chat.
+    worker: str | None = None
+    delivered: bool = False
 
     @classmethod
     def of(cls, job: Job) -> JobView:
@@ -120,6 +126,8 @@ class JobView:
             result_file_ids=tuple(job.result_file_ids or ()),
             options=dict(job.options or {}),
             cost=job.cost or 0,
+            worker=job.worker,
+            delivered=job.delivered_at is not None,
         )
 
 
@@ -333,10 +341,21 @@ def attach_status_message(uow: UnitOfWork, job_id: int, message_id: int) -> None
     uow.commit()
 
 
-def start_job(uow: UnitOfWork, job_id: int, worker: str) -> JobView | None:
-    """Mark a job running for this attempt. None when it has already ended (a duplicate
-    delivery of its task): there is nothing left to do."""
+def start_job(
+    uow: UnitOfWork, job_id: int, worker: str, alive_since: datetime | None = None
+) -> JobView | None:
+    """Mark a job running for this attempt. None when it has already ended, or when another
+    worker that beat since `alive_since` is running it (a duplicate delivery of its task):
+    there is nothing left to do."""
     job = _load(uow.session, job_id)
+    if (
+        alive_since is not None
+        and job.status == JobStatus.RUNNING
+        and job.worker not in (None, worker)
+        and job.worker in heartbeats.alive(uow, alive_since)
+    ):
+        log.info("job %s is running on %s, which is alive: not started again", job_id, job.worker)
+        return None
     if not _move(uow.session, job, JobStatus.RUNNING, f"attempt {job.attempts + 1} on {worker}"):
         uow.commit()
         return None
@@ -361,6 +380,72 @@ def record_results(
     uow.commit()
 
 
+def mark_delivered(
+    uow: UnitOfWork, job_id: int, chat_id: int, file_ids: list[str], message_ids: list[int]
+) -> None:
+    """The chat has the result: recorded at once, so that a redelivered task (its worker
+    died before recording the end) does not send it again. Commits."""
+    job = _load(uow.session, job_id)
+    job.delivered_at = utcnow()
+    job.result_file_ids = file_ids
+    # A reply to any of these messages (/report) finds the job.
+    record_result_messages(uow, job_id, chat_id, message_ids)
+
+
+def hand_back_from_dead_workers(uow: UnitOfWork, alive: set[str]) -> list[int]:
+    """Running jobs whose worker stopped beating go back to the queue (their attempts kept,
+    so a job that kills its workers is given up after MAX_ATTEMPTS). Commits; their ids."""
+    running = list(
+        uow.session.scalars(select(Job).where(Job.status == JobStatus.RUNNING).order_by(Job.id))
+    )
+    handed: list[int] = []
+    for job in running:
+        if job.worker in alive:
+            continue
+        # Conditional: a worker that comes back and finishes meanwhile wins.
+        moved = cast(
+            CursorResult[Any],
+            uow.session.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.status == JobStatus.RUNNING, Job.worker == job.worker)
+                .values(status=JobStatus.QUEUED, published_at=utcnow())
+            ),
+        )
+        if moved.rowcount == 1:
+            uow.session.add(
+                JobEvent(
+                    job_id=job.id,
+                    status=JobStatus.QUEUED,
+                    detail=f"handed back: {job.worker} stopped",
+                )
+            )
+            handed.append(job.id)
+    uow.commit()
+    return handed
+
+
+def republish_due(uow: UnitOfWork, published_before: datetime) -> list[int]:
+    """Queued jobs handed to the broker before `published_before` and not started since: their
+    message may have been lost (a broker that restarted without persistence). Marked as
+    published now; their ids, to publish again (a copy that was not lost finds the job
+    started or ended, and does nothing). Commits."""
+    due = list(
+        uow.session.scalars(
+            select(Job)
+            .where(
+                Job.status == JobStatus.QUEUED,
+                Job.published_at.is_not(None),
+                Job.published_at < published_before,
+            )
+            .order_by(Job.id)
+        )
+    )
+    for job in due:
+        job.published_at = utcnow()
+    uow.commit()
+    return [job.id for job in due]
+
+
 def complete_job(
     uow: UnitOfWork,
     job_id: int,
@@ -368,7 +453,7 @@ def complete_job(
     result_paths: list[str],
     result_file_ids: list[str],
     result_checksums: list[str] | None = None,
-    generation_seconds: float,
+    generation_seconds: float | None,
 ) -> None:
     job = _load(uow.session, job_id)
     if not _move(uow.session, job, JobStatus.DONE):
@@ -507,6 +592,12 @@ def cancel_jobs(
         cancelled.append(JobView.of(job))
     uow.commit()
     return cancelled
+
+
+def holder(uow: UnitOfWork, job_id: int) -> str | None:
+    """The worker running the job now; None when it is not running."""
+    row = uow.session.execute(select(Job.status, Job.worker).where(Job.id == job_id)).first()
+    return row.worker if row is not None and row.status == JobStatus.RUNNING else None
 
 
 def is_cancelled(uow: UnitOfWork, job_id: int) -> bool:

@@ -150,6 +150,9 @@ class Job(Base):
     result_paths: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
     result_checksums: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
     result_file_ids: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
+    # When the chat accepted the result: a task redelivered after that (its worker died
+    # between sending and recording the end) only records the end, and sends nothing again.
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -338,3 +341,14 @@ class WebChange(Base):
     chat_id: Mapped[int] = mapped_column(BigInteger, index=True)
     message_id: Mapped[int] = mapped_column(BigInteger)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WorkerHeartbeat(Base):
+    """A live worker process: it writes `beat_at` every few seconds. A running job whose
+    worker stopped beating is handed to another (the reconciler)."""
+
+    __tablename__ = "worker_heartbeats"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    beat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, exists, select, update
+from sqlalchemy import text as sql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db.models import WebAccount, WebChange, WebMessage, WebSession, WebSignInLink, utcnow
+from chitrakar.domain import JobStatus
+from db.models import Job, WebAccount, WebChange, WebMessage, WebSession, WebSignInLink, utcnow
 from db.session import UnitOfWork
 
 CHANNEL = "web"
@@ -186,6 +188,29 @@ def end_session(uow: UnitOfWork, secret: str) -> None:
     uow.commit()
 
 
+def revoke(uow: UnitOfWork, name: str) -> AccountView | None:
+    """Sign an account out everywhere and void its unused links (a lost phone); None when
+    there is no such account."""
+    row = uow.session.scalar(select(WebAccount).where(WebAccount.name == name.strip().lower()))
+    if row is None:
+        return None
+    uow.session.execute(delete(WebSession).where(WebSession.account_id == row.id))
+    uow.session.execute(delete(WebSignInLink).where(WebSignInLink.account_id == row.id))
+    uow.commit()
+    return _account(row)
+
+
+def signed_in_somewhere(uow: UnitOfWork, account_id: int) -> bool:
+    return (
+        uow.session.scalar(
+            select(WebSession.id).where(
+                WebSession.account_id == account_id, WebSession.expires_at > utcnow()
+            )
+        )
+        is not None
+    )
+
+
 def end_expired(uow: UnitOfWork, now: datetime) -> int:
     """Delete expired sessions and sign-in links (the retention sweep)."""
     sessions = uow.session.execute(delete(WebSession).where(WebSession.expires_at <= now))
@@ -194,7 +219,19 @@ def end_expired(uow: UnitOfWork, now: datetime) -> int:
     return int(sessions.rowcount or 0) + int(links.rowcount or 0)  # type: ignore[attr-defined]
 
 
+# PostgreSQL advisory lock namespace for a chat's change feed ("WEBC").
+_FEED_LOCK = 0x57454243
+
+
 def _changed(uow: UnitOfWork, chat_id: int, message_id: int) -> None:
+    """Append to the chat's feed. A page reads its chat's changes after the last id it saw,
+    so ids must become visible in order within a chat: on PostgreSQL, where a later id can
+    commit first, writers of one chat take turns until commit (SQLite has one writer)."""
+    if uow.session.get_bind().dialect.name == "postgresql":
+        uow.session.execute(
+            sql("SELECT pg_advisory_xact_lock(:space, :chat)"),
+            {"space": _FEED_LOCK, "chat": chat_id},
+        )
     uow.session.add(WebChange(chat_id=chat_id, message_id=message_id))
 
 
@@ -240,18 +277,27 @@ def edit(
     text: str = KEEP,
     buttons: list[list[list[str]]] = KEEP,
     deleted: bool = KEEP,
+    while_running: int | None = None,
 ) -> bool:
     """Change a message of this chat; False when there is no such message (deleted by /forget,
-    or not this chat's: an id from elsewhere changes nothing)."""
-    row = uow.session.get(WebMessage, message_id)
-    if row is None or row.chat_id != chat_id:
-        return False
+    or not this chat's: an id from elsewhere changes nothing), or when `while_running` names
+    a job that no longer runs (a late progress edit must not cover "Cancelled.")."""
+    values: dict[str, Any] = {}
     if text is not KEEP:
-        row.text = text
+        values["text"] = text
     if buttons is not KEEP:
-        row.buttons = buttons
+        values["buttons"] = buttons
     if deleted is not KEEP:
-        row.deleted = deleted
+        values["deleted"] = deleted
+    query = update(WebMessage).where(WebMessage.id == message_id, WebMessage.chat_id == chat_id)
+    if while_running is not None:
+        # One statement: the job's status is read as the row is written.
+        query = query.where(
+            exists().where(Job.id == while_running, Job.status == JobStatus.RUNNING)
+        )
+    changed = uow.session.execute(query.values(**values)).rowcount  # type: ignore[attr-defined]
+    if changed != 1:
+        return False
     _changed(uow, chat_id, message_id)
     uow.commit()
     return True
@@ -277,8 +323,12 @@ def messages(uow: UnitOfWork, chat_id: int, ids: list[int]) -> list[MessageView]
     return sorted((MessageView.of(row) for row in rows), key=lambda m: m.id)
 
 
-def last_change_id(uow: UnitOfWork) -> int:
-    return uow.session.scalar(select(WebChange.id).order_by(WebChange.id.desc()).limit(1)) or 0
+def last_change_id(uow: UnitOfWork, chat_id: int | None = None) -> int:
+    """The last change of a chat (what a page opening it has seen), or of all chats."""
+    query = select(WebChange.id).order_by(WebChange.id.desc()).limit(1)
+    if chat_id is not None:
+        query = query.where(WebChange.chat_id == chat_id)
+    return uow.session.scalar(query) or 0
 
 
 def changes_after(

@@ -29,7 +29,7 @@ from telegram import (
     ReplyParameters,
 )
 from telegram.constants import ChatAction
-from telegram.error import RetryAfter, TelegramError
+from telegram.error import BadRequest, NetworkError, RetryAfter, TelegramError
 
 from chitrakar.buttons import labelled, result_buttons, style_buttons
 from chitrakar.config import Settings
@@ -50,6 +50,8 @@ DELIVERY_DEADLINE_S = 600.0
 # How often a send is retried after Telegram's "429 Too Many Requests", and the longest wait.
 FLOOD_RETRIES = 3
 MAX_RETRY_AFTER_S = 120.0
+# The waits before each new try after a 5xx or a network error.
+SERVER_ERROR_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0)
 # sendPhoto refuses uploads over 10 MB.
 PHOTO_UPLOAD_LIMIT = 10 * 1024 * 1024
 # How long a final message waits for a progress edit still on its way.
@@ -127,16 +129,28 @@ async def _quietly(coro: Coroutine[Any, Any, Any]) -> None:
 
 
 async def _respecting_flood_limits(send: Callable[[], Awaitable[T]]) -> T:
-    """Send, and after a 429 wait as long as Telegram asks and send again."""
-    for attempt in range(1, FLOOD_RETRIES + 1):
+    """Send, and after a 429 wait as long as Telegram asks and send again; after a 5xx or a
+    network error wait a little longer each time and send again. A refusal (400, 403) is
+    final. (A send that timed out after Telegram took it may arrive twice: a result is never
+    dropped, and rarely duplicated.)"""
+    flood_waits = 0
+    for backoff in (*SERVER_ERROR_BACKOFF_S, None):
         try:
             return await send()
         except RetryAfter as exc:
-            if attempt == FLOOD_RETRIES:
+            flood_waits += 1
+            if flood_waits >= FLOOD_RETRIES:
                 raise
             wait = min(_seconds(exc.retry_after), MAX_RETRY_AFTER_S)
-            log.warning("Telegram asked to wait %.0f s (attempt %d)", wait, attempt)
-            await asyncio.sleep(wait)
+            log.warning("Telegram asked to wait %.0f s (attempt %d)", wait, flood_waits)
+        except BadRequest:
+            raise
+        except NetworkError as exc:  # 5xx, a dropped connection, a timeout
+            if backoff is None:
+                raise
+            wait = backoff
+            log.warning("Bot API unreachable (%s); sending again in %.0f s", exc, wait)
+        await asyncio.sleep(wait)
     raise AssertionError("unreachable")
 
 

@@ -6,13 +6,17 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from collections.abc import Callable
 from functools import cached_property
+
+from sqlalchemy import text as sql
 
 from chitrakar.artifacts import artifact_store_from_url
 from chitrakar.config import Settings
 from chitrakar.media import MediaStore
 from chitrakar.styles import StyleCatalogue, load_catalogue
+from db import heartbeats
 from db.session import Store
 from db.web import CHANNEL as WEB_CHANNEL
 from workers.classifier import OutputClassifier
@@ -38,6 +42,7 @@ class WorkerRuntime:
         self.artifacts = artifact_store_from_url(
             settings.artifact_store, settings.resolved_data_dir
         )
+        self._heartbeat: Heartbeat | None = None
 
     @cached_property
     def delivery(self) -> ChannelDeliveries:
@@ -79,7 +84,65 @@ class WorkerRuntime:
     def identity(self) -> IdentityStage:
         return choose_identity_stage(self.settings, self.pipeline)
 
+    def start_heartbeat(self) -> None:
+        """Write this worker's heartbeat every CHITRAKAR_HEARTBEAT_INTERVAL seconds, from a
+        thread of its own (a long generation does not silence it)."""
+        if self._heartbeat is None:
+            self._heartbeat = Heartbeat(self.store, self.name, self.settings.heartbeat_interval)
+            self._heartbeat.start()
+
+    @property
+    def beating(self) -> bool:
+        return self._heartbeat is not None and self._heartbeat.running
+
+    def check_ready(self, broker_ping: Callable[[], None]) -> None:
+        """Raises unless the database and the broker answer and the model is loaded."""
+        if "pipeline" not in self.__dict__:
+            raise RuntimeError("the model is not loaded yet")
+        with self.store.engine.connect() as connection:
+            connection.execute(sql("select 1"))
+        broker_ping()
+
     def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
         if "delivery" in self.__dict__:
             self.delivery.close()
         self.store.dispose()
+
+
+class Heartbeat:
+    def __init__(self, store: Store, name: str, interval: float) -> None:
+        self._store, self._name, self._interval = store, name, interval
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._beat()  # at once: the worker is alive before it takes its first job
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def _beat(self) -> None:
+        try:
+            with self._store.unit_of_work() as uow:
+                heartbeats.beat(uow, self._name)
+        except Exception:
+            # The database away for a moment: the next beat tries again.
+            log.warning("could not write the heartbeat of %s", self._name, exc_info=True)
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self._interval):
+            self._beat()
+
+    def stop(self) -> None:
+        """A clean stop: this worker holds no job any more."""
+        self._stopping.set()
+        self._thread.join(timeout=10)
+        try:
+            with self._store.unit_of_work() as uow:
+                heartbeats.forget(uow, self._name)
+        except Exception:
+            log.warning("could not remove the heartbeat of %s", self._name, exc_info=True)

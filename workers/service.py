@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from time import perf_counter
 
 from PIL import Image
+from sqlalchemy.exc import OperationalError
 
 from chitrakar.artifacts import ArtifactMissing, StoredArtifact
 from chitrakar.domain import MAX_ATTEMPTS, JobKind
 from chitrakar.safety import ContentPolicy, ImageAction, decide
 from chitrakar.services import hand_over_all_held, hand_over_held
-from db import audit, jobs, retention
+from db import audit, heartbeats, jobs, retention
 from db.jobs import JobView
 from workers.pipelines import (
     ProgressCallback,
@@ -37,6 +41,10 @@ class JobCancelled(Exception):
     """The user cancelled the job while it ran (raised from the progress callback)."""
 
 
+class JobHandedBack(JobCancelled):
+    """The reconciler took this worker for dead and gave the job to another: stop quietly."""
+
+
 # Seconds between looks at the database for a cancellation while a job runs.
 CANCEL_CHECK_INTERVAL_S = 1.0
 
@@ -57,17 +65,20 @@ class CancelWatch:
         with self._runtime.store.unit_of_work() as uow:
             if jobs.is_cancelled(uow, self._job_id):
                 raise JobCancelled(self._job_id)
+            if jobs.holder(uow, self._job_id) != self._runtime.name:
+                raise JobHandedBack(self._job_id)
 
 
 def run_job(runtime: WorkerRuntime, job_id: int) -> None:
     """Make a job's images and deliver them; on any failure, record it and apologise.
     A job that has already ended is left alone, so a redelivered task does no harm. When
     it ends, its user's next held job (if any) is handed to the broker."""
+    alive_since = datetime.now(UTC) - timedelta(seconds=runtime.settings.worker_stale_after)
     try:
         with runtime.store.unit_of_work() as uow:
-            job = jobs.start_job(uow, job_id, runtime.name)
+            job = jobs.start_job(uow, job_id, runtime.name, alive_since)
         if job is None:
-            log.info("job %s has already ended; nothing to do", job_id)
+            log.info("job %s has ended or runs on a live worker; nothing to do", job_id)
             return
         try:
             _run(runtime, job)
@@ -84,6 +95,11 @@ def run_job(runtime: WorkerRuntime, job_id: int) -> None:
 def _run(runtime: WorkerRuntime, job: JobView) -> None:
     job_id = job.id
     delivery = runtime.delivery
+    if job.delivered:
+        # Its worker stopped between sending the result and recording the end.
+        log.warning("job %s was delivered already; recording its end only", job_id)
+        _record_end(runtime, job, job.result_paths, job.result_checksums, None)
+        return
     if job.attempts > MAX_ATTEMPTS:
         _give_up(runtime, job_id, f"gave up after {MAX_ATTEMPTS} attempts")
         return
@@ -117,6 +133,10 @@ def _run(runtime: WorkerRuntime, job: JobView) -> None:
                 )
             sent = delivery.deliver(job, pngs, seconds, spoiler=action == ImageAction.SPOILER)
             file_ids, message_ids = sent.file_ids, sent.message_ids
+    except JobHandedBack:
+        log.warning("job %s was handed to another worker meanwhile; stopped", job_id)
+        delivery.stop_progress(job)
+        return
     except JobCancelled:
         log.info("job %s was cancelled while it ran; stopped", job_id)
         # No progress edit still on its way may overwrite the bot's "Cancelled."
@@ -126,18 +146,59 @@ def _run(runtime: WorkerRuntime, job: JobView) -> None:
         log.exception("job %s failed", job_id)
         _give_up(runtime, job_id, f"{type(exc).__name__}: {exc}")
         return
-    with runtime.store.unit_of_work() as uow:
-        jobs.complete_job(
-            uow,
-            job_id,
-            result_paths=[artifact.key for artifact in stored],
-            result_checksums=[artifact.sha256 for artifact in stored],
-            result_file_ids=file_ids,
-            generation_seconds=seconds,
-        )
-        # A reply to any of these messages (/report) finds the job.
-        jobs.record_result_messages(uow, job_id, job.chat_id, message_ids)
+    # Recorded at once: a task delivered again after this sends nothing twice.
+    _with_retries(
+        lambda: _mark_delivered(runtime, job, file_ids, message_ids), f"job {job_id} delivered"
+    )
+    job = replace(job, result_file_ids=tuple(file_ids))
+    keys, checksums = [a.key for a in stored], [a.sha256 for a in stored]
+    _record_end(runtime, job, keys, checksums, seconds)
     log.info("job %s done: %d image(s) in %.2f s", job_id, len(file_ids), seconds)
+
+
+def _mark_delivered(
+    runtime: WorkerRuntime, job: JobView, file_ids: list[str], message_ids: list[int]
+) -> None:
+    with runtime.store.unit_of_work() as uow:
+        jobs.mark_delivered(uow, job.id, job.chat_id, file_ids, message_ids)
+
+
+def _record_end(
+    runtime: WorkerRuntime,
+    job: JobView,
+    keys: Sequence[str],
+    checksums: Sequence[str],
+    seconds: float | None,
+) -> None:
+    def complete() -> None:
+        with runtime.store.unit_of_work() as uow:
+            jobs.complete_job(
+                uow,
+                job.id,
+                result_paths=list(keys),
+                result_checksums=list(checksums),
+                result_file_ids=list(job.result_file_ids),
+                generation_seconds=seconds,
+            )
+
+    _with_retries(complete, f"job {job.id} done")
+
+
+# After the user has their result, its record must not be lost to a database that is away
+# for a moment: tries, and the waits between them.
+RECORD_RETRY_WAITS_S = (0.5, 2.0, 5.0)
+
+
+def _with_retries(write: Callable[[], None], what: str) -> None:
+    for wait in (*RECORD_RETRY_WAITS_S, None):
+        try:
+            write()
+            return
+        except OperationalError:
+            if wait is None:
+                raise
+            log.warning("could not record that %s; trying again in %.1f s", what, wait)
+            time.sleep(wait)
 
 
 def moderate(
@@ -285,6 +346,9 @@ def requeue_unfinished(runtime: WorkerRuntime, publish: Callable[[int], None]) -
     then no other process can hold those jobs, and a message the embedded broker lost with a
     stopped worker is replaced. A job that turns out to be done already is skipped by
     `run_job`; held jobs stay held until one of their user's jobs ends."""
+    with runtime.store.unit_of_work() as uow:
+        # Their running jobs are this worker's to take up, at once.
+        heartbeats.forget_all_but(uow, runtime.name)
     with runtime.store.unit_of_work() as uow:
         job_ids = jobs.handed_over_active_job_ids(uow)
     for job_id in job_ids:

@@ -42,7 +42,11 @@ class WebDelivery:
         try:
             with self._store.unit_of_work() as uow:
                 web.edit(
-                    uow, job.chat_id, job.status_message_id, text=text(job.language, key, **params)
+                    uow,
+                    job.chat_id,
+                    job.status_message_id,
+                    text=text(job.language, key, **params),
+                    while_running=job.id,
                 )
         except Exception:
             # Progress is a courtesy: a failed edit must not fail the job.

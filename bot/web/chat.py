@@ -349,22 +349,40 @@ class WebChat:
         data: str,
         under: int | None,
         press_id: str | None,
+        answer_as_message: bool = False,
     ) -> PressAnswer:
         """A press of a button under message `under`. `press_id` is the page's own id for
-        this press: a press sent twice (a double tap, a retry) makes one job."""
+        this press: a press sent twice (a double tap, a retry) makes one job. A page with no
+        script shows no pop-up: with `answer_as_message`, the answer is posted in the chat."""
+        answer = self._answer_press(account, language, data, under, press_id)
+        if answer_as_message and answer.notice:
+            self._say(account, answer.notice, under)
+        return answer
+
+    def _answer_press(
+        self,
+        account: AccountView,
+        language: str,
+        data: str,
+        under: int | None,
+        press_id: str | None,
+    ) -> PressAnswer:
         try:
             press = parse_button(data)
         except InvalidButton:
             log.info("unknown button data %r from web account %s", data, account.id)
             return PressAnswer(text(language, "button.invalid"), alert=True)
-        if self._banned(account):
-            return PressAnswer(text(language, "moderation.banned"), alert=True)
-        trigger = f"button:{press_id or uuid.uuid4().hex}"
-        origin = self.origin(account, language, under, trigger)
         try:
+            if self._banned(account):
+                return PressAnswer(text(language, "moderation.banned"), alert=True)
+            trigger = f"button:{press_id or uuid.uuid4().hex}"
+            origin = self.origin(account, language, under, trigger)
             return self._press(account, origin, press, under)
         except CommandError as exc:  # a refused press, or credits short
             return PressAnswer(text(language, exc.key, **exc.params), alert=True)
+        except Exception:
+            log.exception("web chat %s: could not answer the press %r", account.id, data)
+            return PressAnswer(text(language, "error.unexpected"), alert=True)
 
     def _press(
         self, account: AccountView, origin: Origin, press: ButtonPress, under: int | None

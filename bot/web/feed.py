@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 
 from db import web
 from db.session import Store
@@ -19,6 +20,9 @@ log = logging.getLogger(__name__)
 
 # How often the poller reads the feed: the delay a change may wait before a page shows it.
 POLL_INTERVAL_S = 0.25
+# Changes of different chats may commit out of id order (PostgreSQL): each poll reads again
+# this many ids below the last it saw, and wakes pages for those it had not seen.
+LOOKBACK_IDS = 500
 
 
 class ChangeFeed:
@@ -26,6 +30,8 @@ class ChangeFeed:
         self._store = store
         self._waiting: dict[int, set[asyncio.Event]] = {}
         self._last = 0
+        # Recent change ids already seen, oldest first.
+        self._seen: OrderedDict[int, None] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self.closing = asyncio.Event()
 
@@ -50,10 +56,15 @@ class ChangeFeed:
 
     def _changed_chats(self) -> set[int]:
         with self._store.unit_of_work() as uow:
-            changes = web.changes_after(uow, self._last)
+            changes = web.changes_after(uow, max(self._last - LOOKBACK_IDS, 0))
+        fresh = [(change, chat) for change, chat, _ in changes if change not in self._seen]
+        for change, _ in fresh:
+            self._seen[change] = None
+        while len(self._seen) > 4 * LOOKBACK_IDS:
+            self._seen.popitem(last=False)
         if changes:
-            self._last = changes[-1][0]
-        return {chat for _, chat, _ in changes}
+            self._last = max(self._last, changes[-1][0])
+        return {chat for _, chat in fresh}
 
     async def _poll(self) -> None:
         while True:

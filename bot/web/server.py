@@ -15,11 +15,11 @@ import json
 import logging
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import jinja2
 from aiohttp import web
@@ -46,6 +46,13 @@ PAGE_MESSAGES = 100
 # A comment down an idle stream now and then keeps proxies from closing it.
 KEEPALIVE_S = 15.0
 GRID_NAME = re.compile(r"grid-[0-9a-f]{16}\.jpg")
+SIGN_IN_TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
+# Forms without a file: nothing in them is near this size.
+SMALL_BODY_BYTES = 64 * 1024
+# How often an open stream checks that its session still stands.
+SESSION_RECHECK_S = 10.0
+# Ids in the database are 64-bit at most; anything longer is no id of ours.
+MAX_ROW_ID = 2**63 - 1
 # A running job's results are named once they may be shown; a cancelled job keeps those it
 # had sent already.
 SHOWN_STATUSES = frozenset({JobStatus.RUNNING, JobStatus.DONE, JobStatus.CANCELLED})
@@ -148,7 +155,8 @@ class WebChatRoutes:
 
     def _check_csrf(self, request: web.Request, session: SessionView, given: str | None) -> None:
         given = request.headers.get(CSRF_HEADER) or given or ""
-        if not hmac.compare_digest(given.encode(), session.csrf_token.encode()):
+        encoded = given.encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(encoded, session.csrf_token.encode()):
             log.warning("web chat: a request without the right CSRF token from %s", request.remote)
             raise web.HTTPForbidden(text=text(self._language(request), "web.forbidden"))
 
@@ -175,15 +183,14 @@ class WebChatRoutes:
             messages=messages,
             after=after,
             demo=self._settings.uses_demo_model,
-            notice=request.query.get("notice", "")[:300],
             menu=_menu(language),
             max_upload=MAX_DOWNLOAD_BYTES,
         )
 
     def _opening(self, chat_id: int) -> tuple[int, list[MessageView]]:
         with self._services.store.unit_of_work() as uow:
-            # The feed's position first: a change made meanwhile is shown twice, not lost.
-            after = records.last_change_id(uow)
+            # The chat's feed position first: a change made meanwhile is shown twice, not lost.
+            after = records.last_change_id(uow, chat_id)
             return after, records.recent_messages(uow, chat_id, PAGE_MESSAGES)
 
     def _message_html(self, message: MessageView, session: SessionView, language: str) -> str:
@@ -200,6 +207,8 @@ class WebChatRoutes:
         """A button, not a sign-in: link previews and scanners open links, and must not use
         up a one-time link."""
         language = self._language(request)
+        if not SIGN_IN_TOKEN.fullmatch(request.match_info["token"]):
+            return self._render("link_invalid.html", language, status=404)
         nonce = secrets.token_urlsafe(24)
         response = self._render(
             "signin.html", language, token=request.match_info["token"], nonce=nonce
@@ -217,6 +226,9 @@ class WebChatRoutes:
 
     async def sign_in(self, request: web.Request) -> web.Response:
         language = self._language(request)
+        if not SIGN_IN_TOKEN.fullmatch(request.match_info["token"]):
+            return self._render("link_invalid.html", language, status=404)
+        _small_body(request)
         form = await request.post()
         cookie = request.cookies.get(SIGN_IN_COOKIE, "")
         given = str(form.get("nonce", ""))
@@ -249,12 +261,22 @@ class WebChatRoutes:
 
     async def sign_out(self, request: web.Request) -> web.Response:
         session = self._signed_in(request)
+        _small_body(request)
         form = await request.post()
         self._check_csrf(request, session, str(form.get("csrf", "")))
         secret = request.cookies.get(self._cookie, "")
         await asyncio.to_thread(self._end_session, secret)
         response = web.HTTPSeeOther("/")
-        response.del_cookie(self._cookie, path="/")
+        # A "__Host-" cookie is replaced only by one that is Secure too.
+        response.set_cookie(
+            self._cookie,
+            "",
+            path="/",
+            max_age=0,
+            httponly=True,
+            samesite="Lax",
+            secure=self._secure,
+        )
         raise response
 
     def _end_session(self, secret: str) -> None:
@@ -299,17 +321,21 @@ class WebChatRoutes:
     async def press(self, request: web.Request) -> web.StreamResponse:
         session = self._signed_in(request)
         language = self._language(request)
+        _small_body(request)
         form = await request.post()
         self._check_csrf(request, session, str(form.get("csrf", "")))
-        under = str(form.get("under", ""))
+        under = _row_id(str(form.get("under", "")))
         press_id = str(form.get("press", ""))
+        fetched = request.headers.get(FETCH_HEADER) == "fetch"
         answer = await asyncio.to_thread(
             self._chat.press,
             session.account,
             language,
             str(form.get("data", ""))[:64],
-            int(under) if under.isdecimal() else None,
+            under,
             press_id if PRESS_ID.fullmatch(press_id) else None,
+            # A plain form shows no pop-up: the answer comes as a message instead.
+            not fetched,
         )
         return self._done(
             request,
@@ -320,10 +346,7 @@ class WebChatRoutes:
     def _done(request: web.Request, answer: dict[str, Any]) -> web.StreamResponse:
         if request.headers.get(FETCH_HEADER) == "fetch":
             return web.json_response({"ok": True, **answer})
-        # A plain form (no script): back to the chat, with the notice shown on top.
-        notice = answer.get("notice")
-        location = "/" if not notice else "/?" + urlencode({"notice": notice})
-        raise web.HTTPSeeOther(location)
+        raise web.HTTPSeeOther("/")  # a plain form (no script): back to the chat
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: each changed message of the chat, rendered, as it changes."""
@@ -331,7 +354,8 @@ class WebChatRoutes:
         language = self._language(request)
         chat = session.account.id
         start = request.headers.get("Last-Event-ID") or request.query.get("after", "0")
-        after = int(start) if start.isdecimal() else 0
+        after = _row_id(start) or 0
+        secret = request.cookies.get(self._cookie, "")
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -342,8 +366,14 @@ class WebChatRoutes:
         response.headers.update(SECURITY_HEADERS)
         await response.prepare(request)
         woken = self._feed.subscribe(chat)
+        checked = time.monotonic()
         try:
             while not self._feed.closing.is_set():
+                if time.monotonic() - checked > SESSION_RECHECK_S:
+                    # Signed out (here or on another device) or expired: the stream ends.
+                    if await asyncio.to_thread(self._session_of, secret) is None:
+                        break
+                    checked = time.monotonic()
                 woken.clear()
                 last, changed = await asyncio.to_thread(self._feed.changes, chat, after)
                 for number, message in enumerate(changed, start=1):
@@ -374,9 +404,11 @@ class WebChatRoutes:
         """One result image, for its owner only (404 to everyone else: not even whether it
         exists is told)."""
         session = self._signed_in(request)
-        job_id, index = int(request.match_info["job"]), int(request.match_info["index"])
-        png = await asyncio.to_thread(self._result, session, job_id, index)
-        if png is None:
+        job_id, index = _row_id(request.match_info["job"]), _row_id(request.match_info["index"])
+        png = None
+        if job_id is not None and index is not None:
+            png = await asyncio.to_thread(self._result, session, job_id, index)
+        if png is None or index is None:
             raise web.HTTPNotFound(text=text(self._language(request), "web.not_found"))
         headers = {}
         if "download" in request.query:
@@ -432,6 +464,23 @@ class WebChatRoutes:
             body=archive,
             content_type="application/zip",
             headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )
+
+
+def _row_id(value: str) -> int | None:
+    """A database id from a URL or a form; None for anything else (too long included)."""
+    if not value.isdecimal() or len(value) > 19 or int(value) > MAX_ROW_ID:
+        return None
+    return int(value)
+
+
+def _small_body(request: web.Request) -> None:
+    """A form with no file in it: refused at once when larger than any such form."""
+    if request.content_length is None:
+        raise web.HTTPLengthRequired()
+    if request.content_length > SMALL_BODY_BYTES:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=SMALL_BODY_BYTES, actual_size=request.content_length or 0
         )
 
 

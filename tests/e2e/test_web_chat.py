@@ -4,11 +4,14 @@ person's image, oversized uploads. Each refusal has its status and leaves nothin
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import re
 import time
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -21,7 +24,7 @@ from chitrakar.photos import MAX_DOWNLOAD_BYTES
 from chitrakar.texts import text
 from db.models import Job, WebMessage
 from db.session import Store
-from tests.support.stack import chitrakar_env, chitrakar_process
+from tests.support.stack import chitrakar_env, chitrakar_process, run_chitrakar
 from tests.support.webchat import WebStack, WebUser, invite
 
 pytestmark = pytest.mark.e2e
@@ -127,12 +130,11 @@ def test_a_sign_in_link_signs_in_once_with_a_safe_cookie(stack: WebStack) -> Non
         again = other.post(link, data={"nonce": other.cookies["chitrakar_signin"]})
         assert again.status_code == 410
         assert "used already or has expired" in again.text
-        garbage = f"{stack.base}/signin/not-a-link"
-        other.get(garbage)
-        assert (
-            other.post(garbage, data={"nonce": other.cookies["chitrakar_signin"]}).status_code
-            == 410
-        )
+        unknown = f"{stack.base}/signin/{'A' * 43}"
+        other.get(unknown)
+        nonce = other.cookies["chitrakar_signin"]
+        assert other.post(unknown, data={"nonce": nonce}).status_code == 410
+        assert other.get(f"{stack.base}/signin/not-a-link").status_code == 404
 
 
 def test_a_forged_csrf_token_is_refused_and_nothing_stored(stack: WebStack, asha: WebUser) -> None:
@@ -212,8 +214,26 @@ def test_buttons_make_one_job_per_press_and_variations_arrive(asha: WebUser) -> 
     )
     later = [m for m in asha.messages() if m.from_bot and m.images and m.images[0]["job"] > job]
     assert [m.id for m in later] == [variation.id]  # one job for the press sent twice
-    pick = asha.press(f"p:{job}:0", under=result.id).json()
-    assert pick["ok"]
+    # A portrait offers no 📎; its upscale does.
+    assert asha.press(f"p:{job}:0", under=result.id).json()["notice"] == text("en", "button.stale")
+    assert asha.press(f"u:{job}:0", under=result.id).json()["notice"].startswith("Queued.")
+    upscaled = asha.wait_for(
+        lambda m: (
+            m.from_bot
+            and bool(m.images)
+            and m.reply_to == result.id
+            and "2×" in m.images[0]["caption"]
+        )
+    )
+    big = upscaled.images[0]["job"]
+    assert Image.open(io.BytesIO(asha.http.get(f"/images/{big}/0").content)).size == (128, 128)
+    pick = asha.press(f"p:{big}:0", under=upscaled.id).json()
+    assert pick["notice"] is None and not pick["alert"]
+    attached = asha.wait_for(lambda m: m.attachment is not None and m.reply_to == upscaled.id)
+    assert attached.attachment == {
+        "href": f"/images/{big}/0?download=1",
+        "name": f"chitrakar-{big}-1.png",
+    }
     assert asha.press("u:999999:0", under=result.id).json()["notice"] == text("en", "button.stale")
     assert asha.press("not-a-button", under=result.id).json()["notice"] == text(
         "en", "button.invalid"
@@ -261,7 +281,7 @@ def test_history_export_and_forget(stack: WebStack) -> None:
         user.send("/history")
         page = user.wait_for(lambda m: m.from_bot and "a banyan tree" in m.text)
         resend = next(data for row in page.buttons for _, data in row if data.startswith("r:"))
-        assert user.press(resend, under=page.id).json()["ok"]
+        assert user.press(resend, under=page.id).json()["notice"] is None
         again = user.wait_for(
             lambda m: m.from_bot and m.images == [{"job": result.images[0]["job"], "index": 0}]
         )
@@ -314,16 +334,125 @@ def test_admins_moderate_from_the_web_chat(stack: WebStack) -> None:
         member.close()
 
 
-def test_the_page_follows_its_chat_as_it_changes(stack: WebStack, asha: WebUser) -> None:
-    """Server-sent events: what the bot says arrives on the open page, rendered."""
-    with asha.http.stream("GET", "/events", params={"after": "0"}, timeout=60) as events:
-        assert events.headers["content-type"].startswith("text/event-stream")
-        asha.send("/quota")
-        deadline = time.monotonic() + 30
-        for line in events.iter_lines():
-            if line.startswith("data: ") and "Credits left today" in json.loads(line[6:])["html"]:
-                break
-            assert time.monotonic() < deadline
+def test_the_page_follows_its_own_chat_and_no_one_elses(
+    stack: WebStack, asha: WebUser, ravi: WebUser
+) -> None:
+    """Server-sent events: what the bot says arrives on the open page, rendered; another
+    person's page gets none of it."""
+    after = re.search(r'data-after="(\d+)"', asha.http.get("/").text)
+    assert after is not None
+    marker = f"/portrait a marker {time.monotonic_ns()}"
+    seen: list[str] = []
+
+    def listen(user: WebUser, since: str, until: float) -> None:
+        # A client of its own, closed with its sockets when the stream is left.
+        with (
+            httpx.Client(base_url=stack.base, cookies=user.http.cookies, timeout=5) as client,
+            client.stream("GET", "/events", params={"after": since}) as events,
+        ):
+            for line in events.iter_lines():
+                if line.startswith("data: "):
+                    seen.append(f"{user.name}:{json.loads(line[6:])['html']}")
+                if time.monotonic() > until:
+                    return
+
+    ravi_after = re.search(r'data-after="(\d+)"', ravi.http.get("/").text)
+    assert ravi_after is not None
+    until = time.monotonic() + 8
+    with ThreadPoolExecutor(2) as pool:
+        listening = [
+            pool.submit(listen, asha, after.group(1), until),
+            pool.submit(listen, ravi, ravi_after.group(1), until),
+        ]
+        time.sleep(1)
+        asha.send(marker)
+        for future in listening:
+            with contextlib.suppress(httpx.ReadTimeout):
+                future.result()
+    assert any(s.startswith("asha:") and marker in s for s in seen)
+    assert not any(s.startswith("ravi:") for s in seen)
+
+
+def test_a_hostile_prompt_is_shown_as_text(asha: WebUser) -> None:
+    asha.send('/portrait <script>alert("x")</script><img src=x onerror=alert(1)>')
+    asha.wait_for(lambda m: m.from_bot and m.text.startswith("Queued"))
+    page = asha.http.get("/").text
+    assert "<script>alert" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in page
+
+
+def test_cancel_stops_the_job_and_gives_the_credits_back(stack: WebStack) -> None:
+    user = WebUser(stack, "gopal")
+    try:
+        user.send("/portrait a very slow painting --steps 50 --n 4")
+        status = user.wait_for(lambda m: m.from_bot and m.text.startswith("Queued"))
+        user.send("/cancel")
+        user.wait_for(lambda m: m.from_bot and m.text.startswith("Cancelled 1 job(s)"))
+        user.wait_for(lambda m: m.id == status.id and m.text == text("en", "cancel.status"))
+        time.sleep(2)  # a late progress edit from the worker must not cover it
+        [shown] = [m for m in user.messages() if m.id == status.id]
+        assert shown.text == text("en", "cancel.status")
+        user.send("/quota")
+        assert user.wait_for(
+            lambda m: m.from_bot and m.text.startswith("Credits left today: 20 of 20")
+        )
+    finally:
+        user.close()
+
+
+def test_signing_out_or_being_revoked_ends_the_session_and_its_stream(stack: WebStack) -> None:
+    user = WebUser(stack, "isha")
+    try:
+        with user.http.stream("GET", "/events", timeout=30) as events:
+            signed_out = user.http.post("/signout", data={"csrf": user.csrf})
+            assert signed_out.status_code == 303
+            assert "Max-Age=0" in signed_out.headers["set-cookie"]
+            started = time.monotonic()
+            for _ in events.iter_lines():
+                pass  # the server ends the stream within its recheck interval
+            assert time.monotonic() - started < 20
+        assert user.http.get("/").status_code == 401
+    finally:
+        user.close()
+
+    again = WebUser(stack, "isha")
+    try:
+        assert again.http.get("/").status_code == 200
+        result = run_chitrakar("users", "revoke", "isha", env=stack.env, cwd=stack.data_dir)
+        assert result.returncode == 0 and "signed out everywhere" in result.stdout
+        assert again.http.get("/").status_code == 401
+    finally:
+        again.close()
+    nobody = run_chitrakar("users", "revoke", "nobody", env=stack.env, cwd=stack.data_dir)
+    assert nobody.returncode == 1
+
+
+def test_odd_requests_get_a_clear_refusal_not_an_error(stack: WebStack, asha: WebUser) -> None:
+    assert asha.http.get("/images/99999999999999999999/0").status_code == 404
+    with asha.http.stream("GET", "/events", params={"after": "9" * 40}) as events:
+        assert events.status_code == 200  # read from the start, not an error
+    refused = asha.http.post(
+        "/send",
+        data={"text": "/quota"},
+        headers={"X-CSRF-Token": b"t\xf6k\xe9n", "X-Requested-With": b"fetch"},
+    )
+    assert refused.status_code == 403
+    huge_under = asha.press("h:1:1", under=10**30).json()
+    assert huge_under["alert"] and huge_under["notice"] == text("en", "button.not_yours")
+    with httpx.Client(base_url=stack.base, timeout=10) as browser:
+        assert browser.get("/signin/..%2Fsignout").status_code == 404
+        assert browser.get("/signin/short").status_code == 404
+
+
+def test_without_javascript_forms_still_work(asha: WebUser) -> None:
+    """A plain form post (no script): back to the chat page, the answer in the chat."""
+    sent = asha.http.post("/send", data={"text": "/quota", "csrf": asha.csrf})
+    assert sent.status_code == 303 and sent.headers["location"] == "/"
+    pressed = asha.http.post("/press", data={"data": "s:anime", "under": "", "csrf": asha.csrf})
+    assert pressed.status_code == 303
+    assert asha.wait_for(
+        lambda m: m.from_bot and m.text == text("en", "button.style_set", name="Anime")
+    )
 
 
 def test_styles_list_then_preview_grid_then_a_default_style(stack: WebStack) -> None:
@@ -335,7 +464,9 @@ def test_styles_list_then_preview_grid_then_a_default_style(stack: WebStack) -> 
         grid = user.wait_for(lambda m: m.from_bot and bool(m.images) and "grid" in m.images[0])
         served = user.http.get(f"/grids/{grid.images[0]['grid']}")
         assert served.status_code == 200 and served.headers["content-type"] == "image/jpeg"
-        assert user.http.get("/grids/../chitrakar.db").status_code == 404
+        # Percent-encoded, so that the client does not resolve it away before sending.
+        assert user.http.get("/grids/..%2Fchitrakar.db").status_code == 404
+        assert user.http.get("/grids/..%2F..%2Fchitrakar.db").status_code == 404
         assert user.http.get("/grids/grid-0000000000000000.jpg").status_code == 404
         # Made once: the next /styles answers at once with the grid, and no new job.
         user.send("/styles")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import random
+import threading
 import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -158,7 +159,7 @@ def web_job(store: Store, chat: int, request_message: int, status_message: int) 
     with store.unit_of_work() as uow:
         jobs.attach_status_message(uow, job_id, status_message)
     with store.unit_of_work() as uow:
-        view = jobs.get_job(uow, job_id)
+        view = jobs.start_job(uow, job_id, "worker-1")
     assert view is not None
     return view
 
@@ -184,6 +185,23 @@ def test_the_worker_delivers_into_the_chat_and_removes_the_status(store: Store) 
     assert "Seed 1" in result.images[1]["caption"]
     data = [data for row in result.buttons for _, data in row]
     assert f"u:{job.id}:0" in data and f"v:{job.id}:1" in data and f"a:{job.id}" in data
+
+
+def test_progress_never_covers_the_cancelled_status(store: Store) -> None:
+    asha = account(store)
+    with store.unit_of_work() as uow:
+        asked = web.post(uow, asha.id, from_bot=False, text="/portrait a kite")
+        status = web.post(uow, asha.id, from_bot=True, text="Queued", reply_to=asked)
+    job = web_job(store, asha.id, asked, status)
+    delivery = WebDelivery(Settings(progress_interval=0), store, load_catalogue())
+    delivery.progress(job, 1, 4)
+    with store.unit_of_work() as uow:
+        assert jobs.cancel_jobs(uow, web.CHANNEL, asha.id, str(asha.id))
+    with store.unit_of_work() as uow:
+        assert web.edit(uow, asha.id, status, text="Cancelled.")
+    delivery.progress(job, 3, 4)  # late, from the worker that has not noticed yet
+    with store.unit_of_work() as uow:
+        assert web.messages(uow, asha.id, [status])[0].text == "Cancelled."
 
 
 def test_a_failure_is_told_on_the_status_message_or_else_as_a_reply(store: Store) -> None:
@@ -261,3 +279,40 @@ def test_the_retention_sweep_deletes_old_messages_and_expired_sign_ins(
         assert web.changes_after(uow, 0) == []
         assert uow.session.scalar(select(func.count()).select_from(WebSignInLink)) == 0
     assert redeem(store, expired) is None
+
+
+def test_a_reader_following_a_chat_misses_no_change_while_many_write_at_once(
+    store: Store,
+) -> None:
+    """Ids from a sequence can commit out of order (PostgreSQL): a page that moved past a
+    later id would never see an earlier one. Writers of one chat take turns, so it cannot."""
+    asha = account(store)
+    done = threading.Event()
+    seen: set[int] = set()
+
+    def follow() -> None:
+        after = 0
+        while True:
+            finished = done.is_set()
+            with store.unit_of_work() as uow:
+                changes = web.changes_after(uow, after, asha.id)
+            seen.update(message for _, _, message in changes)
+            if changes:
+                after = changes[-1][0]
+            if finished:
+                return
+
+    def write(n: int) -> list[int]:
+        ids = []
+        for i in range(25):
+            with store.unit_of_work() as uow:
+                ids.append(web.post(uow, asha.id, from_bot=True, text=f"{n}-{i}"))
+        return ids
+
+    reader = threading.Thread(target=follow)
+    reader.start()
+    with ThreadPoolExecutor(8) as pool:
+        written = {message for ids in pool.map(write, range(8)) for message in ids}
+    done.set()
+    reader.join(30)
+    assert seen == written

@@ -82,12 +82,13 @@ def run_chitrakar(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Comp
 
 @contextmanager
 def chitrakar_process(
-    *args: str, env: dict[str, str], log_dir: Path, echo_log: bool = True
+    *args: str, env: dict[str, str], log_dir: Path, echo_log: bool = True, name: str | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run `chitrakar ARGS` in a process group of its own until the block ends, then stop it
     as a service manager would (SIGTERM, then SIGKILL). Yields the process; its log's tail
-    is printed at the end (pytest shows it when the test fails)."""
-    log_path = log_dir / f"{'-'.join(args)}.log"
+    is printed at the end (pytest shows it when the test fails). `name` names the log (for
+    two processes of one command)."""
+    log_path = log_dir / f"{name or '-'.join(args)}.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "chitrakar", *args],

@@ -52,20 +52,25 @@
   }));
   document.getElementById("detach").addEventListener("click", clearPhoto);
 
+  let sending = false;
   composer.addEventListener("submit", async (event) => {
     event.preventDefault();
+    // Enter pressed twice while a line is on its way sends it once.
+    if (sending) return;
     const form = new FormData();
     form.append("text", input.value);
     const picker = chosen();
     if (picker) form.append("photo", picker.files[0]);
     if (!input.value.trim() && !picker) return;
     const sendButton = document.getElementById("send");
+    sending = true;
     sendButton.disabled = true;
     try {
       if (await post("/send", form)) { input.value = ""; clearPhoto(); show(""); }
     } catch (error) {
       show(body.dataset.textOffline, true);
     } finally {
+      sending = false;
       sendButton.disabled = false;
       input.focus();
     }
@@ -122,16 +127,33 @@
     const later = [...list.querySelectorAll(".msg")].find((m) => Number(m.dataset.id) > id);
     list.insertBefore(fresh, later || null);
   };
-  const events = new EventSource("/events?after=" + body.dataset.after);
-  events.addEventListener("message", (event) => {
-    const follow = atBottom();
-    const change = JSON.parse(event.data);
-    place(change.id, change.html, change.deleted);
-    if (follow) toBottom();
-    if (notice.textContent === body.dataset.textOffline) show("");
-  });
-  events.addEventListener("error", () => {
-    if (events.readyState === EventSource.CLOSED) show(body.dataset.textOffline, true);
-  });
+  // The browser reconnects a dropped stream by itself, resuming after the last event; a
+  // refused reconnect (the server restarting behind a proxy) closes it for good, so then the
+  // page opens a new one, waiting longer each time. Signed out: the page shows why.
+  let after = body.dataset.after;
+  let retry = 1000;
+  const follow = () => {
+    const events = new EventSource("/events?after=" + after);
+    events.addEventListener("open", () => { retry = 1000; });
+    events.addEventListener("message", (event) => {
+      const stick = atBottom();
+      const change = JSON.parse(event.data);
+      place(change.id, change.html, change.deleted);
+      if (event.lastEventId) after = event.lastEventId;
+      if (stick) toBottom();
+      if (notice.textContent === body.dataset.textOffline) show("");
+    });
+    events.addEventListener("error", async () => {
+      if (events.readyState !== EventSource.CLOSED) return;
+      show(body.dataset.textOffline, true);
+      try {
+        const page = await fetch("/", { method: "HEAD", credentials: "same-origin" });
+        if (page.status === 401) { location.reload(); return; }
+      } catch (error) { /* offline: try again below */ }
+      setTimeout(follow, retry);
+      retry = Math.min(retry * 2, 30000);
+    });
+  };
+  follow();
   toBottom();
 })();
