@@ -3,7 +3,7 @@ workers, beat; Redis as the broker; SQLite; the tiny model; the Bot API emulator
 worker is killed with SIGKILL every few seconds (and replaced), and Redis is restarted empty
 once, half-way.
 
-    PYTHONPATH=. .venv/bin/python bench/soak.py [--jobs 40] [--kill-every 6]
+    PYTHONPATH=. .venv/bin/python bench/soak.py [--jobs 40] [--kill-every 30]
 
 Counts, per request: answered once (images or an apology), lost (never answered), duplicated
 (answered more than once); and the longest a request waited after a fault for its answer.
@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from itertools import pairwise
 from pathlib import Path
 from subprocess import Popen
 from typing import Any
@@ -56,7 +57,8 @@ def answers(emulator: BotApiEmulator, command: dict[str, Any]) -> list[Call]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=40)
-    parser.add_argument("--kill-every", type=float, default=6.0)
+    parser.add_argument("--kill-every", type=float, default=30.0)
+    parser.add_argument("--republish-after", type=float, default=60.0)
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args()
     rng = random.Random(7)
@@ -71,11 +73,12 @@ def main() -> None:
         work,
         model,
         broker_url=redis.url,
-        image_size="128",
-        heartbeat_interval="0.5",
-        worker_stale_after="3",
-        reconcile_interval="1",
-        republish_after="5",
+        image_size="64",
+        heartbeat_interval="1",
+        worker_stale_after="5",
+        reconcile_interval="2",
+        # Longer than a queued job waits here, so that a healthy queue is left alone.
+        republish_after=str(args.republish_after),
     )
     assert run_chitrakar("db", "upgrade", env=env, cwd=work).returncode == 0
     database_url = f"sqlite:///{work / 'chitrakar.db'}"
@@ -137,8 +140,22 @@ def main() -> None:
 
         store = Store(database_url)
         with store.unit_of_work() as uow:
-            jobs = {j.id: j for j in uow.session.scalars(select(Job))}
-            entries = list(uow.session.scalars(select(LedgerEntry)))
+            # Plain values: the rows are gone with the session.
+            jobs = {
+                row.id: row
+                for row in uow.session.execute(
+                    select(
+                        Job.id,
+                        Job.status,
+                        Job.attempts,
+                        Job.chat_id,
+                        Job.request_message_id,
+                        Job.created_at,
+                        Job.finished_at,
+                    )
+                )
+            }
+            entries = list(uow.session.execute(select(LedgerEntry.job_id, LedgerEntry.kind)))
         store.dispose()
 
     redis.stop()
@@ -152,6 +169,8 @@ def main() -> None:
         # Answered: its images, or (failed) an apology with the credits back.
         lost += sent == 0 and (job is None or job.status != "failed")
     apologised = sum(1 for j in jobs.values() if j.status == "failed")
+    finished = [j for j in jobs.values() if j.finished_at is not None]
+    ends = sorted(j.finished_at for j in finished)
     refunded = {e.job_id for e in entries if e.kind == "refund"}
     committed = {e.job_id for e in entries if e.kind == "commit"}
     report = {
@@ -167,6 +186,15 @@ def main() -> None:
         "duplicated": sum(1 for n in photos if n > 1),
         "ledger_balanced": all((job_id in committed) != (job_id in refunded) for job_id in jobs),
         "attempts_max": max(j.attempts for j in jobs.values()),
+        # Recovery: the longest any request waited for its answer, and the longest time in
+        # which no request was answered at all (a fault's outage), in seconds.
+        "longest_wait_s": round(
+            max((j.finished_at - j.created_at).total_seconds() for j in finished), 1
+        ),
+        "longest_stall_s": round(
+            max((b - a).total_seconds() for a, b in pairwise(ends)) if len(ends) > 1 else 0.0,
+            1,
+        ),
         "seconds": round(elapsed, 1),
     }
     print(json.dumps(report, indent=2))

@@ -59,9 +59,10 @@ def add_webhook_route(
             if not isinstance(data, dict):
                 raise ValueError("an update is a JSON object")
             update = Update.de_json(data, application.bot)
-        except (ValueError, TypeError, KeyError) as exc:
-            # A 4xx stops Telegram from retrying something that will never parse.
-            log.warning("unreadable webhook body: %s", exc)
+        except Exception as exc:
+            # Whatever the shape (python-telegram-bot's parser raises all sorts on a body that
+            # is JSON but no update): a 4xx stops Telegram from retrying what never parses.
+            log.warning("unreadable webhook body: %s: %s", type(exc).__name__, exc)
             return web.Response(status=400, text="not a Telegram update")
         await application.update_queue.put(update)
         return web.Response(text="ok")

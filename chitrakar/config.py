@@ -91,8 +91,8 @@ class Settings(BaseSettings):
 
     # Reliability. Workers write a heartbeat this often; one silent for `worker_stale_after`
     # is taken for dead and its running job goes back to the queue. The reconciler (run by
-    # beat this often) also publishes again a queued job whose message has waited longer than
-    # `republish_after` (a broker that restarted without persistence lost it).
+    # every worker this often) also publishes again a queued job whose message has waited
+    # longer than `republish_after` (a broker that restarted without persistence lost it).
     heartbeat_interval: float = Field(default=10.0, gt=0)
     worker_stale_after: float = Field(default=60.0, gt=0)
     reconcile_interval: float = Field(default=60.0, gt=0)

@@ -17,7 +17,6 @@ QUEUE = "chitrakar.generate"
 GENERATE_TASK = "chitrakar.generate_images"
 RETENTION_TASK = "chitrakar.retention_sweep"
 HAND_OVER_TASK = "chitrakar.hand_over_held"
-RECONCILE_TASK = "chitrakar.reconcile"
 # How often beat looks for held jobs whose hand-over was lost.
 HAND_OVER_EVERY_S = 300
 # How often beat runs the retention sweep.
@@ -50,12 +49,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "task": HAND_OVER_TASK,
                 "schedule": HAND_OVER_EVERY_S,
                 "options": {"queue": QUEUE},
-            },
-            "reconcile": {
-                "task": RECONCILE_TASK,
-                "schedule": settings.reconcile_interval,
-                # A late reconcile is useless: the next one comes soon.
-                "options": {"queue": QUEUE, "expires": settings.reconcile_interval},
             },
         },
         "beat_schedule_filename": str(settings.resolved_data_dir / "beat-schedule"),

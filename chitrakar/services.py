@@ -485,8 +485,9 @@ class Reconciled:
 
 def reconcile(store: Store, publish: Callable[[int], None], settings: Settings) -> Reconciled:
     """Make the database and the broker agree: every job the database says is queued or
-    running is held by a live worker or has a message on its way. Run by beat (every
-    CHITRAKAR_RECONCILE_INTERVAL seconds); safe to run anywhere, any number of times: a
+    running is held by a live worker or has a message on its way. Every worker runs it (every
+    CHITRAKAR_RECONCILE_INTERVAL seconds, beside its heartbeat); safe to run anywhere, any
+    number of times: a
     duplicate message finds its job started or ended and does nothing."""
     now = datetime.now(UTC)
     with store.unit_of_work() as uow:

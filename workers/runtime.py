@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from functools import cached_property
 
@@ -85,10 +86,20 @@ class WorkerRuntime:
         return choose_identity_stage(self.settings, self.pipeline)
 
     def start_heartbeat(self) -> None:
-        """Write this worker's heartbeat every CHITRAKAR_HEARTBEAT_INTERVAL seconds, from a
-        thread of its own (a long generation does not silence it)."""
+        """Write this worker's heartbeat every CHITRAKAR_HEARTBEAT_INTERVAL seconds, and run
+        the reconciler every CHITRAKAR_RECONCILE_INTERVAL, from a thread of its own: a long
+        generation silences neither, and the reconciler never waits in the queue behind the
+        very jobs it is to rescue. Every live worker reconciles; doing it twice is harmless."""
         if self._heartbeat is None:
-            self._heartbeat = Heartbeat(self.store, self.name, self.settings.heartbeat_interval)
+            from chitrakar.services import reconcile
+
+            self._heartbeat = Heartbeat(
+                self.store,
+                self.name,
+                self.settings.heartbeat_interval,
+                lambda: reconcile(self.store, self.publish, self.settings),
+                self.settings.reconcile_interval,
+            )
             self._heartbeat.start()
 
     @property
@@ -112,8 +123,16 @@ class WorkerRuntime:
 
 
 class Heartbeat:
-    def __init__(self, store: Store, name: str, interval: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        name: str,
+        interval: float,
+        reconcile: Callable[[], object],
+        reconcile_every: float,
+    ) -> None:
         self._store, self._name, self._interval = store, name, interval
+        self._reconcile, self._reconcile_every = reconcile, reconcile_every
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -134,8 +153,15 @@ class Heartbeat:
             log.warning("could not write the heartbeat of %s", self._name, exc_info=True)
 
     def _run(self) -> None:
-        while not self._stopping.wait(self._interval):
+        next_reconcile = time.monotonic() + self._reconcile_every
+        while not self._stopping.wait(min(self._interval, self._reconcile_every)):
             self._beat()
+            if time.monotonic() >= next_reconcile:
+                next_reconcile = time.monotonic() + self._reconcile_every
+                try:
+                    self._reconcile()
+                except Exception:
+                    log.warning("the reconciler's round failed; next round soon", exc_info=True)
 
     def stop(self) -> None:
         """A clean stop: this worker holds no job any more."""

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from time import perf_counter
 
+import torch
 from PIL import Image
 from sqlalchemy.exc import OperationalError
 
@@ -62,11 +63,18 @@ class CancelWatch:
         if not force and now < self._next_look:
             return
         self._next_look = now + CANCEL_CHECK_INTERVAL_S
-        with self._runtime.store.unit_of_work() as uow:
-            if jobs.is_cancelled(uow, self._job_id):
-                raise JobCancelled(self._job_id)
-            if jobs.holder(uow, self._job_id) != self._runtime.name:
-                raise JobHandedBack(self._job_id)
+        try:
+            with self._runtime.store.unit_of_work() as uow:
+                cancelled = jobs.is_cancelled(uow, self._job_id)
+                holder = jobs.holder(uow, self._job_id)
+        except OperationalError:
+            # The database away for a moment: the job goes on; the next look asks again.
+            log.warning("could not look whether job %s was cancelled", self._job_id)
+            return
+        if cancelled:
+            raise JobCancelled(self._job_id)
+        if holder != self._runtime.name:
+            raise JobHandedBack(self._job_id)
 
 
 def run_job(runtime: WorkerRuntime, job_id: int) -> None:
@@ -120,17 +128,14 @@ def _run(runtime: WorkerRuntime, job: JobView) -> None:
             file_ids = delivery.deliver_previews(job, grid)
             stored: list[StoredArtifact] = []
         else:
-            images = make_images(runtime, job, on_progress)
+            images = make_images_within_memory(runtime, job, on_progress)
             seconds = perf_counter() - started
             watch.check(force=True)
             stored, pngs = _save(runtime, job, images)
             action = moderate(runtime, job, images, stored, seconds)
             if action == ImageAction.BLOCK:
                 return
-            with runtime.store.unit_of_work() as uow:
-                jobs.record_results(
-                    uow, job_id, [a.key for a in stored], [a.sha256 for a in stored]
-                )
+            _with_retries(lambda: _record_results(runtime, job_id, stored), f"job {job_id} results")
             sent = delivery.deliver(job, pngs, seconds, spoiler=action == ImageAction.SPOILER)
             file_ids, message_ids = sent.file_ids, sent.message_ids
     except JobHandedBack:
@@ -154,6 +159,11 @@ def _run(runtime: WorkerRuntime, job: JobView) -> None:
     keys, checksums = [a.key for a in stored], [a.sha256 for a in stored]
     _record_end(runtime, job, keys, checksums, seconds)
     log.info("job %s done: %d image(s) in %.2f s", job_id, len(file_ids), seconds)
+
+
+def _record_results(runtime: WorkerRuntime, job_id: int, stored: list[StoredArtifact]) -> None:
+    with runtime.store.unit_of_work() as uow:
+        jobs.record_results(uow, job_id, [a.key for a in stored], [a.sha256 for a in stored])
 
 
 def _mark_delivered(
@@ -246,6 +256,46 @@ def moderate(
         log.warning("job %s blocked by the content check", job.id)
         return action
     return ImageAction.SPOILER if chat.spoilers else action
+
+
+class GpuOutOfMemory(RuntimeError):
+    """The job does not fit the GPU even one image at a time."""
+
+
+def make_images_within_memory(
+    runtime: WorkerRuntime, job: JobView, on_progress: ProgressCallback
+) -> list[Image.Image]:
+    """The job's images; when they do not fit the GPU's memory together, once more one image
+    at a time with the VAE decoding in slices (each image keeps its seed, so the result is
+    the same), and then a clear failure."""
+    try:
+        return make_images(runtime, job, on_progress)
+    except torch.OutOfMemoryError:
+        log.warning("job %s ran out of GPU memory; trying one image at a time", job.id)
+    _free_gpu_memory(runtime)
+    images: list[Image.Image] = []
+    try:
+        for seed in job.plan.seeds:
+            single = replace(job, plan=replace(job.plan, seeds=(seed,)))
+            images += make_images(runtime, single, on_progress)
+    except torch.OutOfMemoryError as exc:
+        _free_gpu_memory(runtime)
+        raise GpuOutOfMemory(
+            f"out of GPU memory even one image at a time ({job.plan.width}×{job.plan.height}, "
+            f"{job.plan.steps} steps)"
+        ) from exc
+    return images
+
+
+def _free_gpu_memory(runtime: WorkerRuntime) -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    # Decoding the latents in slices and tiles needs far less memory at the same quality
+    # (every view of the model shares this VAE).
+    vae = getattr(runtime.pipeline.text2image, "vae", None)
+    for switch in ("enable_slicing", "enable_tiling"):
+        if hasattr(vae, switch):
+            getattr(vae, switch)()
 
 
 def make_images(

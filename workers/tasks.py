@@ -8,12 +8,11 @@ from functools import cache
 from chitrakar.queue import (
     GENERATE_TASK,
     HAND_OVER_TASK,
-    RECONCILE_TASK,
     RETENTION_TASK,
     publish_generate,
 )
 from chitrakar.retention import sweep
-from chitrakar.services import hand_over_all_held, reconcile
+from chitrakar.services import hand_over_all_held
 from workers.celery_app import app, settings
 from workers.runtime import WorkerRuntime
 from workers.service import run_job
@@ -40,9 +39,3 @@ def retention_sweep_task() -> None:
 def hand_over_held_task() -> None:
     worker = runtime()
     hand_over_all_held(worker.store, worker.publish, settings.max_jobs_in_flight)
-
-
-@app.task(name=RECONCILE_TASK)
-def reconcile_task() -> None:
-    worker = runtime()
-    reconcile(worker.store, worker.publish, settings)

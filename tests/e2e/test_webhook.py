@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.support.botapi import BotApiEmulator
 from tests.support.stack import (
@@ -226,3 +228,47 @@ def test_a_webhook_without_a_secret_is_refused_at_start(
     assert result.returncode == 1
     assert "CHITRAKAR_TELEGRAM_WEBHOOK_SECRET is not" in result.stderr
     assert emulator.calls == []
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+update_fields = st.sampled_from(
+    [
+        "message",
+        "edited_message",
+        "callback_query",
+        "inline_query",
+        "poll",
+        "my_chat_member",
+        "chat_join_request",
+        "message_reaction",
+        "business_message",
+        "purchased_paid_media",
+        "zzz",
+    ]
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    body=st.one_of(
+        st.dictionaries(update_fields, json_values, max_size=3).map(
+            lambda d: json.dumps({"update_id": 990000, **d}).encode()
+        ),
+        json_values.map(lambda v: json.dumps(v).encode()),
+        st.binary(max_size=200),
+    )
+)
+def test_any_body_with_the_secret_is_answered_without_a_crash(
+    webhook_stack: tuple[BotApiEmulator, str, str, str], body: bytes
+) -> None:
+    """Malformed JSON, unknown update types, updates of the wrong shape: 200 (taken, and
+    ignored by the handlers) or 400 (not an update), never a server error."""
+    _, base, hook, _ = webhook_stack
+    assert post_update(hook, body) in (200, 400)
+    assert call(f"{base}/healthz") == 200

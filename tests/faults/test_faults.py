@@ -15,7 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import create_engine, select
+from sqlalchemy import text as sql_text
+from sqlalchemy.engine import make_url
 
 from chitrakar.queue import QUEUE
 from db.models import Job, JobEvent, LedgerEntry, WorkerHeartbeat
@@ -159,23 +161,38 @@ def test_a_broker_that_restarts_empty_loses_no_job(
         assert deployment.ledger_of(job.id) == ["commit", "reserve"]
 
 
-def test_bad_gateways_from_telegram_delay_the_result_but_never_drop_it(
-    emulator: BotApiEmulator, deployment: Deployment
+@pytest.mark.parametrize(
+    ("status", "description", "retry_after", "times", "waited"),
+    [
+        (502, "Bad Gateway", None, 2, 3.0),  # backoff: 1 s, then 2 s
+        (429, "Too Many Requests: retry after 2", 2, 1, 2.0),  # as Telegram asks
+    ],
+    ids=["bad-gateway", "flood-limit"],
+)
+def test_telegram_errors_delay_the_result_but_never_drop_it(
+    emulator: BotApiEmulator,
+    deployment: Deployment,
+    status: int,
+    description: str,
+    retry_after: int | None,
+    times: int,
+    waited: float,
 ) -> None:
     deployment.start("bot")
     deployment.start("worker")
     emulator.wait_for("setMyCommands", lambda c: c.params.get("language_code") == "hi", 60)
     user = emulator.user(7003)
     chat = emulator.private_chat(user)
-    emulator.fail("sendPhoto", 502, "Bad Gateway", times=2)
+    emulator.fail("sendPhoto", status, description, retry_after=retry_after, times=times)
     command = emulator.send_text(chat, user, "/portrait a temple at dusk --steps 4")
 
     sent = emulator.wait_for("sendPhoto", replying_to(command), timeout=90)
     attempts = emulator.calls_to("sendPhoto", chat["id"])
-    assert len(attempts) == 3 and not isinstance(attempts[0].result, dict)
-    assert sent.at - attempts[0].at >= 3.0  # waited 1 s, then 2 s
+    assert len(attempts) == times + 1 and not isinstance(attempts[0].result, dict)
+    assert sent.at - attempts[0].at >= waited
     [job] = wait_for_jobs(deployment.database_url, chat["id"], "done")
     assert job.attempts == 1 and job.delivered_at is not None
+    assert deployment.ledger_of(job.id) == ["commit", "reserve"]
 
 
 def test_a_worker_told_to_stop_finishes_its_job_first(
@@ -220,3 +237,80 @@ def test_a_workers_health_checks_follow_its_broker(
     assert status("/healthz") == 200  # alive all the same: nothing to restart it for
     redis_server.start()
     deployment.wait_until(lambda: status("/readyz") == 200, 30, "the worker to be ready again")
+
+
+def test_database_connections_dropped_mid_job_lose_nothing(
+    emulator: BotApiEmulator,
+    tmp_path: Path,
+    tiny_model: Path,
+    redis_server: RedisServer,
+    postgres_url: str,
+) -> None:
+    """PostgreSQL closes every connection of the deployment (an admin's terminate, a failover)
+    while a job runs: the pools reconnect, the job completes, once."""
+    env = chitrakar_env(
+        emulator,
+        tmp_path,
+        tiny_model,
+        database_url=postgres_url,
+        broker_url=redis_server.url,
+        image_size="256",
+        **FAST_RECOVERY,
+    )
+    with ExitStack() as stack:
+        deployment = Deployment(env, tmp_path, stack)
+        deployment.database_url = postgres_url
+        deployment.start("bot")
+        deployment.start("worker")
+        emulator.wait_for("setMyCommands", lambda c: c.params.get("language_code") == "hi", 60)
+        user = emulator.user(7005)
+        chat = emulator.private_chat(user)
+        command = emulator.send_text(chat, user, "/portrait a harbour at night --steps 40")
+        emulator.wait_for("editMessageText", lambda c: "%" in c.params.get("text", ""), timeout=90)
+
+        database = make_url(postgres_url).database
+        admin = create_engine(make_url(postgres_url).set(database="postgres"))
+        try:
+            with admin.connect() as connection:
+                dropped = connection.execute(
+                    sql_text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = :database AND pid <> pg_backend_pid()"
+                    ),
+                    {"database": database},
+                ).scalar_one()
+        finally:
+            admin.dispose()
+        assert dropped >= 1
+
+        [job] = wait_for_jobs(postgres_url, chat["id"], "done", timeout=120)
+        photos = [c for c in emulator.calls_to("sendPhoto", chat["id"]) if replying_to(command)(c)]
+        assert len(photos) == 1
+        assert deployment.ledger_of(job.id) == ["commit", "reserve"]
+        # And the bot still takes requests.
+        again = emulator.send_text(chat, user, "/portrait a second harbour --steps 4")
+        emulator.wait_for("sendPhoto", replying_to(again), timeout=90)
+
+
+def test_a_bot_told_to_stop_finishes_the_request_in_hand(
+    emulator: BotApiEmulator, deployment: Deployment
+) -> None:
+    """SIGTERM while a request is half answered (its status message on the way): the bot
+    takes no more updates, finishes that one (the job handed to the queue), and exits."""
+    bot = deployment.start("bot")
+    emulator.wait_for("setMyCommands", lambda c: c.params.get("language_code") == "hi", 60)
+    user = emulator.user(7006)
+    chat = emulator.private_chat(user)
+    emulator.delay("sendMessage", 3.0)
+    command = emulator.send_text(chat, user, "/portrait a lantern festival --steps 4")
+    emulator.wait_for("sendMessage", lambda c: c.params.get("chat_id") == chat["id"], 30)
+
+    os.killpg(bot.pid, signal.SIGTERM)
+    assert bot.wait(60) == 0
+    [job] = jobs_in_chat(deployment.database_url, chat["id"])
+    assert job.status == "queued" and job.published_at is not None
+    assert job.status_message_id is not None
+
+    emulator.delay("sendMessage", 0.0)
+    deployment.start("worker")
+    emulator.wait_for("sendPhoto", replying_to(command), timeout=90)

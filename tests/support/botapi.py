@@ -118,6 +118,7 @@ class BotApiEmulator:
         self._message_ids: dict[int, itertools.count[int]] = {}
         self._file_ids = itertools.count(1)
         self._faults: dict[str, Fault] = {}
+        self._delays: dict[str, float] = {}
         self.webhook: dict[str, Any] | None = None
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
@@ -424,6 +425,11 @@ class BotApiEmulator:
             timeout=timeout,
         )
 
+    def delay(self, method: str, seconds: float) -> None:
+        """Answer calls to `method` `seconds` late (a slow Bot API), after recording them."""
+        with self._lock:
+            self._delays[method] = seconds
+
     def fail(
         self,
         method: str,
@@ -611,6 +617,9 @@ class BotApiEmulator:
                 )
             self.calls.append(Call(method, params, files, result=result))
             self._changed.notify_all()
+            delay = self._delays.get(method, 0.0)
+        if delay:
+            await asyncio.sleep(delay)
         return web.json_response({"ok": True, "result": result})
 
     async def _get_updates(self, params: dict[str, Any]) -> list[dict[str, Any]]:
