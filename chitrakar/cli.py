@@ -11,9 +11,16 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from chitrakar.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from db.session import UnitOfWork
+
+T = TypeVar("T")
 
 log = logging.getLogger("chitrakar")
 
@@ -269,36 +276,38 @@ def _greet_the_owner(settings: Settings) -> None:
     )
 
 
-def _owner_signed_in(settings: Settings) -> bool:
-    from db import web
+def _in_store(settings: Settings, work: Callable[[UnitOfWork], T]) -> T:
+    """Run `work` in one unit of work on the deployment's database, for a command."""
     from db.session import Store
 
     store = Store(settings.resolved_database_url)
     try:
         with store.unit_of_work() as uow:
-            owner = next((a for a in web.accounts(uow) if a.name == OWNER_ACCOUNT), None)
-            return owner is not None and web.signed_in_somewhere(uow, owner.id)
+            return work(uow)
     finally:
         store.dispose()
+
+
+def _owner_signed_in(settings: Settings) -> bool:
+    from db import web
+
+    def signed_in(uow: UnitOfWork) -> bool:
+        owner = next((a for a in web.accounts(uow) if a.name == OWNER_ACCOUNT), None)
+        return owner is not None and web.signed_in_somewhere(uow, owner.id)
+
+    return _in_store(settings, signed_in)
 
 
 def _invite(settings: Settings, name: str, admin: bool) -> str:
     from datetime import timedelta
 
     from db import web
-    from db.session import Store
 
-    store = Store(settings.resolved_database_url)
-    try:
-        with store.unit_of_work() as uow:
-            account = web.ensure_account(uow, name, is_admin=admin)
-        with store.unit_of_work() as uow:
-            token = web.issue_sign_in_link(
-                uow, account.id, timedelta(hours=settings.web_link_hours)
-            )
-    finally:
-        store.dispose()
-    return f"{settings.public_web_url}/signin/{token}"
+    def invite(uow: UnitOfWork) -> str:
+        account = web.ensure_account(uow, name, is_admin=admin)
+        return web.issue_sign_in_link(uow, account.id, timedelta(hours=settings.web_link_hours))
+
+    return f"{settings.public_web_url}/signin/{_in_store(settings, invite)}"
 
 
 def cmd_users_invite(settings: Settings, args: argparse.Namespace) -> int:
@@ -322,14 +331,8 @@ def cmd_users_revoke(settings: Settings, args: argparse.Namespace) -> int:
     """Sign NAME out of the web chat everywhere and void their unused links."""
     _require_current_schema(settings)
     from db import web
-    from db.session import Store
 
-    store = Store(settings.resolved_database_url)
-    try:
-        with store.unit_of_work() as uow:
-            revoked = web.revoke(uow, args.name)
-    finally:
-        store.dispose()
+    revoked = _in_store(settings, lambda uow: web.revoke(uow, args.name))
     if revoked is None:
         print(f"there is no web chat account named {args.name}", file=sys.stderr)
         return 1
@@ -340,14 +343,8 @@ def cmd_users_revoke(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_users_list(settings: Settings, _: argparse.Namespace) -> int:
     _require_current_schema(settings)
     from db import web
-    from db.session import Store
 
-    store = Store(settings.resolved_database_url)
-    try:
-        with store.unit_of_work() as uow:
-            found = web.accounts(uow)
-    finally:
-        store.dispose()
+    found = _in_store(settings, web.accounts)
     for account in found:
         print(f"{account.id:6} {account.name}{'  (admin)' if account.is_admin else ''}")
     print(f"{len(found)} web chat account(s)")

@@ -7,18 +7,16 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from PIL import Image
 from skimage import data as photographs
 
 from chitrakar.texts import text
-from tests.support.stack import chitrakar_env, chitrakar_process
-from tests.support.webchat import WebStack, invite
+from tests.support.stack import chitrakar_env
+from tests.support.webchat import WebStack, invite, web_stack
 
 pytestmark = pytest.mark.e2e
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -44,18 +42,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebStack]:
     env = chitrakar_env(None, data_dir, Path("unused"), default_steps="30")
     # As a new user runs it: no model configured, so the worker makes the tiny demo model.
     del env["CHITRAKAR_MODEL"]
-    base = f"http://127.0.0.1:{env['CHITRAKAR_WEB_PORT']}"
-    with chitrakar_process("run", env=env, log_dir=data_dir):
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the web chat did not start"
-            time.sleep(0.2)
-        yield WebStack(base, env, data_dir, f"sqlite:///{data_dir / 'chitrakar.db'}")
+    with web_stack(env, data_dir) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,8 @@ from chitrakar.photos import MAX_DOWNLOAD_BYTES
 from chitrakar.texts import text
 from db.models import Job, WebMessage
 from db.session import Store
-from tests.support.stack import chitrakar_env, chitrakar_process, run_chitrakar
-from tests.support.webchat import WebStack, WebUser, invite
+from tests.support.stack import chitrakar_env, run_chitrakar
+from tests.support.webchat import WebStack, WebUser, invite, web_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -34,18 +34,8 @@ pytestmark = pytest.mark.e2e
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[WebStack]:
     data_dir = tmp_path_factory.mktemp("web")
     env = chitrakar_env(None, data_dir, tiny_model)
-    base = f"http://127.0.0.1:{env['CHITRAKAR_WEB_PORT']}"
-    with chitrakar_process("run", env=env, log_dir=data_dir):
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the web chat did not start"
-            time.sleep(0.2)
-        yield WebStack(base, env, data_dir, f"sqlite:///{data_dir / 'chitrakar.db'}")
+    with web_stack(env, data_dir) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")
@@ -461,7 +451,10 @@ def test_styles_list_then_preview_grid_then_a_default_style(stack: WebStack) -> 
         user.send("/styles")
         listing = user.wait_for(lambda m: m.from_bot and m.text.startswith("Styles."))
         assert any(d == "s:madhubani" for row in listing.buttons for _, d in row)
-        grid = user.wait_for(lambda m: m.from_bot and bool(m.images) and "grid" in m.images[0])
+        # A preview per style: the slowest job here.
+        grid = user.wait_for(
+            lambda m: m.from_bot and bool(m.images) and "grid" in m.images[0], timeout=240
+        )
         served = user.http.get(f"/grids/{grid.images[0]['grid']}")
         assert served.status_code == 200 and served.headers["content-type"] == "image/jpeg"
         # Percent-encoded, so that the client does not resolve it away before sending.

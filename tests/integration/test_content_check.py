@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from chitrakar.config import Settings
 from chitrakar.domain import Command, JobStatus, parse_image_command
 from chitrakar.quota import Account
 from chitrakar.services import JobIntake
@@ -19,7 +18,7 @@ from db import audit, ledger
 from db.jobs import Origin
 from db.migrate import upgrade_to_head
 from tests.support.botapi import BotApiEmulator
-from tests.support.stack import jobs_in_chat
+from tests.support.stack import jobs_in_chat, worker_settings
 from workers.classifier import ImageVerdict
 from workers.runtime import WorkerRuntime
 from workers.service import run_job
@@ -56,13 +55,10 @@ def test_a_flagged_image_follows_the_chats_policy(
     spoilers: bool,
     outcome: str,
 ) -> None:
-    settings = Settings(
-        telegram_token=emulator.token,
-        telegram_api_url=emulator.base_url,
-        telegram_file_url=emulator.base_file_url,
-        data_dir=tmp_path,
-        model=str(tiny_model),
-        device="cpu",
+    settings = worker_settings(
+        emulator,
+        tmp_path,
+        tiny_model,
         image_size=64,
         default_steps=2,
     )

@@ -20,7 +20,7 @@ from db.jobs import Origin
 from db.migrate import upgrade_to_head
 from db.session import Store
 from tests.support.botapi import BotApiEmulator
-from tests.support.stack import jobs_in_chat
+from tests.support.stack import jobs_in_chat, worker_settings
 from workers import service
 from workers.runtime import WorkerRuntime
 
@@ -111,13 +111,10 @@ def test_a_job_cancelled_while_it_runs_stops_and_is_refunded(
     tiny_model: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    settings = Settings(
-        telegram_token=emulator.token,
-        telegram_api_url=emulator.base_url,
-        telegram_file_url=emulator.base_file_url,
-        data_dir=tmp_path,
-        model=str(tiny_model),
-        device="cpu",
+    settings = worker_settings(
+        emulator,
+        tmp_path,
+        tiny_model,
         image_size=64,
         default_steps=8,
     )
@@ -177,13 +174,10 @@ def test_a_job_whose_user_is_forgotten_while_it_runs_stops_cleanly(
 ) -> None:
     from chitrakar.privacy import PrivacyService
 
-    settings = Settings(
-        telegram_token=emulator.token,
-        telegram_api_url=emulator.base_url,
-        telegram_file_url=emulator.base_file_url,
-        data_dir=tmp_path,
-        model=str(tiny_model),
-        device="cpu",
+    settings = worker_settings(
+        emulator,
+        tmp_path,
+        tiny_model,
         image_size=64,
         default_steps=6,
     )

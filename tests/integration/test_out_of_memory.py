@@ -13,14 +13,13 @@ from typing import Any
 import pytest
 import torch
 
-from chitrakar.config import Settings
 from chitrakar.domain import GenerationPlan, JobKind
 from chitrakar.texts import text
 from db import jobs
 from db.jobs import Origin
 from db.migrate import upgrade_to_head
 from tests.support.botapi import BotApiEmulator
-from tests.support.stack import jobs_in_chat
+from tests.support.stack import jobs_in_chat, worker_settings
 from workers.runtime import WorkerRuntime
 from workers.service import run_job
 
@@ -29,13 +28,10 @@ PLAN = GenerationPlan("a lighthouse", 64, 64, 2, (11, 12), 7.0)
 
 @pytest.fixture
 def runtime(emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path) -> Iterator[WorkerRuntime]:
-    settings = Settings(
-        telegram_token=emulator.token,
-        telegram_api_url=emulator.base_url,
-        telegram_file_url=emulator.base_file_url,
-        data_dir=tmp_path,
-        model=str(tiny_model),
-        device="cpu",
+    settings = worker_settings(
+        emulator,
+        tmp_path,
+        tiny_model,
     )
     upgrade_to_head(settings.resolved_database_url)
     runtime = WorkerRuntime(settings, publish=lambda _job_id: None)

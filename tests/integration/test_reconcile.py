@@ -20,7 +20,7 @@ from db.migrate import upgrade_to_head
 from db.models import Job, WorkerHeartbeat, utcnow
 from db.session import Store
 from tests.support.botapi import BotApiEmulator
-from tests.support.stack import jobs_in_chat
+from tests.support.stack import jobs_in_chat, worker_settings
 from workers.runtime import WorkerRuntime
 from workers.service import run_job
 
@@ -137,13 +137,10 @@ def test_a_publish_that_fails_is_tried_again_in_a_later_round(store: Store) -> N
 def test_a_delivered_job_redelivered_records_its_end_and_sends_nothing_again(
     emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path
 ) -> None:
-    settings = Settings(
-        telegram_token=emulator.token,
-        telegram_api_url=emulator.base_url,
-        telegram_file_url=emulator.base_file_url,
-        data_dir=tmp_path,
-        model=str(tiny_model),
-        device="cpu",
+    settings = worker_settings(
+        emulator,
+        tmp_path,
+        tiny_model,
     )
     upgrade_to_head(settings.resolved_database_url)
     user = emulator.user(901, "Anil")

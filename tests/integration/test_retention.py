@@ -21,7 +21,7 @@ from db.migrate import upgrade_to_head
 from db.models import Job
 from db.session import Store
 from tests.support.botapi import BotApiEmulator
-from tests.support.stack import jobs_in_chat
+from tests.support.stack import jobs_in_chat, worker_settings
 from workers.runtime import WorkerRuntime
 from workers.service import run_job
 
@@ -103,13 +103,10 @@ def test_the_sweep_removes_what_is_due_and_nothing_else(store: Store, tmp_path: 
 def test_with_no_input_retention_the_selfie_goes_with_its_job(
     emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path
 ) -> None:
-    settings = Settings(
-        telegram_token=emulator.token,
-        telegram_api_url=emulator.base_url,
-        telegram_file_url=emulator.base_file_url,
-        data_dir=tmp_path,
-        model=str(tiny_model),
-        device="cpu",
+    settings = worker_settings(
+        emulator,
+        tmp_path,
+        tiny_model,
         image_size=64,
         default_steps=2,
     )

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from chitrakar.config import Settings
 from chitrakar.domain import GenerationPlan, JobKind
 from chitrakar.texts import text
 from db import jobs
 from db.jobs import Origin
 from db.migrate import upgrade_to_head
 from tests.support.botapi import BotApiEmulator
-from tests.support.stack import jobs_in_chat
+from tests.support.stack import jobs_in_chat, worker_settings
 from workers.runtime import WorkerRuntime
 from workers.service import run_job
 
@@ -23,13 +22,10 @@ from workers.service import run_job
 def test_a_pipeline_error_is_recorded_and_apologised_for(
     emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, status_deleted: bool
 ) -> None:
-    settings = Settings(
-        telegram_token=emulator.token,
-        telegram_api_url=emulator.base_url,
-        telegram_file_url=emulator.base_file_url,
-        data_dir=tmp_path,
-        model=str(tiny_model),
-        device="cpu",
+    settings = worker_settings(
+        emulator,
+        tmp_path,
+        tiny_model,
     )
     upgrade_to_head(settings.resolved_database_url)
     user = emulator.user(801, "Anil")

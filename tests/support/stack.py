@@ -11,10 +11,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
+from chitrakar.config import Settings
 from db.models import Job
 from db.session import Store
 from tests.support.botapi import BotApiEmulator
@@ -66,6 +68,21 @@ def chitrakar_env(
         env["CHITRAKAR_BROKER_URL"] = broker_url
     env.update({f"CHITRAKAR_{name.upper()}": value for name, value in settings.items()})
     return env
+
+
+def worker_settings(
+    emulator: BotApiEmulator, data_dir: Path, model: Path, **overrides: Any
+) -> Settings:
+    """Settings of a worker run inside the test process, delivering to the emulator."""
+    return Settings(
+        telegram_token=emulator.token,
+        telegram_api_url=emulator.base_url,
+        telegram_file_url=emulator.base_file_url,
+        data_dir=data_dir,
+        model=str(model),
+        device="cpu",
+        **overrides,
+    )
 
 
 def run_chitrakar(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import httpx
 from db import web
 from db.session import Store
 from db.web import MessageView
-from tests.support.stack import run_chitrakar
+from tests.support.stack import chitrakar_process, run_chitrakar
 
 CSRF_IN_PAGE = re.compile(r'data-csrf="([^"]+)"')
 
@@ -25,6 +26,23 @@ class WebStack:
     env: dict[str, str]
     data_dir: Path
     database_url: str
+
+
+@contextmanager
+def web_stack(env: dict[str, str], data_dir: Path) -> Iterator[WebStack]:
+    """`chitrakar run` with this environment, once its web chat answers `/readyz`."""
+    base = f"http://127.0.0.1:{env['CHITRAKAR_WEB_PORT']}"
+    with chitrakar_process("run", env=env, log_dir=data_dir):
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the web chat did not start"
+            time.sleep(0.2)
+        yield WebStack(base, env, data_dir, f"sqlite:///{data_dir / 'chitrakar.db'}")
 
 
 def invite(stack: WebStack, name: str, admin: bool = False) -> str:

@@ -54,43 +54,38 @@ def test_the_shared_package_imports_bot_and_workers_only_in_the_cli() -> None:
         assert modules & {"bot", "workers", "torch", "telegram"} == set(), path.name
 
 
-def test_the_bot_process_does_not_load_torch(tmp_path: Path) -> None:
-    probe = (
-        "import sys\n"
-        "from chitrakar.config import Settings\n"
-        "from bot.app import build_application\n"
-        "build_application(Settings(telegram_token='1:x', data_dir=sys.argv[1]))\n"
-        "heavy = ('torch', 'diffusers', 'transformers', 'workers')\n"
-        "print(sorted(m for m in heavy if m in sys.modules))\n"
-    )
+def modules_loaded(setup: str, data_dir: Path, *names: str) -> list[str]:
+    """Which of `names` a fresh interpreter has loaded after running `setup` (which may use
+    `data_dir`)."""
+    report = f"print(sorted(m for m in {names!r} if m in sys.modules))"
+    probe = f"import sys\ndata_dir = sys.argv[1]\n{setup}\n{report}\n"
     result = subprocess.run(
-        [sys.executable, "-c", probe, str(tmp_path)],
+        [sys.executable, "-c", probe, str(data_dir)],
         capture_output=True,
         text=True,
         check=True,
         cwd=ROOT,
         timeout=60,
     )
-    assert result.stdout.strip() == "[]"
+    return list(ast.literal_eval(result.stdout.strip()))
 
 
-def test_the_web_chat_does_not_load_torch_or_the_workers(tmp_path: Path) -> None:
-    probe = (
-        "import sys\n"
+def test_the_bot_process_does_not_load_torch(tmp_path: Path) -> None:
+    setup = (
+        "from chitrakar.config import Settings\n"
+        "from bot.app import build_application\n"
+        "build_application(Settings(telegram_token='1:x', data_dir=data_dir))"
+    )
+    assert modules_loaded(setup, tmp_path, "torch", "diffusers", "transformers", "workers") == []
+
+
+def test_the_web_chat_does_not_load_torch_the_workers_or_telegram(tmp_path: Path) -> None:
+    setup = (
         "from chitrakar.config import Settings\n"
         "from bot.bootstrap import bootstrap\n"
         "from bot.server import build_http_app\n"
-        "settings = Settings(data_dir=sys.argv[1])\n"
-        "build_http_app(settings, bootstrap(settings), None)\n"
-        "heavy = ('torch', 'diffusers', 'transformers', 'workers', 'telegram')\n"
-        "print(sorted(m for m in heavy if m in sys.modules))\n"
+        "settings = Settings(data_dir=data_dir)\n"
+        "build_http_app(settings, bootstrap(settings), None)"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=ROOT,
-        timeout=60,
-    )
-    assert result.stdout.strip() == "[]"
+    heavy = ("torch", "diffusers", "transformers", "workers", "telegram")
+    assert modules_loaded(setup, tmp_path, *heavy) == []
