@@ -16,8 +16,9 @@ from telegram.ext import ApplicationHandlerStop
 from bot.context import CHANNEL, BotContext, actor_of, language_of
 from bot.handlers import command_arguments, keyboard
 from chitrakar import replies
+from chitrakar.admin_commands import admin_reply
 from chitrakar.buttons import Action, Button, ButtonPress, review_buttons
-from chitrakar.domain import CommandError
+from chitrakar.domain import Command, CommandError
 from chitrakar.moderation import Actor
 from chitrakar.permissions import Permission, may
 from chitrakar.texts import DEFAULT_LANGUAGE, text
@@ -91,141 +92,34 @@ def _target_and_rest(message: Message) -> tuple[str | None, list[str]]:
     return None, words
 
 
-async def _admin_call(update: Update, run: object) -> bool:
-    """Run a moderation call in a thread; a refusal or bad input becomes its reply."""
+async def admin_command(update: Update, context: BotContext) -> None:
+    """A bot admin's command (/ban, /grant, /stats…): the target is an id given first, or the
+    author of the message replied to."""
     message = update.effective_message
-    assert message is not None and callable(run)
-    try:
-        await asyncio.to_thread(run)
-    except CommandError as exc:
-        await _reply(message, update, exc.key, **exc.params)
-        return False
-    return True
-
-
-async def ban(update: Update, context: BotContext) -> None:
-    await _ban(update, context, banned=True)
-
-
-async def unban(update: Update, context: BotContext) -> None:
-    await _ban(update, context, banned=False)
-
-
-async def _ban(update: Update, context: BotContext, banned: bool) -> None:
-    message = update.effective_message
-    if message is None:
+    if message is None or message.text is None:
         return
-    actor = await actor_of(update, context)
-    target, rest = _target_and_rest(message)
-    moderation = context.services.moderation
-    if target is None:
-        if await _admin_call(update, lambda: moderation.check(actor, Permission.BAN, "ban")):
-            await _reply(message, update, "admin.usage_ban")
-        return
-    reason = " ".join(rest) or None
-    if await _admin_call(update, lambda: moderation.ban(actor, target, banned, reason)):
-        await _reply(message, update, "admin.banned" if banned else "admin.unbanned", user=target)
-
-
-async def grant(update: Update, context: BotContext) -> None:
-    message = update.effective_message
-    if message is None:
-        return
-    actor = await actor_of(update, context)
-    target, rest = _target_and_rest(message)
-    moderation = context.services.moderation
-    if target is None or len(rest) != 1 or not rest[0].isdecimal():
-        if await _admin_call(update, lambda: moderation.check(actor, Permission.GRANT, "grant")):
-            await _reply(message, update, "admin.usage_grant")
-        return
-    credits = int(rest[0])
-    if await _admin_call(update, lambda: moderation.grant(actor, target, credits)):
-        await _reply(message, update, "admin.granted", user=target, credits=credits)
-
-
-async def set_quota(update: Update, context: BotContext) -> None:
-    message = update.effective_message
-    if message is None:
-        return
-    actor = await actor_of(update, context)
-    target, rest = _target_and_rest(message)
-    moderation = context.services.moderation
-    valid = len(rest) == 1 and (rest[0].isdecimal() or rest[0].lower() == "default")
-    if target is None or not valid:
-        check = lambda: moderation.check(actor, Permission.SET_QUOTA, "set_quota")  # noqa: E731
-        if await _admin_call(update, check):
-            await _reply(message, update, "admin.usage_setquota")
-        return
-    credits = None if rest[0].lower() == "default" else int(rest[0])
-    if await _admin_call(update, lambda: moderation.set_quota(actor, target, credits)):
-        if credits is None:
-            await _reply(message, update, "admin.quota_reset", user=target)
-        else:
-            await _reply(message, update, "admin.quota_set", user=target, credits=credits)
-
-
-async def stats(update: Update, context: BotContext) -> None:
-    message = update.effective_message
-    if message is None:
-        return
+    command = Command(message.text.split(maxsplit=1)[0][1:].split("@")[0].lower())
     actor = await actor_of(update, context)
     language = language_of(update)
+    target, rest = _target_and_rest(message)
+    services = context.services
     try:
-        figures, events = await asyncio.to_thread(context.services.moderation.stats, actor)
+        reply = await asyncio.to_thread(
+            lambda: admin_reply(
+                command,
+                actor,
+                language,
+                target,
+                rest,
+                command_arguments(message),
+                moderation=services.moderation,
+                intake=services.intake,
+                settings=services.settings,
+            )
+        )
     except CommandError as exc:
-        await _reply(message, update, exc.key, **exc.params)
-        return
-    timezone = context.services.settings.timezone
-    await message.reply_text(replies.stats_reply(language, figures, events, timezone))
-
-
-async def queue(update: Update, context: BotContext) -> None:
-    message = update.effective_message
-    if message is None:
-        return
-    actor = await actor_of(update, context)
-    language = language_of(update)
-    try:
-        entries = await asyncio.to_thread(context.services.moderation.queue, actor)
-    except CommandError as exc:
-        await _reply(message, update, exc.key, **exc.params)
-        return
-    await message.reply_text(replies.queue_reply(language, entries))
-
-
-async def pause(update: Update, context: BotContext) -> None:
-    message = update.effective_message
-    if message is None:
-        return
-    actor = await actor_of(update, context)
-    words = command_arguments(message) or text(language_of(update), "admin.pause_default")
-    if await _admin_call(update, lambda: context.services.moderation.pause(actor, words)):
-        await _reply(message, update, "admin.paused", notice=words)
-
-
-async def resume(update: Update, context: BotContext) -> None:
-    message = update.effective_message
-    if message is None:
-        return
-    actor = await actor_of(update, context)
-    if await _admin_call(update, lambda: context.services.moderation.pause(actor, None)):
-        await _reply(message, update, "admin.resumed")
-        await asyncio.to_thread(context.services.intake.hand_over_all_held)
-
-
-async def audit(update: Update, context: BotContext) -> None:
-    message = update.effective_message
-    if message is None:
-        return
-    actor = await actor_of(update, context)
-    language = language_of(update)
-    try:
-        events = await asyncio.to_thread(context.services.moderation.audit_log, actor)
-    except CommandError as exc:
-        await _reply(message, update, exc.key, **exc.params)
-        return
-    zone = context.services.settings.zone
-    await message.reply_text(replies.audit_reply(language, events, zone))
+        reply = text(language, exc.key, **exc.params)
+    await message.reply_text(reply)
 
 
 def _settings_view(

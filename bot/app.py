@@ -19,6 +19,7 @@ from telegram.ext import (
 from bot import admin, handlers
 from bot.bootstrap import BotServices, bootstrap
 from bot.context import BotApplication, BotContext
+from chitrakar.admin_commands import ADMIN_COMMANDS
 from chitrakar.config import Settings
 from chitrakar.domain import MENU, Command
 from chitrakar.texts import DEFAULT_LANGUAGE, LANGUAGES, text
@@ -89,21 +90,10 @@ def build_application(settings: Settings, services: BotServices | None = None) -
             handlers.photo_without_command,
         )
     )
-    admin_commands = {
-        Command.BAN: admin.ban,
-        Command.UNBAN: admin.unban,
-        Command.GRANT: admin.grant,
-        Command.SET_QUOTA: admin.set_quota,
-        Command.STATS: admin.stats,
-        Command.QUEUE: admin.queue,
-        Command.PAUSE: admin.pause,
-        Command.RESUME: admin.resume,
-        Command.AUDIT: admin.audit,
-        Command.SETTINGS: admin.settings,
-        Command.REPORT: admin.report,
-    }
-    for command, handler in admin_commands.items():
-        application.add_handler(CommandHandler(command, handler, new_messages))
+    for command in ADMIN_COMMANDS:
+        application.add_handler(CommandHandler(command, admin.admin_command, new_messages))
+    application.add_handler(CommandHandler(Command.SETTINGS, admin.settings, new_messages))
+    application.add_handler(CommandHandler(Command.REPORT, admin.report, new_messages))
     application.add_handler(CallbackQueryHandler(admin.on_admin_button, pattern=r"^[gw]:"))
     application.add_handler(CallbackQueryHandler(handlers.on_button))
     application.add_error_handler(handlers.on_error)

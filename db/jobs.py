@@ -594,16 +594,11 @@ def cancel_jobs(
     return cancelled
 
 
-def holder(uow: UnitOfWork, job_id: int) -> str | None:
-    """The worker running the job now; None when it is not running."""
+def status_and_worker(uow: UnitOfWork, job_id: int) -> tuple[JobStatus, str | None] | None:
+    """Where a job stands and which worker holds (or last held) it; None when it is gone
+    (its user had everything about them deleted)."""
     row = uow.session.execute(select(Job.status, Job.worker).where(Job.id == job_id)).first()
-    return row.worker if row is not None and row.status == JobStatus.RUNNING else None
-
-
-def is_cancelled(uow: UnitOfWork, job_id: int) -> bool:
-    """Cancelled, or gone altogether (its user had everything about them deleted)."""
-    status = uow.session.scalar(select(Job.status).where(Job.id == job_id))
-    return status is None or status == JobStatus.CANCELLED
+    return (JobStatus(row.status), row.worker) if row is not None else None
 
 
 def hold_again(uow: UnitOfWork, job_id: int) -> None:

@@ -16,7 +16,7 @@ from PIL import Image
 from sqlalchemy.exc import OperationalError
 
 from chitrakar.artifacts import ArtifactMissing, StoredArtifact
-from chitrakar.domain import MAX_ATTEMPTS, JobKind
+from chitrakar.domain import MAX_ATTEMPTS, JobKind, JobStatus
 from chitrakar.safety import ContentPolicy, ImageAction, decide
 from chitrakar.services import hand_over_all_held, hand_over_held
 from db import audit, heartbeats, jobs, retention
@@ -65,15 +65,15 @@ class CancelWatch:
         self._next_look = now + CANCEL_CHECK_INTERVAL_S
         try:
             with self._runtime.store.unit_of_work() as uow:
-                cancelled = jobs.is_cancelled(uow, self._job_id)
-                holder = jobs.holder(uow, self._job_id)
+                state = jobs.status_and_worker(uow, self._job_id)
         except OperationalError:
             # The database away for a moment: the job goes on; the next look asks again.
             log.warning("could not look whether job %s was cancelled", self._job_id)
             return
-        if cancelled:
+        # Gone (its user had everything deleted) or cancelled: stop.
+        if state is None or state[0] == JobStatus.CANCELLED:
             raise JobCancelled(self._job_id)
-        if holder != self._runtime.name:
+        if state != (JobStatus.RUNNING, self._runtime.name):
             raise JobHandedBack(self._job_id)
 
 

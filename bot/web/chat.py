@@ -13,6 +13,7 @@ from typing import Any
 
 from bot.bootstrap import BotServices
 from chitrakar import replies
+from chitrakar.admin_commands import admin_reply
 from chitrakar.buttons import (
     Action,
     ButtonPress,
@@ -297,48 +298,18 @@ class WebChat:
 
     def _admin(self, command: Command, account: AccountView, language: str, args: str) -> str:
         """A bot admin's command (a refusal for others, recorded in the audit log)."""
-        moderation, settings = self._services.moderation, self._services.settings
-        actor = self.actor(account)
         target, rest = replies.admin_target(args.split())
-        if command in (Command.BAN, Command.UNBAN):
-            banned = command == Command.BAN
-            if target is None:
-                moderation.check(actor, Permission.BAN, command)
-                return text(language, "admin.usage_ban")
-            moderation.ban(actor, target, banned, " ".join(rest) or None)
-            return text(language, "admin.banned" if banned else "admin.unbanned", user=target)
-        if command == Command.GRANT:
-            if target is None or len(rest) != 1 or not rest[0].isdecimal():
-                moderation.check(actor, Permission.GRANT, "grant")
-                return text(language, "admin.usage_grant")
-            moderation.grant(actor, target, int(rest[0]))
-            return text(language, "admin.granted", user=target, credits=int(rest[0]))
-        if command == Command.SET_QUOTA:
-            valid = len(rest) == 1 and (rest[0].isdecimal() or rest[0].lower() == "default")
-            if target is None or not valid:
-                moderation.check(actor, Permission.SET_QUOTA, "set_quota")
-                return text(language, "admin.usage_setquota")
-            credits = None if rest[0].lower() == "default" else int(rest[0])
-            moderation.set_quota(actor, target, credits)
-            if credits is None:
-                return text(language, "admin.quota_reset", user=target)
-            return text(language, "admin.quota_set", user=target, credits=credits)
-        if command == Command.STATS:
-            figures, events = moderation.stats(actor)
-            return replies.stats_reply(language, figures, events, settings.timezone)
-        if command == Command.QUEUE:
-            return replies.queue_reply(language, moderation.queue(actor))
-        if command == Command.PAUSE:
-            words = args or text(language, "admin.pause_default")
-            moderation.pause(actor, words)
-            return text(language, "admin.paused", notice=words)
-        if command == Command.RESUME:
-            moderation.pause(actor, None)
-            self._services.intake.hand_over_all_held()
-            return text(language, "admin.resumed")
-        if command == Command.AUDIT:
-            return replies.audit_reply(language, moderation.audit_log(actor), settings.zone)
-        raise AssertionError(f"unhandled command {command}")
+        return admin_reply(
+            command,
+            self.actor(account),
+            language,
+            target,
+            rest,
+            args,
+            moderation=self._services.moderation,
+            intake=self._services.intake,
+            settings=self._services.settings,
+        )
 
     # -- a button pressed ----------------------------------------------------------------
 

@@ -1,0 +1,83 @@
+"""A bot admin's commands, for every chat channel: the arguments a channel found (the target
+user, the words after it) become a moderation call and the sentence that says what was done.
+A refusal or bad input is raised as CommandError for the channel to say. Blocking (database);
+channels run it in a thread."""
+
+from __future__ import annotations
+
+from chitrakar import replies
+from chitrakar.config import Settings
+from chitrakar.domain import Command, CommandError
+from chitrakar.moderation import Actor, Moderation
+from chitrakar.permissions import Permission
+from chitrakar.services import JobIntake
+from chitrakar.texts import text
+
+ADMIN_COMMANDS = frozenset(
+    {
+        Command.BAN,
+        Command.UNBAN,
+        Command.GRANT,
+        Command.SET_QUOTA,
+        Command.STATS,
+        Command.QUEUE,
+        Command.PAUSE,
+        Command.RESUME,
+        Command.AUDIT,
+    }
+)
+
+
+def admin_reply(
+    command: Command,
+    actor: Actor,
+    language: str,
+    target: str | None,
+    rest: list[str],
+    words: str,
+    *,
+    moderation: Moderation,
+    intake: JobIntake,
+    settings: Settings,
+) -> str:
+    """`target` and `rest`: the user the command is about and the words after them; `words`:
+    everything after the command (a /pause message)."""
+    if command in (Command.BAN, Command.UNBAN):
+        banned = command == Command.BAN
+        if target is None:
+            moderation.check(actor, Permission.BAN, "ban")
+            return text(language, "admin.usage_ban")
+        moderation.ban(actor, target, banned, " ".join(rest) or None)
+        return text(language, "admin.banned" if banned else "admin.unbanned", user=target)
+    if command == Command.GRANT:
+        if target is None or len(rest) != 1 or not rest[0].isdecimal():
+            moderation.check(actor, Permission.GRANT, "grant")
+            return text(language, "admin.usage_grant")
+        moderation.grant(actor, target, int(rest[0]))
+        return text(language, "admin.granted", user=target, credits=int(rest[0]))
+    if command == Command.SET_QUOTA:
+        valid = len(rest) == 1 and (rest[0].isdecimal() or rest[0].lower() == "default")
+        if target is None or not valid:
+            moderation.check(actor, Permission.SET_QUOTA, "set_quota")
+            return text(language, "admin.usage_setquota")
+        credits = None if rest[0].lower() == "default" else int(rest[0])
+        moderation.set_quota(actor, target, credits)
+        if credits is None:
+            return text(language, "admin.quota_reset", user=target)
+        return text(language, "admin.quota_set", user=target, credits=credits)
+    if command == Command.STATS:
+        figures, events = moderation.stats(actor)
+        return replies.stats_reply(language, figures, events, settings.timezone)
+    if command == Command.QUEUE:
+        return replies.queue_reply(language, moderation.queue(actor))
+    if command == Command.PAUSE:
+        notice = words or text(language, "admin.pause_default")
+        moderation.pause(actor, notice)
+        return text(language, "admin.paused", notice=notice)
+    if command == Command.RESUME:
+        moderation.pause(actor, None)
+        intake.hand_over_all_held()
+        return text(language, "admin.resumed")
+    if command == Command.AUDIT:
+        return replies.audit_reply(language, moderation.audit_log(actor), settings.zone)
+    raise CommandError("admin.not_allowed")  # not an admin command: nothing to run
