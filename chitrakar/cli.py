@@ -159,16 +159,18 @@ def cmd_retention_sweep(settings: Settings, _: argparse.Namespace) -> int:
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     _require_valid_catalogue(settings)
     _require_current_schema(settings)
+    from chitrakar.presets import PresetError
     from chitrakar.queue import publish_generate
     from workers.celery_app import app
     from workers.pipelines import ModelNotFound
     from workers.service import requeue_unfinished
     from workers.tasks import runtime
 
-    # Load the model and connect to the chat before the first job, so no user waits for it.
+    # Load (and compile) the model and connect to the chat before the first job, so no user
+    # waits for it.
     try:
-        runtime().pipeline  # noqa: B018
-    except ModelNotFound as exc:
+        runtime().warm_up()
+    except (ModelNotFound, PresetError) as exc:
         raise SystemExit(f"The worker cannot start: {exc}") from None
     runtime().delivery.connect_all()
     runtime().start_heartbeat()

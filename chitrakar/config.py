@@ -54,7 +54,20 @@ class Settings(BaseSettings):
     # A local diffusers folder or a hub id. Unset: the tiny demo model in the data dir,
     # made on first use (its images are noise; it exists so that everything runs anywhere).
     model: str | None = None
-    device: Literal["auto", "cuda", "cpu", "mps"] = "auto"
+    # "auto", "cpu", "mps", "cuda" or "cuda:N". One worker process per GPU: start one per
+    # card, each with its own CHITRAKAR_DEVICE=cuda:N (or CUDA_VISIBLE_DEVICES).
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    # How the model is loaded and run (precision, compile, quantisation, offload, few-step):
+    # a name from `chitrakar presets`. Unset: the model's own preset, else the device's default.
+    preset: str | None = None
+    # A TOML file of presets that replace or add to the built-in ones (chitrakar/presets.toml).
+    presets_file: Path | None = None
+    # Dynamic batching: portrait jobs that could share one pipeline call (same size, steps,
+    # guidance, image count and style LoRA) are generated together, up to this many images
+    # per call (1: no batching). When other jobs are waiting, the worker waits up to
+    # batch_window_ms for companions; a lone user's job never waits.
+    max_batch_images: int = Field(default=8, ge=1, le=64)
+    batch_window_ms: float = Field(default=20.0, ge=0.0, le=1000.0)
     # Side of a square image in pixels; other aspect ratios keep about the same area.
     image_size: int = Field(default=512, ge=64, le=2048)
     default_steps: int = Field(default=25, ge=1, le=50)
@@ -155,6 +168,11 @@ class Settings(BaseSettings):
         """Aligned selfies and style previews. Bot and workers must see the same folder (on
         several hosts: a shared volume), as they do the database."""
         return self.resolved_data_dir / "media"
+
+    @property
+    def compile_cache_dir(self) -> Path:
+        """torch.compile's on-disk cache: a restarted worker reuses its compiled kernels."""
+        return self.resolved_data_dir / "compile-cache"
 
     @property
     def model_label(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,8 @@ from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image, Dif
 from PIL import Image, ImageOps
 
 from chitrakar.domain import SIZE_MULTIPLE, GenerationPlan
+from chitrakar.presets import Preset, adjust_plan
+from workers.acceleration import apply_preset, set_qkv_fused
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +36,16 @@ def resolve_device(requested: str) -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("CHITRAKAR_DEVICE=cuda, but torch sees no CUDA device")
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"CHITRAKAR_DEVICE={requested}, but torch sees no CUDA device")
+        device = torch.device(requested)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"CHITRAKAR_DEVICE={requested}, but torch sees {torch.cuda.device_count()} GPU(s)"
+            )
+        return device
     return torch.device(requested)
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    # Half precision halves memory and time on accelerators; CPUs compute it slowly or badly.
-    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
 
 
 @dataclass
@@ -53,8 +57,13 @@ class LoadedPipeline:
     device: torch.device
     dtype: torch.dtype
     text2image: DiffusionPipeline
+    # How it was loaded and is run (None: as diffusers loads it, on the device).
+    preset: Preset | None = None
     # LoRA files loaded into the model so far, by path, with their adapter names.
     loras: dict[str, str] = field(default_factory=dict)
+    # Whether the attention layers now use fused QKV projections (the preset's choice, off
+    # while a style LoRA is on).
+    qkv_fused: bool = False
     _image2image: DiffusionPipeline | None = None
 
     def forget_views(self) -> None:
@@ -70,9 +79,12 @@ class LoadedPipeline:
         return self._image2image
 
 
-def load_pipeline(source: str, device: torch.device, dtype: torch.dtype) -> LoadedPipeline:
-    """Load a local diffusers folder, or a hub id from the local cache or the hub.
-    With HF_HUB_OFFLINE=1 nothing is downloaded and a missing model is a clear error."""
+def load_pipeline(
+    source: str, device: torch.device, dtype: torch.dtype, preset: Preset | None = None
+) -> LoadedPipeline:
+    """Load a local diffusers folder, or a hub id from the local cache or the hub, and
+    ready it as the preset says. With HF_HUB_OFFLINE=1 nothing is downloaded and a missing
+    model is a clear error."""
     is_local = Path(source).expanduser().is_dir()
     if not is_local and ("/" not in source or source.startswith((".", "/", "~"))):
         raise ModelNotFound(f"model folder {source!r} does not exist")
@@ -87,10 +99,15 @@ def load_pipeline(source: str, device: torch.device, dtype: torch.dtype) -> Load
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1: only the local cache is searched)" if offline else ""
         raise ModelNotFound(f"cannot load model {source!r}{hint}: {exc}") from exc
-    pipe.to(device)
+    if preset is None:
+        pipe.to(device)
+    else:
+        apply_preset(pipe, preset, device)
     pipe.set_progress_bar_config(disable=True)
-    log.info("loaded model %s on %s as %s", source, device, dtype)
-    return LoadedPipeline(source=source, device=device, dtype=dtype, text2image=pipe)
+    name = preset.name if preset else "none"
+    log.info("loaded model %s on %s as %s with preset %s", source, device, dtype, name)
+    fused = preset is not None and preset.fuse_qkv
+    return LoadedPipeline(source, device, dtype, pipe, preset=preset, qkv_fused=fused)
 
 
 def use_lora(loaded: LoadedPipeline, path: str | None, scale: float) -> bool:
@@ -100,8 +117,7 @@ def use_lora(loaded: LoadedPipeline, path: str | None, scale: float) -> bool:
     without it. Returns whether the LoRA is active."""
     pipe = loaded.text2image
     if path is None:
-        if loaded.loras:
-            pipe.disable_lora()
+        _switch_off(loaded)
         return False
     name = loaded.loras.get(path)
     if name is None:
@@ -118,6 +134,7 @@ def use_lora(loaded: LoadedPipeline, path: str | None, scale: float) -> bool:
             return False
         loaded.loras[path] = name
         log.info("loaded LoRA %s as adapter %s", path, name)
+    _fuse_qkv(loaded, False)
     pipe.enable_lora()
     pipe.set_adapters([name], adapter_weights=[scale])
     return True
@@ -126,11 +143,19 @@ def use_lora(loaded: LoadedPipeline, path: str | None, scale: float) -> bool:
 def _switch_off(loaded: LoadedPipeline) -> None:
     if loaded.loras:
         loaded.text2image.disable_lora()
+    _fuse_qkv(loaded, loaded.preset is not None and loaded.preset.fuse_qkv)
 
 
-def _generators(plan: GenerationPlan) -> list[torch.Generator]:
-    # CPU generators give the same noise for a seed on any device.
-    return [torch.Generator("cpu").manual_seed(seed) for seed in plan.seeds]
+def _fuse_qkv(loaded: LoadedPipeline, fused: bool) -> None:
+    if loaded.qkv_fused != fused:
+        set_qkv_fused(loaded.text2image, fused)
+        loaded.qkv_fused = fused
+
+
+def _generators(plans: Sequence[GenerationPlan]) -> list[torch.Generator]:
+    # CPU generators give the same noise for a seed on any device, and one per image gives
+    # each image the same noise whichever batch it is drawn in.
+    return [torch.Generator("cpu").manual_seed(seed) for plan in plans for seed in plan.seeds]
 
 
 def _step_callback(on_progress: ProgressCallback | None, offset: int = 0, total: int = 0) -> Any:
@@ -147,22 +172,30 @@ def _step_callback(on_progress: ProgressCallback | None, offset: int = 0, total:
 
 def text_to_image(
     loaded: LoadedPipeline,
-    plan: GenerationPlan,
+    plan: GenerationPlan | Sequence[GenerationPlan],
     on_progress: ProgressCallback | None = None,
     **extra: Any,
 ) -> list[Image.Image]:
-    """One pipeline call for all of a job's images, one seeded generator per image."""
+    """One pipeline call for all of a job's images, or for a batch of jobs that share size,
+    steps, guidance and image count (see `domain.batch_key`): each prompt is drawn
+    len(seeds) times, one seeded generator per image. The images come back in order,
+    job by job."""
+    batch = [plan] if isinstance(plan, GenerationPlan) else plan
+    plans = [adjust_plan(loaded.preset, one) for one in batch]
+    first = plans[0]
     with torch.inference_mode():
         output = loaded.text2image(
-            prompt=plan.prompt,
-            negative_prompt=plan.negative_prompt or None,
-            width=plan.width,
-            height=plan.height,
-            num_inference_steps=plan.steps,
-            guidance_scale=plan.guidance_scale,
-            num_images_per_prompt=len(plan.seeds),
-            generator=_generators(plan),
-            callback_on_step_end=_step_callback(on_progress, total=plan.steps),
+            prompt=[p.prompt for p in plans],
+            # None unless one is given (SDXL then uses zeros, not the empty prompt's encoding);
+            # jobs batched together either all have one or none (see `batch_key`).
+            negative_prompt=[p.negative_prompt for p in plans] if first.negative_prompt else None,
+            width=first.width,
+            height=first.height,
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance_scale,
+            num_images_per_prompt=len(first.seeds),
+            generator=_generators(plans),
+            callback_on_step_end=_step_callback(on_progress, total=first.steps),
             **extra,
         )
     images: list[Image.Image] = output.images
@@ -182,6 +215,7 @@ def image_to_image(
     **extra: Any,
 ) -> list[Image.Image]:
     """Images that keep the start image's layout, `plan.strength` of the way to the prompt."""
+    plan = adjust_plan(loaded.preset, plan)
     if plan.strength is None:
         raise ValueError("an img2img plan needs a strength")
     with torch.inference_mode():
@@ -193,7 +227,7 @@ def image_to_image(
             num_inference_steps=plan.steps,
             guidance_scale=plan.guidance_scale,
             num_images_per_prompt=len(plan.seeds),
-            generator=_generators(plan),
+            generator=_generators([plan]),
             callback_on_step_end=_step_callback(on_progress),
             **extra,
         )
@@ -241,6 +275,7 @@ def upscale(
     """The start image at plan.width × plan.height: resized, then redrawn tile by tile with
     img2img at low strength to add detail. Tiles of the model's native size keep memory
     flat whatever the output size; overlapping, feathered edges hide the seams."""
+    plan = adjust_plan(loaded.preset, plan)
     if plan.strength is None:
         raise ValueError("an upscale plan needs a strength")
     big = start.convert("RGB").resize((plan.width, plan.height), Image.Resampling.LANCZOS)

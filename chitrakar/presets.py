@@ -1,0 +1,169 @@
+"""Pipeline presets: how a worker loads and runs its model (precision, attention, compilation,
+quantisation, memory savers, few-step schedulers), as named data.
+
+The built-in presets are `presets.toml` beside this module; an operator's file of the same
+shape (CHITRAKAR_PRESETS_FILE) replaces or adds presets and per-model choices. Which preset a
+worker uses: CHITRAKAR_PRESET, else the model's entry under [models], else "auto" (the device's
+default). What a preset needs from the hardware is decided here, so that a worker refuses a
+preset it cannot run with one clear line instead of quietly running something else.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from chitrakar.domain import GenerationPlan
+
+BUILTIN_PRESETS = Path(__file__).with_suffix(".toml")
+AUTO = "auto"
+# What "auto" picks, by device type.
+DEVICE_DEFAULTS = {"cpu": "cpu", "cuda": "fp16", "mps": "fp16"}
+# float8 matrix multiplies need compute capability 8.9 (Ada Lovelace) or newer.
+FP8_CAPABILITY = (8, 9)
+# bfloat16 tensor cores arrived with Ampere.
+BF16_CAPABILITY = (8, 0)
+
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+Quantize = Literal["none", "int8-weight-only", "int8-dynamic", "fp8"]
+
+
+class PresetError(ValueError):
+    """A preset file or choice that cannot be used; one line for a start-up log."""
+
+
+class Preset(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = ""
+    description: str
+    dtype: Dtype = "auto"
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    fuse_qkv: bool = False
+    channels_last: bool = False
+    compile: str = "off"
+    quantize: Quantize = "none"
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    offload: Literal["none", "model", "sequential"] = "none"
+    scheduler: Literal["lcm", "tcd", "euler-trailing"] | None = None
+    speed_lora: str | None = None
+    speed_lora_scale: float = Field(default=1.0, gt=0.0, le=2.0)
+    steps: int | None = Field(default=None, ge=1, le=50)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=30.0)
+
+    @field_validator("compile")
+    @classmethod
+    def _compile_mode(cls, value: str) -> str:
+        modes = {"off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"}
+        if value not in modes:
+            raise ValueError(f"compile must be one of {sorted(modes)}")
+        return value
+
+    @property
+    def compiled(self) -> bool:
+        return self.compile != "off"
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What a preset's needs are checked against: the device type ("cpu", "cuda", "mps"),
+    a CUDA device's compute capability, and whether a C++ compiler is there (torch.compile
+    on a CPU builds C++)."""
+
+    type: str
+    capability: tuple[int, int] | None = None
+    has_compiler: bool = True
+
+
+def unmet_needs(preset: Preset, device: DeviceFacts) -> list[str]:
+    """Why this device cannot run the preset (empty when it can)."""
+    reasons = []
+    if preset.offload != "none" and device.type != "cuda":
+        reasons.append(f"CPU offload ({preset.offload}) moves models to a CUDA GPU as they run")
+    if preset.quantize == "fp8" and (
+        device.type != "cuda" or (device.capability or (0, 0)) < FP8_CAPABILITY
+    ):
+        reasons.append("float8 needs an NVIDIA GPU of compute capability 8.9 or newer")
+    old_gpu = device.type == "cuda" and (device.capability or (0, 0)) < BF16_CAPABILITY
+    if preset.dtype == "bfloat16" and old_gpu:
+        reasons.append("bfloat16 needs an NVIDIA GPU of compute capability 8.0 or newer")
+    if preset.dtype == "float16" and device.type == "cpu":
+        reasons.append("float16 on a CPU is slow and inexact; use bfloat16 or float32")
+    if preset.compiled and device.type == "cpu" and not device.has_compiler:
+        reasons.append("torch.compile on a CPU needs a C++ compiler (apt install g++)")
+    if preset.compiled and device.type == "mps":
+        reasons.append("torch.compile is not supported on Apple GPUs")
+    return reasons
+
+
+class PresetCatalogue(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    presets: dict[str, Preset]
+    models: dict[str, str] = Field(default_factory=dict)
+
+    def choose(self, requested: str | None, model: str | None, device_type: str) -> Preset:
+        """The preset asked for by name, else the model's own, else the device's default."""
+        name = requested or AUTO
+        if name == AUTO:
+            name = self.models.get(model or "", "") or DEVICE_DEFAULTS.get(device_type, "cpu")
+        preset = self.presets.get(name)
+        if preset is None:
+            known = ", ".join(sorted(self.presets))
+            raise PresetError(f"unknown preset {name!r}; the presets are: {known}")
+        return preset
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except OSError as exc:
+        raise PresetError(f"cannot read the presets file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PresetError(f"{path} is not valid TOML: {exc}") from None
+
+
+def load_presets(override: Path | None = None) -> PresetCatalogue:
+    """The built-in presets with an operator's file laid over them: a preset named in both
+    is replaced whole; [models] entries are merged."""
+    data = _read(BUILTIN_PRESETS)
+    presets = dict(data.get("presets", {}))
+    models = dict(data.get("models", {}))
+    if override is not None:
+        extra = _read(override)
+        presets.update(extra.get("presets", {}))
+        models.update(extra.get("models", {}))
+    source = f"{BUILTIN_PRESETS}" + (f" and {override}" if override else "")
+    try:
+        catalogue = PresetCatalogue(
+            presets={name: {**fields, "name": name} for name, fields in presets.items()},
+            models=models,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise PresetError(f"{source}: {where}: {first['msg']}") from None
+    for model, name in catalogue.models.items():
+        if name not in catalogue.presets:
+            raise PresetError(f"{source}: model {model!r} names an unknown preset {name!r}")
+    return catalogue
+
+
+def adjust_plan(preset: Preset | None, plan: GenerationPlan) -> GenerationPlan:
+    """A job's plan as this preset runs it: few-step presets fix the steps and guidance (a
+    4-step model given 25 steps is slower and no better). img2img runs steps × strength of
+    them, so it keeps at least one."""
+    if preset is None or (preset.steps is None and preset.guidance_scale is None):
+        return plan
+    steps = preset.steps or plan.steps
+    if plan.strength:
+        steps = max(steps, math.ceil(1 / plan.strength))
+    guidance = plan.guidance_scale if preset.guidance_scale is None else preset.guidance_scale
+    return replace(plan, steps=steps, guidance_scale=guidance)
