@@ -287,6 +287,29 @@ class GenerationPlan:
     lora_scale: float = 1.0
 
 
+BatchKey = tuple[object, ...]
+
+
+def batch_key(kind: JobKind, plan: GenerationPlan) -> BatchKey | None:
+    """What jobs must share to be drawn in one pipeline call (dynamic batching), or None for
+    a job that is always drawn alone. Text-to-image jobs batch when the call's shared
+    arguments agree: size, steps, guidance, images per prompt, the style LoRA and its weight,
+    and whether a negative prompt is given. Prompts and seeds may differ. Jobs that start
+    from an image (avatars, variations, upscales) and preview grids run alone."""
+    if kind != JobKind.PORTRAIT:
+        return None
+    return (
+        plan.width,
+        plan.height,
+        plan.steps,
+        plan.guidance_scale,
+        len(plan.seeds),
+        plan.lora,
+        plan.lora_scale if plan.lora else None,
+        bool(plan.negative_prompt),
+    )
+
+
 class JobStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, cast
@@ -17,11 +17,13 @@ from sqlalchemy.orm import Session
 
 from chitrakar.domain import (
     ACTIVE_STATUSES,
+    MAX_ATTEMPTS,
     TRANSITIONS,
     GenerationPlan,
     InvalidTransition,
     JobKind,
     JobStatus,
+    batch_key,
     check_transition,
 )
 from chitrakar.quota import Account, QuotaExceeded
@@ -364,6 +366,75 @@ def start_job(
     job.started_at = utcnow()
     uow.commit()
     return JobView.of(job)
+
+
+# Queued jobs looked at per batch: enough to find companions behind a few of other shapes.
+BATCH_SCAN_LIMIT = 64
+
+
+def claim_batch(
+    uow: UnitOfWork, leader: JobView, worker: str, max_images: int, exclude: Sequence[int] = ()
+) -> list[JobView]:
+    """Start, on this worker, queued jobs that can be drawn in one pipeline call with the
+    leader (same `batch_key`), oldest first, while the batch stays within `max_images`.
+    Only jobs handed to the broker are taken (held ones wait their user's turn); their own
+    messages then find them running on a live worker, or ended, and do nothing. On
+    PostgreSQL rows another worker is claiming are skipped, not waited for. Commits."""
+    key = batch_key(leader.kind, leader.plan)
+    room = max_images // len(leader.plan.seeds) - 1 - len(exclude)
+    if key is None or room <= 0:
+        return []
+    candidates = uow.session.scalars(
+        select(Job)
+        .where(
+            Job.status == JobStatus.QUEUED,
+            Job.command == leader.kind.value,
+            Job.published_at.is_not(None),
+            Job.id.not_in([leader.id, *exclude]),
+            Job.width == leader.plan.width,
+            Job.height == leader.plan.height,
+            Job.steps == leader.plan.steps,
+        )
+        .order_by(Job.id)
+        .limit(BATCH_SCAN_LIMIT)
+        .with_for_update(skip_locked=True)
+    )
+    claimed = []
+    for job in candidates:
+        view = JobView.of(job)
+        if batch_key(view.kind, view.plan) != key or view.attempts >= MAX_ATTEMPTS:
+            continue
+        if not _move(
+            uow.session,
+            job,
+            JobStatus.RUNNING,
+            f"attempt {job.attempts + 1} on {worker} (batched with job {leader.id})",
+        ):
+            continue
+        job.attempts += 1
+        job.worker = worker
+        job.started_at = utcnow()
+        claimed.append(JobView.of(job))
+        if len(claimed) >= room:
+            break
+    uow.commit()
+    return claimed
+
+
+def queued_elsewhere(uow: UnitOfWork, exclude: Sequence[int]) -> bool:
+    """Whether any job handed to the broker still waits (the worker is under load)."""
+    return (
+        uow.session.scalar(
+            select(Job.id)
+            .where(
+                Job.status == JobStatus.QUEUED,
+                Job.published_at.is_not(None),
+                Job.id.not_in(list(exclude)),
+            )
+            .limit(1)
+        )
+        is not None
+    )
 
 
 def record_results(

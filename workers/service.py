@@ -16,7 +16,7 @@ from PIL import Image
 from sqlalchemy.exc import OperationalError
 
 from chitrakar.artifacts import ArtifactMissing, StoredArtifact
-from chitrakar.domain import MAX_ATTEMPTS, JobKind, JobStatus
+from chitrakar.domain import MAX_ATTEMPTS, JobKind, JobStatus, batch_key
 from chitrakar.safety import ContentPolicy, ImageAction, decide
 from chitrakar.services import hand_over_all_held, hand_over_held
 from db import audit, heartbeats, jobs, retention
@@ -79,57 +79,149 @@ class CancelWatch:
 
 def run_job(runtime: WorkerRuntime, job_id: int) -> None:
     """Make a job's images and deliver them; on any failure, record it and apologise.
-    A job that has already ended is left alone, so a redelivered task does no harm. When
-    it ends, its user's next held job (if any) is handed to the broker."""
+    A job that has already ended is left alone, so a redelivered task does no harm. Queued
+    jobs that can share its pipeline call are taken along (dynamic batching). When each job
+    ends, its user's next held job (if any) is handed to the broker."""
     alive_since = datetime.now(UTC) - timedelta(seconds=runtime.settings.worker_stale_after)
     try:
         with runtime.store.unit_of_work() as uow:
             job = jobs.start_job(uow, job_id, runtime.name, alive_since)
-        if job is None:
-            log.info("job %s has ended or runs on a live worker; nothing to do", job_id)
-            return
-        try:
-            _run(runtime, job)
-        finally:
-            _drop_selfie_if_not_kept(runtime, job)
-            limit = runtime.settings.max_jobs_in_flight
-            hand_over_held(runtime.store, runtime.publish, job_id, limit)
     except jobs.JobNotFound:
-        # Its user had everything about them deleted (/forget) meanwhile: so are its images.
-        log.info("job %s no longer exists; its results are deleted", job_id)
-        runtime.artifacts.delete_prefix(f"results/{job_id}/")
-
-
-def _run(runtime: WorkerRuntime, job: JobView) -> None:
-    job_id = job.id
-    delivery = runtime.delivery
-    if job.delivered:
-        # Its worker stopped between sending the result and recording the end.
-        log.warning("job %s was delivered already; recording its end only", job_id)
-        _record_end(runtime, job, job.result_paths, job.result_checksums, None)
+        _forgotten(runtime, job_id)
         return
-    if job.attempts > MAX_ATTEMPTS:
-        _give_up(runtime, job_id, f"gave up after {MAX_ATTEMPTS} attempts")
+    if job is None:
+        log.info("job %s has ended or runs on a live worker; nothing to do", job_id)
         return
-    log.info("job %s (%s) started (attempt %s)", job_id, job.kind, job.attempts)
+    batch = [job, *_companions(runtime, job)]
     try:
-        delivery.started(job)
-        started = perf_counter()
-        watch = CancelWatch(runtime, job_id)
+        _run_batch(runtime, batch)
+    finally:
+        for one in batch:
+            try:
+                _drop_selfie_if_not_kept(runtime, one)
+                limit = runtime.settings.max_jobs_in_flight
+                hand_over_held(runtime.store, runtime.publish, one.id, limit)
+            except jobs.JobNotFound:
+                _forgotten(runtime, one.id)
 
-        def on_progress(done: int, total: int) -> None:
-            watch.check()
+
+def _forgotten(runtime: WorkerRuntime, job_id: int) -> None:
+    # Its user had everything about them deleted (/forget) meanwhile: so are its images.
+    log.info("job %s no longer exists; its results are deleted", job_id)
+    runtime.artifacts.delete_prefix(f"results/{job_id}/")
+
+
+def _companions(runtime: WorkerRuntime, leader: JobView) -> list[JobView]:
+    """Queued jobs to draw in one call with the leader. Those already waiting are taken at
+    once; when other jobs wait too (the worker is busy), it waits `batch_window_ms` once
+    more for companions still arriving. A lone user's job never waits."""
+    settings = runtime.settings
+    if leader.delivered or leader.attempts > MAX_ATTEMPTS:
+        return []
+    if batch_key(leader.kind, leader.plan) is None:
+        return []
+    limit = settings.max_batch_images
+
+    def claim(exclude: list[int]) -> list[JobView]:
+        with runtime.store.unit_of_work() as uow:
+            return jobs.claim_batch(uow, leader, runtime.name, limit, exclude)
+
+    found = claim([])
+    room = limit // len(leader.plan.seeds) - 1 - len(found)
+    if room > 0 and settings.batch_window_ms > 0:
+        with runtime.store.unit_of_work() as uow:
+            busy = jobs.queued_elsewhere(uow, [leader.id, *(job.id for job in found)])
+        if busy:
+            time.sleep(settings.batch_window_ms / 1000)
+            found += claim([job.id for job in found])
+    if found:
+        log.info("job %s batched with %s", leader.id, [job.id for job in found])
+    return found
+
+
+class _AllStopped(JobCancelled):
+    """Every job of a batch was cancelled or handed back: the pipeline call ends."""
+
+
+def _run_batch(runtime: WorkerRuntime, batch: list[JobView]) -> None:
+    leader = batch[0]
+    if leader.delivered:
+        # Its worker stopped between sending the result and recording the end.
+        log.warning("job %s was delivered already; recording its end only", leader.id)
+        _record_end(runtime, leader, leader.result_paths, leader.result_checksums, None)
+        return
+    if leader.attempts > MAX_ATTEMPTS:
+        _give_up(runtime, leader.id, f"gave up after {MAX_ATTEMPTS} attempts")
+        return
+    for job in batch:
+        log.info("job %s (%s) started (attempt %s)", job.id, job.kind, job.attempts)
+    delivery = runtime.delivery
+    watches = {job.id: CancelWatch(runtime, job.id) for job in batch}
+    live = list(batch)
+
+    def on_progress(done: int, total: int) -> None:
+        for job in list(live):
+            try:
+                watches[job.id].check()
+            except JobCancelled as stop:
+                live.remove(job)
+                _stopped(runtime, job, stop)
+        if not live:
+            raise _AllStopped(leader.id)
+        for job in live:
             delivery.progress(job, done, total)
 
-        message_ids: list[int] = []
-        if job.kind == JobKind.PREVIEWS:
+    started = perf_counter()
+    try:
+        for job in batch:
+            delivery.started(job)
+        if leader.kind == JobKind.PREVIEWS:
             grid = _previews(runtime, on_progress)
-            seconds = perf_counter() - started
+            _finish(runtime, leader, perf_counter() - started, watches[leader.id], grid=grid)
+            return
+        images = make_batch_images(runtime, batch, on_progress)
+    except _AllStopped:
+        return
+    except JobCancelled as stop:
+        _stopped(runtime, leader, stop)
+        return
+    except Exception as exc:
+        log.exception("job(s) %s failed", [job.id for job in live])
+        for job in live:
+            _give_up(runtime, job.id, f"{type(exc).__name__}: {exc}")
+        return
+    seconds = perf_counter() - started
+    for job in live:
+        _finish(runtime, job, seconds, watches[job.id], images=images[job.id])
+
+
+def _stopped(runtime: WorkerRuntime, job: JobView, stop: JobCancelled) -> None:
+    if isinstance(stop, JobHandedBack):
+        log.warning("job %s was handed to another worker meanwhile; stopped", job.id)
+    else:
+        log.info("job %s was cancelled while it ran; stopped", job.id)
+    # No progress edit still on its way may overwrite the bot's "Cancelled."
+    runtime.delivery.stop_progress(job)
+
+
+def _finish(
+    runtime: WorkerRuntime,
+    job: JobView,
+    seconds: float,
+    watch: CancelWatch,
+    images: list[Image.Image] | None = None,
+    grid: Path | None = None,
+) -> None:
+    """Check, store and send one job's images (or its preview grid), then record that it
+    was delivered and ended. A failure here fails this job alone, not its batch."""
+    job_id, delivery = job.id, runtime.delivery
+    stored: list[StoredArtifact] = []
+    message_ids: list[int] = []
+    try:
+        if grid is not None:
             file_ids = delivery.deliver_previews(job, grid)
-            stored: list[StoredArtifact] = []
         else:
-            images = make_images_within_memory(runtime, job, on_progress)
-            seconds = perf_counter() - started
+            assert images is not None
             watch.check(force=True)
             stored, pngs = _save(runtime, job, images)
             action = moderate(runtime, job, images, stored, seconds)
@@ -138,14 +230,8 @@ def _run(runtime: WorkerRuntime, job: JobView) -> None:
             _with_retries(lambda: _record_results(runtime, job_id, stored), f"job {job_id} results")
             sent = delivery.deliver(job, pngs, seconds, spoiler=action == ImageAction.SPOILER)
             file_ids, message_ids = sent.file_ids, sent.message_ids
-    except JobHandedBack:
-        log.warning("job %s was handed to another worker meanwhile; stopped", job_id)
-        delivery.stop_progress(job)
-        return
-    except JobCancelled:
-        log.info("job %s was cancelled while it ran; stopped", job_id)
-        # No progress edit still on its way may overwrite the bot's "Cancelled."
-        delivery.stop_progress(job)
+    except JobCancelled as stop:
+        _stopped(runtime, job, stop)
         return
     except Exception as exc:
         log.exception("job %s failed", job_id)
@@ -296,6 +382,30 @@ def _free_gpu_memory(runtime: WorkerRuntime) -> None:
     for switch in ("enable_slicing", "enable_tiling"):
         if hasattr(vae, switch):
             getattr(vae, switch)()
+
+
+def make_batch_images(
+    runtime: WorkerRuntime, batch: list[JobView], on_progress: ProgressCallback
+) -> dict[int, list[Image.Image]]:
+    """Each job's images, by job id: a batch of text-to-image jobs in one pipeline call
+    (each image keeps its own seed's noise), or a lone job by `make_images_within_memory`.
+    A batch that does not fit the GPU's memory is made job by job."""
+    if len(batch) == 1:
+        return {batch[0].id: make_images_within_memory(runtime, batch[0], on_progress)}
+    loaded, plan = runtime.pipeline, batch[0].plan
+    use_lora(loaded, plan.lora, plan.lora_scale)
+    try:
+        extra = runtime.identity.without_face(loaded)
+        images = text_to_image(loaded, [job.plan for job in batch], on_progress, **extra)
+    except torch.OutOfMemoryError:
+        log.warning("a batch of %d jobs ran out of GPU memory; making them one by one", len(batch))
+        _free_gpu_memory(runtime)
+        return {job.id: make_images_within_memory(runtime, job, on_progress) for job in batch}
+    made, start = {}, 0
+    for job in batch:
+        made[job.id] = images[start : start + len(job.plan.seeds)]
+        start += len(job.plan.seeds)
+    return made
 
 
 def make_images(

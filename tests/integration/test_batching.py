@@ -1,0 +1,208 @@
+"""Dynamic batching in the worker: queued portrait jobs that can share a pipeline call are
+drawn in one, each image the same as it would be alone; the rest run as before. The real
+worker service, tiny model, store (SQLite and PostgreSQL) and Bot API emulator."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from chitrakar.domain import GenerationPlan, JobKind, batch_key
+from db import jobs
+from db.jobs import Origin
+from db.migrate import upgrade_to_head
+from tests.support.botapi import BotApiEmulator
+from tests.support.stack import worker_settings
+from workers import service
+from workers.pipelines import text_to_image
+from workers.runtime import WorkerRuntime
+from workers.service import run_job
+
+
+def _plan(prompt: str, seed: int, size: int = 64, images: int = 1) -> GenerationPlan:
+    return GenerationPlan(prompt, size, size, 3, tuple(seed + i for i in range(images)), 7.0)
+
+
+class Deployment:
+    def __init__(self, emulator: BotApiEmulator, runtime: WorkerRuntime) -> None:
+        self.emulator, self.runtime = emulator, runtime
+        self.chats: dict[int, int] = {}
+
+    def job(self, user_id: int, plan: GenerationPlan, handed_over: bool = True) -> int:
+        user = self.emulator.user(user_id, f"User {user_id}")
+        chat = self.emulator.private_chat(user)
+        command = self.emulator.history_message(chat, user, f"/portrait {plan.prompt}")
+        origin = Origin(
+            "telegram", chat["id"], "private", str(user_id), "U", "en", command["message_id"]
+        )
+        with self.runtime.store.unit_of_work() as uow:
+            job_id = jobs.create_job(uow, origin, JobKind.PORTRAIT, plan)
+        if handed_over:
+            with self.runtime.store.unit_of_work() as uow:
+                assert jobs.claim_hand_over(uow, job_id, limit=2)
+        self.chats[job_id] = chat["id"]
+        return job_id
+
+    def view(self, job_id: int) -> jobs.JobView:
+        with self.runtime.store.unit_of_work() as uow:
+            view = jobs.get_job(uow, job_id)
+        assert view is not None
+        return view
+
+    def events(self, job_id: int) -> list[str]:
+        from sqlalchemy import select
+
+        from db.models import JobEvent
+
+        with self.runtime.store.unit_of_work() as uow:
+            return [
+                f"{e.status}: {e.detail}"
+                for e in uow.session.scalars(
+                    select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
+                )
+            ]
+
+    def images(self, job_id: int) -> list[np.ndarray[Any, Any]]:
+        view = self.view(job_id)
+        arrays = []
+        for key in view.result_paths:
+            with Image.open(io.BytesIO(self.runtime.artifacts.get(key))) as image:
+                arrays.append(np.asarray(image.convert("RGB"), dtype=np.int16))
+        return arrays
+
+
+@pytest.fixture
+def deployment(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, database_url: str
+) -> Any:
+    settings = worker_settings(
+        emulator,
+        tmp_path,
+        tiny_model,
+        database_url=database_url,
+        max_batch_images=8,
+        batch_window_ms=0,
+    )
+    upgrade_to_head(settings.resolved_database_url)
+    runtime = WorkerRuntime(settings, publish=lambda _job_id: None)
+    try:
+        yield Deployment(emulator, runtime)
+    finally:
+        runtime.close()
+
+
+def test_compatible_queued_jobs_are_drawn_in_one_call_each_image_as_if_alone(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    pipe = deployment.runtime.pipeline.text2image
+    original = pipe.__call__
+
+    first = deployment.job(901, _plan("a lighthouse at dusk", 11))
+    second = deployment.job(902, _plan("a banyan tree", 22, images=1))
+    third = deployment.job(903, _plan("a tea stall in the rain", 33))
+    other_size = deployment.job(904, _plan("a kite", 44, size=128))
+    held = deployment.job(905, _plan("a fishing boat", 55), handed_over=False)
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(len(kwargs["generator"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", lambda _self, *a, **k: counting(*a, **k))
+    run_job(deployment.runtime, first)
+    monkeypatch.undo()
+    # One pipeline call drew the three compatible jobs' images; the others were left alone.
+    assert calls == [3]
+    for job_id in (first, second, third):
+        view = deployment.view(job_id)
+        assert view.status == "done" and view.attempts == 1 and view.delivered
+        assert len(deployment.emulator.calls_to("sendPhoto", deployment.chats[job_id])) == 1
+    assert any(f"batched with job {first}" in e for e in deployment.events(second))
+    assert deployment.view(other_size).status == "queued"
+    assert deployment.view(held).status == "queued"
+
+    # The companions' own messages arrive later and find nothing to do.
+    run_job(deployment.runtime, second)
+    assert deployment.view(second).attempts == 1
+    assert len(deployment.emulator.calls_to("sendPhoto", deployment.chats[second])) == 1
+
+    # Each image equals the one its job would have made alone (same seed, same noise).
+    loaded = deployment.runtime.pipeline
+    for job_id in (first, second, third):
+        [alone] = text_to_image(loaded, deployment.view(job_id).plan)
+        [batched] = deployment.images(job_id)
+        difference = np.abs(np.asarray(alone, dtype=np.int16) - batched)
+        assert difference.max() <= 2, f"job {job_id} differs by {difference.max()}"
+
+
+def test_a_batch_stays_within_the_image_limit(deployment: Deployment) -> None:
+    deployment.runtime.settings.max_batch_images = 4
+    ids = [deployment.job(910 + i, _plan(f"a temple {i}", i, images=2)) for i in range(3)]
+    run_job(deployment.runtime, ids[0])
+    statuses = [deployment.view(job_id).status for job_id in ids]
+    # 2 + 2 images fill the limit: the third job waits for its own turn.
+    assert statuses == ["done", "done", "queued"]
+
+
+def test_without_batching_a_job_runs_alone(deployment: Deployment) -> None:
+    deployment.runtime.settings.max_batch_images = 1
+    first = deployment.job(920, _plan("a river", 1))
+    second = deployment.job(921, _plan("a hill", 2))
+    run_job(deployment.runtime, first)
+    assert deployment.view(first).status == "done"
+    assert deployment.view(second).status == "queued"
+
+
+def test_a_cancelled_job_leaves_its_batch_and_the_rest_are_delivered(
+    deployment: Deployment,
+) -> None:
+    leader_id = deployment.job(930, _plan("a peacock", 5))
+    companion_id = deployment.job(931, _plan("a camel", 6))
+    runtime = deployment.runtime
+    with runtime.store.unit_of_work() as uow:
+        leader = jobs.start_job(uow, leader_id, runtime.name)
+    assert leader is not None
+    with runtime.store.unit_of_work() as uow:
+        [companion] = jobs.claim_batch(uow, leader, runtime.name, 8)
+    with runtime.store.unit_of_work() as uow:
+        jobs.cancel_jobs(uow, "telegram", None, "931")
+    service._run_batch(runtime, [leader, companion])
+    assert deployment.view(leader_id).status == "done"
+    assert deployment.view(companion_id).status == "cancelled"
+    assert deployment.emulator.calls_to("sendPhoto", deployment.chats[companion_id]) == []
+
+
+def test_the_window_is_waited_only_when_other_jobs_queue(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waits: list[float] = []
+    monkeypatch.setattr(service.time, "sleep", waits.append)
+    deployment.runtime.settings.batch_window_ms = 40
+    lone = deployment.job(940, _plan("a lone lotus", 7))
+    run_job(deployment.runtime, lone)
+    assert waits == []  # a lone user's job does not wait
+    busy = deployment.job(941, _plan("a market", 8))
+    deployment.job(942, _plan("a kite", 9, size=128))  # queued, of another shape
+    run_job(deployment.runtime, busy)
+    assert waits == [0.04]
+
+
+def test_batch_key_separates_what_one_call_cannot_share() -> None:
+    base = _plan("x", 1)
+    assert batch_key(JobKind.PORTRAIT, base) == batch_key(JobKind.PORTRAIT, _plan("y", 99))
+    for other in (
+        _plan("x", 1, size=128),
+        _plan("x", 1, images=2),
+        GenerationPlan("x", 64, 64, 4, (1,), 7.0),
+        GenerationPlan("x", 64, 64, 3, (1,), 5.0),
+        GenerationPlan("x", 64, 64, 3, (1,), 7.0, negative_prompt="blur"),
+        GenerationPlan("x", 64, 64, 3, (1,), 7.0, lora="/styles/ink.safetensors"),
+    ):
+        assert batch_key(JobKind.PORTRAIT, other) != batch_key(JobKind.PORTRAIT, base)
+    for kind in (JobKind.AVATAR, JobKind.VARIATION, JobKind.UPSCALE, JobKind.PREVIEWS):
+        assert batch_key(kind, base) is None
