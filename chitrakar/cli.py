@@ -49,6 +49,8 @@ def _configure_logging(settings: Settings) -> None:
     )
     # httpx logs every request at INFO, which would log the bot token in each URL.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # torchao warns on import about GPU kernels a CPU build lacks; only its errors matter.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
 
 
 def _require_current_schema(settings: Settings) -> None:
@@ -378,6 +380,156 @@ def cmd_make_tiny_lora(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_random(settings: Settings, args: argparse.Namespace) -> int:
+    import torch
+
+    from workers.random_models import make_random
+
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    path = make_random(args.arch, Path(args.path), dtype[args.dtype], seed=args.seed)
+    print(f"random {args.arch} pipeline at full size written to {path} (its images are noise)")
+    return 0
+
+
+def cmd_presets(settings: Settings, _: argparse.Namespace) -> int:
+    """The presets, and whether this machine's device can run each (and why not)."""
+    from chitrakar.presets import PresetError, load_presets, unmet_needs
+    from workers.acceleration import device_facts
+    from workers.pipelines import resolve_device
+
+    try:
+        catalogue = load_presets(settings.presets_file)
+        device = resolve_device(settings.device)
+        chosen = catalogue.choose(settings.preset, settings.model, device.type).name
+    except (PresetError, RuntimeError) as exc:
+        raise SystemExit(str(exc)) from None
+    facts = device_facts(device)
+    print(f"Presets on this machine ({device}); the worker would use: {chosen}\n")
+    for name, preset in sorted(catalogue.presets.items()):
+        reasons = unmet_needs(preset, facts)
+        mark = "  " if not reasons else "✗ "
+        print(f"{mark}{name:<14} {preset.description}")
+        for reason in reasons:
+            print(f"{'':16} cannot run here: {reason}")
+    return 0
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list like 1,2,4,8") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError("batch sizes are whole numbers of at least 1")
+    return sizes
+
+
+def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    from chitrakar.capacity import BUILTIN_MEASUREMENTS, load_measurements
+    from chitrakar.presets import PresetError
+    from workers.benchmark import format_report, record, run_bench
+    from workers.pipelines import ModelNotFound
+    from workers.random_models import random_arch
+    from workers.runtime import WorkerRuntime
+
+    overrides = {"model": args.model or settings.model, "preset": args.preset or settings.preset}
+    runtime = WorkerRuntime(settings.model_copy(update=overrides), publish=lambda _job_id: None)
+    try:
+        loaded = runtime.pipeline
+    except (ModelNotFound, PresetError, RuntimeError) as exc:
+        raise SystemExit(f"cannot benchmark: {exc}") from None
+    finally:
+        runtime.store.dispose()
+    source = runtime.settings.model
+    label = args.label or (
+        (random_arch(Path(source)) if source and Path(source).is_dir() else None)
+        or (source or "tiny-demo")
+    )
+    report = run_bench(
+        loaded,
+        model=label,
+        width=args.size,
+        height=args.size,
+        steps=args.steps,
+        batches=args.batches,
+        runs=args.runs,
+    )
+    print(format_report(report), file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    else:
+        print(json.dumps(report.to_json(), indent=2))
+    if args.record:
+        table = Path(args.table) if args.table else BUILTIN_MEASUREMENTS
+        record(report, Path(args.record), table)
+        load_measurements(table)  # what was appended reads back
+        print(f"recorded in {args.record} and {table}", file=sys.stderr)
+    return 0
+
+
+def cmd_plan(settings: Settings, args: argparse.Namespace) -> int:
+    from chitrakar.capacity import format_plan, load_measurements, parse_memory, plan
+
+    try:
+        memory = parse_memory(args.gpu_mem)
+        rows = load_measurements(Path(args.table) if args.table else None)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    report = plan(rows, args.model, memory, headroom_fraction=args.headroom)
+    print(format_plan(report))
+    return 0 if report.presets else 1
+
+
+def cmd_tco(settings: Settings, args: argparse.Namespace) -> int:
+    from chitrakar.capacity import load_measurements
+    from chitrakar.tco import CostInputs, cost_report, format_report, plot_tco
+
+    throughput = args.images_per_second
+    if throughput is None:
+        if not (args.model and args.preset):
+            raise SystemExit(
+                "give --images-per-second, or --model and --preset to use a measurement"
+            )
+        rows = [
+            row
+            for row in load_measurements(Path(args.table) if args.table else None)
+            if row.model.lower() == args.model.lower()
+            and row.preset == args.preset
+            and (args.device is None or args.device.lower() in row.device.lower())
+        ]
+        if not rows:
+            raise SystemExit(f"no measurement of {args.model} with preset {args.preset} found")
+        best = max(rows, key=lambda row: row.images_per_second)
+        throughput = best.images_per_second
+        print(
+            f"throughput: {throughput:.3f} images/s, {best.model} {best.preset} at batch "
+            f"{best.batch}, {best.width}×{best.height}, {best.steps} steps on {best.device} "
+            f"({best.source.split(':', 1)[0]})"
+        )
+    try:
+        inputs = CostInputs(
+            images_per_second=throughput,
+            power_watts=args.power_watts,
+            idle_watts=args.idle_watts,
+            electricity_price_per_kwh=args.electricity_price,
+            utilisation=args.utilisation,
+            hardware_price=args.hardware_price,
+            amortisation_months=args.amortisation_months,
+            hourly_rent=args.hourly_rent,
+            other_monthly=args.other_monthly,
+            api_price_per_image=args.api_price,
+            currency=args.currency,
+        )
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    print(format_report(cost_report(inputs)))
+    if args.plot:
+        print(f"plot written to {plot_tco(inputs, Path(args.plot))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chitrakar", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -439,6 +591,71 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("path")
     lora.add_argument("--seed", type=int, default=0)
     lora.set_defaults(func=cmd_make_tiny_lora)
+
+    make_random = model.add_parser(
+        "make-random",
+        help="write a randomly initialised pipeline at a real architecture's full size "
+        "(to measure speed and memory without downloadable weights)",
+    )
+    make_random.add_argument("--arch", choices=["sd15", "sdxl"], required=True)
+    make_random.add_argument("path")
+    make_random.add_argument(
+        "--dtype", choices=["float16", "bfloat16", "float32"], default="float16"
+    )
+    make_random.add_argument("--seed", type=int, default=0)
+    make_random.set_defaults(func=cmd_make_random)
+
+    sub.add_parser(
+        "presets", help="list the pipeline presets and which this machine can run"
+    ).set_defaults(func=cmd_presets)
+
+    bench = sub.add_parser(
+        "bench", help="latency and images per second at several batch sizes, and peak VRAM"
+    )
+    bench.add_argument("--model", help="a diffusers folder or hub id (default: CHITRAKAR_MODEL)")
+    bench.add_argument("--preset", help="a preset name (default: CHITRAKAR_PRESET or auto)")
+    bench.add_argument("--label", help="the model's name in the tables (default: from the model)")
+    bench.add_argument("--size", type=int, default=1024, help="image side in pixels")
+    bench.add_argument("--steps", type=int, default=30)
+    bench.add_argument("--batches", type=_batch_sizes, default=[1, 2, 4, 8])
+    bench.add_argument("--runs", type=int, default=5, help="timed calls per batch size")
+    bench.add_argument("--json", help="write the JSON report here (default: standard output)")
+    bench.add_argument(
+        "--record", metavar="BENCHMARKS_MD", help="append a row per batch size to this file"
+    )
+    bench.add_argument("--table", help="the measured table to append to (with --record)")
+    bench.set_defaults(func=cmd_bench)
+
+    plan = sub.add_parser("plan", help="which presets fit a GPU's memory, from measured tables")
+    plan.add_argument("--gpu-mem", required=True, help="the GPU's memory, e.g. 8GiB or 24GB")
+    plan.add_argument("--model", required=True, help="e.g. sdxl, sd15")
+    plan.add_argument(
+        "--headroom", type=float, default=0.1, help="share kept free (CUDA context, fragments)"
+    )
+    plan.add_argument("--table", help="a measured table (default: the packaged one)")
+    plan.set_defaults(func=cmd_plan)
+
+    tco = sub.add_parser("tco", help="cost per 1,000 images, self-hosted against an API")
+    throughput = tco.add_argument_group("throughput (one of)")
+    throughput.add_argument("--images-per-second", type=float)
+    throughput.add_argument("--model", help="with --preset: the best measured throughput")
+    throughput.add_argument("--preset")
+    throughput.add_argument("--device", help="only measurements on a device whose name has this")
+    throughput.add_argument("--table", help="a measured table (default: the packaged one)")
+    hardware = tco.add_argument_group("hardware (owned or rented)")
+    hardware.add_argument("--hardware-price", type=float)
+    hardware.add_argument("--amortisation-months", type=float)
+    hardware.add_argument("--hourly-rent", type=float)
+    running = tco.add_argument_group("running")
+    running.add_argument("--power-watts", type=float, required=True, help="the server at load")
+    running.add_argument("--idle-watts", type=float, default=0.0)
+    running.add_argument("--electricity-price", type=float, required=True, help="per kWh")
+    running.add_argument("--utilisation", type=float, required=True, help="0 < u ≤ 1")
+    running.add_argument("--other-monthly", type=float, default=0.0, help="hosting, staff")
+    tco.add_argument("--api-price", type=float, help="a cloud API's price per image")
+    tco.add_argument("--currency", default="USD")
+    tco.add_argument("--plot", help="also draw cost against utilisation to this PNG")
+    tco.set_defaults(func=cmd_tco)
 
     styles = sub.add_parser("styles", help="the style catalogue").add_subparsers(
         dest="styles", required=True

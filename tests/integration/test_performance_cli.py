@@ -1,0 +1,115 @@
+"""The performance commands as an operator runs them: `chitrakar presets`, `bench` (JSON, a
+BENCHMARKS.md row and a measured row that `plan` then reads back), `plan` and `tco`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from PIL import Image
+
+from chitrakar.capacity import load_measurements
+from tests.support.stack import run_chitrakar
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHITRAKAR_")}
+    env.update(CHITRAKAR_DATA_DIR=str(tmp_path / "data"), HF_HUB_OFFLINE="1", **extra)
+    return env
+
+
+def test_bench_measures_records_and_plan_reads_it_back(tmp_path: Path, tiny_model: Path) -> None:
+    benchmarks, table, report = (
+        tmp_path / "BENCHMARKS.md",
+        tmp_path / "m.jsonl",
+        tmp_path / "r.json",
+    )
+    benchmarks.write_text("# Benchmarks\n", encoding="utf-8")
+    args = [
+        "bench", "--model", str(tiny_model), "--label", "tiny", "--preset", "cpu",
+        "--size", "64", "--steps", "2", "--batches", "1,2", "--runs", "3",
+        "--json", str(report), "--record", str(benchmarks), "--table", str(table),
+    ]  # fmt: skip
+    result = run_chitrakar(*args, env=_env(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+    data = json.loads(report.read_text())
+    assert (data["model"], data["preset"], data["steps"], data["runs"]) == ("tiny", "cpu", 2, 3)
+    assert [b["batch"] for b in data["batches"]] == [1, 2]
+    for figures in data["batches"]:
+        assert len(figures["calls"]) == 3
+        assert figures["seconds_per_call"] == sorted(figures["calls"])[1]  # the median
+        assert figures["peak_memory_bytes"] is None  # a CPU has no VRAM to measure
+    text = benchmarks.read_text()
+    assert text.count("| tiny | cpu | 64×64, 2 |") == 2
+    assert "`chitrakar bench --model" in text
+
+    rows = load_measurements(table)
+    assert [(row.model, row.batch) for row in rows] == [("tiny", 1), ("tiny", 2)]
+    assert all(row.source.startswith("measured: chitrakar bench") for row in rows)
+
+    # Run again: the heading is not repeated, rows are added.
+    assert run_chitrakar(*args, env=_env(tmp_path), cwd=tmp_path).returncode == 0
+    assert benchmarks.read_text().count("## `chitrakar bench`") == 1
+    assert len(load_measurements(table)) == 4
+
+    planned = run_chitrakar(
+        "plan", "--gpu-mem", "8GiB", "--model", "tiny", "--table", str(table),
+        env=_env(tmp_path), cwd=tmp_path,
+    )  # fmt: skip
+    assert "cpu" in planned.stdout and "measured" in planned.stdout
+
+
+def test_a_preset_the_machine_cannot_run_is_refused_in_one_line(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    result = run_chitrakar(
+        "bench", "--model", str(tiny_model), "--preset", "low-vram", "--size", "64",
+        env=_env(tmp_path, CHITRAKAR_DEVICE="cpu"), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "cannot benchmark: preset 'low-vram' cannot run on cpu: CPU offload" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_presets_lists_what_this_machine_can_run(tmp_path: Path) -> None:
+    result = run_chitrakar("presets", env=_env(tmp_path, CHITRAKAR_DEVICE="cpu"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "the worker would use: cpu" in result.stdout
+    assert "✗ fp8" in result.stdout and "float8 needs an NVIDIA GPU" in result.stdout
+    assert "  fast " in result.stdout
+
+
+def test_plan_for_an_8_gib_gpu_from_the_packaged_table(tmp_path: Path) -> None:
+    result = run_chitrakar(
+        "plan", "--gpu-mem", "8GiB", "--model", "sdxl", env=_env(tmp_path), cwd=tmp_path
+    )
+    assert "sdxl on 8.0 GiB" in result.stdout
+    assert "published" in result.stdout
+    bad = run_chitrakar(
+        "plan", "--gpu-mem", "lots", "--model", "sdxl", env=_env(tmp_path), cwd=tmp_path
+    )
+    assert bad.returncode == 1 and "lots" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_tco_reports_and_plots(tmp_path: Path) -> None:
+    plot = tmp_path / "tco.png"
+    result = run_chitrakar(
+        "tco", "--images-per-second", "0.5", "--hardware-price", "30000",
+        "--amortisation-months", "36", "--power-watts", "700", "--electricity-price", "8",
+        "--utilisation", "0.6", "--api-price", "0.04", "--currency", "INR",
+        "--plot", str(plot), env=_env(tmp_path), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    # 30,000 / (36 × 730) = 1.1416 an hour; 0.7 kW × 0.6 × 8 = 3.36; 1,080 images an hour:
+    # (1.1416 + 3.36) / 1,080 × 1,000 = 4.17 per 1,000.
+    assert "4.17 INR" in result.stdout
+    with Image.open(plot) as image:
+        assert image.format == "PNG" and image.width > 400
+    both = run_chitrakar(
+        "tco", "--images-per-second", "0.5", "--hardware-price", "1", "--amortisation-months",
+        "1", "--hourly-rent", "2", "--power-watts", "700", "--electricity-price", "8",
+        "--utilisation", "0.6", env=_env(tmp_path), cwd=tmp_path,
+    )  # fmt: skip
+    assert both.returncode == 1 and "Traceback" not in both.stderr

@@ -1,0 +1,339 @@
+"""Which presets fit a GPU: the measurement table, memory parsing and the plan."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from chitrakar.capacity import (
+    BUILTIN_MEASUREMENTS,
+    PRESETS,
+    Fit,
+    Measurement,
+    append_measurement,
+    budget_bytes,
+    format_plan,
+    load_measurements,
+    parse_memory,
+    plan,
+)
+
+GIB = 2**30
+
+
+def row(
+    preset: str = "fp16",
+    *,
+    model: str = "sdxl",
+    device: str = "NVIDIA H100 80GB HBM3",
+    batch: int = 1,
+    seconds_per_call: float = 2.0,
+    peak: int | None = 8 * GIB,
+    source: str = "measured: python bench/gpu_smoke.py --preset fp16",
+) -> Measurement:
+    return Measurement.from_call(
+        date="2026-11-26",
+        model=model,
+        preset=preset,
+        device=device,
+        width=1024,
+        height=1024,
+        steps=30,
+        batch=batch,
+        seconds_per_call=seconds_per_call,
+        peak_memory_bytes=peak,
+        runs=5,
+        source=source,
+    )
+
+
+# --- the packaged table ---
+
+
+def test_the_packaged_table_loads_and_every_row_says_where_it_comes_from() -> None:
+    rows = load_measurements()
+    assert rows == load_measurements(BUILTIN_MEASUREMENTS)
+    assert {m.model for m in rows} >= {"sdxl", "sd15"}
+    for m in rows:
+        assert m.source.startswith(("measured:", "published:")), m
+        if m.source.startswith("published:"):
+            # A published figure names the page it was copied from.
+            assert "https://" in m.source, m
+    # Every row names a preset a worker knows.
+    assert {m.preset for m in rows} <= set(PRESETS)
+
+
+def test_the_packaged_table_plans_without_error() -> None:
+    report = plan(load_measurements(), "SDXL", parse_memory("24GiB"))
+    assert report.rows > 0
+    assert "Peak = torch.cuda.max_memory_allocated" in format_plan(report)
+
+
+# --- parse_memory ---
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("8GiB", 8 * GIB),
+        ("8 GiB", 8 * GIB),
+        ("8gib", 8 * GIB),
+        ("8GB", 8 * 10**9),  # decimal, as on the box
+        ("24g", 24 * GIB),  # a bare g is binary, as in nvidia-smi and docker
+        ("24G", 24 * GIB),
+        ("1.5GiB", 3 * GIB // 2),
+        ("512MiB", 512 * 2**20),
+        ("512m", 512 * 2**20),
+        ("500MB", 500 * 10**6),
+        ("64k", 64 * 1024),
+        ("1TiB", 2**40),
+        ("1048576", 1048576),
+        ("4096 B", 4096),
+        ("  16 GiB  ", 16 * GIB),
+    ],
+)
+def test_parse_memory_reads_the_usual_spellings(text: str, expected: int) -> None:
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "cannot read"),
+        ("lots", "cannot read"),
+        ("GiB", "cannot read"),
+        ("8 XB", "cannot read"),
+        ("8 GiB please", "cannot read"),
+        ("8,5GiB", "cannot read"),
+        ("0", "more than zero"),
+        ("0GiB", "more than zero"),
+        ("-1GiB", "more than zero"),
+        ("0.5", "whole number of bytes"),
+    ],
+)
+def test_parse_memory_refuses_garbage_zero_and_negative(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_memory(text)
+
+
+# --- reading and writing the table ---
+
+
+def test_a_row_round_trips_through_a_file(tmp_path: Path) -> None:
+    table = tmp_path / "m.jsonl"
+    first = row()
+    second = replace(row("int8", peak=None), torch="2.9.0+cu128", diffusers="0.42.0")
+    append_measurement(table, first)
+    append_measurement(table, second)
+    assert load_measurements(table) == [first, second]
+    # Versions are left out when absent; peak memory is written as null.
+    line = json.loads(table.read_text("utf-8").splitlines()[0])
+    assert "torch" not in line and line["peak_memory_bytes"] == 8 * GIB
+
+
+def test_appending_after_a_last_line_without_its_newline(tmp_path: Path) -> None:
+    table = tmp_path / "m.jsonl"
+    table.write_text(row().to_json(), encoding="utf-8")  # no newline at the end
+    append_measurement(table, row("bf16"))
+    assert [m.preset for m in load_measurements(table)] == ["fp16", "bf16"]
+
+
+def test_blank_lines_are_skipped(tmp_path: Path) -> None:
+    table = tmp_path / "m.jsonl"
+    table.write_text(f"\n{row().to_json()}\n   \n{row('bf16').to_json()}\n\n", encoding="utf-8")
+    assert len(load_measurements(table)) == 2
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "reason"),
+    [
+        ("{not json", "line 3"),
+        ("[1, 2]", "JSON object"),
+        (json.dumps({"date": "2026-11-26"}), "missing field"),
+        (json.dumps({**json.loads(row().to_json()), "gpu": "x"}), "unknown field"),
+        (json.dumps({**json.loads(row().to_json()), "source": "a blog"}), "source must start"),
+        (json.dumps({**json.loads(row().to_json()), "width": "1024"}), "width"),
+        (json.dumps({**json.loads(row().to_json()), "date": "26/11/2026"}), "YYYY-MM-DD"),
+        (json.dumps({**json.loads(row().to_json()), "seconds_per_image": 9.0}), "seconds_per_im"),
+        (json.dumps({**json.loads(row().to_json()), "peak_memory_bytes": 0}), "peak_memory"),
+    ],
+)
+def test_a_malformed_line_raises_naming_its_line_number(
+    tmp_path: Path, bad_line: str, reason: str
+) -> None:
+    table = tmp_path / "m.jsonl"
+    # Line 1 a good row, line 2 blank, line 3 the bad one.
+    table.write_text(f"{row().to_json()}\n\n{bad_line}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=reason) as caught:
+        load_measurements(table)
+    assert f"{table}, line 3:" in str(caught.value)
+
+
+def test_a_source_must_say_measured_or_published() -> None:
+    with pytest.raises(ValueError, match="source"):
+        row(source="published:   ")
+    assert row(source="published: https://example.org/post table 2").source
+
+
+# --- the budget and the fit ---
+
+
+def test_the_budget_keeps_the_headroom_exactly() -> None:
+    # 10 GiB = 10,737,418,240 bytes; x (1 - 0.1) = 9,663,676,416 bytes = 9 GiB exactly.
+    assert budget_bytes(10 * GIB, 0.1) == 9 * GIB == 9_663_676_416
+    # 24 GiB x 0.85 = 21,904,333,209.6 bytes, rounded down.
+    assert budget_bytes(24 * GIB, 0.15) == 21_904_333_209
+    assert budget_bytes(8 * GIB, 0) == 8 * GIB
+
+
+@pytest.mark.parametrize("headroom", [-0.1, 1.0, 1.5, float("nan")])
+def test_the_headroom_must_be_a_fraction(headroom: float) -> None:
+    with pytest.raises(ValueError, match="headroom"):
+        budget_bytes(8 * GIB, headroom)
+
+
+def test_gpu_memory_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="gpu_memory_bytes"):
+        plan([], "sdxl", 0)
+
+
+def test_a_peak_exactly_at_the_budget_fits_and_one_byte_more_does_not() -> None:
+    # A 10 GiB GPU with 10 % headroom leaves 9 GiB (9,663,676,416 bytes) for the pipeline.
+    on_budget = row("fp16", peak=9 * GIB)
+    over = row("bf16", peak=9 * GIB + 1)
+    report = plan([on_budget, over], "sdxl", 10 * GIB, headroom_fraction=0.1)
+    fits = {p.preset: p.fit for p in report.presets}
+    assert fits == {"fp16": Fit.FITS, "bf16": Fit.TOO_BIG}
+    assert report.budget_bytes == 9 * GIB
+    # Without headroom the 9 GiB + 1 byte preset fits a 10 GiB GPU.
+    assert plan([over], "sdxl", 10 * GIB, headroom_fraction=0).presets[0].fit is Fit.FITS
+
+
+def test_the_lowest_peak_at_batch_one_decides_across_devices() -> None:
+    rows = [
+        row("fp16", device="NVIDIA A100 80GB", peak=10 * GIB),
+        row("fp16", device="NVIDIA H100 80GB HBM3", peak=8 * GIB),
+        row("fp16", batch=4, peak=20 * GIB),
+    ]
+    preset = plan(rows, "sdxl", 10 * GIB).presets[0]  # budget 9 GiB
+    assert preset.fit is Fit.FITS
+    assert preset.peak_memory_bytes == 8 * GIB
+    assert preset.memory is not None and preset.memory.device == "NVIDIA H100 80GB HBM3"
+
+
+def test_a_preset_whose_memory_was_never_measured_is_not_reported_as_fitting() -> None:
+    rows = [row("lcm", peak=None, seconds_per_call=0.5), row("fp16", peak=4 * GIB)]
+    report = plan(rows, "sdxl", 80 * GIB)
+    assert [p.preset for p in report.fitting] == ["fp16"]
+    assert [p.preset for p in report.memory_unknown] == ["lcm"]
+    unknown = report.memory_unknown[0]
+    assert unknown.peak_memory_bytes is None and unknown.largest_batch is None
+    # Its speed is still reported.
+    assert unknown.fastest is not None and unknown.fastest.seconds_per_image == 0.5
+    text = format_plan(report)
+    assert "lcm" in text and "never counted as fitting" in text
+
+
+def test_memory_measured_only_at_a_larger_batch_is_an_upper_bound() -> None:
+    # Memory grows with the batch: batch 4 fitting in 9 GiB means batch 1 fits too; batch 4 not
+    # fitting says nothing about batch 1.
+    small = row("low-vram", batch=4, peak=6 * GIB, seconds_per_call=16.0)
+    big = row("min-vram", batch=4, peak=12 * GIB, seconds_per_call=64.0)
+    report = plan([small, big], "sdxl", 10 * GIB)
+    assert {p.preset: p.fit for p in report.presets} == {
+        "low-vram": Fit.FITS,
+        "min-vram": Fit.UNKNOWN,
+    }
+    low = report.presets[0]
+    assert low.peak_memory_bytes is None  # batch 1 itself was not measured
+    assert low.largest_batch == small and low.fastest is None
+    assert "? (12.0 GiB at 4)" in format_plan(report)
+
+
+def test_the_largest_measured_batch_that_fits_and_its_throughput() -> None:
+    # Budget 9 GiB: batches 1 (5 GiB) and 2 (7 GiB) fit, batch 4 (11 GiB) does not.
+    rows = [
+        row("fp16", batch=1, peak=5 * GIB, seconds_per_call=2.0),
+        row("fp16", batch=2, peak=7 * GIB, seconds_per_call=3.0),
+        row("fp16", batch=4, peak=11 * GIB, seconds_per_call=5.0),
+    ]
+    preset = plan(rows, "sdxl", 10 * GIB).presets[0]
+    assert preset.largest_batch is not None
+    assert preset.largest_batch.batch == 2
+    # 2 images in 3.0 s = 0.667 images/s.
+    assert preset.largest_batch.images_per_second == pytest.approx(2 / 3)
+
+
+def test_the_best_seconds_per_image_at_batch_one_names_its_device() -> None:
+    rows = [
+        row("fp16", device="NVIDIA A100 80GB", seconds_per_call=3.8, peak=None),
+        row("fp16", device="NVIDIA GeForce RTX 4090", seconds_per_call=3.4, peak=None),
+        # Faster per image, but at batch 4: not the batch-1 figure.
+        row("fp16", device="NVIDIA H100 80GB HBM3", batch=4, seconds_per_call=8.0, peak=None),
+    ]
+    fastest = plan(rows, "sdxl", 80 * GIB).presets[0].fastest
+    assert fastest is not None
+    assert (fastest.device, fastest.seconds_per_image) == ("NVIDIA GeForce RTX 4090", 3.4)
+
+
+def test_presets_are_sorted_fitting_first_then_fastest_first() -> None:
+    rows = [
+        row("bf16", peak=8 * GIB, seconds_per_call=3.3),
+        row("fast", peak=8 * GIB, seconds_per_call=2.5),
+        row("cpu", peak=17 * GIB, seconds_per_call=7.4),  # too big for 9 GiB
+        row("int8", peak=20 * GIB, seconds_per_call=2.4),  # too big, but faster
+        row("lcm", peak=None, seconds_per_call=0.7),  # fastest of all, memory unknown
+    ]
+    report = plan(rows, "sdxl", 10 * GIB)
+    assert [p.preset for p in report.presets] == ["fast", "bf16", "int8", "cpu", "lcm"]
+    assert [p.preset for p in report.too_big] == ["int8", "cpu"]
+
+
+def test_the_plan_does_not_depend_on_the_order_of_the_rows() -> None:
+    rows = load_measurements()
+    shuffled = list(rows)
+    random.Random(7).shuffle(shuffled)
+    assert plan(shuffled, "sdxl", 16 * GIB) == plan(rows, "sdxl", 16 * GIB)
+    assert format_plan(plan(shuffled, "sdxl", 16 * GIB)) == format_plan(
+        plan(rows, "sdxl", 16 * GIB)
+    )
+
+
+def test_the_model_label_is_matched_case_insensitively_and_others_are_ignored() -> None:
+    rows = [row("fp16", model="SDXL"), row("fp16", model="sd15", peak=3 * GIB)]
+    report = plan(rows, "sdxl", 10 * GIB)
+    assert report.rows == 1
+    assert report.presets[0].memory == rows[0]
+
+
+def test_an_unknown_model_gets_an_empty_plan_that_lists_the_known_ones() -> None:
+    report = plan([row(model="sdxl"), row(model="sd15")], "flux", 24 * GIB)
+    assert report.presets == ()
+    assert report.known_models == ("sd15", "sdxl")
+    assert "No figures for 'flux'. Models in the table: sd15, sdxl." in format_plan(report)
+
+
+def test_presets_without_any_row_are_listed_as_unmeasured() -> None:
+    report = plan([row("fp16")], "sdxl", 24 * GIB)
+    assert "fp16" not in report.unmeasured
+    assert set(report.unmeasured) == set(PRESETS) - {"fp16"}
+
+
+def test_format_plan_shows_the_budget_the_headroom_and_numbered_sources() -> None:
+    rows = [
+        row(
+            "fast", peak=9 * GIB, seconds_per_call=2.52, source="published: https://a.example/x t1"
+        ),
+        row("lcm", peak=None, seconds_per_call=0.7, source="published: https://b.example/y t2"),
+    ]
+    text = format_plan(plan(rows, "sdxl", 10 * GIB, headroom_fraction=0.1))
+    assert "sdxl on 10.0 GiB: presets must peak at 9.0 GiB or less (10% kept" in text
+    lines = text.splitlines()
+    fast = next(line for line in lines if line.startswith("fast "))
+    assert "yes" in fast and "9.0 GiB" in fast and "2.52" in fast and fast.endswith("1")
+    assert "[1] https://a.example/x" in lines and "[2] https://b.example/y" in lines
+    assert "(2 published, 0 measured on our machines)" in text
