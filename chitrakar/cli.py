@@ -430,23 +430,21 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     from chitrakar.capacity import BUILTIN_MEASUREMENTS, load_measurements
     from chitrakar.presets import PresetError
     from workers.benchmark import format_report, record, run_bench
-    from workers.pipelines import ModelNotFound
+    from workers.pipelines import ModelNotFound, load_configured, resolve_device
     from workers.random_models import random_arch
-    from workers.runtime import WorkerRuntime
 
-    overrides = {"model": args.model or settings.model, "preset": args.preset or settings.preset}
-    runtime = WorkerRuntime(settings.model_copy(update=overrides), publish=lambda _job_id: None)
+    source = args.model or settings.model
+    if source is None:
+        raise SystemExit("cannot benchmark: give --model (a diffusers folder or hub id)")
+    # No store, broker or chat: only the model, loaded as the worker loads it.
+    settings = settings.model_copy(
+        update={"model": source, "preset": args.preset or settings.preset}
+    )
     try:
-        loaded = runtime.pipeline
+        loaded = load_configured(settings, source, resolve_device(settings.device))
     except (ModelNotFound, PresetError, RuntimeError) as exc:
         raise SystemExit(f"cannot benchmark: {exc}") from None
-    finally:
-        runtime.store.dispose()
-    source = runtime.settings.model
-    label = args.label or (
-        (random_arch(Path(source)) if source and Path(source).is_dir() else None)
-        or (source or "tiny-demo")
-    )
+    label = args.label or (random_arch(Path(source)) if Path(source).is_dir() else None) or source
     report = run_bench(
         loaded,
         model=label,

@@ -15,9 +15,16 @@ import torch
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image, DiffusionPipeline
 from PIL import Image, ImageOps
 
+from chitrakar.config import Settings
 from chitrakar.domain import SIZE_MULTIPLE, GenerationPlan
-from chitrakar.presets import Preset, adjust_plan
-from workers.acceleration import apply_preset, set_qkv_fused
+from chitrakar.presets import Preset, adjust_plan, load_presets
+from workers.acceleration import (
+    apply_preset,
+    check_preset,
+    preset_dtype,
+    set_qkv_fused,
+    use_compile_cache,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +115,18 @@ def load_pipeline(
     log.info("loaded model %s on %s as %s with preset %s", source, device, dtype, name)
     fused = preset is not None and preset.fuse_qkv
     return LoadedPipeline(source, device, dtype, pipe, preset=preset, qkv_fused=fused)
+
+
+def load_configured(settings: Settings, source: str, device: torch.device) -> LoadedPipeline:
+    """The model as this deployment runs it: under the preset its settings choose for this
+    device (PresetError, with the reasons, when the device cannot run it). The worker and
+    `chitrakar bench` load through here, so a benchmark measures what the worker runs."""
+    catalogue = load_presets(settings.presets_file)
+    preset = catalogue.choose(settings.preset, settings.model, device.type)
+    check_preset(preset, device)
+    if preset.compiled:
+        use_compile_cache(settings.compile_cache_dir)
+    return load_pipeline(source, device, preset_dtype(preset, device), preset)
 
 
 def use_lora(loaded: LoadedPipeline, path: str | None, scale: float) -> bool:

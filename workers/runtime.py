@@ -11,25 +11,23 @@ import time
 from collections.abc import Callable
 from functools import cached_property
 
-import torch
 from sqlalchemy import text as sql
 
 from chitrakar.artifacts import artifact_store_from_url
 from chitrakar.config import Settings
 from chitrakar.domain import GenerationPlan
 from chitrakar.media import MediaStore
-from chitrakar.presets import Preset, load_presets
 from chitrakar.styles import StyleCatalogue, load_catalogue
 from db import heartbeats
 from db.session import Store
 from db.web import CHANNEL as WEB_CHANNEL
-from workers.acceleration import check_preset, preset_dtype, use_compile_cache, warm_up
+from workers.acceleration import warm_up
 from workers.classifier import OutputClassifier
 from workers.delivery import CHANNEL as TELEGRAM_CHANNEL
 from workers.delivery import TelegramDelivery
 from workers.identity import IdentityStage, choose_identity_stage
 from workers.outbound import ChannelDeliveries, Delivery
-from workers.pipelines import LoadedPipeline, load_pipeline, resolve_device, text_to_image
+from workers.pipelines import LoadedPipeline, load_configured, resolve_device, text_to_image
 from workers.web_delivery import WebDelivery
 
 log = logging.getLogger(__name__)
@@ -76,26 +74,11 @@ class WorkerRuntime:
         return str(folder)
 
     @cached_property
-    def device(self) -> torch.device:
-        return resolve_device(self.settings.device)
-
-    @cached_property
-    def preset(self) -> Preset:
-        """The preset this worker runs its model with; one it cannot run is refused here,
-        at start-up, with the reason (PresetError)."""
-        settings = self.settings
-        catalogue = load_presets(settings.presets_file)
-        preset = catalogue.choose(settings.preset, settings.model, self.device.type)
-        check_preset(preset, self.device)
-        return preset
-
-    @cached_property
     def pipeline(self) -> LoadedPipeline:
-        preset = self.preset
-        if preset.compiled:
-            use_compile_cache(self.settings.compile_cache_dir)
-        dtype = preset_dtype(preset, self.device)
-        return load_pipeline(self.model_source(), self.device, dtype, preset)
+        """The model, loaded once, under its preset; a preset this device cannot run is
+        refused here, at start-up, with the reason (PresetError)."""
+        device = resolve_device(self.settings.device)
+        return load_configured(self.settings, self.model_source(), device)
 
     def warm_up(self) -> None:
         """Load the model and, for a compiled preset, compile it before the first user waits:
@@ -117,7 +100,8 @@ class WorkerRuntime:
                 )
                 text_to_image(loaded, plan)
 
-        warm_up(generate, self.preset)
+        assert loaded.preset is not None
+        warm_up(generate, loaded.preset)
 
     @cached_property
     def classifier(self) -> OutputClassifier:
