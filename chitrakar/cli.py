@@ -386,7 +386,10 @@ def cmd_make_random(settings: Settings, args: argparse.Namespace) -> int:
     from workers.random_models import make_random
 
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-    path = make_random(args.arch, Path(args.path), dtype[args.dtype], seed=args.seed)
+    try:
+        path = make_random(args.arch, Path(args.path), dtype[args.dtype], seed=args.seed)
+    except OSError as exc:
+        raise SystemExit(f"cannot write the model: {exc}") from None
     print(f"random {args.arch} pipeline at full size written to {path} (its images are noise)")
     return 0
 
@@ -412,6 +415,18 @@ def cmd_presets(settings: Settings, _: argparse.Namespace) -> int:
         for reason in reasons:
             print(f"{'':16} cannot run here: {reason}")
     return 0
+
+
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def _image_side(text: str) -> int:
+    if not text.isdigit() or int(text) < 64 or int(text) % 8:
+        raise argparse.ArgumentTypeError(f"{text!r}: a side is a multiple of 8 from 64 up")
+    return int(text)
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -455,14 +470,18 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         runs=args.runs,
     )
     print(format_report(report), file=sys.stderr)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    else:
-        print(json.dumps(report.to_json(), indent=2))
+    try:
+        if args.json:
+            Path(args.json).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        else:
+            print(json.dumps(report.to_json(), indent=2))
+        if args.record:
+            table = Path(args.table) if args.table else BUILTIN_MEASUREMENTS
+            record(report, Path(args.record), table)
+            load_measurements(table)  # what was appended reads back
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"cannot record the results: {exc}") from None
     if args.record:
-        table = Path(args.table) if args.table else BUILTIN_MEASUREMENTS
-        record(report, Path(args.record), table)
-        load_measurements(table)  # what was appended reads back
         print(f"recorded in {args.record} and {table}", file=sys.stderr)
     return 0
 
@@ -473,9 +492,9 @@ def cmd_plan(settings: Settings, args: argparse.Namespace) -> int:
     try:
         memory = parse_memory(args.gpu_mem)
         rows = load_measurements(Path(args.table) if args.table else None)
-    except ValueError as exc:
+        report = plan(rows, args.model, memory, headroom_fraction=args.headroom)
+    except (ValueError, OSError) as exc:
         raise SystemExit(str(exc)) from None
-    report = plan(rows, args.model, memory, headroom_fraction=args.headroom)
     print(format_plan(report))
     return 0 if report.presets else 1
 
@@ -490,9 +509,13 @@ def cmd_tco(settings: Settings, args: argparse.Namespace) -> int:
             raise SystemExit(
                 "give --images-per-second, or --model and --preset to use a measurement"
             )
+        try:
+            table = load_measurements(Path(args.table) if args.table else None)
+        except (ValueError, OSError) as exc:
+            raise SystemExit(str(exc)) from None
         rows = [
             row
-            for row in load_measurements(Path(args.table) if args.table else None)
+            for row in table
             if row.model.lower() == args.model.lower()
             and row.preset == args.preset
             and (args.device is None or args.device.lower() in row.device.lower())
@@ -524,7 +547,10 @@ def cmd_tco(settings: Settings, args: argparse.Namespace) -> int:
         raise SystemExit(str(exc)) from None
     print(format_report(cost_report(inputs)))
     if args.plot:
-        print(f"plot written to {plot_tco(inputs, Path(args.plot))}")
+        try:
+            print(f"plot written to {plot_tco(inputs, Path(args.plot))}")
+        except OSError as exc:
+            raise SystemExit(f"cannot write the plot: {exc}") from None
     return 0
 
 
@@ -613,10 +639,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", help="a diffusers folder or hub id (default: CHITRAKAR_MODEL)")
     bench.add_argument("--preset", help="a preset name (default: CHITRAKAR_PRESET or auto)")
     bench.add_argument("--label", help="the model's name in the tables (default: from the model)")
-    bench.add_argument("--size", type=int, default=1024, help="image side in pixels")
-    bench.add_argument("--steps", type=int, default=30)
+    bench.add_argument("--size", type=_image_side, default=1024, help="image side in pixels")
+    bench.add_argument("--steps", type=_at_least_one, default=30)
     bench.add_argument("--batches", type=_batch_sizes, default=[1, 2, 4, 8])
-    bench.add_argument("--runs", type=int, default=5, help="timed calls per batch size")
+    bench.add_argument("--runs", type=_at_least_one, default=5, help="timed calls per batch size")
     bench.add_argument("--json", help="write the JSON report here (default: standard output)")
     bench.add_argument(
         "--record", metavar="BENCHMARKS_MD", help="append a row per batch size to this file"

@@ -133,14 +133,21 @@ def _read(path: Path) -> dict[str, Any]:
 def load_presets(override: Path | None = None) -> PresetCatalogue:
     """The built-in presets with an operator's file laid over them: a preset named in both
     is replaced whole; [models] entries are merged."""
-    data = _read(BUILTIN_PRESETS)
-    presets = dict(data.get("presets", {}))
-    models = dict(data.get("models", {}))
-    if override is not None:
-        extra = _read(override)
-        presets.update(extra.get("presets", {}))
-        models.update(extra.get("models", {}))
     source = f"{BUILTIN_PRESETS}" + (f" and {override}" if override else "")
+    presets: dict[str, Any] = {}
+    models: dict[str, Any] = {}
+    for path in (BUILTIN_PRESETS, override):
+        if path is None:
+            continue
+        data = _read(path)
+        for table, into in (("presets", presets), ("models", models)):
+            section = data.get(table, {})
+            if not isinstance(section, dict):
+                raise PresetError(f"{path}: [{table}] must be a table")
+            into.update(section)
+    for name, fields in presets.items():
+        if not isinstance(fields, dict):
+            raise PresetError(f"{source}: presets.{name} must be a table ([presets.{name}])")
     try:
         catalogue = PresetCatalogue(
             presets={name: {**fields, "name": name} for name, fields in presets.items()},

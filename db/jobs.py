@@ -17,7 +17,6 @@ from sqlalchemy.orm import Session
 
 from chitrakar.domain import (
     ACTIVE_STATUSES,
-    MAX_ATTEMPTS,
     TRANSITIONS,
     GenerationPlan,
     InvalidTransition,
@@ -187,8 +186,10 @@ def _user_for(session: Session, origin: Origin) -> User:
     return user
 
 
-def _load(session: Session, job_id: int) -> Job:
-    job = session.get(Job, job_id)
+def _load(session: Session, job_id: int, lock: bool = False) -> Job:
+    # lock: hold the row until commit (PostgreSQL), so two workers cannot both decide to
+    # start the same job; SQLite serialises writers anyway.
+    job = session.get(Job, job_id, with_for_update=lock or None, populate_existing=lock)
     if job is None:
         raise JobNotFound(job_id)
     return job
@@ -200,12 +201,19 @@ def _set_status(job: Job, status: JobStatus, detail: str | None = None) -> None:
     job.events.append(JobEvent(status=status, detail=detail))
 
 
-def _move(session: Session, job: Job, new: JobStatus, detail: str | None = None) -> bool:
+def _move(
+    session: Session,
+    job: Job,
+    new: JobStatus,
+    detail: str | None = None,
+    only_from: Sequence[JobStatus] | None = None,
+) -> bool:
     """Move a job to `new` only if, at the moment of writing, it is still in a status that
-    may go there. The conditional UPDATE decides between a worker finishing a job and its
-    user cancelling it at the same moment (it waits for the other's row lock on PostgreSQL,
-    for the write lock on SQLite); the loser sees the winner's status. False if it lost."""
-    allowed = [s for s in JobStatus if new in TRANSITIONS[s]]
+    may go there (or in `only_from`). The conditional UPDATE decides between a worker
+    finishing a job and its user cancelling it at the same moment (it waits for the other's
+    row lock on PostgreSQL, for the write lock on SQLite); the loser sees the winner's
+    status. False if it lost."""
+    allowed = list(only_from) if only_from else [s for s in JobStatus if new in TRANSITIONS[s]]
     moved = cast(
         CursorResult[Any],
         session.execute(
@@ -349,7 +357,7 @@ def start_job(
     """Mark a job running for this attempt. None when it has already ended, or when another
     worker that beat since `alive_since` is running it (a duplicate delivery of its task):
     there is nothing left to do."""
-    job = _load(uow.session, job_id)
+    job = _load(uow.session, job_id, lock=True)
     if (
         alive_since is not None
         and job.status == JobStatus.RUNNING
@@ -377,9 +385,13 @@ def claim_batch(
 ) -> list[JobView]:
     """Start, on this worker, queued jobs that can be drawn in one pipeline call with the
     leader (same `batch_key`), oldest first, while the batch stays within `max_images`.
-    Only jobs handed to the broker are taken (held ones wait their user's turn); their own
-    messages then find them running on a live worker, or ended, and do nothing. On
-    PostgreSQL rows another worker is claiming are skipped, not waited for. Commits."""
+    Only first attempts are taken, so a job that kills its worker cannot use up its batch
+    mates' attempts; never a held job (it waits its user's turn) nor one already delivered
+    (handed back after its result was sent: its own message only records its end). Each is
+    claimed by a conditional UPDATE from queued, so a job another worker has just started
+    is skipped; on PostgreSQL rows another worker is claiming are skipped, not waited for.
+    The companions' own messages then find them running on a live worker, or ended, and
+    do nothing. Commits."""
     key = batch_key(leader.kind, leader.plan)
     room = max_images // len(leader.plan.seeds) - 1 - len(exclude)
     if key is None or room <= 0:
@@ -390,6 +402,8 @@ def claim_batch(
             Job.status == JobStatus.QUEUED,
             Job.command == leader.kind.value,
             Job.published_at.is_not(None),
+            Job.delivered_at.is_(None),
+            Job.attempts == 0,
             Job.id.not_in([leader.id, *exclude]),
             Job.width == leader.plan.width,
             Job.height == leader.plan.height,
@@ -401,15 +415,10 @@ def claim_batch(
     )
     claimed = []
     for job in candidates:
-        view = JobView.of(job)
-        if batch_key(view.kind, view.plan) != key or view.attempts >= MAX_ATTEMPTS:
+        if batch_key(JobKind(job.command), JobView.of(job).plan) != key:
             continue
-        if not _move(
-            uow.session,
-            job,
-            JobStatus.RUNNING,
-            f"attempt {job.attempts + 1} on {worker} (batched with job {leader.id})",
-        ):
+        detail = f"attempt {job.attempts + 1} on {worker} (batched with job {leader.id})"
+        if not _move(uow.session, job, JobStatus.RUNNING, detail, only_from=[JobStatus.QUEUED]):
             continue
         job.attempts += 1
         job.worker = worker

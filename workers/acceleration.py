@@ -18,7 +18,11 @@ from typing import Any
 
 import torch
 from diffusers import EulerDiscreteScheduler, LCMScheduler, TCDScheduler
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import (
+    AttnProcessor,
+    AttnProcessor2_0,
+    FusedAttnProcessor2_0,
+)
 
 from chitrakar.presets import DeviceFacts, Preset, PresetError, unmet_needs
 
@@ -134,9 +138,9 @@ def _fuse_speed_lora(pipe: Any, source: str, scale: float) -> None:
                     f"speed_lora {source!r} is neither a file nor 'hub-id/file.safetensors'"
                 )
             pipe.load_lora_weights(repo, weight_name=weight_name, adapter_name=SPEED_ADAPTER)
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, PresetError):
-            raise
+    except PresetError:
+        raise
+    except Exception as exc:  # peft and diffusers raise many kinds for a file that does not fit
         raise PresetError(f"cannot load the speed LoRA {source!r}: {exc}") from exc
     pipe.fuse_lora(adapter_names=[SPEED_ADAPTER], lora_scale=scale)
     pipe.unload_lora_weights()
@@ -169,11 +173,15 @@ def _quantize(pipe: Any, preset: Preset) -> None:
 
 def set_qkv_fused(pipe: Any, fused: bool) -> None:
     """A style LoRA adapts the separate query, key and value projections, which fused
-    attention does not read: jobs with a LoRA run unfused, the others fused again."""
+    attention does not read: jobs with a LoRA run unfused, the others fused again. Only the
+    UNet's processors change: the fused weights were made once at load (making them again
+    would concatenate quantised tensors, which torchao cannot), and the VAE takes no LoRA."""
     if fused:
-        pipe.fuse_qkv_projections()
+        pipe.unet.set_attn_processor(FusedAttnProcessor2_0())
     else:
-        pipe.unfuse_qkv_projections()
+        # A copy: set_attn_processor empties the dict it is given, and diffusers' own
+        # unfuse_qkv_projections hands it the saved one, so it works only once.
+        pipe.unet.set_attn_processor(dict(pipe.unet.original_attn_processors))
 
 
 def warm_up(run_once: Any, preset: Preset) -> float | None:

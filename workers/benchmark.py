@@ -171,6 +171,7 @@ def measurements(report: BenchReport) -> list[Measurement]:
 def record(report: BenchReport, benchmarks_md: Path, table: Path) -> None:
     """Append the report's rows to BENCHMARKS.md (under its own heading, added once) and
     to the measured table."""
+    rows = measurements(report)  # checked before anything is written
     text = benchmarks_md.read_text(encoding="utf-8") if benchmarks_md.exists() else ""
     lines = []
     if BENCH_HEADING not in text:
@@ -190,7 +191,7 @@ def record(report: BenchReport, benchmarks_md: Path, table: Path) -> None:
         )
     with benchmarks_md.open("a", encoding="utf-8") as file:
         file.write(("\n" if text and not text.endswith("\n") else "") + "\n".join(lines) + "\n")
-    for row in measurements(report):
+    for row in rows:
         append_measurement(table, row)
 
 

@@ -18,7 +18,13 @@ from PIL import Image
 
 from chitrakar.config import Settings
 from chitrakar.domain import GenerationPlan
-from workers.pipelines import LoadedPipeline, ProgressCallback, image_to_image, text_to_image
+from workers.pipelines import (
+    LoadedPipeline,
+    ProgressCallback,
+    give_up_fused_qkv,
+    image_to_image,
+    text_to_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +72,7 @@ class IPAdapterIdentity:
     _BLANK = Image.new("RGB", (224, 224))
 
     def __init__(self, loaded: LoadedPipeline, folder: Path, weights: str, scale: float) -> None:
+        give_up_fused_qkv(loaded)
         loaded.text2image.load_ip_adapter(
             str(folder), subfolder="models", weight_name=weights, local_files_only=True
         )

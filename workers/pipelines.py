@@ -51,6 +51,9 @@ def resolve_device(requested: str) -> torch.device:
             raise RuntimeError(
                 f"CHITRAKAR_DEVICE={requested}, but torch sees {torch.cuda.device_count()} GPU(s)"
             )
+        if device.index is not None:
+            # Otherwise this process would also open a CUDA context on GPU 0.
+            torch.cuda.set_device(device)
         return device
     return torch.device(requested)
 
@@ -68,9 +71,10 @@ class LoadedPipeline:
     preset: Preset | None = None
     # LoRA files loaded into the model so far, by path, with their adapter names.
     loras: dict[str, str] = field(default_factory=dict)
-    # Whether the attention layers now use fused QKV projections (the preset's choice, off
-    # while a style LoRA is on).
+    # Whether the UNet's attention now uses fused QKV projections, and whether it should
+    # when no style LoRA is on (the preset's choice, until an IP-Adapter takes the layers).
     qkv_fused: bool = False
+    fuse_wanted: bool = False
     _image2image: DiffusionPipeline | None = None
 
     def forget_views(self) -> None:
@@ -114,7 +118,9 @@ def load_pipeline(
     name = preset.name if preset else "none"
     log.info("loaded model %s on %s as %s with preset %s", source, device, dtype, name)
     fused = preset is not None and preset.fuse_qkv
-    return LoadedPipeline(source, device, dtype, pipe, preset=preset, qkv_fused=fused)
+    return LoadedPipeline(
+        source, device, dtype, pipe, preset=preset, qkv_fused=fused, fuse_wanted=fused
+    )
 
 
 def load_configured(settings: Settings, source: str, device: torch.device) -> LoadedPipeline:
@@ -162,7 +168,13 @@ def use_lora(loaded: LoadedPipeline, path: str | None, scale: float) -> bool:
 def _switch_off(loaded: LoadedPipeline) -> None:
     if loaded.loras:
         loaded.text2image.disable_lora()
-    _fuse_qkv(loaded, loaded.preset is not None and loaded.preset.fuse_qkv)
+    _fuse_qkv(loaded, loaded.fuse_wanted)
+
+
+def give_up_fused_qkv(loaded: LoadedPipeline) -> None:
+    """For good: an IP-Adapter sets attention processors of its own on every layer."""
+    _fuse_qkv(loaded, False)
+    loaded.fuse_wanted = False
 
 
 def _fuse_qkv(loaded: LoadedPipeline, fused: bool) -> None:

@@ -356,6 +356,9 @@ def make_random(arch: Arch, path: Path, dtype: torch.dtype = torch.float16, seed
     `AutoPipelineForText2Image.from_pretrained` loads) and return it. SD 1.5 takes about
     2.1 GB on disk in fp16 (20 s on 2 CPU cores), SDXL 6.9 GB (50 s, 7.3 GB peak RSS)."""
     path = path.expanduser().resolve()
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and random_arch(path) is None:
+        # Replaced only if it is empty or a random model itself: never someone's files.
+        raise FileExistsError(f"{path} exists and is not a model make-random wrote")
     path.parent.mkdir(parents=True, exist_ok=True)
     pipe = build_random(arch, dtype=dtype, seed=seed)
     # Written beside the target and renamed, so a reader never sees half a model.

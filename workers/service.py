@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from time import perf_counter
 
@@ -116,7 +117,8 @@ def _companions(runtime: WorkerRuntime, leader: JobView) -> list[JobView]:
     once; when other jobs wait too (the worker is busy), it waits `batch_window_ms` once
     more for companions still arriving. A lone user's job never waits."""
     settings = runtime.settings
-    if leader.delivered or leader.attempts > MAX_ATTEMPTS:
+    # Only first attempts batch: a job that killed a worker runs alone next time.
+    if leader.delivered or leader.attempts != 1:
         return []
     if batch_key(leader.kind, leader.plan) is None:
         return []
@@ -153,11 +155,15 @@ def _run_batch(runtime: WorkerRuntime, batch: list[JobView]) -> None:
     if leader.attempts > MAX_ATTEMPTS:
         _give_up(runtime, leader.id, f"gave up after {MAX_ATTEMPTS} attempts")
         return
+    delivery = runtime.delivery
+    live: list[JobView] = []
     for job in batch:
         log.info("job %s (%s) started (attempt %s)", job.id, job.kind, job.attempts)
-    delivery = runtime.delivery
+        if _each(runtime, job, partial(delivery.started, job)):
+            live.append(job)
+    if not live:
+        return
     watches = {job.id: CancelWatch(runtime, job.id) for job in batch}
-    live = list(batch)
 
     def on_progress(done: int, total: int) -> None:
         for job in list(live):
@@ -172,14 +178,13 @@ def _run_batch(runtime: WorkerRuntime, batch: list[JobView]) -> None:
             delivery.progress(job, done, total)
 
     started = perf_counter()
+    grid: Path | None = None
+    images: dict[int, list[Image.Image]] = {}
     try:
-        for job in batch:
-            delivery.started(job)
         if leader.kind == JobKind.PREVIEWS:
             grid = _previews(runtime, on_progress)
-            _finish(runtime, leader, perf_counter() - started, watches[leader.id], grid=grid)
-            return
-        images = make_batch_images(runtime, batch, on_progress)
+        else:
+            images = make_batch_images(runtime, live, on_progress)
     except _AllStopped:
         return
     except JobCancelled as stop:
@@ -187,12 +192,37 @@ def _run_batch(runtime: WorkerRuntime, batch: list[JobView]) -> None:
         return
     except Exception as exc:
         log.exception("job(s) %s failed", [job.id for job in live])
+        reason = f"{type(exc).__name__}: {exc}"
         for job in live:
-            _give_up(runtime, job.id, f"{type(exc).__name__}: {exc}")
+            _each(runtime, job, partial(_give_up, runtime, job.id, reason), give_up=False)
         return
     seconds = perf_counter() - started
-    for job in live:
-        _finish(runtime, job, seconds, watches[job.id], images=images[job.id])
+    for job in list(live):
+        finish = partial(_finish, runtime, job, seconds, watches[job.id], images.get(job.id), grid)
+        # _finish fails its job itself up to the delivery; what escapes it is a record after.
+        _each(runtime, job, finish, give_up=False)
+
+
+def _each(
+    runtime: WorkerRuntime, job: JobView, step: Callable[[], None], give_up: bool = True
+) -> bool:
+    """Run one job's step of a batch so that whatever escapes it (its user deleted
+    everything meanwhile, a database away for longer than the retries) stays with that job
+    and the others go on. The job is then failed, unless `give_up` is False (its result may
+    have reached the chat: it is not apologised for). False if it raised."""
+    try:
+        step()
+        return True
+    except jobs.JobNotFound:
+        _forgotten(runtime, job.id)
+    except Exception:
+        log.exception("job %s: a step failed", job.id)
+        if give_up:
+            try:
+                _give_up(runtime, job.id, "the worker could not start it")
+            except Exception:
+                log.exception("job %s could not be recorded as failed either", job.id)
+    return False
 
 
 def _stopped(runtime: WorkerRuntime, job: JobView, stop: JobCancelled) -> None:
@@ -389,20 +419,26 @@ def make_batch_images(
 ) -> dict[int, list[Image.Image]]:
     """Each job's images, by job id: a batch of text-to-image jobs in one pipeline call
     (each image keeps its own seed's noise), or a lone job by `make_images_within_memory`.
-    A batch that does not fit the GPU's memory is made job by job."""
+    A batch that does not fit the GPU's memory is made job by job (those still wanted:
+    `batch` is the live list, which cancellations shorten)."""
     if len(batch) == 1:
         return {batch[0].id: make_images_within_memory(runtime, batch[0], on_progress)}
-    loaded, plan = runtime.pipeline, batch[0].plan
+    # The images come back in this order, whatever cancellations do to `batch` meanwhile.
+    members = list(batch)
+    loaded, plan = runtime.pipeline, members[0].plan
     use_lora(loaded, plan.lora, plan.lora_scale)
     try:
         extra = runtime.identity.without_face(loaded)
-        images = text_to_image(loaded, [job.plan for job in batch], on_progress, **extra)
+        images = text_to_image(loaded, [job.plan for job in members], on_progress, **extra)
     except torch.OutOfMemoryError:
         log.warning("a batch of %d jobs ran out of GPU memory; making them one by one", len(batch))
+        images = None
+    if images is None:
+        # Outside the except block: its traceback would keep the failed call's tensors alive.
         _free_gpu_memory(runtime)
-        return {job.id: make_images_within_memory(runtime, job, on_progress) for job in batch}
+        return {job.id: make_images_within_memory(runtime, job, on_progress) for job in list(batch)}
     made, start = {}, 0
-    for job in batch:
+    for job in members:
         made[job.id] = images[start : start + len(job.plan.seeds)]
         start += len(job.plan.seeds)
     return made

@@ -10,10 +10,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from chitrakar.domain import GenerationPlan, JobKind, batch_key
-from db import jobs
+from db import jobs, privacy
 from db.jobs import Origin
 from db.migrate import upgrade_to_head
 from tests.support.botapi import BotApiEmulator
@@ -206,3 +207,75 @@ def test_batch_key_separates_what_one_call_cannot_share() -> None:
         assert batch_key(JobKind.PORTRAIT, other) != batch_key(JobKind.PORTRAIT, base)
     for kind in (JobKind.AVATAR, JobKind.VARIATION, JobKind.UPSCALE, JobKind.PREVIEWS):
         assert batch_key(kind, base) is None
+
+
+def _claim(deployment: Deployment, leader_id: int) -> tuple[jobs.JobView, list[jobs.JobView]]:
+    runtime = deployment.runtime
+    with runtime.store.unit_of_work() as uow:
+        leader = jobs.start_job(uow, leader_id, runtime.name)
+    assert leader is not None
+    with runtime.store.unit_of_work() as uow:
+        return leader, jobs.claim_batch(uow, leader, runtime.name, 8)
+
+
+def test_only_first_attempts_never_delivered_are_taken_along(deployment: Deployment) -> None:
+    runtime = deployment.runtime
+    leader_id = deployment.job(950, _plan("a boat", 1))
+    delivered_id = deployment.job(951, _plan("a bridge", 2))
+    retried_id = deployment.job(952, _plan("a well", 3))
+    fresh_id = deployment.job(953, _plan("a fort", 4))
+    # One was sent before its worker died and was handed back; one has killed a worker.
+    for job_id in (delivered_id, retried_id):
+        with runtime.store.unit_of_work() as uow:
+            assert jobs.start_job(uow, job_id, "dead-worker") is not None
+    with runtime.store.unit_of_work() as uow:
+        jobs.mark_delivered(uow, delivered_id, deployment.chats[delivered_id], ["f"], [1])
+    with runtime.store.unit_of_work() as uow:
+        assert set(jobs.hand_back_from_dead_workers(uow, alive=set())) >= {
+            delivered_id,
+            retried_id,
+        }
+
+    _leader, companions = _claim(deployment, leader_id)
+    assert [job.id for job in companions] == [fresh_id]
+
+
+def test_a_job_failing_in_a_batch_fails_alone(deployment: Deployment) -> None:
+    blocked_id = deployment.job(960, _plan("a parrot", 1))
+    fine_id = deployment.job(961, _plan("a mango", 2))
+    forgotten_id = deployment.job(962, _plan("a drum", 3))
+    emulator = deployment.emulator
+    # The first result sent (the leader's) is refused: its user blocked the bot. Another
+    # user had everything about them deleted (/forget) once their job was in the batch.
+    emulator.fail("sendPhoto", 403, "Forbidden: bot was blocked by the user")
+    leader, companions = _claim(deployment, blocked_id)
+    assert len(companions) == 2
+    with deployment.runtime.store.unit_of_work() as uow:
+        assert privacy.delete(uow.session, "telegram", "962") is not None
+        uow.commit()
+
+    service._run_batch(deployment.runtime, [leader, *companions])
+    assert deployment.view(blocked_id).status == "failed"
+    assert deployment.view(fine_id).status == "done"
+    assert len(emulator.calls_to("sendPhoto", deployment.chats[fine_id])) == 1
+    with deployment.runtime.store.unit_of_work() as uow:
+        assert jobs.get_job(uow, forgotten_id) is None
+    assert emulator.calls_to("sendPhoto", deployment.chats[forgotten_id]) == []
+
+
+def test_a_batch_too_big_for_the_gpu_is_made_job_by_job(deployment: Deployment) -> None:
+    pipe = deployment.runtime.pipeline.text2image
+    real = type(pipe).__call__
+    asked: list[int] = []
+
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        asked.append(len(kwargs["generator"]))
+        if len(kwargs["generator"]) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, *args, **kwargs)
+
+    pipe.__class__ = type("LimitedMemory", (type(pipe),), {"__call__": call})
+    ids = [deployment.job(970 + i, _plan(f"a lamp {i}", i)) for i in range(3)]
+    run_job(deployment.runtime, ids[0])
+    assert asked == [3, 1, 1, 1]
+    assert [deployment.view(job_id).status for job_id in ids] == ["done"] * 3
