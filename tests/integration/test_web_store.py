@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import random
 import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -301,6 +302,9 @@ def test_a_reader_following_a_chat_misses_no_change_while_many_write_at_once(
                 after = changes[-1][0]
             if finished:
                 return
+            # The real feed polls every 0.25 s; a reader spinning without a pause would hold
+            # the GIL so much that SQLite's waiting writers starve past their busy timeout.
+            time.sleep(0.002)
 
     def write(n: int) -> list[int]:
         ids = []
@@ -309,10 +313,14 @@ def test_a_reader_following_a_chat_misses_no_change_while_many_write_at_once(
                 ids.append(web.post(uow, asha.id, from_bot=True, text=f"{n}-{i}"))
         return ids
 
-    reader = threading.Thread(target=follow)
+    # A daemon, stopped even when a writer fails: a reader left spinning would slow every
+    # later test and keep pytest from exiting.
+    reader = threading.Thread(target=follow, daemon=True)
     reader.start()
-    with ThreadPoolExecutor(8) as pool:
-        written = {message for ids in pool.map(write, range(8)) for message in ids}
-    done.set()
-    reader.join(30)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            written = {message for ids in pool.map(write, range(8)) for message in ids}
+    finally:
+        done.set()
+        reader.join(30)
     assert seen == written
