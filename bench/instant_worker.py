@@ -31,14 +31,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -50,6 +48,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from chitrakar.cli import main as chitrakar_main  # noqa: E402
+from tests.support.stack import process_group  # noqa: E402
 
 
 class TimingLog:
@@ -150,32 +149,18 @@ def install(generator: str, log: TimingLog) -> None:
     vars(workers.tasks)["run_job"] = timed_run_job  # what the Celery task calls
 
 
-@contextmanager
 def instant_worker_process(
     generator: str, timings: Path, *, env: dict[str, str], log_dir: Path, name: str
-) -> Iterator[subprocess.Popen[bytes]]:
+) -> AbstractContextManager[subprocess.Popen[bytes]]:
     """This launcher in a process group of its own until the block ends, then stopped as
-    `tests.support.stack.chitrakar_process` stops `chitrakar` (SIGTERM, then SIGKILL)."""
+    `chitrakar` processes are in the tests (SIGTERM, then SIGKILL)."""
     command = [sys.executable, str(Path(__file__).resolve()), "--generator", generator]
-    with (log_dir / f"{name}.log").open("w") as log:
-        process = subprocess.Popen(
-            [*command, "--timings", str(timings)],
-            env=env,
-            cwd=log_dir,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            yield process
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait(10)
+    return process_group(
+        [*command, "--timings", str(timings)],
+        env=env,
+        log_path=log_dir / f"{name}.log",
+        echo_log=False,
+    )
 
 
 def main() -> int:

@@ -55,16 +55,15 @@ import platform
 import statistics
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import redis
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from bench.instant_worker import instant_worker_process
@@ -72,7 +71,13 @@ from db.models import Job
 from db.session import Store
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.support.botapi import BotApiEmulator, Call, Fault
-from tests.support.stack import chitrakar_env, chitrakar_process, run_chitrakar, wait_for_jobs
+from tests.support.stack import (
+    chitrakar_env,
+    chitrakar_process,
+    fresh_postgres_database,
+    run_chitrakar,
+    wait_for_jobs,
+)
 
 PHASES = ("1-user-model", "1-user-instant", "50-users-instant")
 REDIS_SERVER = "redis://127.0.0.1:6379"
@@ -121,19 +126,9 @@ def redis_database(server: str = REDIS_SERVER) -> Iterator[str]:
     raise RuntimeError(f"no empty Redis database at {server}")
 
 
-@contextmanager
-def postgres_database() -> Iterator[str]:
-    """A fresh PostgreSQL database (as tests/conftest.py makes one), dropped afterwards."""
-    name = f"chitrakar_bench_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+def postgres_database() -> AbstractContextManager[str]:
+    """A fresh PostgreSQL database on the tests' server, dropped afterwards."""
+    return fresh_postgres_database(POSTGRES_ADMIN_URL)
 
 
 @dataclass

@@ -103,19 +103,7 @@ class JobView:
             request_message_id=job.request_message_id,
             status_message_id=job.status_message_id,
             language=job.language,
-            plan=GenerationPlan(
-                prompt=job.prompt,
-                width=job.width,
-                height=job.height,
-                steps=job.steps,
-                seeds=tuple(job.seeds),
-                guidance_scale=job.guidance_scale,
-                negative_prompt=job.negative_prompt or "",
-                style=job.style,
-                strength=job.strength,
-                lora=job.lora,
-                lora_scale=job.lora_scale if job.lora_scale is not None else 1.0,
-            ),
+            plan=plan_of(job),
             attempts=job.attempts,
             created_at=_as_utc(job.created_at),
             started_at=_as_utc(job.started_at) if job.started_at else None,
@@ -130,6 +118,23 @@ class JobView:
             worker=job.worker,
             delivered=job.delivered_at is not None,
         )
+
+
+def plan_of(job: Job) -> GenerationPlan:
+    """The plan a job row records (reads no related rows)."""
+    return GenerationPlan(
+        prompt=job.prompt,
+        width=job.width,
+        height=job.height,
+        steps=job.steps,
+        seeds=tuple(job.seeds),
+        guidance_scale=job.guidance_scale,
+        negative_prompt=job.negative_prompt or "",
+        style=job.style,
+        strength=job.strength,
+        lora=job.lora,
+        lora_scale=job.lora_scale if job.lora_scale is not None else 1.0,
+    )
 
 
 def _as_utc(moment: datetime) -> datetime:
@@ -415,7 +420,8 @@ def claim_batch(
     )
     claimed = []
     for job in candidates:
-        if batch_key(JobKind(job.command), JobView.of(job).plan) != key:
+        # The plan alone: a whole JobView would load each candidate's user.
+        if batch_key(JobKind(job.command), plan_of(job)) != key:
             continue
         detail = f"attempt {job.attempts + 1} on {worker} (batched with job {leader.id})"
         if not _move(uow.session, job, JobStatus.RUNNING, detail, only_from=[JobStatus.QUEUED]):

@@ -8,12 +8,14 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import selectinload
 
 from chitrakar.config import Settings
@@ -105,12 +107,23 @@ def chitrakar_process(
     as a service manager would (SIGTERM, then SIGKILL). Yields the process; its log's tail
     is printed at the end (pytest shows it when the test fails). `name` names the log (for
     two processes of one command)."""
+    command = [sys.executable, "-m", "chitrakar", *args]
     log_path = log_dir / f"{name or '-'.join(args)}.log"
+    with process_group(command, env=env, log_path=log_path, echo_log=echo_log) as process:
+        yield process
+
+
+@contextmanager
+def process_group(
+    command: list[str], *, env: dict[str, str], log_path: Path, echo_log: bool = True
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a command in a process group of its own, logging to `log_path` in the log's
+    folder, until the block ends; then stop it (SIGTERM, then SIGKILL)."""
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "chitrakar", *args],
+            command,
             env=env,
-            cwd=log_dir,
+            cwd=log_path.parent,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -160,3 +173,19 @@ def wait_for_jobs(
         if [job.status for job in jobs] == list(statuses) or time.monotonic() > deadline:
             return jobs
         time.sleep(0.1)
+
+
+@contextmanager
+def fresh_postgres_database(server_url: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database on the server at `server_url` (an admin login), as a
+    URL; dropped when the block ends."""
+    name = f"chitrakar_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
