@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, TypeVar
 from chitrakar.config import Settings, load_settings
 
 if TYPE_CHECKING:
+    from chitrakar.capacity import Measurement
     from db.session import UnitOfWork
 
 T = TypeVar("T")
@@ -486,12 +487,22 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_plan(settings: Settings, args: argparse.Namespace) -> int:
-    from chitrakar.capacity import format_plan, load_measurements, parse_memory, plan
+def _measurements(args: argparse.Namespace) -> list[Measurement]:
+    """The measured table named by --table, or the packaged one; a clear exit if unreadable."""
+    from chitrakar.capacity import load_measurements
 
     try:
+        return load_measurements(Path(args.table) if args.table else None)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(str(exc)) from None
+
+
+def cmd_plan(settings: Settings, args: argparse.Namespace) -> int:
+    from chitrakar.capacity import format_plan, parse_memory, plan
+
+    rows = _measurements(args)
+    try:
         memory = parse_memory(args.gpu_mem)
-        rows = load_measurements(Path(args.table) if args.table else None)
         report = plan(rows, args.model, memory, headroom_fraction=args.headroom)
     except (ValueError, OSError) as exc:
         raise SystemExit(str(exc)) from None
@@ -500,7 +511,6 @@ def cmd_plan(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_tco(settings: Settings, args: argparse.Namespace) -> int:
-    from chitrakar.capacity import load_measurements
     from chitrakar.tco import CostInputs, cost_report, format_report, plot_tco
 
     throughput = args.images_per_second
@@ -509,13 +519,9 @@ def cmd_tco(settings: Settings, args: argparse.Namespace) -> int:
             raise SystemExit(
                 "give --images-per-second, or --model and --preset to use a measurement"
             )
-        try:
-            table = load_measurements(Path(args.table) if args.table else None)
-        except (ValueError, OSError) as exc:
-            raise SystemExit(str(exc)) from None
         rows = [
             row
-            for row in table
+            for row in _measurements(args)
             if row.model.lower() == args.model.lower()
             and row.preset == args.preset
             and (args.device is None or args.device.lower() in row.device.lower())

@@ -123,19 +123,19 @@ def _companions(runtime: WorkerRuntime, leader: JobView) -> list[JobView]:
     if batch_key(leader.kind, leader.plan) is None:
         return []
     limit = settings.max_batch_images
-
-    def claim(exclude: list[int]) -> list[JobView]:
+    with runtime.store.unit_of_work() as uow:
+        found = jobs.claim_batch(uow, leader, runtime.name, limit)
+        room = limit // len(leader.plan.seeds) - 1 - len(found)
+        # In the same session: whether the worker is busy, so worth waiting for more.
+        busy = (
+            room > 0
+            and settings.batch_window_ms > 0
+            and jobs.queued_elsewhere(uow, [leader.id, *(job.id for job in found)])
+        )
+    if busy:
+        time.sleep(settings.batch_window_ms / 1000)
         with runtime.store.unit_of_work() as uow:
-            return jobs.claim_batch(uow, leader, runtime.name, limit, exclude)
-
-    found = claim([])
-    room = limit // len(leader.plan.seeds) - 1 - len(found)
-    if room > 0 and settings.batch_window_ms > 0:
-        with runtime.store.unit_of_work() as uow:
-            busy = jobs.queued_elsewhere(uow, [leader.id, *(job.id for job in found)])
-        if busy:
-            time.sleep(settings.batch_window_ms / 1000)
-            found += claim([job.id for job in found])
+            found += jobs.claim_batch(uow, leader, runtime.name, limit, [job.id for job in found])
     if found:
         log.info("job %s batched with %s", leader.id, [job.id for job in found])
     return found
