@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 from skimage import data as photographs
 
-from workers.classifier import ImageVerdict, OutputClassifier
+from workers import classifier as classifier_module
+from workers.classifier import ImageVerdict, NudeNetDetector, OutputClassifier
 
 NOT_FLAGGED = ImageVerdict(flagged=False, labels=(), score=0.0)
 
@@ -55,16 +56,14 @@ def test_other_images_are_read_and_not_flagged(
 
 
 def test_the_model_loads_once_across_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    nudenet = importlib.import_module("nudenet")
-    detector_class: Any = nudenet.NudeDetector
     loads: list[object] = []
 
-    class Counted(detector_class):  # type: ignore[misc]
+    class Counted(NudeNetDetector):
         def __init__(self) -> None:
             loads.append(self)
             super().__init__()
 
-    monkeypatch.setattr(nudenet, "NudeDetector", Counted)
+    monkeypatch.setattr(classifier_module, "NudeNetDetector", Counted)
     classifier = OutputClassifier()
     assert classifier._detector is None  # nothing loaded until the first image
     image = Image.fromarray(photographs.coffee())
@@ -72,6 +71,58 @@ def test_the_model_loads_once_across_threads(monkeypatch: pytest.MonkeyPatch) ->
         verdicts = list(pool.map(classifier.classify, [image] * 8))
     assert verdicts == [NOT_FLAGGED] * 8
     assert len(loads) == 1
+
+
+@pytest.fixture(scope="module")
+def detectors() -> tuple[NudeNetDetector, Any]:
+    return NudeNetDetector(), importlib.import_module("nudenet").NudeDetector()
+
+
+def _bgr(rgb: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    return np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        _bgr(photographs.astronaut()),  # a face
+        _bgr(np.tile(photographs.astronaut(), (2, 3, 1))),  # six faces, wide
+        _bgr(photographs.astronaut()[:300]),  # cropped: padded below
+        _bgr(photographs.coffee()),
+        np.random.default_rng(0).integers(0, 256, (97, 301, 3), dtype=np.uint8),
+    ],
+    ids=["face", "six-faces", "cropped", "no-one", "noise"],
+)
+def test_the_detector_finds_what_nudenet_finds(
+    detectors: tuple[NudeNetDetector, Any], image: np.ndarray[Any, Any]
+) -> None:
+    ours, nudenets = detectors
+    assert ours.detect(image) == nudenets.detect(image)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_many_candidates_are_filtered_and_suppressed_as_nudenet_does(
+    detectors: tuple[NudeNetDetector, Any], seed: int
+) -> None:
+    """Model outputs no test image could give: hundreds of candidates of every class, many
+    overlapping, around the score thresholds; both turn them into the same detections."""
+    ours, _ = detectors
+    rng = np.random.default_rng(seed)
+    candidates = 2100
+    output = np.zeros((1, 22, candidates), dtype=np.float32)
+    output[0, 0:2] = rng.uniform(0, 320, (2, candidates))  # centres
+    output[0, 2:4] = rng.uniform(5, 200, (2, candidates))  # sizes
+    scores = rng.uniform(0, 1, (18, candidates)) ** 4  # most under NudeNet's 0.2
+    output[0, 4:] = scores
+    width, height, x_pad, y_pad = 640, 400, 0, 240
+    nudenet_module = vars(importlib.import_module("nudenet.nudenet"))
+    expected = nudenet_module["_postprocess"](
+        [output], x_pad, y_pad, 1.0, 1.6, width, height, 320, 320
+    )
+    found = ours._detections(output, width + x_pad, height + y_pad, width, height)
+    assert len(expected) > 20
+    assert len({d["class"] for d in expected}) > 5
+    assert found == expected
 
 
 class _StandIn:
