@@ -25,6 +25,19 @@ from chitrakar.styles import StyleCatalogue
 log = logging.getLogger(__name__)
 
 
+# zlib's fastest level: a 1024x1024 image encodes in about 62 ms instead of 300 ms at Pillow's
+# default (6), for a file about 13 % bigger (bench figures in BENCHMARKS.md). Every result is
+# encoded before it is sent, so this is on the path a user waits for.
+PNG_COMPRESS_LEVEL = 1
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """An image as PNG, as results, selfie crops and previews are stored."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
 def _digest(*parts: str) -> str:
     return hashlib.sha256("\x00".join(parts).encode("utf-8")).hexdigest()[:16]
 
@@ -40,10 +53,8 @@ class MediaStore:
 
     def save_input(self, image: Image.Image) -> str:
         """Write an aligned selfie as PNG; returns its path for the job record."""
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
         path = self._folder("inputs") / f"{uuid.uuid4().hex}.png"
-        write_atomically(path, buffer.getvalue())
+        write_atomically(path, png_bytes(image))
         return str(path)
 
     def forget_input(self, path: str | None) -> None:

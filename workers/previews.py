@@ -11,7 +11,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from chitrakar.domain import GenerationPlan
-from chitrakar.media import MediaStore, write_atomically
+from chitrakar.media import MediaStore, png_bytes, write_atomically
 from chitrakar.styles import Style, StyleCatalogue
 from workers.pipelines import LoadedPipeline, ProgressCallback, text_to_image, use_lora
 
@@ -60,9 +60,7 @@ def make_preview_grid(
             plan = preview_plan(style, catalogue.defaults.avatar_prompt, size)
             use_lora(loaded, plan.lora, plan.lora_scale)
             (image,) = text_to_image(loaded, plan, **(extra or {}))
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            write_atomically(path, buffer.getvalue())
+            write_atomically(path, png_bytes(image))
             log.info("made the preview of style %s", style.key)
         with Image.open(path) as preview:
             thumbnails.append(preview.convert("RGB").resize((THUMBNAIL, THUMBNAIL)))

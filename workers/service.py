@@ -6,6 +6,7 @@ import io
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -18,10 +19,12 @@ from sqlalchemy.exc import OperationalError
 
 from chitrakar.artifacts import ArtifactMissing, StoredArtifact
 from chitrakar.domain import MAX_ATTEMPTS, JobKind, JobStatus, batch_key
+from chitrakar.media import png_bytes
 from chitrakar.safety import ContentPolicy, ImageAction, decide
 from chitrakar.services import hand_over_all_held, hand_over_held
 from db import audit, heartbeats, jobs, retention
 from db.jobs import JobView
+from workers.classifier import ImageVerdict
 from workers.pipelines import (
     ProgressCallback,
     image_to_image,
@@ -253,8 +256,12 @@ def _finish(
         else:
             assert images is not None
             watch.check(force=True)
-            stored, pngs = _save(runtime, job, images)
-            action = moderate(runtime, job, images, stored, seconds)
+            # The content check runs while the images are encoded and stored (onnxruntime and
+            # zlib both let go of the GIL), so a user waits for the longer of the two only.
+            with ThreadPoolExecutor(1, thread_name_prefix=f"check-{job_id}") as checker:
+                checking = checker.submit(lambda: [runtime.classifier.classify(i) for i in images])
+                stored, pngs = _save(runtime, job, images)
+                action = moderate(runtime, job, checking.result(), stored, seconds)
             if action == ImageAction.BLOCK:
                 return
             _with_retries(lambda: _record_results(runtime, job_id, stored), f"job {job_id} results")
@@ -330,14 +337,14 @@ def _with_retries(write: Callable[[], None], what: str) -> None:
 def moderate(
     runtime: WorkerRuntime,
     job: JobView,
-    images: list[Image.Image],
+    verdicts: list[ImageVerdict],
     stored: list[StoredArtifact],
     seconds: float,
 ) -> ImageAction:
-    """Check every image before it is sent. A flagged one, under the chat's policy (or the
-    deployment's), blocks the job (its credits come back, the images stay for review), goes
-    under a spoiler, or is sent. A group may also want every result under a spoiler."""
-    verdicts = [runtime.classifier.classify(image) for image in images]
+    """What the content check's verdicts on a job's images mean for it. A flagged image,
+    under the chat's policy (or the deployment's), blocks the job (its credits come back, the
+    images stay for review), goes under a spoiler, or is sent. A group may also want every
+    result under a spoiler."""
     flagged = [v for v in verdicts if v.flagged]
     with runtime.store.unit_of_work() as uow:
         chat = audit.chat_settings(uow, job.channel, job.chat_id)
@@ -493,9 +500,7 @@ def _save(
     """Store each image as PNG under results/<job>/; the job row keeps keys and checksums."""
     stored, pngs = [], []
     for index, (image, seed) in enumerate(zip(images, job.plan.seeds, strict=True)):
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        png = buffer.getvalue()
+        png = png_bytes(image)
         stored.append(runtime.artifacts.put(f"results/{job.id}/{index}-{seed}.png", png))
         pngs.append(png)
     return stored, pngs
