@@ -20,6 +20,7 @@ from sqlalchemy.exc import OperationalError
 from chitrakar.artifacts import ArtifactMissing, StoredArtifact
 from chitrakar.domain import MAX_ATTEMPTS, JobKind, JobStatus, batch_key
 from chitrakar.media import png_bytes
+from chitrakar.presets import adjust_plan
 from chitrakar.safety import ContentPolicy, ImageAction, decide
 from chitrakar.services import hand_over_all_held, hand_over_held
 from db import audit, heartbeats, jobs, retention
@@ -265,7 +266,9 @@ def _finish(
             if action == ImageAction.BLOCK:
                 return
             _with_retries(lambda: _record_results(runtime, job_id, stored), f"job {job_id} results")
-            sent = delivery.deliver(job, pngs, seconds, spoiler=action == ImageAction.SPOILER)
+            # The caption tells the steps and guidance that ran: a few-step preset fixes them.
+            ran = replace(job, plan=adjust_plan(runtime.pipeline.preset, job.plan))
+            sent = delivery.deliver(ran, pngs, seconds, spoiler=action == ImageAction.SPOILER)
             file_ids, message_ids = sent.file_ids, sent.message_ids
     except JobCancelled as stop:
         _stopped(runtime, job, stop)

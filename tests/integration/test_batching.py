@@ -279,3 +279,16 @@ def test_a_batch_too_big_for_the_gpu_is_made_job_by_job(deployment: Deployment) 
     run_job(deployment.runtime, ids[0])
     assert asked == [3, 1, 1, 1]
     assert [deployment.view(job_id).status for job_id in ids] == ["done"] * 3
+
+
+def test_under_a_few_step_preset_the_caption_tells_the_steps_that_ran(
+    deployment: Deployment,
+) -> None:
+    deployment.runtime.settings.preset = "lcm"  # 4 steps, whatever the job asked for
+    job_id = deployment.job(940, _plan("a lotus pond", 9))
+    assert deployment.view(job_id).plan.steps == 3
+    run_job(deployment.runtime, job_id)
+    [photo] = deployment.emulator.calls_to("sendPhoto", deployment.chats[job_id])
+    assert "· 4 steps ·" in photo.params["caption"]
+    # What the job asked for stays on its record: Again asks for the same.
+    assert deployment.view(job_id).plan.steps == 3
