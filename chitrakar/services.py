@@ -417,9 +417,8 @@ class JobIntake:
         tell the user."""
         try:
             with self._store.unit_of_work() as uow:
-                if status_message_id is not None:
-                    jobs.attach_status_message(uow, job_id, status_message_id)
-                handed_over = jobs.claim_hand_over(uow, job_id, self._settings.max_jobs_in_flight)
+                limit = self._settings.max_jobs_in_flight
+                handed_over = jobs.claim_hand_over(uow, job_id, limit, status_message_id)
             if handed_over:
                 self._publish(job_id)
             else:

@@ -593,12 +593,17 @@ def _in_flight(session: Session, user_id: int) -> int:
     )
 
 
-def claim_hand_over(uow: UnitOfWork, job_id: int, limit: int) -> bool:
+def claim_hand_over(
+    uow: UnitOfWork, job_id: int, limit: int, status_message_id: int | None = None
+) -> bool:
     """Mark an accepted job handed to the broker if its user has fewer than `limit` there;
-    False leaves it held (it is handed over when one of theirs ends). Commits."""
+    False leaves it held (it is handed over when one of theirs ends). The status message
+    the user was sent, when given, is recorded in the same transaction. Commits."""
     job = _load(uow.session, job_id)
     _user_lock(uow.session, job.user_id)
     uow.session.refresh(job)
+    if status_message_id is not None:
+        job.status_message_id = status_message_id
     if job.published_at is not None or JobStatus(job.status) not in ACTIVE_STATUSES:
         uow.commit()
         return False
