@@ -4,6 +4,7 @@ Every sentence comes from the text catalogue."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from telegram import (
@@ -117,32 +118,49 @@ async def _announce_and_dispatch(
 async def _announce_and_dispatch_to(
     chat_id: int, message_id: int, accepted: Accepted, language: str, context: BotContext
 ) -> None:
-    """Tell the user their place in the queue (replying to the message that asked), then
-    publish the job."""
+    """Hand the job over and, meanwhile, tell the user their place in the queue (replying to
+    the message that asked): the job does not wait a Bot API round trip for its status
+    message. The message is recorded once sent; if the job ended or its result is on the
+    way by then, no worker will remove it, so it is removed here."""
     if accepted.duplicate:
         return
     intake = context.services.intake
     reply_to = ReplyParameters(message_id, allow_sending_without_reply=True)
-    status: Message | None
-    try:
-        status = await context.bot.send_message(
+    sending = asyncio.create_task(
+        context.bot.send_message(
             chat_id,
             text(language, "status.queued", position=accepted.position),
             reply_parameters=reply_to,
         )
+    )
+    dispatched = await asyncio.to_thread(intake.dispatch, accepted.job_id, None)
+    status: Message | None
+    try:
+        status = await sending
     except TelegramError:
         # The job goes on without a status message; the result still comes as a reply.
         log.warning("could not send the status message of job %s", accepted.job_id)
         status = None
-    dispatched = await asyncio.to_thread(
-        intake.dispatch, accepted.job_id, status.message_id if status else None
-    )
     if not dispatched:
         failure = text(language, "error.queue_unavailable")
         if status is not None:
             await status.edit_text(failure)
         else:
             await context.bot.send_message(chat_id, failure, reply_parameters=reply_to)
+        return
+    if status is None:
+        return
+    try:
+        watched = await asyncio.to_thread(
+            intake.attach_status_message, accepted.job_id, status.message_id
+        )
+    except Exception:
+        # The job goes on; its status message stays as sent.
+        log.exception("could not record the status message of job %s", accepted.job_id)
+        return
+    if not watched:
+        with contextlib.suppress(TelegramError):
+            await status.delete()
 
 
 def _photo_in(message: Message | None) -> tuple[str, int | None] | None:

@@ -410,6 +410,13 @@ class JobIntake:
         log.info("job %s accepted from %s chat %s", job_id, origin.channel, origin.chat_id)
         return Accepted(job_id=job_id, position=position)
 
+    def attach_status_message(self, job_id: int, message_id: int) -> bool:
+        """Record the status message sent after the job was handed over. False when its
+        worker will not look for it any more (the job ended, or its result is on the way):
+        the caller removes it."""
+        with self._store.unit_of_work() as uow:
+            return jobs.attach_status_message(uow, job_id, message_id)
+
     def dispatch(self, job_id: int, status_message_id: int | None) -> bool:
         """Hand an accepted job to the broker, or hold it while its user already has
         CHITRAKAR_MAX_JOBS_IN_FLIGHT there (a worker hands it over when one of those ends).

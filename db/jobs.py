@@ -351,9 +351,20 @@ def set_default_style(uow: UnitOfWork, origin: Origin, style: str | None) -> Non
     uow.commit()
 
 
-def attach_status_message(uow: UnitOfWork, job_id: int, message_id: int) -> None:
-    _load(uow.session, job_id).status_message_id = message_id
+def attach_status_message(uow: UnitOfWork, job_id: int, message_id: int) -> bool:
+    """Record the status message a job's user was sent. The job may be on a worker already
+    (the bot hands it over while the message is on its way): True when its worker will still
+    look for the message (to show progress on it and remove it once the result is sent);
+    False when the job ended or its results were recorded first, so that nothing but the
+    caller will remove it. Commits."""
+    # The write comes first: it takes the row's lock (SQLite's write lock), so this and the
+    # worker's `record_results` see each other in one order or the other.
+    uow.session.execute(update(Job).where(Job.id == job_id).values(status_message_id=message_id))
+    row = uow.session.execute(select(Job.status, Job.result_paths).where(Job.id == job_id)).first()
     uow.commit()
+    if row is None:
+        raise JobNotFound(job_id)
+    return JobStatus(row.status) in ACTIVE_STATUSES and not row.result_paths
 
 
 def start_job(
@@ -454,16 +465,20 @@ def queued_elsewhere(uow: UnitOfWork, exclude: Sequence[int]) -> bool:
 
 def record_results(
     uow: UnitOfWork, job_id: int, result_paths: list[str], result_checksums: list[str]
-) -> None:
+) -> int | None:
     """Name a running job's results once they may be shown (stored, and past the content
     check), before they are sent: a channel that serves them itself (the web chat) can do so
-    as soon as the message that shows them arrives. Commits."""
+    as soon as the message that shows them arrives. Returns the job's status message, as
+    recorded by then: one the bot records later it removes itself (`attach_status_message`).
+    Commits."""
     uow.session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
         .values(result_paths=result_paths, result_checksums=result_checksums)
     )
+    status_message_id = uow.session.scalar(select(Job.status_message_id).where(Job.id == job_id))
     uow.commit()
+    return status_message_id
 
 
 def mark_delivered(
@@ -685,11 +700,23 @@ def cancel_jobs(
     return cancelled
 
 
-def status_and_worker(uow: UnitOfWork, job_id: int) -> tuple[JobStatus, str | None] | None:
-    """Where a job stands and which worker holds (or last held) it; None when it is gone
-    (its user had everything about them deleted)."""
-    row = uow.session.execute(select(Job.status, Job.worker).where(Job.id == job_id)).first()
-    return (JobStatus(row.status), row.worker) if row is not None else None
+@dataclass(frozen=True)
+class RunningState:
+    """What a worker looks at while a job runs."""
+
+    status: JobStatus
+    worker: str | None  # the worker that holds (or last held) it
+    status_message_id: int | None  # recorded by the bot once sent, maybe after the job started
+
+
+def running_state(uow: UnitOfWork, job_id: int) -> RunningState | None:
+    """None when the job is gone (its user had everything about them deleted)."""
+    row = uow.session.execute(
+        select(Job.status, Job.worker, Job.status_message_id).where(Job.id == job_id)
+    ).first()
+    if row is None:
+        return None
+    return RunningState(JobStatus(row.status), row.worker, row.status_message_id)
 
 
 def hold_again(uow: UnitOfWork, job_id: int) -> None:

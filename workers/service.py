@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from time import perf_counter
+from typing import TypeVar
 
 import torch
 from PIL import Image
@@ -57,11 +58,13 @@ CANCEL_CHECK_INTERVAL_S = 1.0
 
 class CancelWatch:
     """Raises JobCancelled from a progress callback once the job is cancelled, looking at
-    the database at most once per interval."""
+    the database at most once per interval. Each look also reads the job's status message,
+    which the bot may record after the job started."""
 
     def __init__(self, runtime: WorkerRuntime, job_id: int) -> None:
         self._runtime, self._job_id = runtime, job_id
         self._next_look = 0.0
+        self.status_message_id: int | None = None
 
     def check(self, force: bool = False) -> None:
         now = perf_counter()
@@ -70,16 +73,17 @@ class CancelWatch:
         self._next_look = now + CANCEL_CHECK_INTERVAL_S
         try:
             with self._runtime.store.unit_of_work() as uow:
-                state = jobs.status_and_worker(uow, self._job_id)
+                state = jobs.running_state(uow, self._job_id)
         except OperationalError:
             # The database away for a moment: the job goes on; the next look asks again.
             log.warning("could not look whether job %s was cancelled", self._job_id)
             return
         # Gone (its user had everything deleted) or cancelled: stop.
-        if state is None or state[0] == JobStatus.CANCELLED:
+        if state is None or state.status == JobStatus.CANCELLED:
             raise JobCancelled(self._job_id)
-        if state != (JobStatus.RUNNING, self._runtime.name):
+        if (state.status, state.worker) != (JobStatus.RUNNING, self._runtime.name):
             raise JobHandedBack(self._job_id)
+        self.status_message_id = state.status_message_id
 
 
 def run_job(runtime: WorkerRuntime, job_id: int) -> None:
@@ -170,12 +174,18 @@ def _run_batch(runtime: WorkerRuntime, batch: list[JobView]) -> None:
     watches = {job.id: CancelWatch(runtime, job.id) for job in batch}
 
     def on_progress(done: int, total: int) -> None:
-        for job in list(live):
+        for index, job in reversed(list(enumerate(live))):
+            watch = watches[job.id]
             try:
-                watches[job.id].check()
+                watch.check()
             except JobCancelled as stop:
-                live.remove(job)
+                del live[index]
                 _stopped(runtime, job, stop)
+                continue
+            if job.status_message_id is None and watch.status_message_id is not None:
+                # Recorded by the bot after the job started: it shows progress from now on.
+                live[index] = replace(job, status_message_id=watch.status_message_id)
+                delivery.started(live[index])
         if not live:
             raise _AllStopped(leader.id)
         for job in live:
@@ -265,9 +275,17 @@ def _finish(
                 action = moderate(runtime, job, checking.result(), stored, seconds)
             if action == ImageAction.BLOCK:
                 return
-            _with_retries(lambda: _record_results(runtime, job_id, stored), f"job {job_id} results")
+            status_message_id = _with_retries(
+                lambda: _record_results(runtime, job_id, stored), f"job {job_id} results"
+            )
             # The caption tells the steps and guidance that ran: a few-step preset fixes them.
-            ran = replace(job, plan=adjust_plan(runtime.pipeline.preset, job.plan))
+            # The status message to remove is the one recorded by now (the bot removes one it
+            # records later).
+            ran = replace(
+                job,
+                plan=adjust_plan(runtime.pipeline.preset, job.plan),
+                status_message_id=status_message_id,
+            )
             sent = delivery.deliver(ran, pngs, seconds, spoiler=action == ImageAction.SPOILER)
             file_ids, message_ids = sent.file_ids, sent.message_ids
     except JobCancelled as stop:
@@ -287,9 +305,12 @@ def _finish(
     log.info("job %s done: %d image(s) in %.2f s", job_id, len(file_ids), seconds)
 
 
-def _record_results(runtime: WorkerRuntime, job_id: int, stored: list[StoredArtifact]) -> None:
+def _record_results(
+    runtime: WorkerRuntime, job_id: int, stored: list[StoredArtifact]
+) -> int | None:
     with runtime.store.unit_of_work() as uow:
-        jobs.record_results(uow, job_id, [a.key for a in stored], [a.sha256 for a in stored])
+        keys, checksums = [a.key for a in stored], [a.sha256 for a in stored]
+        return jobs.record_results(uow, job_id, keys, checksums)
 
 
 def _mark_delivered(
@@ -323,18 +344,19 @@ def _record_end(
 # After the user has their result, its record must not be lost to a database that is away
 # for a moment: tries, and the waits between them.
 RECORD_RETRY_WAITS_S = (0.5, 2.0, 5.0)
+T = TypeVar("T")
 
 
-def _with_retries(write: Callable[[], None], what: str) -> None:
+def _with_retries(write: Callable[[], T], what: str) -> T:
     for wait in (*RECORD_RETRY_WAITS_S, None):
         try:
-            write()
-            return
+            return write()
         except OperationalError:
             if wait is None:
                 raise
             log.warning("could not record that %s; trying again in %.1f s", what, wait)
             time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def moderate(

@@ -175,6 +175,48 @@ def test_several_images_come_as_one_album(stack: tuple[BotApiEmulator, str]) -> 
     assert len(job.result_file_ids or []) == 2
 
 
+def test_the_job_does_not_wait_for_its_status_message(
+    stack: tuple[BotApiEmulator, str],
+) -> None:
+    """A slow Bot API (answers within python-telegram-bot's timeout): the job is handed over
+    while its status message is on its way. That message is removed once, by the worker or,
+    when the result came first, by the bot, and is on the job's record either way."""
+    emulator, database_url = stack
+    user = emulator.user(next(_fresh_user_ids))
+    chat = emulator.private_chat(user)
+    slow = 4.0
+    emulator.delay("sendMessage", slow)
+    try:
+        command = emulator.send_text(chat, user, "/portrait a ferry at dawn")
+        status = emulator.wait_for("sendMessage", answer_to(command), timeout=30)
+        handed_over = None
+        while handed_over is None and time.monotonic() < status.at + slow:
+            jobs_now = jobs_in_chat(database_url, chat["id"])
+            if jobs_now and jobs_now[0].published_at is not None:
+                handed_over = time.monotonic()
+            time.sleep(0.05)
+        sent = emulator.wait_for("sendPhoto", reply_to(command), timeout=120)
+    finally:
+        emulator.delay("sendMessage", 0.0)
+    assert handed_over is not None, "the job waited for its status message"
+    status_id = status.result["message_id"]
+    emulator.wait_for(
+        "deleteMessage",
+        lambda c: (c.params["chat_id"], c.params["message_id"]) == (chat["id"], status_id),
+    )
+    assert emulator.messages[(chat["id"], status_id)].get("deleted")
+    [job] = wait_for_jobs(database_url, chat["id"], "done")
+    assert job.status_message_id == status_id
+    removals = [
+        c
+        for c in emulator.calls_to("deleteMessage", chat["id"])
+        if c.params["message_id"] == status_id
+    ]
+    assert len(removals) == 1
+    if sent.at < status.at + slow:
+        assert removals[0].at >= status.at + slow  # the bot's: the worker never knew of it
+
+
 def test_progress_is_shown_on_the_status_message(stack: tuple[BotApiEmulator, str]) -> None:
     emulator, _ = stack
     user = emulator.user(504)

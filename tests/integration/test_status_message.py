@@ -1,0 +1,163 @@
+"""The bot hands a job over while its status message is still on its way, and records the
+message once sent. Whichever of the bot's record and the worker's (the results, just before
+it sends them) comes first, the status message is shown progress on and removed exactly once:
+by the worker when it saw the message, by the bot when the worker had gone past. The real
+worker service, tiny model, store (SQLite and PostgreSQL) and Bot API emulator."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chitrakar.domain import GenerationPlan, JobKind
+from chitrakar.texts import text
+from db import jobs
+from db.jobs import Origin
+from db.migrate import upgrade_to_head
+from tests.support.botapi import BotApiEmulator
+from tests.support.stack import worker_settings
+from workers.runtime import WorkerRuntime
+from workers.service import run_job
+
+
+@pytest.fixture
+def runtime(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, database_url: str
+) -> Iterator[WorkerRuntime]:
+    settings = worker_settings(emulator, tmp_path, tiny_model, database_url=database_url)
+    upgrade_to_head(settings.resolved_database_url)
+    runtime = WorkerRuntime(settings, publish=lambda _job_id: None)
+    try:
+        yield runtime
+    finally:
+        runtime.close()
+
+
+def _job(emulator: BotApiEmulator, runtime: WorkerRuntime, user_id: int) -> tuple[int, Any]:
+    """A handed-over job with no status message recorded yet, and the status message the
+    bot sent meanwhile."""
+    user = emulator.user(user_id, "Meera")
+    chat = emulator.private_chat(user)
+    command = emulator.history_message(chat, user, "/portrait a lighthouse")
+    status = emulator.history_message(chat, None, text("en", "status.queued", position=1))
+    origin = Origin(
+        "telegram", chat["id"], "private", str(user_id), "Meera", "en", command["message_id"]
+    )
+    plan = GenerationPlan("a lighthouse", 64, 64, 3, (5,), 7.0)
+    with runtime.store.unit_of_work() as uow:
+        job_id = jobs.create_job(uow, origin, JobKind.PORTRAIT, plan)
+    with runtime.store.unit_of_work() as uow:
+        assert jobs.claim_hand_over(uow, job_id, limit=2)
+    return job_id, status
+
+
+def _attach(runtime: WorkerRuntime, job_id: int, message_id: int) -> bool:
+    with runtime.store.unit_of_work() as uow:
+        return jobs.attach_status_message(uow, job_id, message_id)
+
+
+def _edits_and_deletes(emulator: BotApiEmulator, status: Any) -> tuple[list[str], int]:
+    chat_id, message_id = status["chat"]["id"], status["message_id"]
+    edits = [
+        call.params["text"]
+        for call in emulator.calls_to("editMessageText", chat_id)
+        if call.params["message_id"] == message_id
+    ]
+    deletes = [
+        call
+        for call in emulator.calls_to("deleteMessage", chat_id)
+        if call.params["message_id"] == message_id
+    ]
+    return edits, len(deletes)
+
+
+def test_recorded_while_the_job_runs_it_shows_progress_and_the_worker_removes_it(
+    emulator: BotApiEmulator, runtime: WorkerRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id, status = _job(emulator, runtime, 1201)
+    start_job = jobs.start_job
+    watched: list[bool] = []
+
+    def started_then_recorded(*args: Any, **kwargs: Any) -> Any:
+        view = start_job(*args, **kwargs)  # commits: the worker holds the job
+        watched.append(_attach(runtime, job_id, status["message_id"]))
+        return view
+
+    monkeypatch.setattr(jobs, "start_job", started_then_recorded)
+    run_job(runtime, job_id)
+
+    assert watched == [True]
+    edits, deletes = _edits_and_deletes(emulator, status)
+    # The worker took the job before the message was recorded, and found it at its first look.
+    assert edits and edits[0] == text("en", "status.running")
+    assert deletes == 1
+    assert emulator.messages[(status["chat"]["id"], status["message_id"])].get("deleted")
+    assert len(emulator.calls_to("sendPhoto", status["chat"]["id"])) == 1
+
+
+def test_recorded_just_before_the_results_the_worker_removes_it(
+    emulator: BotApiEmulator, runtime: WorkerRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the worker's last look during the run, before it records the results."""
+    job_id, status = _job(emulator, runtime, 1206)
+    record_results = jobs.record_results
+    watched: list[bool] = []
+
+    def recorded_then_results(*args: Any, **kwargs: Any) -> Any:
+        watched.append(_attach(runtime, job_id, status["message_id"]))
+        return record_results(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "record_results", recorded_then_results)
+    run_job(runtime, job_id)
+
+    assert watched == [True]
+    edits, deletes = _edits_and_deletes(emulator, status)
+    assert edits == []  # the run never saw it
+    assert deletes == 1
+    assert len(emulator.calls_to("sendPhoto", status["chat"]["id"])) == 1
+
+
+def test_recorded_after_the_results_the_worker_leaves_it_to_the_bot(
+    emulator: BotApiEmulator, runtime: WorkerRuntime
+) -> None:
+    job_id, status = _job(emulator, runtime, 1202)
+    run_job(runtime, job_id)
+    assert _attach(runtime, job_id, status["message_id"]) is False
+    edits, deletes = _edits_and_deletes(emulator, status)
+    assert edits == [] and deletes == 0  # the worker never knew of it
+    # It is on the job's record all the same.
+    with runtime.store.unit_of_work() as uow:
+        view = jobs.get_job(uow, job_id)
+    assert view is not None and view.status_message_id == status["message_id"]
+
+
+def test_the_results_record_tells_the_worker_which_message_to_remove(
+    emulator: BotApiEmulator, runtime: WorkerRuntime
+) -> None:
+    job_id, status = _job(emulator, runtime, 1203)
+    with runtime.store.unit_of_work() as uow:
+        assert jobs.start_job(uow, job_id, runtime.name) is not None
+    with runtime.store.unit_of_work() as uow:
+        assert jobs.record_results(uow, job_id, ["results/a.png"], ["00"]) is None
+    # Recorded after the results: the bot must remove it itself.
+    assert _attach(runtime, job_id, status["message_id"]) is False
+
+    other_id, other_status = _job(emulator, runtime, 1204)
+    with runtime.store.unit_of_work() as uow:
+        assert jobs.start_job(uow, other_id, runtime.name) is not None
+    assert _attach(runtime, other_id, other_status["message_id"]) is True
+    with runtime.store.unit_of_work() as uow:
+        recorded = jobs.record_results(uow, other_id, ["results/b.png"], ["00"])
+    assert recorded == other_status["message_id"]
+
+
+def test_a_job_that_ended_leaves_its_status_message_to_the_bot(
+    emulator: BotApiEmulator, runtime: WorkerRuntime
+) -> None:
+    job_id, status = _job(emulator, runtime, 1205)
+    with runtime.store.unit_of_work() as uow:
+        jobs.cancel_jobs(uow, "telegram", None, "1205")
+    assert _attach(runtime, job_id, status["message_id"]) is False
