@@ -54,6 +54,8 @@ class JobHandedBack(JobCancelled):
 
 # Seconds between looks at the database for a cancellation while a job runs.
 CANCEL_CHECK_INTERVAL_S = 1.0
+# Jobs of one batch finished (checked, stored, sent) at once.
+FINISHING_THREADS = 4
 
 
 class CancelWatch:
@@ -211,10 +213,26 @@ def _run_batch(runtime: WorkerRuntime, batch: list[JobView]) -> None:
             _each(runtime, job, partial(_give_up, runtime, job.id, reason), give_up=False)
         return
     seconds = perf_counter() - started
-    for job in list(live):
-        finish = partial(_finish, runtime, job, seconds, watches[job.id], images.get(job.id), grid)
-        # _finish fails its job itself up to the delivery; what escapes it is a record after.
-        _each(runtime, job, finish, give_up=False)
+    # _finish fails its job itself up to the delivery; what escapes it is a record after.
+    finishes = [
+        partial(
+            _each,
+            runtime,
+            job,
+            partial(_finish, runtime, job, seconds, watches[job.id], images.get(job.id), grid),
+            give_up=False,
+        )
+        for job in live
+    ]
+    if len(finishes) == 1:
+        finishes[0]()
+        return
+    # A batch's jobs are checked, stored and sent side by side: the content check, the PNG
+    # encoding and the waits on the Bot API let go of the GIL, so that the later jobs of a
+    # batch do not wait for every earlier one.
+    with ThreadPoolExecutor(min(len(finishes), FINISHING_THREADS), "finish") as pool:
+        for done in [pool.submit(finish) for finish in finishes]:
+            done.result()
 
 
 def _each(

@@ -245,9 +245,14 @@ def test_a_job_failing_in_a_batch_fails_alone(deployment: Deployment) -> None:
     fine_id = deployment.job(961, _plan("a mango", 2))
     forgotten_id = deployment.job(962, _plan("a drum", 3))
     emulator = deployment.emulator
-    # The first result sent (the leader's) is refused: its user blocked the bot. Another
-    # user had everything about them deleted (/forget) once their job was in the batch.
-    emulator.fail("sendPhoto", 403, "Forbidden: bot was blocked by the user")
+    # The leader's result is refused: its user blocked the bot. Another user had everything
+    # about them deleted (/forget) once their job was in the batch.
+    emulator.fail(
+        "sendPhoto",
+        403,
+        "Forbidden: bot was blocked by the user",
+        chat_id=deployment.chats[blocked_id],
+    )
     leader, companions = _claim(deployment, blocked_id)
     assert len(companions) == 2
     with deployment.runtime.store.unit_of_work() as uow:

@@ -88,6 +88,7 @@ class Fault:
     description: str
     retry_after: int | None
     times: int
+    chat_id: int | None = None  # only calls to this chat fail
 
 
 class BotApiEmulator:
@@ -437,10 +438,12 @@ class BotApiEmulator:
         description: str = "Bad Request: emulated failure",
         retry_after: int | None = None,
         times: int = 1,
+        chat_id: int | None = None,
     ) -> None:
-        """Make the next `times` calls to `method` fail as Telegram would."""
+        """Make the next `times` calls to `method` (in chat `chat_id`, when given) fail as
+        Telegram would."""
         with self._lock:
-            self._faults[method] = Fault(status, description, retry_after, times)
+            self._faults[method] = Fault(status, description, retry_after, times, chat_id)
 
     # -- internals ------------------------------------------------------------------------
 
@@ -583,6 +586,8 @@ class BotApiEmulator:
             return web.json_response({"ok": True, "result": await self._get_updates(params)})
         with self._changed:
             fault = self._faults.get(method)
+            if fault is not None and fault.chat_id not in (None, params.get("chat_id")):
+                fault = None
             if fault is not None:
                 fault.times -= 1
                 if fault.times <= 0:

@@ -20,7 +20,7 @@ from telegram import (
     ReplyParameters,
     Update,
 )
-from telegram.error import BadRequest
+from telegram.error import BadRequest, Forbidden
 
 from tests.support.botapi import DOWNLOAD_LIMIT, ApiError, BotApiEmulator
 
@@ -372,3 +372,15 @@ async def test_a_user_album_shares_its_group_id(emulator: BotApiEmulator, bot: B
     first, second = await updates(bot)
     assert first.message is not None and second.message is not None
     assert first.message.media_group_id == second.message.media_group_id == "77"
+
+
+async def test_a_fault_can_be_kept_to_one_chat(emulator: BotApiEmulator, bot: Bot) -> None:
+    blocked = emulator.private_chat(emulator.user(611))
+    other = emulator.private_chat(emulator.user(612))
+    emulator.fail(
+        "sendMessage", 403, "Forbidden: bot was blocked by the user", chat_id=blocked["id"]
+    )
+    assert await bot.send_message(other["id"], "still fine")
+    with pytest.raises(Forbidden, match=r"(?i)blocked"):
+        await bot.send_message(blocked["id"], "refused")
+    assert await bot.send_message(blocked["id"], "once only")
