@@ -3,7 +3,7 @@ delivery out, for the real `chitrakar bot` and worker processes against the Bot 
 on loopback (Redis as the broker, SQLite or PostgreSQL as the store, the tiny model on CPU).
 
     PYTHONPATH=. .venv/bin/python bench/serving_overhead.py [--requests 30] [--users 50]
-        [--waves 3] [--database sqlite|postgresql] [--phases ...]
+        [--waves 3] [--database sqlite|postgresql] [--phases ...] [--api-latency-ms 0]
 
 Three phases, each on fresh users (each user sends one `/portrait`):
 - `1-user-model`: one request at a time, the worker running the tiny model (timed exactly);
@@ -41,6 +41,10 @@ the worker's task starts → pipeline → the worker's "uploading a photo" chat 
 stored, checked, recorded) → photo; job row and published from the row's timestamps),
 the content check's time per image, and the worker's serving time per job (its tasks' time
 outside pipeline calls, divided by the jobs made), which bounds one worker's throughput.
+
+`--api-latency-ms N` answers every Bot API call the bot and worker make on a request's path
+(not getUpdates) N ms late, as Telegram's servers do across the internet (a call still counts
+as received when it arrives): what a deployment adds for each round trip it waits on.
 
 Prints one JSON object (milliseconds; p99 of 30 samples is their maximum), then one Markdown
 table row per phase for BENCHMARKS.md.
@@ -341,6 +345,18 @@ class Phase:
     timings: Path | None = None
 
 
+# What the bot and the worker call on a request's path, answered `--api-latency-ms` late (a
+# call is recorded, and counts as received, on arrival).
+ANSWERED_LATE = (
+    "sendMessage",
+    "sendChatAction",
+    "sendPhoto",
+    "sendMediaGroup",
+    "editMessageText",
+    "deleteMessage",
+)
+
+
 def in_chat(chat_id: int) -> Callable[[Call], bool]:
     return lambda call: call.params.get("chat_id") == chat_id
 
@@ -446,6 +462,12 @@ def main() -> None:
     parser.add_argument(
         "--phases", default=",".join(PHASES), help=f"comma-separated, of {', '.join(PHASES)}"
     )
+    parser.add_argument(
+        "--api-latency-ms",
+        type=float,
+        default=0.0,
+        help="answer every Bot API call but getUpdates this late (Telegram's round trip)",
+    )
     args = parser.parse_args()
     phases = [
         Phase(name, "model" if name.endswith("model") else "instant")
@@ -460,6 +482,8 @@ def main() -> None:
     with deployment("chitrakar-overhead-", args.database, args.broker_url) as stack:
         with chitrakar_process("bot", env=stack.env, log_dir=stack.work, echo_log=False):
             wait_until_up(stack.emulator)
+            for method in ANSWERED_LATE:
+                stack.emulator.delay(method, args.api_latency_ms / 1000)
             for phase in phases:
                 run_phase(stack, phase, lambda: next(user_ids), args)
         rows = job_rows(stack.database_url)
@@ -471,6 +495,7 @@ def main() -> None:
         "python": platform.python_version(),
         "database": args.database,
         "broker": broker,
+        "api_latency_ms": args.api_latency_ms,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "logs": work,
