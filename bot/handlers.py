@@ -155,9 +155,9 @@ async def _announce_and_dispatch_to(
             intake.attach_status_message, accepted.job_id, status.message_id
         )
     except Exception:
-        # The job goes on; its status message stays as sent.
+        # The job goes on, but no worker will know of the message: it must not stay behind.
         log.exception("could not record the status message of job %s", accepted.job_id)
-        return
+        watched = False
     if not watched:
         with contextlib.suppress(TelegramError):
             await status.delete()

@@ -353,18 +353,23 @@ def set_default_style(uow: UnitOfWork, origin: Origin, style: str | None) -> Non
 
 def attach_status_message(uow: UnitOfWork, job_id: int, message_id: int) -> bool:
     """Record the status message a job's user was sent. The job may be on a worker already
-    (the bot hands it over while the message is on its way): True when its worker will still
-    look for the message (to show progress on it and remove it once the result is sent);
-    False when the job ended or its results were recorded first, so that nothing but the
-    caller will remove it. Commits."""
-    # The write comes first: it takes the row's lock (SQLite's write lock), so this and the
-    # worker's `record_results` see each other in one order or the other.
-    uow.session.execute(update(Job).where(Job.id == job_id).values(status_message_id=message_id))
-    row = uow.session.execute(select(Job.status, Job.result_paths).where(Job.id == job_id)).first()
+    (the bot hands it over while the message is on its way): True when recorded, for its
+    worker to find (it shows progress on it and removes it once the result is sent). False,
+    and nothing recorded, when the job is gone, ended or had its results recorded first: no
+    worker will look for the message again, so only the caller may remove it. Commits."""
+    # One conditional write: it waits for the row's lock (SQLite's write lock) and judges the
+    # row as the worker's `record_results` left it, so the two happen in one order or the other.
+    recorded = uow.session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.status.in_(list(ACTIVE_STATUSES)),
+            Job.result_paths.is_(None),
+        )
+        .values(status_message_id=message_id)
+    )
     uow.commit()
-    if row is None:
-        raise JobNotFound(job_id)
-    return JobStatus(row.status) in ACTIVE_STATUSES and not row.result_paths
+    return bool(recorded.rowcount)  # type: ignore[attr-defined]
 
 
 def start_job(
@@ -468,9 +473,9 @@ def record_results(
 ) -> int | None:
     """Name a running job's results once they may be shown (stored, and past the content
     check), before they are sent: a channel that serves them itself (the web chat) can do so
-    as soon as the message that shows them arrives. Returns the job's status message, as
-    recorded by then: one the bot records later it removes itself (`attach_status_message`).
-    Commits."""
+    as soon as the message that shows them arrives. A job that sends none of them (a preview
+    grid) records an empty list. Returns the job's status message, as recorded by then: the
+    bot records none after this (`attach_status_message`). Commits."""
     uow.session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.RUNNING)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from functools import cached_property
 
+from PIL import Image
 from sqlalchemy import text as sql
 
 from chitrakar.artifacts import artifact_store_from_url
@@ -102,6 +103,9 @@ class WorkerRuntime:
 
         assert loaded.preset is not None
         warm_up(generate, loaded.preset)
+        # The content check's model too: it would otherwise load inside the first job (and,
+        # with a batch's jobs finished side by side, perhaps in several threads at once).
+        self.classifier.classify(Image.new("RGB", (size, size)))
 
     @cached_property
     def classifier(self) -> OutputClassifier:

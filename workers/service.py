@@ -281,6 +281,11 @@ def _finish(
     message_ids: list[int] = []
     try:
         if grid is not None:
+            # No results to name, but the status message to remove is the one recorded now.
+            status_message_id = _with_retries(
+                lambda: _record_results(runtime, job_id, []), f"job {job_id} results"
+            )
+            job = replace(job, status_message_id=status_message_id)
             file_ids = delivery.deliver_previews(job, grid)
         else:
             assert images is not None

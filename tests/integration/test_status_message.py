@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from chitrakar.domain import GenerationPlan, JobKind
+from chitrakar.media import png_bytes
 from chitrakar.texts import text
-from db import jobs
+from db import jobs, privacy
 from db.jobs import Origin
 from db.migrate import upgrade_to_head
 from tests.support.botapi import BotApiEmulator
@@ -36,7 +38,12 @@ def runtime(
         runtime.close()
 
 
-def _job(emulator: BotApiEmulator, runtime: WorkerRuntime, user_id: int) -> tuple[int, Any]:
+def _job(
+    emulator: BotApiEmulator,
+    runtime: WorkerRuntime,
+    user_id: int,
+    kind: JobKind = JobKind.PORTRAIT,
+) -> tuple[int, Any]:
     """A handed-over job with no status message recorded yet, and the status message the
     bot sent meanwhile."""
     user = emulator.user(user_id, "Meera")
@@ -48,7 +55,7 @@ def _job(emulator: BotApiEmulator, runtime: WorkerRuntime, user_id: int) -> tupl
     )
     plan = GenerationPlan("a lighthouse", 64, 64, 3, (5,), 7.0)
     with runtime.store.unit_of_work() as uow:
-        job_id = jobs.create_job(uow, origin, JobKind.PORTRAIT, plan)
+        job_id = jobs.create_job(uow, origin, kind, plan)
     with runtime.store.unit_of_work() as uow:
         assert jobs.claim_hand_over(uow, job_id, limit=2)
     return job_id, status
@@ -98,11 +105,20 @@ def test_recorded_while_the_job_runs_it_shows_progress_and_the_worker_removes_it
     assert len(emulator.calls_to("sendPhoto", status["chat"]["id"])) == 1
 
 
+@pytest.mark.parametrize("kind", [JobKind.PORTRAIT, JobKind.PREVIEWS])
 def test_recorded_just_before_the_results_the_worker_removes_it(
-    emulator: BotApiEmulator, runtime: WorkerRuntime, monkeypatch: pytest.MonkeyPatch
+    emulator: BotApiEmulator,
+    runtime: WorkerRuntime,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: JobKind,
 ) -> None:
-    """After the worker's last look during the run, before it records the results."""
-    job_id, status = _job(emulator, runtime, 1206)
+    """After the worker's last look during the run, before it records the results (a preview
+    grid records none, and may take no look at all: here it is made already)."""
+    if kind == JobKind.PREVIEWS:
+        grid = runtime.media.grid_path(runtime.settings.model_label, runtime.catalogue)
+        grid.parent.mkdir(parents=True, exist_ok=True)
+        grid.write_bytes(png_bytes(Image.new("RGB", (96, 64), "teal")))
+    job_id, status = _job(emulator, runtime, 1206, kind)
     record_results = jobs.record_results
     watched: list[bool] = []
 
@@ -118,6 +134,43 @@ def test_recorded_just_before_the_results_the_worker_removes_it(
     assert edits == []  # the run never saw it
     assert deletes == 1
     assert len(emulator.calls_to("sendPhoto", status["chat"]["id"])) == 1
+    with runtime.store.unit_of_work() as uow:
+        view = jobs.get_job(uow, job_id)
+    assert view is not None and view.status == "done"
+    # Once a job ended, a status message recorded late is left to the bot.
+    assert _attach(runtime, job_id, status["message_id"] + 1) is False
+
+
+@pytest.mark.parametrize("kind", [JobKind.PORTRAIT, JobKind.PREVIEWS])
+def test_recorded_once_the_results_are_on_their_way_it_is_left_to_the_bot(
+    emulator: BotApiEmulator,
+    runtime: WorkerRuntime,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: JobKind,
+) -> None:
+    if kind == JobKind.PREVIEWS:
+        grid = runtime.media.grid_path(runtime.settings.model_label, runtime.catalogue)
+        grid.parent.mkdir(parents=True, exist_ok=True)
+        grid.write_bytes(png_bytes(Image.new("RGB", (96, 64), "teal")))
+    job_id, status = _job(emulator, runtime, 1207, kind)
+    record_results = jobs.record_results
+    watched: list[bool] = []
+
+    def results_then_recorded(*args: Any, **kwargs: Any) -> Any:
+        recorded = record_results(*args, **kwargs)
+        watched.append(_attach(runtime, job_id, status["message_id"]))
+        return recorded
+
+    monkeypatch.setattr(jobs, "record_results", results_then_recorded)
+    run_job(runtime, job_id)
+
+    assert watched == [False]
+    edits, deletes = _edits_and_deletes(emulator, status)
+    assert edits == [] and deletes == 0  # the worker never knew of it: the bot removes it
+    with runtime.store.unit_of_work() as uow:
+        view = jobs.get_job(uow, job_id)
+    # Not recorded either: nothing else (an apology, say) will edit it.
+    assert view is not None and view.status_message_id is None
 
 
 def test_recorded_after_the_results_the_worker_leaves_it_to_the_bot(
@@ -128,10 +181,9 @@ def test_recorded_after_the_results_the_worker_leaves_it_to_the_bot(
     assert _attach(runtime, job_id, status["message_id"]) is False
     edits, deletes = _edits_and_deletes(emulator, status)
     assert edits == [] and deletes == 0  # the worker never knew of it
-    # It is on the job's record all the same.
     with runtime.store.unit_of_work() as uow:
         view = jobs.get_job(uow, job_id)
-    assert view is not None and view.status_message_id == status["message_id"]
+    assert view is not None and view.status_message_id is None
 
 
 def test_the_results_record_tells_the_worker_which_message_to_remove(
@@ -154,10 +206,15 @@ def test_the_results_record_tells_the_worker_which_message_to_remove(
     assert recorded == other_status["message_id"]
 
 
-def test_a_job_that_ended_leaves_its_status_message_to_the_bot(
+def test_a_job_that_ended_or_is_gone_leaves_its_status_message_to_the_bot(
     emulator: BotApiEmulator, runtime: WorkerRuntime
 ) -> None:
     job_id, status = _job(emulator, runtime, 1205)
     with runtime.store.unit_of_work() as uow:
         jobs.cancel_jobs(uow, "telegram", None, "1205")
     assert _attach(runtime, job_id, status["message_id"]) is False
+    gone_id, gone_status = _job(emulator, runtime, 1208)
+    with runtime.store.unit_of_work() as uow:
+        assert privacy.delete(uow.session, "telegram", "1208") is not None
+        uow.commit()
+    assert _attach(runtime, gone_id, gone_status["message_id"]) is False
