@@ -24,6 +24,7 @@ playwright_api = pytest.importorskip("playwright.sync_api")
 PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True}
 # Results take a few seconds on two CPU cores with the tiny model.
 WAIT_MS = 90_000
+IMAGE_SIZE = 256
 
 
 def chromium_path() -> str:
@@ -38,8 +39,11 @@ def chromium_path() -> str:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebStack]:
     data_dir = tmp_path_factory.mktemp("web-browser")
-    # More steps than elsewhere, so that progress has time to show.
-    env = chitrakar_env(None, data_dir, Path("unused"), default_steps="30")
+    # Bigger images and more steps than elsewhere, so that progress shows for a while (about
+    # 0.6 s on 2 cores: over two of the web feed's polls) before the result replaces it.
+    env = chitrakar_env(
+        None, data_dir, Path("unused"), default_steps="30", image_size=str(IMAGE_SIZE)
+    )
     # As a new user runs it: no model configured, so the worker makes the tiny demo model.
     del env["CHITRAKAR_MODEL"]
     with web_stack(env, data_dir) as stack:
@@ -90,8 +94,8 @@ def test_sign_in_ask_watch_progress_see_the_image_and_press_again(
     expect(result).to_have_count(1, timeout=WAIT_MS)
     expect(page.locator(".msg.bot", has_text="Creating your image")).to_have_count(0)
     image = result.locator("img")
-    expect(image).to_have_js_property("naturalWidth", 64)
-    expect(result).to_contain_text("Seed 5 · 30 steps · 64×64")
+    expect(image).to_have_js_property("naturalWidth", IMAGE_SIZE)
+    expect(result).to_contain_text(f"Seed 5 · 30 steps · {IMAGE_SIZE}×{IMAGE_SIZE}")
     download = result.locator("a.download")
     assert download.get_attribute("href").endswith("?download=1")
 
