@@ -61,6 +61,18 @@ def _job(
     return job_id, status
 
 
+def _grid_made_already(runtime: WorkerRuntime) -> None:
+    """The style preview grid on disk, as a worker finds it after the first /styles."""
+    grid = runtime.media.grid_path(runtime.settings.model_label, runtime.catalogue)
+    grid.parent.mkdir(parents=True, exist_ok=True)
+    grid.write_bytes(png_bytes(Image.new("RGB", (96, 64), "teal")))
+
+
+def _view(runtime: WorkerRuntime, job_id: int) -> jobs.JobView | None:
+    with runtime.store.unit_of_work() as uow:
+        return jobs.get_job(uow, job_id)
+
+
 def _attach(runtime: WorkerRuntime, job_id: int, message_id: int) -> bool:
     with runtime.store.unit_of_work() as uow:
         return jobs.attach_status_message(uow, job_id, message_id)
@@ -115,9 +127,7 @@ def test_recorded_just_before_the_results_the_worker_removes_it(
     """After the worker's last look during the run, before it records the results (a preview
     grid records none, and may take no look at all: here it is made already)."""
     if kind == JobKind.PREVIEWS:
-        grid = runtime.media.grid_path(runtime.settings.model_label, runtime.catalogue)
-        grid.parent.mkdir(parents=True, exist_ok=True)
-        grid.write_bytes(png_bytes(Image.new("RGB", (96, 64), "teal")))
+        _grid_made_already(runtime)
     job_id, status = _job(emulator, runtime, 1206, kind)
     record_results = jobs.record_results
     watched: list[bool] = []
@@ -134,8 +144,7 @@ def test_recorded_just_before_the_results_the_worker_removes_it(
     assert edits == []  # the run never saw it
     assert deletes == 1
     assert len(emulator.calls_to("sendPhoto", status["chat"]["id"])) == 1
-    with runtime.store.unit_of_work() as uow:
-        view = jobs.get_job(uow, job_id)
+    view = _view(runtime, job_id)
     assert view is not None and view.status == "done"
     # Once a job ended, a status message recorded late is left to the bot.
     assert _attach(runtime, job_id, status["message_id"] + 1) is False
@@ -149,9 +158,7 @@ def test_recorded_once_the_results_are_on_their_way_it_is_left_to_the_bot(
     kind: JobKind,
 ) -> None:
     if kind == JobKind.PREVIEWS:
-        grid = runtime.media.grid_path(runtime.settings.model_label, runtime.catalogue)
-        grid.parent.mkdir(parents=True, exist_ok=True)
-        grid.write_bytes(png_bytes(Image.new("RGB", (96, 64), "teal")))
+        _grid_made_already(runtime)
     job_id, status = _job(emulator, runtime, 1207, kind)
     record_results = jobs.record_results
     watched: list[bool] = []
@@ -167,8 +174,7 @@ def test_recorded_once_the_results_are_on_their_way_it_is_left_to_the_bot(
     assert watched == [False]
     edits, deletes = _edits_and_deletes(emulator, status)
     assert edits == [] and deletes == 0  # the worker never knew of it: the bot removes it
-    with runtime.store.unit_of_work() as uow:
-        view = jobs.get_job(uow, job_id)
+    view = _view(runtime, job_id)
     # Not recorded either: nothing else (an apology, say) will edit it.
     assert view is not None and view.status_message_id is None
 
@@ -181,8 +187,7 @@ def test_recorded_after_the_results_the_worker_leaves_it_to_the_bot(
     assert _attach(runtime, job_id, status["message_id"]) is False
     edits, deletes = _edits_and_deletes(emulator, status)
     assert edits == [] and deletes == 0  # the worker never knew of it
-    with runtime.store.unit_of_work() as uow:
-        view = jobs.get_job(uow, job_id)
+    view = _view(runtime, job_id)
     assert view is not None and view.status_message_id is None
 
 
