@@ -8,20 +8,16 @@ takes the row's lock (PostgreSQL) or the database's write lock (SQLite).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, Final, cast
 
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import CursorResult
-from sqlalchemy.orm import Session
 
 from db.models import AuditEvent, ChatSettings, Job, Report, ServiceFlag, User, utcnow
-from db.session import UnitOfWork
+from db.session import UnitOfWork, dialect_insert
 
 # What happens to a flagged image in a chat (ChatSettings.content_policy).
 CONTENT_POLICIES: Final = frozenset({"block", "spoiler", "allow"})
@@ -33,14 +29,6 @@ REPORT_DECISIONS: Final = frozenset({"dismissed", "deleted", "banned"})
 def _as_utc(moment: datetime) -> datetime:
     # SQLite keeps no time zone: what it returns was written as UTC.
     return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def _insert(session: Session) -> Callable[[Any], Any]:
-    # Both dialects' inserts have on_conflict_do_nothing/update; the generic one does not.
-    insert: Callable[[Any], Any] = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}[
-        session.get_bind().dialect.name
-    ]
-    return insert
 
 
 # The audit log.
@@ -137,7 +125,7 @@ def set_banned(uow: UnitOfWork, channel: str, external_id: str, banned: bool) ->
     """Ban or unban a user, creating their row if they never wrote to the bot. Commits."""
     session = uow.session
     session.execute(
-        _insert(session)(User)
+        dialect_insert(session, User)
         .values(
             channel=channel,
             external_id=external_id,
@@ -174,7 +162,7 @@ def set_flag(uow: UnitOfWork, key: str, value: str | None, set_by: str) -> None:
     else:
         at = utcnow()
         session.execute(
-            _insert(session)(ServiceFlag)
+            dialect_insert(session, ServiceFlag)
             .values(key=key, value=value, set_by=set_by, at=at)
             .on_conflict_do_update(
                 index_elements=["key"], set_={"value": value, "set_by": set_by, "at": at}
@@ -250,7 +238,7 @@ def update_chat_settings(
     session = uow.session
     # On SQLite this write takes the database's write lock for the whole read-modify-write.
     session.execute(
-        _insert(session)(ChatSettings)
+        dialect_insert(session, ChatSettings)
         .values(
             channel=channel,
             chat_id=chat_id,

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, cast
 
-from sqlalchemy import func, select, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import Select, func, insert, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -28,7 +26,7 @@ from chitrakar.domain import (
 from chitrakar.quota import Account, QuotaExceeded
 from db import heartbeats, ledger
 from db.models import Job, JobEvent, ResultMessage, User, utcnow
-from db.session import UnitOfWork
+from db.session import UnitOfWork, dialect_insert
 
 log = logging.getLogger(__name__)
 
@@ -163,31 +161,33 @@ class DuplicateRequest(Exception):
         self.job = job
 
 
-def _user_for(session: Session, origin: Origin) -> User:
-    """The user's row, created if new. Two requests from a new user can arrive at once, so the
-    insert is an atomic insert-if-absent rather than a look-then-add."""
-    # Both dialects' inserts have on_conflict_do_nothing; the generic one does not.
-    insert: Callable[[type[User]], Any] = {
-        "postgresql": postgresql_insert,
-        "sqlite": sqlite_insert,
-    }[session.get_bind().dialect.name]
-    session.execute(
-        insert(User)
-        .values(
-            channel=origin.channel,
-            external_id=origin.user_external_id,
-            language=origin.language,
-            created_at=utcnow(),
-        )
-        .on_conflict_do_nothing(index_elements=["channel", "external_id"])
+def _user_id_for(session: Session, origin: Origin) -> int:
+    """The user's row id, made if new, with the name and language this request gives. One
+    upsert, since two requests from a new user can arrive at once; it also takes the row's
+    lock (PostgreSQL) or the write lock (SQLite) for the rest of the transaction, which
+    serialises the hand-overs of one user's jobs."""
+    users = User.__table__
+    statement = dialect_insert(session, users).values(
+        channel=origin.channel,
+        external_id=origin.user_external_id,
+        display_name=origin.user_display_name,
+        language=origin.language,
+        created_at=utcnow(),
     )
-    user = session.scalars(
-        select(User).where(
-            User.channel == origin.channel, User.external_id == origin.user_external_id
-        )
-    ).one()
-    user.display_name = origin.user_display_name
-    user.language = origin.language
+    statement = statement.on_conflict_do_update(
+        index_elements=["channel", "external_id"],
+        set_={
+            "display_name": statement.excluded.display_name,
+            "language": statement.excluded.language,
+        },
+    ).returning(users.c.id)
+    return int(session.execute(statement).scalar_one())
+
+
+def _user_for(session: Session, origin: Origin) -> User:
+    """The user's row (see `_user_id_for`)."""
+    user = session.get(User, _user_id_for(session, origin), populate_existing=True)
+    assert user is not None
     return user
 
 
@@ -247,48 +247,55 @@ def create_job(
     """Record an accepted request as a queued job and reserve its credits, together; returns
     its id. Commits. Raises DuplicateRequest when the same message or button press already
     made a job, and QuotaExceeded (recording nothing) when a paying account is short."""
-    user = _user_for(uow.session, origin)
-    job = Job(
-        user=user,
-        channel=origin.channel,
-        chat_id=origin.chat_id,
-        chat_type=origin.chat_type,
-        trigger=origin.request_key,
-        request_message_id=origin.request_message_id,
-        language=origin.language,
-        command=kind,
-        prompt=plan.prompt,
-        negative_prompt=plan.negative_prompt,
-        style=plan.style,
-        strength=plan.strength,
-        lora=plan.lora,
-        lora_scale=plan.lora_scale,
-        options=options or {},
-        width=plan.width,
-        height=plan.height,
-        steps=plan.steps,
-        guidance_scale=plan.guidance_scale,
-        seeds=list(plan.seeds),
-        input_path=input_path,
-        parent_job_id=parent_job_id,
-        parent_index=parent_index,
-        cost=charge.cost if charge else 0,
-        status=JobStatus.QUEUED,
-        attempts=0,
-        events=[JobEvent(status=JobStatus.QUEUED)],
-    )
-    uow.session.add(job)
+    # Core inserts, not the ORM's unit of work: this runs for every request the bot takes.
+    session, now = uow.session, utcnow()
+    jobs_table = Job.__table__
     try:
-        uow.session.flush()
+        job_id = session.execute(
+            insert(jobs_table)
+            .values(
+                user_id=_user_id_for(session, origin),
+                channel=origin.channel,
+                chat_id=origin.chat_id,
+                chat_type=origin.chat_type,
+                trigger=origin.request_key,
+                request_message_id=origin.request_message_id,
+                language=origin.language,
+                command=kind,
+                prompt=plan.prompt,
+                negative_prompt=plan.negative_prompt,
+                style=plan.style,
+                strength=plan.strength,
+                lora=plan.lora,
+                lora_scale=plan.lora_scale,
+                options=options or {},
+                width=plan.width,
+                height=plan.height,
+                steps=plan.steps,
+                guidance_scale=plan.guidance_scale,
+                seeds=list(plan.seeds),
+                input_path=input_path,
+                parent_job_id=parent_job_id,
+                parent_index=parent_index,
+                cost=charge.cost if charge else 0,
+                status=JobStatus.QUEUED,
+                attempts=0,
+                created_at=now,
+            )
+            .returning(jobs_table.c.id)
+        ).scalar_one()
+        session.execute(
+            insert(JobEvent.__table__).values(job_id=job_id, status=JobStatus.QUEUED, at=now)
+        )
         if charge is not None:
-            ledger.reserve(uow.session, charge.accounts, job.id, charge.cost, charge.day)
+            ledger.reserve(session, charge.accounts, job_id, charge.cost, charge.day)
         uow.commit()
     except QuotaExceeded:
-        uow.session.rollback()
+        session.rollback()
         raise
     except IntegrityError:
-        uow.session.rollback()
-        existing = uow.session.scalar(
+        session.rollback()
+        existing = session.scalar(
             select(Job).where(
                 Job.channel == origin.channel,
                 Job.chat_id == origin.chat_id,
@@ -298,7 +305,7 @@ def create_job(
         if existing is None:
             raise
         raise DuplicateRequest(JobView.of(existing)) from None
-    return job.id
+    return int(job_id)
 
 
 def queue_position(uow: UnitOfWork, job_id: int) -> int:
@@ -598,19 +605,22 @@ def _user_lock(session: Session, user_id: int) -> None:
     session.execute(update(User).where(User.id == user_id).values(display_name=User.display_name))
 
 
-def _in_flight(session: Session, user_id: int) -> int:
-    return int(
-        session.scalar(
-            select(func.count())
-            .select_from(Job)
-            .where(
-                Job.user_id == user_id,
-                Job.status.in_(list(ACTIVE_STATUSES)),
-                Job.published_at.is_not(None),
-            )
+def _in_flight_count(user_id: int) -> Select[tuple[int]]:
+    """How many of the user's jobs are handed over and not ended."""
+    jobs_table = Job.__table__
+    return (
+        select(func.count())
+        .select_from(jobs_table)
+        .where(
+            jobs_table.c.user_id == user_id,
+            jobs_table.c.status.in_(list(ACTIVE_STATUSES)),
+            jobs_table.c.published_at.is_not(None),
         )
-        or 0
     )
+
+
+def _in_flight(session: Session, user_id: int) -> int:
+    return int(session.scalar(_in_flight_count(user_id)) or 0)
 
 
 def claim_hand_over(
@@ -619,20 +629,34 @@ def claim_hand_over(
     """Mark an accepted job handed to the broker if its user has fewer than `limit` there;
     False leaves it held (it is handed over when one of theirs ends). The status message
     the user was sent, when given, is recorded in the same transaction. Commits."""
-    job = _load(uow.session, job_id)
-    _user_lock(uow.session, job.user_id)
-    uow.session.refresh(job)
+    session, jobs_table = uow.session, Job.__table__
+    user_id = session.scalar(select(jobs_table.c.user_id).where(jobs_table.c.id == job_id))
+    if user_id is None:
+        raise JobNotFound(job_id)
+    _user_lock(session, user_id)
     if status_message_id is not None:
-        job.status_message_id = status_message_id
-    if job.published_at is not None or JobStatus(job.status) not in ACTIVE_STATUSES:
-        uow.commit()
-        return False
-    if _in_flight(uow.session, job.user_id) >= limit:
-        uow.commit()
-        return False
-    job.published_at = utcnow()
+        session.execute(
+            update(jobs_table)
+            .where(jobs_table.c.id == job_id)
+            .values(status_message_id=status_message_id)
+        )
+    # One conditional write, under the user's lock: still active, not handed over yet, and
+    # a place free among the user's jobs in flight.
+    claimed = cast(
+        CursorResult[Any],
+        session.execute(
+            update(jobs_table)
+            .where(
+                jobs_table.c.id == job_id,
+                jobs_table.c.published_at.is_(None),
+                jobs_table.c.status.in_(list(ACTIVE_STATUSES)),
+                _in_flight_count(user_id).scalar_subquery() < limit,
+            )
+            .values(published_at=utcnow())
+        ),
+    )
     uow.commit()
-    return True
+    return claimed.rowcount == 1
 
 
 def next_held_jobs(uow: UnitOfWork, user_id: int, limit: int) -> list[int]:

@@ -8,45 +8,30 @@ Functions here work inside the caller's transaction and do not commit.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import date
-from typing import Any
 
-from sqlalchemy import func, select, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from chitrakar.quota import Account, exceeded
 from db.models import Account as AccountRow
 from db.models import LedgerEntry
+from db.session import dialect_insert
 
 GRANT, RESERVE, COMMIT, REFUND = "grant", "reserve", "commit", "refund"
 
 
-def _insert(session: Session) -> Callable[[Any], Any]:
-    # Both dialects' inserts have on_conflict_do_nothing; the generic one does not.
-    insert: Callable[[Any], Any] = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}[
-        session.get_bind().dialect.name
-    ]
-    return insert
-
-
-def _account_id(session: Session, key: str) -> int:
-    session.execute(
-        _insert(session)(AccountRow)
-        .values(key=key, lock_version=0)
-        .on_conflict_do_nothing(index_elements=["key"])
-    )
-    return int(session.scalars(select(AccountRow.id).where(AccountRow.key == key)).one())
-
-
-def _lock(session: Session, account_id: int) -> None:
-    session.execute(
-        update(AccountRow)
-        .where(AccountRow.id == account_id)
-        .values(lock_version=AccountRow.lock_version + 1)
-    )
+def _locked_account_id(session: Session, key: str) -> int:
+    """The account's id, its row made if new, and locked for the rest of the transaction: the
+    upsert bumps lock_version, which takes the row's lock (PostgreSQL) or the write lock
+    (SQLite)."""
+    statement = dialect_insert(session, AccountRow.__table__).values(key=key, lock_version=0)
+    statement = statement.on_conflict_do_update(
+        index_elements=["key"],
+        set_={"lock_version": AccountRow.__table__.c.lock_version + 1},
+    ).returning(AccountRow.__table__.c.id)
+    return int(session.execute(statement).scalar_one())
 
 
 def _spent_net(session: Session, account_id: int, day: date) -> int:
@@ -79,17 +64,19 @@ def reserve(
     ids = []
     # Locks are taken in key order, so two reservations never wait on each other in a cycle.
     for account in limited:
-        account_id = _account_id(session, account.key)
-        _lock(session, account_id)
+        account_id = _locked_account_id(session, account.key)
         assert account.daily_limit is not None
         left = account.daily_limit + _spent_net(session, account_id, day)
         if cost > left:
             raise exceeded(account.key, cost, left)
         ids.append(account_id)
-    session.add_all(
-        LedgerEntry(account_id=i, job_id=job_id, kind=RESERVE, amount=-cost, day=day) for i in ids
+    session.execute(
+        insert(LedgerEntry.__table__),
+        [
+            {"account_id": i, "job_id": job_id, "kind": RESERVE, "amount": -cost, "day": day}
+            for i in ids
+        ],
     )
-    session.flush()
 
 
 def _reserves_of(session: Session, job_id: int) -> list[LedgerEntry]:
@@ -102,7 +89,7 @@ def _reserves_of(session: Session, job_id: int) -> list[LedgerEntry]:
 
 def _append_once(session: Session, reserve_entry: LedgerEntry, kind: str, amount: int) -> None:
     session.execute(
-        _insert(session)(LedgerEntry)
+        dialect_insert(session, LedgerEntry)
         .values(
             account_id=reserve_entry.account_id,
             job_id=reserve_entry.job_id,
@@ -143,7 +130,11 @@ def _has(session: Session, entry: LedgerEntry, kind: str) -> bool:
 def grant(session: Session, key: str, amount: int, day: date, note: str | None = None) -> None:
     session.add(
         LedgerEntry(
-            account_id=_account_id(session, key), kind=GRANT, amount=amount, day=day, note=note
+            account_id=_locked_account_id(session, key),
+            kind=GRANT,
+            amount=amount,
+            day=day,
+            note=note,
         )
     )
     session.flush()
@@ -154,5 +145,5 @@ def account_limit(session: Session, key: str) -> int | None:
 
 
 def set_account_limit(session: Session, key: str, limit: int | None) -> None:
-    account_id = _account_id(session, key)
+    account_id = _locked_account_id(session, key)
     session.execute(update(AccountRow).where(AccountRow.id == account_id).values(daily_limit=limit))
