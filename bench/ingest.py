@@ -255,7 +255,8 @@ def intake_cost(commands: int, database: str, broker_url: str | None) -> dict[st
             services.moderation.is_banned("telegram", user)
             request = parse_image_command(Command.PORTRAIT, f"a lighthouse at dawn number {n}")
             accepted = services.intake.accept(origin, request)
-            services.intake.dispatch(accepted.job_id, 2)
+            services.intake.dispatch(accepted)
+            services.intake.attach_status_message(accepted.job_id, 2)
 
         for n in range(20):  # warm-up: connections, compiled statements
             one(n)
@@ -287,6 +288,11 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=300.0, help="commands offered a second")
     parser.add_argument("--seconds", type=float, default=20.0, help="how long to offer them")
     parser.add_argument("--path", choices=("polling", "webhook"), default="polling")
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        help="CHITRAKAR_TELEGRAM_POLL_INTERVAL for the bot (polling; default: the setting's)",
+    )
     parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument(
         "--broker-url", help="Celery broker (default: an empty database of the Redis at :6379)"
@@ -314,11 +320,13 @@ def main() -> None:
         return
 
     settings: dict[str, str] = {}
+    if args.poll_interval is not None:
+        settings["telegram_poll_interval"] = str(args.poll_interval)
     hook_url = ""
     if args.path == "webhook":
         port = free_port()
         hook_url = f"http://127.0.0.1:{port}{WEBHOOK_PATH}"
-        settings = {
+        settings |= {
             "web_port": str(port),
             "telegram_webhook_url": hook_url,
             "telegram_webhook_secret": WEBHOOK_SECRET,

@@ -133,7 +133,7 @@ async def _announce_and_dispatch_to(
             reply_parameters=reply_to,
         )
     )
-    dispatched = await asyncio.to_thread(intake.dispatch, accepted.job_id, None)
+    dispatched = await asyncio.to_thread(intake.dispatch, accepted)
     status: Message | None
     try:
         status = await sending

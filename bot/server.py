@@ -131,7 +131,10 @@ async def _run_telegram(
                 )
             else:
                 assert application.updater is not None
-                await application.updater.start_polling(allowed_updates=Update.ALL_TYPES)
+                await application.updater.start_polling(
+                    poll_interval=settings.telegram_poll_interval,
+                    allowed_updates=Update.ALL_TYPES,
+                )
             if application.post_init is not None:
                 await application.post_init(application)
             await stop.wait()

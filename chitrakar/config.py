@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     telegram_webhook_url: str | None = None
     # Required with a webhook: Telegram sends it in X-Telegram-Bot-Api-Secret-Token.
     telegram_webhook_secret: SecretStr | None = Field(default=None, min_length=1, max_length=256)
+    # Polling: seconds the bot waits after each getUpdates answer before asking again, so that
+    # updates arriving together come in one answer (under load, one call per update cost the
+    # bot a fifth of its CPU). An update that finds the bot waiting is answered at once.
+    telegram_poll_interval: float = Field(default=0.05, ge=0.0, le=5.0)
     # The one HTTP server of the bot process: the web chat, the webhook and health checks.
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=8080, ge=1, le=65535)

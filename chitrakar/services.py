@@ -65,6 +65,9 @@ class Accepted:
     position: int
     # The request had already made this job (its update came twice): it has been answered.
     duplicate: bool = False
+    # Marked handed over when taken in: `dispatch` publishes it. Otherwise it is held (its
+    # user has their share of jobs in flight) and handed over when one of those ends.
+    handed_over: bool = False
 
 
 class JobIntake:
@@ -124,8 +127,15 @@ class JobIntake:
         try:
             return self._record(
                 origin,
-                lambda uow: jobs.create_job(
-                    uow, origin, kind, plan, options=options, input_path=input_path, charge=charge
+                lambda uow, limit: jobs.take_in(
+                    uow,
+                    origin,
+                    kind,
+                    plan,
+                    options=options,
+                    input_path=input_path,
+                    charge=charge,
+                    hand_over_limit=limit,
                 ),
                 on_duplicate=lambda: self.media.forget_input(input_path),
             )
@@ -218,7 +228,7 @@ class JobIntake:
         charge = self._charge(origin, kind, plan)
         return self._record(
             origin,
-            lambda uow: jobs.create_job(
+            lambda uow, limit: jobs.take_in(
                 uow,
                 origin,
                 kind,
@@ -227,6 +237,7 @@ class JobIntake:
                 parent_job_id=start_job,
                 parent_index=start_index,
                 charge=charge,
+                hand_over_limit=limit,
             ),
         )
 
@@ -373,18 +384,22 @@ class JobIntake:
             rng=self._rng,
         )
         return self._record(
-            origin, lambda uow: jobs.create_job(uow, origin, JobKind.PREVIEWS, plan)
+            origin,
+            lambda uow, limit: jobs.take_in(
+                uow, origin, JobKind.PREVIEWS, plan, hand_over_limit=limit
+            ),
         )
 
     def _record(
         self,
         origin: Origin,
-        create: Callable[[UnitOfWork], int],
+        take_in: Callable[[UnitOfWork, int], jobs.TakenIn],
         on_duplicate: Callable[[], None] | None = None,
     ) -> Accepted:
+        limit = self._settings.max_jobs_in_flight
         with self._store.unit_of_work() as uow:
             try:
-                job_id = create(uow)
+                taken = take_in(uow, limit)
             except QuotaExceeded as short:
                 # Say when the credits come back, in the deployment's zone.
                 resets = next_reset(datetime.now(UTC), self._settings.zone)
@@ -405,10 +420,15 @@ class JobIntake:
                         job.id,
                     )
                     return Accepted(job_id=job.id, position=0, duplicate=True)
-                job_id = job.id
-            position = jobs.queue_position(uow, job_id)
-        log.info("job %s accepted from %s chat %s", job_id, origin.channel, origin.chat_id)
-        return Accepted(job_id=job_id, position=position)
+                # Its hand-over may have been marked before the bot stopped, and never
+                # published: publish it again (a copy that was not lost finds the job
+                # started or ended, and does nothing).
+                handed_over = jobs.is_handed_over(uow, job.id) or jobs.claim_hand_over(
+                    uow, job.id, limit
+                )
+                taken = jobs.TakenIn(job.id, handed_over, jobs.queue_position(uow, job.id))
+        log.info("job %s accepted from %s chat %s", taken.job_id, origin.channel, origin.chat_id)
+        return Accepted(job_id=taken.job_id, position=taken.position, handed_over=taken.handed_over)
 
     def attach_status_message(self, job_id: int, message_id: int) -> bool:
         """Record the status message sent after the job was handed over. False when its
@@ -417,23 +437,19 @@ class JobIntake:
         with self._store.unit_of_work() as uow:
             return jobs.attach_status_message(uow, job_id, message_id)
 
-    def dispatch(self, job_id: int, status_message_id: int | None) -> bool:
-        """Hand an accepted job to the broker, or hold it while its user already has
-        CHITRAKAR_MAX_JOBS_IN_FLIGHT there (a worker hands it over when one of those ends).
-        False when the broker refused it: the job is then marked failed, so the caller must
-        tell the user."""
+    def dispatch(self, accepted: Accepted) -> bool:
+        """Publish a job that was marked handed over when taken in (a held one waits: a
+        worker hands it over when one of its user's jobs in flight ends). False when the
+        broker refused it: the job is then marked failed, so the caller must tell the user."""
+        if not accepted.handed_over:
+            log.info("job %s held: its user has jobs in flight", accepted.job_id)
+            return True
         try:
-            with self._store.unit_of_work() as uow:
-                limit = self._settings.max_jobs_in_flight
-                handed_over = jobs.claim_hand_over(uow, job_id, limit, status_message_id)
-            if handed_over:
-                self._publish(job_id)
-            else:
-                log.info("job %s held: its user has jobs in flight", job_id)
+            self._publish(accepted.job_id)
         except Exception as exc:
-            log.exception("job %s could not be published", job_id)
+            log.exception("job %s could not be published", accepted.job_id)
             with self._store.unit_of_work() as uow:
-                jobs.fail_job(uow, job_id, f"not queued: {type(exc).__name__}: {exc}")
+                jobs.fail_job(uow, accepted.job_id, f"not queued: {type(exc).__name__}: {exc}")
             return False
         return True
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, cast
 
-from sqlalchemy import Select, func, insert, select, update
+from sqlalchemy import Select, Table, func, insert, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -29,6 +29,11 @@ from db.models import Job, JobEvent, ResultMessage, User, utcnow
 from db.session import UnitOfWork, dialect_insert
 
 log = logging.getLogger(__name__)
+
+# The tables, for Core statements on the bot's hot path.
+JOBS = cast(Table, Job.__table__)
+JOB_EVENTS = cast(Table, JobEvent.__table__)
+USERS = cast(Table, User.__table__)
 
 
 @dataclass(frozen=True)
@@ -166,7 +171,7 @@ def _user_id_for(session: Session, origin: Origin) -> int:
     upsert, since two requests from a new user can arrive at once; it also takes the row's
     lock (PostgreSQL) or the write lock (SQLite) for the rest of the transaction, which
     serialises the hand-overs of one user's jobs."""
-    users = User.__table__
+    users = USERS
     statement = dialect_insert(session, users).values(
         channel=origin.channel,
         external_id=origin.user_external_id,
@@ -232,6 +237,16 @@ def _move(
     return True
 
 
+@dataclass(frozen=True)
+class TakenIn:
+    job_id: int
+    # Marked handed to the broker (the caller publishes it); False: held back, its user has
+    # their share of jobs in flight.
+    handed_over: bool
+    # Its place in the queue (see queue_position).
+    position: int
+
+
 def create_job(
     uow: UnitOfWork,
     origin: Origin,
@@ -244,17 +259,50 @@ def create_job(
     parent_index: int | None = None,
     charge: Charge | None = None,
 ) -> int:
-    """Record an accepted request as a queued job and reserve its credits, together; returns
-    its id. Commits. Raises DuplicateRequest when the same message or button press already
-    made a job, and QuotaExceeded (recording nothing) when a paying account is short."""
+    """Record a request as a queued job, held back (`claim_hand_over` may hand it over), and
+    reserve its credits; returns its id. See `take_in`."""
+    return take_in(
+        uow,
+        origin,
+        kind,
+        plan,
+        options=options,
+        input_path=input_path,
+        parent_job_id=parent_job_id,
+        parent_index=parent_index,
+        charge=charge,
+    ).job_id
+
+
+def take_in(
+    uow: UnitOfWork,
+    origin: Origin,
+    kind: JobKind,
+    plan: GenerationPlan,
+    *,
+    options: dict[str, Any] | None = None,
+    input_path: str | None = None,
+    parent_job_id: int | None = None,
+    parent_index: int | None = None,
+    charge: Charge | None = None,
+    hand_over_limit: int | None = None,
+) -> TakenIn:
+    """Record an accepted request as a queued job and reserve its credits, together, in one
+    transaction: marked handed over at once when its user has fewer than `hand_over_limit`
+    jobs in flight (None: held). Commits. Raises DuplicateRequest when the same message or
+    button press already made a job, and QuotaExceeded (recording nothing) when a paying
+    account is short."""
     # Core inserts, not the ORM's unit of work: this runs for every request the bot takes.
     session, now = uow.session, utcnow()
-    jobs_table = Job.__table__
+    jobs_table = JOBS
     try:
+        # The upsert holds the user's lock (as claim_hand_over does) until the commit.
+        user_id = _user_id_for(session, origin)
+        handed_over = hand_over_limit is not None and _in_flight(session, user_id) < hand_over_limit
         job_id = session.execute(
             insert(jobs_table)
             .values(
-                user_id=_user_id_for(session, origin),
+                user_id=user_id,
                 channel=origin.channel,
                 chat_id=origin.chat_id,
                 chat_type=origin.chat_type,
@@ -280,15 +328,15 @@ def create_job(
                 cost=charge.cost if charge else 0,
                 status=JobStatus.QUEUED,
                 attempts=0,
+                published_at=now if handed_over else None,
                 created_at=now,
             )
             .returning(jobs_table.c.id)
         ).scalar_one()
-        session.execute(
-            insert(JobEvent.__table__).values(job_id=job_id, status=JobStatus.QUEUED, at=now)
-        )
+        session.execute(insert(JOB_EVENTS).values(job_id=job_id, status=JobStatus.QUEUED, at=now))
         if charge is not None:
             ledger.reserve(session, charge.accounts, job_id, charge.cost, charge.day)
+        position = queue_position(uow, job_id)
         uow.commit()
     except QuotaExceeded:
         session.rollback()
@@ -305,7 +353,7 @@ def create_job(
         if existing is None:
             raise
         raise DuplicateRequest(JobView.of(existing)) from None
-    return int(job_id)
+    return TakenIn(int(job_id), handed_over, position)
 
 
 def queue_position(uow: UnitOfWork, job_id: int) -> int:
@@ -605,9 +653,9 @@ def _user_lock(session: Session, user_id: int) -> None:
     session.execute(update(User).where(User.id == user_id).values(display_name=User.display_name))
 
 
-def _in_flight_count(user_id: int) -> Select[tuple[int]]:
+def _in_flight_count(user_id: int) -> Select[Any]:
     """How many of the user's jobs are handed over and not ended."""
-    jobs_table = Job.__table__
+    jobs_table = JOBS
     return (
         select(func.count())
         .select_from(jobs_table)
@@ -623,23 +671,19 @@ def _in_flight(session: Session, user_id: int) -> int:
     return int(session.scalar(_in_flight_count(user_id)) or 0)
 
 
-def claim_hand_over(
-    uow: UnitOfWork, job_id: int, limit: int, status_message_id: int | None = None
-) -> bool:
+def is_handed_over(uow: UnitOfWork, job_id: int) -> bool:
+    published_at = uow.session.scalar(select(Job.published_at).where(Job.id == job_id))
+    return published_at is not None
+
+
+def claim_hand_over(uow: UnitOfWork, job_id: int, limit: int) -> bool:
     """Mark an accepted job handed to the broker if its user has fewer than `limit` there;
-    False leaves it held (it is handed over when one of theirs ends). The status message
-    the user was sent, when given, is recorded in the same transaction. Commits."""
-    session, jobs_table = uow.session, Job.__table__
+    False leaves it held (it is handed over when one of theirs ends). Commits."""
+    session, jobs_table = uow.session, JOBS
     user_id = session.scalar(select(jobs_table.c.user_id).where(jobs_table.c.id == job_id))
     if user_id is None:
         raise JobNotFound(job_id)
     _user_lock(session, user_id)
-    if status_message_id is not None:
-        session.execute(
-            update(jobs_table)
-            .where(jobs_table.c.id == job_id)
-            .values(status_message_id=status_message_id)
-        )
     # One conditional write, under the user's lock: still active, not handed over yet, and
     # a place free among the user's jobs in flight.
     claimed = cast(

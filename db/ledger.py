@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import date
+from typing import cast
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from chitrakar.quota import Account, exceeded
@@ -21,16 +22,20 @@ from db.session import dialect_insert
 
 GRANT, RESERVE, COMMIT, REFUND = "grant", "reserve", "commit", "refund"
 
+# The tables, for Core statements on the path of every request.
+ACCOUNTS = cast(Table, AccountRow.__table__)
+LEDGER = cast(Table, LedgerEntry.__table__)
+
 
 def _locked_account_id(session: Session, key: str) -> int:
     """The account's id, its row made if new, and locked for the rest of the transaction: the
     upsert bumps lock_version, which takes the row's lock (PostgreSQL) or the write lock
     (SQLite)."""
-    statement = dialect_insert(session, AccountRow.__table__).values(key=key, lock_version=0)
+    statement = dialect_insert(session, ACCOUNTS).values(key=key, lock_version=0)
     statement = statement.on_conflict_do_update(
         index_elements=["key"],
-        set_={"lock_version": AccountRow.__table__.c.lock_version + 1},
-    ).returning(AccountRow.__table__.c.id)
+        set_={"lock_version": ACCOUNTS.c.lock_version + 1},
+    ).returning(ACCOUNTS.c.id)
     return int(session.execute(statement).scalar_one())
 
 
@@ -71,7 +76,7 @@ def reserve(
             raise exceeded(account.key, cost, left)
         ids.append(account_id)
     session.execute(
-        insert(LedgerEntry.__table__),
+        insert(LEDGER),
         [
             {"account_id": i, "job_id": job_id, "kind": RESERVE, "amount": -cost, "day": day}
             for i in ids

@@ -252,16 +252,18 @@ class WebChat:
     def _announce_and_dispatch(
         self, account: AccountView, origin: Origin, accepted: Accepted
     ) -> None:
-        """A status message (the worker edits it with progress), then the job to the queue."""
+        """A status message (the worker edits it with progress), recorded before the job
+        goes to the queue, then the job to the queue."""
         if accepted.duplicate:
             return
-        language = origin.language
+        language, intake = origin.language, self._services.intake
         status = self._say(
             account,
             text(language, "status.queued", position=accepted.position),
             origin.request_message_id,
         )
-        if not self._services.intake.dispatch(accepted.job_id, status):
+        intake.attach_status_message(accepted.job_id, status)
+        if not intake.dispatch(accepted):
             with self._services.store.unit_of_work() as uow:
                 web.edit(uow, account.id, status, text=text(language, "error.queue_unavailable"))
 

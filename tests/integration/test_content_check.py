@@ -78,7 +78,8 @@ def test_a_flagged_image_follows_the_chats_policy(
     )
     who = Origin("telegram", group["id"], "group", "831", "Mohan", "en", command["message_id"])
     accepted = intake.accept(who, parse_image_command(Command.PORTRAIT, "a beach at noon"))
-    intake.dispatch(accepted.job_id, status_message_id=status["message_id"])
+    intake.attach_status_message(accepted.job_id, status["message_id"])
+    intake.dispatch(accepted)
     try:
         run_job(runtime, accepted.job_id)
     finally:

@@ -57,11 +57,13 @@ def test_one_users_flood_does_not_starve_another(store: Store, tmp_path: Path) -
     flood = []
     for n in range(20):
         accepted = intake.accept(origin("1", n + 1), request)
-        assert intake.dispatch(accepted.job_id, status_message_id=1000 + n)
+        intake.attach_status_message(accepted.job_id, 1000 + n)
+        assert intake.dispatch(accepted)
         flood.append(accepted.job_id)
     assert list(broker) == flood[:limit]  # the rest are held in the database
     late = intake.accept(origin("2", 1), request)
-    intake.dispatch(late.job_id, status_message_id=2000)
+    intake.attach_status_message(late.job_id, 2000)
+    intake.dispatch(late)
 
     served = []
     while broker:  # a worker: run the next job in the broker's order, then hand over held ones
@@ -86,7 +88,7 @@ def test_cancel_stops_queued_and_held_jobs_and_refunds_them(store: Store, tmp_pa
     ids = []
     for n in range(3):
         accepted = intake.accept(origin("7", n + 1), request)
-        intake.dispatch(accepted.job_id, status_message_id=None)
+        intake.dispatch(accepted)
         ids.append(accepted.job_id)
     account = Account("user:telegram:7", settings.daily_quota)
 
@@ -134,7 +136,7 @@ def test_a_job_cancelled_while_it_runs_stops_and_is_refunded(
     )
     who = Origin("telegram", chat["id"], "private", "811", "Kiran", "en", command["message_id"])
     accepted = intake.accept(who, parse_image_command(Command.PORTRAIT, "a long night"))
-    assert intake.dispatch(accepted.job_id, status_message_id=None)
+    assert intake.dispatch(accepted)
 
     steps: list[int] = []
     monkeypatch.setattr(service, "CANCEL_CHECK_INTERVAL_S", 0.0)
@@ -221,7 +223,7 @@ def test_a_held_job_whose_hand_over_failed_is_handed_over_later(
     ids = []
     for n in range(3):
         accepted = intake.accept(origin("3", n + 1), request)
-        intake.dispatch(accepted.job_id, status_message_id=None)
+        intake.dispatch(accepted)
         ids.append(accepted.job_id)
     assert list(broker) == ids[:2]
     for job_id in ids[:2]:

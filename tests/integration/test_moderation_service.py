@@ -54,7 +54,7 @@ def test_a_ban_stops_the_users_jobs_and_refunds_them(world) -> None:  # type: ig
     request = parse_image_command(Command.PORTRAIT, "a market --n 2")
     for n in range(3):  # two handed over, one held
         accepted = intake.accept(origin("7", n + 1), request)
-        intake.dispatch(accepted.job_id, status_message_id=None)
+        intake.dispatch(accepted)
     assert intake.quota_status(origin("7", 9)).user_left == 4
     moderation.ban(admin(), "7", True, "spam")
     with store.unit_of_work() as uow:
@@ -69,7 +69,7 @@ def test_a_ban_stops_the_users_jobs_and_refunds_them(world) -> None:  # type: ig
 
 def _done_job(intake: JobIntake, store: Store, user: str) -> int:
     accepted = intake.accept(origin(user, 1), parse_image_command(Command.PORTRAIT, "a kite"))
-    intake.dispatch(accepted.job_id, status_message_id=None)
+    intake.dispatch(accepted)
     stored = intake.artifacts.put(f"results/{accepted.job_id}/0-1.png", b"png")
     with store.unit_of_work() as uow:
         jobs.start_job(uow, accepted.job_id, "w")
@@ -121,7 +121,7 @@ def test_pause_holds_the_hand_over_until_resume(world) -> None:  # type: ignore[
     ids = []
     for n in range(3):
         accepted = intake.accept(origin("9", n + 1), request)
-        intake.dispatch(accepted.job_id, status_message_id=None)
+        intake.dispatch(accepted)
         ids.append(accepted.job_id)
     moderation.pause(admin(), "maintenance")
     with pytest.raises(CommandError) as paused:

@@ -292,7 +292,8 @@ def test_a_repeat_of_a_request_never_answered_is_answered_and_published(
         uow.commit()
     again = intake.accept(origin(), req)
     assert (again.job_id, again.duplicate) == (first.job_id, False)
-    assert intake.dispatch(again.job_id, status_message_id=99)
+    intake.attach_status_message(again.job_id, 99)
+    assert intake.dispatch(again)
     assert published == [first.job_id]
 
     third = intake.accept(origin(), req)  # answered now: a later repeat is a duplicate
