@@ -60,6 +60,16 @@ class QuotaStatus:
 
 
 @dataclass(frozen=True)
+class Standing:
+    """What the database says about a request before it is taken in, read together."""
+
+    paused: str | None  # the admins' notice while generation is paused
+    chat: audit.ChatSettingsView
+    default_style: str | None  # the user's, from /styles
+    accounts: tuple[Account, ...]  # who pays
+
+
+@dataclass(frozen=True)
 class Accepted:
     job_id: int
     position: int
@@ -108,12 +118,11 @@ class JobIntake:
         kind = JobKind.AVATAR if request.command == Command.AVATAR else JobKind.PORTRAIT
         if (kind == JobKind.AVATAR) != (selfie is not None):
             raise ValueError("an avatar needs a selfie, and only an avatar takes one")
+        standing = self._standing(origin)
         # The prompt only: "--no nudity" asks for less, not more.
-        self._admit(origin, request.command, request.prompt)
-        with self._store.unit_of_work() as uow:
-            default = jobs.default_style_of(uow, origin.channel, origin.user_external_id)
-        style = choose_style(request, self.catalogue, default)
-        self._admit_style(origin, style.key if style else None)
+        self._admit(origin, standing, request.command, request.prompt)
+        style = choose_style(request, self.catalogue, standing.default_style)
+        self._admit_style(origin, standing, style.key if style else None)
         plan = plan_request(
             request,
             style,
@@ -121,7 +130,7 @@ class JobIntake:
             defaults=self._defaults,
             rng=self._rng,
         )
-        charge = self._charge(origin, kind, plan)
+        charge = self._charge(standing, kind, plan)
         input_path = self.media.save_input(selfie) if selfie is not None else None
         options = {k: v for k, v in asdict(request.options).items() if v is not None}
         try:
@@ -144,15 +153,22 @@ class JobIntake:
             self.media.forget_input(input_path)
             raise
 
-    def _admit(self, origin: Origin, command: Command, words: str = "") -> None:
+    def _standing(self, origin: Origin) -> Standing:
+        """One transaction for what the checks before taking a request in read."""
+        with self._store.unit_of_work() as uow:
+            return Standing(
+                paused=audit.get_flag(uow, PAUSED_FLAG),
+                chat=audit.chat_settings(uow, origin.channel, origin.chat_id),
+                default_style=jobs.default_style_of(uow, origin.channel, origin.user_external_id),
+                accounts=self._accounts(uow, origin),
+            )
+
+    def _admit(self, origin: Origin, standing: Standing, command: Command, words: str = "") -> None:
         """What stops a request before anything else: generation paused by an admin, the
         command switched off in this group, or words the block lists refuse (recorded)."""
-        with self._store.unit_of_work() as uow:
-            paused = audit.get_flag(uow, PAUSED_FLAG)
-            chat = audit.chat_settings(uow, origin.channel, origin.chat_id)
-        if paused is not None:
-            raise CommandError("service.paused", notice=paused)
-        if command in chat.disabled_commands:
+        if standing.paused is not None:
+            raise CommandError("service.paused", notice=standing.paused)
+        if command in standing.chat.disabled_commands:
             raise CommandError("settings.command_off", command=command)
         verdict = self._prompt_policy.check(words) if words else None
         if verdict is not None and verdict.blocked:
@@ -170,12 +186,8 @@ class JobIntake:
                 )
             raise PromptBlocked(verdict)
 
-    def _admit_style(self, origin: Origin, style_key: str | None) -> None:
-        if style_key is None:
-            return
-        with self._store.unit_of_work() as uow:
-            chat = audit.chat_settings(uow, origin.channel, origin.chat_id)
-        if style_key in chat.disabled_styles:
+    def _admit_style(self, origin: Origin, standing: Standing, style_key: str | None) -> None:
+        if style_key is not None and style_key in standing.chat.disabled_styles:
             style = self.catalogue.get(style_key)
             name = style.name_in(origin.language) if style else style_key
             raise CommandError("settings.style_off", style=name)
@@ -202,9 +214,11 @@ class JobIntake:
         """A job from a button under a result: Again, a variation or an upscale. The press's
         own id (in the origin's trigger) makes a repeated callback find the same job."""
         parent = self._pressable(origin, press, presser_is_admin)
+        standing = self._standing(origin)
         # What the group's admins switched off since applies to presses too.
-        self._admit(origin, Command.AVATAR if parent.kind == JobKind.AVATAR else Command.PORTRAIT)
-        self._admit_style(origin, parent.plan.style)
+        command = Command.AVATAR if parent.kind == JobKind.AVATAR else Command.PORTRAIT
+        self._admit(origin, standing, command)
+        self._admit_style(origin, standing, parent.plan.style)
         kind, plan = plan_followup(parent.kind, parent.plan, press, self._rng)
         input_path: str | None = None
         start_job: int | None = parent.id
@@ -225,7 +239,7 @@ class JobIntake:
             if source is None or start_index is None:
                 raise ButtonRefused("button.result_gone")
             self._require_result(source, start_index)
-        charge = self._charge(origin, kind, plan)
+        charge = self._charge(standing, kind, plan)
         return self._record(
             origin,
             lambda uow, limit: jobs.take_in(
@@ -247,23 +261,26 @@ class JobIntake:
             raise ButtonRefused("button.result_gone")
 
     def accounts_of(self, origin: Origin) -> tuple[Account, ...]:
+        with self._store.unit_of_work() as uow:
+            return self._accounts(uow, origin)
+
+    def _accounts(self, uow: UnitOfWork, origin: Origin) -> tuple[Account, ...]:
         """Who pays for a request: the user, and in a group with a quota, the group too."""
         user_key = user_account(origin.channel, origin.user_external_id)
-        with self._store.unit_of_work() as uow:
-            # A bot admin may have set this user's own daily credits (/setquota).
-            own = ledger.account_limit(uow.session, user_key)
-            accounts = [Account(user_key, own if own is not None else self._settings.daily_quota)]
-            if origin.chat_type != "private":
-                key = group_account(origin.channel, origin.chat_id)
-                accounts.append(Account(key, ledger.account_limit(uow.session, key)))
+        # A bot admin may have set this user's own daily credits (/setquota).
+        own = ledger.account_limit(uow.session, user_key)
+        accounts = [Account(user_key, own if own is not None else self._settings.daily_quota)]
+        if origin.chat_type != "private":
+            key = group_account(origin.channel, origin.chat_id)
+            accounts.append(Account(key, ledger.account_limit(uow.session, key)))
         return tuple(accounts)
 
     def quota_day(self) -> date:
         return quota_day(datetime.now(UTC), self._settings.zone)
 
-    def _charge(self, origin: Origin, kind: JobKind, plan: GenerationPlan) -> jobs.Charge:
+    def _charge(self, standing: Standing, kind: JobKind, plan: GenerationPlan) -> jobs.Charge:
         return jobs.Charge(
-            accounts=self.accounts_of(origin),
+            accounts=standing.accounts,
             cost=job_cost(kind, plan, self._settings.image_size),
             day=self.quota_day(),
         )
@@ -372,7 +389,7 @@ class JobIntake:
     def request_previews(self, origin: Origin) -> Accepted | None:
         """Queue the making of the style preview grid; None when a job is making it already
         (that job sends it to the chat that asked first)."""
-        self._admit(origin, Command.STYLES)
+        self._admit(origin, self._standing(origin), Command.STYLES)
         with self._store.unit_of_work() as uow:
             if jobs.active_job_of_kind(uow, JobKind.PREVIEWS) is not None:
                 return None

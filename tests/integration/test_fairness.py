@@ -7,6 +7,7 @@ from collections import deque
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 
 from chitrakar.artifacts import LocalArtifactStore
 from chitrakar.config import Settings
@@ -78,6 +79,26 @@ def test_one_users_flood_does_not_starve_another(store: Store, tmp_path: Path) -
 
     assert served.index(late.job_id) <= limit
     assert sorted(served) == sorted([*flood, late.job_id])  # every job ran, once
+    store.dispose()
+
+
+def test_a_command_is_taken_in_with_one_read_and_one_write_transaction(
+    store: Store, tmp_path: Path
+) -> None:
+    """The checks before a job is taken in read in one transaction; the job, its credits and
+    its hand-over are written in one more; dispatch then only publishes."""
+    broker: deque[int] = deque()
+    intake, _settings = intake_for(store, tmp_path, broker)
+    request = parse_image_command(Command.PORTRAIT, "a kite over the river")
+    intake.accept(origin("11", 1), request)  # the user's row and accounts exist now
+    transactions: list[str] = []
+    event.listen(store.engine, "begin", lambda _: transactions.append("begin"))
+    event.listen(store.engine, "commit", lambda _: transactions.append("commit"))
+    accepted = intake.accept(origin("11", 2), request)
+    assert transactions == ["begin", "begin", "commit"]
+    assert intake.dispatch(accepted)
+    assert transactions == ["begin", "begin", "commit"]
+    assert list(broker) == [accepted.job_id]
     store.dispose()
 
 

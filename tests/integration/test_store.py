@@ -131,6 +131,35 @@ def test_queue_position_counts_active_jobs_handed_over_ahead(store: Store) -> No
     store.dispose()
 
 
+def test_a_job_is_taken_in_handed_over_while_its_user_has_a_place(store: Store) -> None:
+    """take_in marks the hand-over in the transaction that writes the job: the first two of a
+    user's jobs (limit 2), not the third; another user's job is not held by that flood."""
+    _req, plan = request()
+    with store.unit_of_work() as uow:
+        taken = [
+            jobs.take_in(uow, origin("5", message_id=n), JobKind.PORTRAIT, plan, hand_over_limit=2)
+            for n in range(3)
+        ]
+        other = jobs.take_in(
+            uow, origin("6", 6, message_id=9), JobKind.PORTRAIT, plan, hand_over_limit=2
+        )
+        assert [t.handed_over for t in taken] == [True, True, False]
+        assert [t.position for t in taken] == [1, 2, 3]  # the held one: nothing after it
+        assert (other.handed_over, other.position) == (True, 3)
+        published = uow.session.scalars(
+            select(Job.id).where(Job.published_at.is_not(None)).order_by(Job.id)
+        ).all()
+        assert published == [taken[0].job_id, taken[1].job_id, other.job_id]
+        # Not marked without a limit: create_job records a held job.
+        held = jobs.create_job(uow, origin("7", 7, message_id=1), JobKind.PORTRAIT, plan)
+        assert not jobs.is_handed_over(uow, held)
+        # A place frees up when one of the user's jobs ends; the held one may then go.
+        jobs.fail_job(uow, taken[0].job_id, "cancelled")
+        assert jobs.claim_hand_over(uow, taken[2].job_id, limit=2)
+        assert not jobs.claim_hand_over(uow, taken[2].job_id, limit=2)  # only once
+    store.dispose()
+
+
 def test_an_ended_job_cannot_be_completed_again(store: Store) -> None:
     _req, plan = request()
     with store.unit_of_work() as uow:
