@@ -171,8 +171,7 @@ def _user_id_for(session: Session, origin: Origin) -> int:
     upsert, since two requests from a new user can arrive at once; it also takes the row's
     lock (PostgreSQL) or the write lock (SQLite) for the rest of the transaction, which
     serialises the hand-overs of one user's jobs."""
-    users = USERS
-    statement = dialect_insert(session, users).values(
+    statement = dialect_insert(session, USERS).values(
         channel=origin.channel,
         external_id=origin.user_external_id,
         display_name=origin.user_display_name,
@@ -185,7 +184,7 @@ def _user_id_for(session: Session, origin: Origin) -> int:
             "display_name": statement.excluded.display_name,
             "language": statement.excluded.language,
         },
-    ).returning(users.c.id)
+    ).returning(USERS.c.id)
     return int(session.execute(statement).scalar_one())
 
 
