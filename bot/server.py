@@ -91,7 +91,11 @@ async def serve(settings: Settings) -> None:
     try:
         await runner.setup()
         try:
-            await web.TCPSite(runner, settings.web_host, settings.web_port).start()
+            # Several bot processes share the port; the kernel spreads connections over them.
+            shared = settings.bot_processes > 1
+            await web.TCPSite(
+                runner, settings.web_host, settings.web_port, reuse_port=shared or None
+            ).start()
         except OSError as exc:
             raise SystemExit(
                 f"The web server cannot listen on {settings.web_host}:{settings.web_port}: "
@@ -122,20 +126,21 @@ async def _run_telegram(
     async with application:
         await application.start()
         try:
-            if settings.telegram_webhook_url:
+            first = settings.bot_process_index == 0  # the others only take updates
+            if settings.telegram_webhook_url and first:
                 assert settings.telegram_webhook_secret is not None
                 await application.bot.set_webhook(
                     settings.telegram_webhook_url,
                     secret_token=settings.telegram_webhook_secret.get_secret_value(),
                     allowed_updates=Update.ALL_TYPES,
                 )
-            else:
+            elif not settings.telegram_webhook_url:
                 assert application.updater is not None
                 await application.updater.start_polling(
                     poll_interval=settings.telegram_poll_interval,
                     allowed_updates=Update.ALL_TYPES,
                 )
-            if application.post_init is not None:
+            if application.post_init is not None and first:
                 await application.post_init(application)
             await stop.wait()
             log.info("stopping: no new requests; finishing those taken in")

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
 import re
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from threading import Event
 from typing import TYPE_CHECKING, TypeVar
 
 from chitrakar.config import Settings, load_settings
@@ -30,6 +33,8 @@ OWNER_ACCOUNT = "owner"
 USER_NAME = re.compile(r"[a-z0-9._@+-]{1,64}")
 # How long `chitrakar run` lets its worker finish the job in hand when stopping.
 WORKER_STOP_TIMEOUT_S = 300
+# A bot process finishes the updates it holds (each a few database writes and Bot API calls).
+BOT_STOP_TIMEOUT_S = 30
 
 TELEGRAM_SETUP_GUIDE = """\
 CHITRAKAR_TELEGRAM_TOKEN is not set and the web chat is off (CHITRAKAR_WEB_CHAT=false), so
@@ -114,11 +119,35 @@ def cmd_bot(settings: Settings, _: argparse.Namespace) -> int:
             "CHITRAKAR_TELEGRAM_WEBHOOK_URL is set but CHITRAKAR_TELEGRAM_WEBHOOK_SECRET is not: "
             "set a random secret (1-256 characters: A-Z, a-z, 0-9, _ and -)."
         )
+    if settings.bot_processes > 1 and settings.telegram_token and not settings.telegram_webhook_url:
+        raise SystemExit(
+            f"CHITRAKAR_BOT_PROCESSES={settings.bot_processes} needs the webhook "
+            "(CHITRAKAR_TELEGRAM_WEBHOOK_URL): with polling only one process may read "
+            "Telegram's updates. Set the webhook, or CHITRAKAR_BOT_PROCESSES=1."
+        )
     _require_current_schema(settings)
     from bot.server import run
 
-    run(settings)
-    return 0
+    if settings.bot_process_index > 0:
+        # Its log lines say which of the bot processes wrote them.
+        multiprocessing.current_process().name = f"bot-{settings.bot_process_index}"
+        run(settings)
+        return 0
+    with ExitStack() as stack:
+        # The first bot process starts the others; they stop with it, and it with them.
+        others = [
+            stack.enter_context(
+                _child(
+                    f"bot process {index}",
+                    ["bot"],
+                    BOT_STOP_TIMEOUT_S,
+                    CHITRAKAR_BOT_PROCESS_INDEX=str(index),
+                )
+            )
+            for index in range(1, settings.bot_processes)
+        ]
+        run(settings)
+    return 1 if any(failed.is_set() for failed in others) else 0
 
 
 def cmd_beat(settings: Settings, _: argparse.Namespace) -> int:
@@ -221,39 +250,50 @@ def cmd_run(settings: Settings, _: argparse.Namespace) -> int:
     cmd_db_upgrade(settings, _)
     if settings.web_chat:
         _greet_the_owner(settings)
-    # Its own session: Ctrl-C in the terminal reaches the bot alone, which then stops the
-    # worker gracefully (the job in hand is finished first).
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "chitrakar", "worker", "--requeue-unfinished", "--beat"],
+    # Without its worker the bot would accept jobs that never run: it stops too. The worker
+    # finishes the job in hand first; what it cannot finish in time the next run re-queues.
+    with _child(
+        "worker", ["worker", "--requeue-unfinished", "--beat"], WORKER_STOP_TIMEOUT_S
+    ) as worker_failed:
+        result = cmd_bot(settings, _)
+    return 1 if worker_failed.is_set() else result
+
+
+@contextmanager
+def _child(name: str, arguments: list[str], stop_timeout: float, **env: str) -> Iterator[Event]:
+    """A `chitrakar` child process for the length of the block (with `env` added to this
+    one's environment). It has its own session, so Ctrl-C in the terminal reaches this
+    process alone, which then stops the child gracefully (SIGTERM, then SIGKILL after
+    `stop_timeout` s); it gets SIGTERM if this process dies (Linux). If the child stops on
+    its own, this process is stopped too (SIGTERM), and the Event yielded is set."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "chitrakar", *arguments],
+        env={**os.environ, **env} if env else None,
         start_new_session=True,
         preexec_fn=_die_with_parent,
     )
-    log.info("worker started (pid %s); starting the bot", worker.pid)
-    stopping = threading.Event()
-    worker_failed = threading.Event()
+    log.info("%s started (pid %s)", name, child.pid)
+    stopping, failed = Event(), Event()
 
-    def watch_worker() -> None:
-        # Without its worker the bot would accept jobs that never run: stop it too.
-        code = worker.wait()
+    def watch() -> None:
+        code = child.wait()
         if not stopping.is_set() and code not in (0, -signal.SIGTERM, -signal.SIGINT):
-            worker_failed.set()
-            log.error("the worker stopped (exit code %s); stopping the bot", code)
+            failed.set()
+            log.error("the %s stopped (exit code %s); stopping the bot", name, code)
             os.kill(os.getpid(), signal.SIGTERM)
 
-    threading.Thread(target=watch_worker, name="worker-watch", daemon=True).start()
+    threading.Thread(target=watch, name=f"{name} watch", daemon=True).start()
     try:
-        result = cmd_bot(settings, _)
+        yield failed
     finally:
         stopping.set()
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
             try:
-                worker.wait(timeout=WORKER_STOP_TIMEOUT_S)
+                child.wait(timeout=stop_timeout)
             except subprocess.TimeoutExpired:
-                # What it could not finish is re-queued by the next run.
-                worker.kill()
-                worker.wait()
-    return 1 if worker_failed.is_set() else result
+                child.kill()
+                child.wait()
 
 
 def _greet_the_owner(settings: Settings) -> None:
@@ -357,7 +397,7 @@ def cmd_users_list(settings: Settings, _: argparse.Namespace) -> int:
 
 
 def _die_with_parent() -> None:
-    """In the worker child: get SIGTERM if `chitrakar run` itself dies (Linux)."""
+    """In a child process: get SIGTERM if its parent dies (Linux)."""
     if sys.platform.startswith("linux"):
         import ctypes
 

@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     # The one HTTP server of the bot process: the web chat, the webhook and health checks.
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=8080, ge=1, le=65535)
+    # Bot processes sharing web_port (SO_REUSEPORT, Linux): the kernel spreads the webhook's
+    # and the web chat's connections over them, so the bot uses more than one core. With
+    # Telegram, more than one needs the webhook (getUpdates has a single reader).
+    bot_processes: int = Field(default=1, ge=1, le=64)
+    # Set by the first bot process for the others it starts (1, 2, ...); not for operators.
+    bot_process_index: int = Field(default=0, ge=0)
     # The built-in web chat (the channel that needs no Telegram), on by default.
     web_chat: bool = True
     # Where browsers reach the web chat, for sign-in links (behind a proxy: its public

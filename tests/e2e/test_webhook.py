@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -272,3 +273,64 @@ def test_any_body_with_the_secret_is_answered_without_a_crash(
     _, base, hook, _ = webhook_stack
     assert post_update(hook, body) in (200, 400)
     assert call(f"{base}/healthz") == 200
+
+
+def test_two_bot_processes_share_the_webhooks_port(tmp_path: Path, tiny_model: Path) -> None:
+    """CHITRAKAR_BOT_PROCESSES=2: the second process listens on the same port, both take
+    webhook posts (the kernel spreads connections), every command is answered once, and only
+    the first registers the webhook and the command menu."""
+    emulator = BotApiEmulator().start()
+    env, base, hook = webhook_env(emulator, tmp_path, tiny_model, CHITRAKAR_BOT_PROCESSES="2")
+    database_url = f"sqlite:///{tmp_path / 'chitrakar.db'}"
+    log_path = tmp_path / "run.log"
+    try:
+        with chitrakar_process("run", env=env, log_dir=tmp_path):
+            emulator.wait_for("setMyCommands", lambda c: c.params.get("language_code") == "hi")
+            deadline = time.monotonic() + 60
+            while " bot-1 bot.server: " not in log_path.read_text():
+                assert time.monotonic() < deadline, "the second bot process did not start"
+                time.sleep(0.2)
+            commands = []
+            for n in range(16):
+                user = emulator.user(2400 + n)
+                chat = emulator.private_chat(user)
+                commands.append(emulator.history_message(chat, user, f"/portrait kite {n}"))
+            # Each post on a connection of its own, several at once, as Telegram sends them.
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(
+                    pool.map(lambda m: post_update(hook, emulator.update_for(m)), commands)
+                )
+            assert answers == [200] * len(commands)
+            for command in commands:
+                chat_id = command["chat"]["id"]
+                [job] = wait_for_jobs(database_url, chat_id, "done", timeout=120)
+                assert job.prompt == command["text"].removeprefix("/portrait ")
+                queued = [
+                    c
+                    for c in emulator.calls_to("sendMessage")
+                    if c.params["chat_id"] == chat_id and c.params["text"].startswith("Queued")
+                ]
+                assert len(queued) == 1
+            accepted_by = {
+                line.split()[3]
+                for line in log_path.read_text().splitlines()
+                if " accepted from " in line
+            }
+            assert accepted_by == {"MainProcess", "bot-1"}
+            assert call(f"{base}/readyz") == 200
+    finally:
+        emulator.stop()
+    assert len(emulator.calls_to("setWebhook")) == 1
+    assert len(emulator.calls_to("setMyCommands")) == 2  # English and Hindi, once
+
+
+def test_two_bot_processes_need_the_webhook(tmp_path: Path, tiny_model: Path) -> None:
+    emulator = BotApiEmulator().start()
+    try:
+        env = chitrakar_env(emulator, tmp_path, tiny_model, bot_processes="2")
+        result = run_chitrakar("bot", env=env, cwd=tmp_path)
+    finally:
+        emulator.stop()
+    assert result.returncode != 0
+    assert "CHITRAKAR_BOT_PROCESSES=2 needs the webhook" in result.stderr
+    assert emulator.calls_to("getUpdates") == []
