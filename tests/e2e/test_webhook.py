@@ -4,6 +4,8 @@ token, refuses what is not an update, and answers health checks."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import time
 import urllib.error
@@ -334,3 +336,31 @@ def test_two_bot_processes_need_the_webhook(tmp_path: Path, tiny_model: Path) ->
     assert result.returncode != 0
     assert "CHITRAKAR_BOT_PROCESSES=2 needs the webhook" in result.stderr
     assert emulator.calls_to("getUpdates") == []
+
+
+def test_when_one_bot_process_dies_the_bot_stops_to_be_restarted(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """A second bot process killed (OOM killer, say): the first stops too, with a failure,
+    so that the service manager restarts the bot whole rather than serve on half the port."""
+    emulator = BotApiEmulator().start()
+    env, _, _ = webhook_env(emulator, tmp_path, tiny_model, CHITRAKAR_BOT_PROCESSES="2")
+    log_path = tmp_path / "run.log"
+    try:
+        with chitrakar_process("run", env=env, log_dir=tmp_path) as first:
+            deadline = time.monotonic() + 60
+            while " bot-1 bot.server: " not in log_path.read_text():
+                assert time.monotonic() < deadline, "the second bot process did not start"
+                time.sleep(0.2)
+            [second] = [
+                int(stat.parent.name)
+                for stat in Path("/proc").glob("[0-9]*/stat")
+                if stat.exists()
+                and stat.read_text().rsplit(")", 1)[1].split()[1] == str(first.pid)
+                and b"bot" in (stat.parent / "cmdline").read_bytes().split(b"\0")
+            ]
+            os.kill(second, signal.SIGKILL)
+            assert first.wait(timeout=60) == 1
+    finally:
+        emulator.stop()
+    assert "the bot process 1 stopped (exit code -9); stopping the bot" in log_path.read_text()
