@@ -246,33 +246,6 @@ class TakenIn:
     position: int
 
 
-def create_job(
-    uow: UnitOfWork,
-    origin: Origin,
-    kind: JobKind,
-    plan: GenerationPlan,
-    *,
-    options: dict[str, Any] | None = None,
-    input_path: str | None = None,
-    parent_job_id: int | None = None,
-    parent_index: int | None = None,
-    charge: Charge | None = None,
-) -> int:
-    """Record a request as a queued job, held back (`claim_hand_over` may hand it over), and
-    reserve its credits; returns its id. See `take_in`."""
-    return take_in(
-        uow,
-        origin,
-        kind,
-        plan,
-        options=options,
-        input_path=input_path,
-        parent_job_id=parent_job_id,
-        parent_index=parent_index,
-        charge=charge,
-    ).job_id
-
-
 def take_in(
     uow: UnitOfWork,
     origin: Origin,

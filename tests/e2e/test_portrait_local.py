@@ -413,7 +413,7 @@ def test_run_takes_up_what_a_stopped_run_left_unfinished(
             "telegram", chat["id"], "private", "901", "Lata", "en", command["message_id"]
         )
         with store.unit_of_work() as uow:
-            job_id = jobs.create_job(uow, origin, JobKind.PORTRAIT, plan)
+            job_id = jobs.take_in(uow, origin, JobKind.PORTRAIT, plan).job_id
             jobs.attach_status_message(uow, job_id, status["message_id"])
             for _ in range(attempts):
                 jobs.start_job(uow, job_id, "a worker that died")

@@ -42,7 +42,9 @@ def plan(images: int = 1) -> GenerationPlan:
 
 def new_job(store: Store, message_id: int, user: str, name: str | None, images: int = 1) -> int:
     with store.unit_of_work() as uow:
-        return jobs.create_job(uow, origin(message_id, user, name), JobKind.PORTRAIT, plan(images))
+        return jobs.take_in(
+            uow, origin(message_id, user, name), JobKind.PORTRAIT, plan(images)
+        ).job_id
 
 
 def set_times(

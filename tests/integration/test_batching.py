@@ -42,7 +42,7 @@ class Deployment:
             "telegram", chat["id"], "private", str(user_id), "U", "en", command["message_id"]
         )
         with self.runtime.store.unit_of_work() as uow:
-            job_id = jobs.create_job(uow, origin, JobKind.PORTRAIT, plan)
+            job_id = jobs.take_in(uow, origin, JobKind.PORTRAIT, plan).job_id
         if handed_over:
             with self.runtime.store.unit_of_work() as uow:
                 assert jobs.claim_hand_over(uow, job_id, limit=2)

@@ -45,7 +45,7 @@ def test_fifty_simultaneous_requests_against_a_quota_of_ten_accept_ten(store: St
     def request(n: int) -> str:
         with store.unit_of_work() as uow:
             try:
-                jobs.create_job(uow, origin(n), JobKind.PORTRAIT, PLAN, charge=charge())
+                jobs.take_in(uow, origin(n), JobKind.PORTRAIT, PLAN, charge=charge())
             except QuotaExceeded as short:
                 assert short.key == "quota.exceeded"
                 return "refused"
@@ -67,8 +67,8 @@ def test_fifty_simultaneous_requests_against_a_quota_of_ten_accept_ten(store: St
 def test_a_failed_job_is_refunded_exactly_once_and_a_done_one_never(store: Store) -> None:
     account = Account("user:telegram:42", 10)
     with store.unit_of_work() as uow:
-        failing = jobs.create_job(uow, origin(1), JobKind.PORTRAIT, PLAN, charge=charge(3))
-        done = jobs.create_job(uow, origin(2), JobKind.PORTRAIT, PLAN, charge=charge(2))
+        failing = jobs.take_in(uow, origin(1), JobKind.PORTRAIT, PLAN, charge=charge(3)).job_id
+        done = jobs.take_in(uow, origin(2), JobKind.PORTRAIT, PLAN, charge=charge(2)).job_id
     assert left(store, account) == 5
     with store.unit_of_work() as uow:
         jobs.start_job(uow, failing, "w")
@@ -103,11 +103,11 @@ def test_a_members_request_draws_on_the_user_and_the_group(store: Store) -> None
     user = Account("user:telegram:42", 10)
     group = Account("group:telegram:-100", 3)
     with store.unit_of_work() as uow:
-        jobs.create_job(
+        jobs.take_in(
             uow, origin(1, chat_id=-100), JobKind.PORTRAIT, PLAN, charge=charge(2, user, group)
         )
         with pytest.raises(QuotaExceeded) as short:
-            jobs.create_job(
+            jobs.take_in(
                 uow, origin(2, chat_id=-100), JobKind.PORTRAIT, PLAN, charge=charge(2, user, group)
             )
     assert short.value.key == "quota.exceeded_group"
@@ -116,7 +116,7 @@ def test_a_members_request_draws_on_the_user_and_the_group(store: Store) -> None
     assert (left(store, user), left(store, group)) == (8, 1)
     # A group without a limit charges only the member.
     with store.unit_of_work() as uow:
-        jobs.create_job(
+        jobs.take_in(
             uow,
             origin(3, chat_id=-101),
             JobKind.PORTRAIT,
@@ -130,7 +130,7 @@ def test_a_members_request_draws_on_the_user_and_the_group(store: Store) -> None
 def test_credits_are_per_day_and_grants_add(store: Store) -> None:
     account = Account("user:telegram:42", 10)
     with store.unit_of_work() as uow:
-        jobs.create_job(uow, origin(1), JobKind.PORTRAIT, PLAN, charge=charge(10))
+        jobs.take_in(uow, origin(1), JobKind.PORTRAIT, PLAN, charge=charge(10))
         ledger.grant(uow.session, account.key, 5, DAY, note="festival bonus")
         uow.commit()
     assert left(store, account) == 5
@@ -145,7 +145,7 @@ def test_a_job_cancelled_as_it_completes_stays_cancelled_and_refunded_once(
     ledger holds either a commit or a refund, never both."""
     account = Account("user:telegram:42", 10)
     with store.unit_of_work() as uow:
-        job_id = jobs.create_job(uow, origin(1), JobKind.PORTRAIT, PLAN, charge=charge(4))
+        job_id = jobs.take_in(uow, origin(1), JobKind.PORTRAIT, PLAN, charge=charge(4)).job_id
         jobs.start_job(uow, job_id, "w")
     with store.unit_of_work() as worker:
         worker_view = jobs.get_job(worker, job_id)  # the worker has read RUNNING...

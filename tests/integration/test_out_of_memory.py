@@ -47,7 +47,7 @@ def a_job(runtime: WorkerRuntime, emulator: BotApiEmulator, user_id: int) -> tup
         "telegram", chat["id"], "private", str(user_id), "Anil", "en", command["message_id"]
     )
     with runtime.store.unit_of_work() as uow:
-        return jobs.create_job(uow, origin, JobKind.PORTRAIT, PLAN), chat["id"]
+        return jobs.take_in(uow, origin, JobKind.PORTRAIT, PLAN).job_id, chat["id"]
 
 
 def limit_batch(runtime: WorkerRuntime, fits: int) -> list[int]:

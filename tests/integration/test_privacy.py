@@ -73,7 +73,7 @@ class World:
     ) -> int:
         plan = GenerationPlan(prompt, 64, 64, 4, tuple(range(1, images + 1)), 7.0)
         with self.store.unit_of_work() as uow:
-            job_id = jobs.create_job(
+            job_id = jobs.take_in(
                 uow,
                 self.origin(user, chat_id),
                 kind,
@@ -83,7 +83,7 @@ class World:
                 parent_job_id=parent,
                 parent_index=0 if parent is not None else None,
                 charge=self.charge(user, chat_id),
-            )
+            ).job_id
             jobs.start_job(uow, job_id, "worker-1")
             if outcome == "failed":
                 jobs.fail_job(uow, job_id, "RuntimeError: out of memory")

@@ -39,7 +39,7 @@ def store(database_url: str) -> Iterator[Store]:
 def new_job(store: Store, message_id: int, chat_id: int = 5) -> int:
     origin = Origin("telegram", chat_id, "private", str(chat_id), "Anil", "en", message_id)
     with store.unit_of_work() as uow:
-        job_id = jobs.create_job(uow, origin, JobKind.PORTRAIT, PLAN)
+        job_id = jobs.take_in(uow, origin, JobKind.PORTRAIT, PLAN).job_id
     with store.unit_of_work() as uow:
         assert jobs.claim_hand_over(uow, job_id, 10)
     return job_id
@@ -150,7 +150,7 @@ def test_a_delivered_job_redelivered_records_its_end_and_sends_nothing_again(
     runtime = WorkerRuntime(settings, publish=lambda _job_id: None)
     try:
         with runtime.store.unit_of_work() as uow:
-            job_id = jobs.create_job(uow, origin, JobKind.PORTRAIT, PLAN)
+            job_id = jobs.take_in(uow, origin, JobKind.PORTRAIT, PLAN).job_id
         run_job(runtime, job_id)
         assert len(emulator.calls_to("sendPhoto", chat["id"])) == 1
         # As if the worker had died after sending, before recording the end: the job is

@@ -45,7 +45,7 @@ def finished_job(
 ) -> int:
     who = Origin("telegram", 42, "private", "42", "Asha", "en", message_id)
     with store.unit_of_work() as uow:
-        job_id = jobs.create_job(uow, who, kind, PLAN, input_path=input_path)
+        job_id = jobs.take_in(uow, who, kind, PLAN, input_path=input_path).job_id
         if ended is None:  # still running
             jobs.start_job(uow, job_id, "w")
             return job_id

@@ -55,7 +55,7 @@ def _job(
     )
     plan = GenerationPlan("a lighthouse", 64, 64, 3, (5,), 7.0)
     with runtime.store.unit_of_work() as uow:
-        job_id = jobs.create_job(uow, origin, kind, plan)
+        job_id = jobs.take_in(uow, origin, kind, plan).job_id
     with runtime.store.unit_of_work() as uow:
         assert jobs.claim_hand_over(uow, job_id, limit=2)
     return job_id, status

@@ -76,9 +76,9 @@ def test_migrations_create_exactly_the_models(database_url: str) -> None:
 def test_a_job_from_acceptance_to_done(store: Store) -> None:
     _req, plan = request(seed=5, images=2)
     with store.unit_of_work() as uow:
-        job_id = jobs.create_job(
+        job_id = jobs.take_in(
             uow, origin(), JobKind.PORTRAIT, plan, options={"seed": 5, "images": 2}
-        )
+        ).job_id
         assert jobs.queue_position(uow, job_id) == 1
         jobs.attach_status_message(uow, job_id, 8)
 
@@ -118,7 +118,7 @@ def test_queue_position_counts_active_jobs_handed_over_ahead(store: Store) -> No
     _req, plan = request()
     with store.unit_of_work() as uow:
         first, second, _held, fourth = (
-            jobs.create_job(uow, origin(str(i), message_id=i), JobKind.PORTRAIT, plan)
+            jobs.take_in(uow, origin(str(i), message_id=i), JobKind.PORTRAIT, plan).job_id
             for i in range(4)
         )
         for job_id in (first, second, fourth):
@@ -150,8 +150,8 @@ def test_a_job_is_taken_in_handed_over_while_its_user_has_a_place(store: Store) 
             select(Job.id).where(Job.published_at.is_not(None)).order_by(Job.id)
         ).all()
         assert published == [taken[0].job_id, taken[1].job_id, other.job_id]
-        # Not marked without a limit: create_job records a held job.
-        held = jobs.create_job(uow, origin("7", 7, message_id=1), JobKind.PORTRAIT, plan)
+        # Not marked without a limit: the job is recorded held.
+        held = jobs.take_in(uow, origin("7", 7, message_id=1), JobKind.PORTRAIT, plan).job_id
         assert not jobs.is_handed_over(uow, held)
         # A place frees up when one of the user's jobs ends; the held one may then go.
         jobs.fail_job(uow, taken[0].job_id, "cancelled")
@@ -163,7 +163,7 @@ def test_a_job_is_taken_in_handed_over_while_its_user_has_a_place(store: Store) 
 def test_an_ended_job_cannot_be_completed_again(store: Store) -> None:
     _req, plan = request()
     with store.unit_of_work() as uow:
-        job_id = jobs.create_job(uow, origin(), JobKind.PORTRAIT, plan)
+        job_id = jobs.take_in(uow, origin(), JobKind.PORTRAIT, plan).job_id
         jobs.fail_job(uow, job_id, "broker down")
         with pytest.raises(InvalidTransition):
             jobs.complete_job(
@@ -178,9 +178,9 @@ def test_simultaneous_first_requests_of_a_new_user(store: Store) -> None:
 
     def submit(message_id: int) -> int:
         with store.unit_of_work() as uow:
-            return jobs.create_job(
+            return jobs.take_in(
                 uow, origin("new-user", message_id=message_id), JobKind.PORTRAIT, plan
-            )
+            ).job_id
 
     with ThreadPoolExecutor(8) as pool:
         job_ids = list(pool.map(submit, range(16)))
@@ -195,23 +195,23 @@ def test_simultaneous_first_requests_of_a_new_user(store: Store) -> None:
 def test_the_same_message_makes_one_job(store: Store) -> None:
     _req, plan = request()
     with store.unit_of_work() as uow:
-        first = jobs.create_job(uow, origin(), JobKind.PORTRAIT, plan)
+        first = jobs.take_in(uow, origin(), JobKind.PORTRAIT, plan).job_id
         with pytest.raises(jobs.DuplicateRequest) as duplicate:
-            jobs.create_job(uow, origin(), JobKind.PORTRAIT, plan)
+            jobs.take_in(uow, origin(), JobKind.PORTRAIT, plan)
         assert duplicate.value.job.id == first
         # Another message is a new job; so is each press of a button under the same message.
         other = Origin("telegram", 42, "private", "42", "Asha", "hi", request_message_id=8)
-        assert jobs.create_job(uow, other, JobKind.PORTRAIT, plan) != first
+        assert jobs.take_in(uow, other, JobKind.PORTRAIT, plan).job_id != first
         presses = [
             Origin("telegram", 42, "private", "42", "Asha", "hi", 7, trigger=f"button:{n}")
             for n in (1, 2)
         ]
-        pressed = {jobs.create_job(uow, press, JobKind.UPSCALE, plan) for press in presses}
+        pressed = {jobs.take_in(uow, press, JobKind.UPSCALE, plan).job_id for press in presses}
         assert len(pressed) == 2 and first not in pressed
         with pytest.raises(jobs.DuplicateRequest):
-            jobs.create_job(uow, presses[0], JobKind.UPSCALE, plan)
+            jobs.take_in(uow, presses[0], JobKind.UPSCALE, plan)
         with pytest.raises(ValueError, match="needs a message id or a trigger"):
-            jobs.create_job(
+            jobs.take_in(
                 uow,
                 Origin("telegram", 42, "private", "42", "A", "hi", None),
                 JobKind.PORTRAIT,
@@ -226,7 +226,7 @@ def test_the_same_message_offered_at_once_makes_one_job(store: Store) -> None:
     def submit(_: int) -> tuple[str, int]:
         with store.unit_of_work() as uow:
             try:
-                return "created", jobs.create_job(uow, origin("twice"), JobKind.PORTRAIT, plan)
+                return "created", jobs.take_in(uow, origin("twice"), JobKind.PORTRAIT, plan).job_id
             except jobs.DuplicateRequest as duplicate:
                 return "duplicate", duplicate.job.id
 
@@ -336,11 +336,11 @@ def test_the_id_of_a_deleted_job_is_never_given_again(store: Store) -> None:
     must not reach a new job of someone else."""
     _, plan = request()
     with store.unit_of_work() as uow:
-        first = jobs.create_job(uow, origin(message_id=1), JobKind.PORTRAIT, plan)
+        first = jobs.take_in(uow, origin(message_id=1), JobKind.PORTRAIT, plan).job_id
         gone = uow.session.get(Job, first)
         assert gone is not None
         uow.session.delete(gone)
         uow.commit()
-        second = jobs.create_job(uow, origin(message_id=2), JobKind.PORTRAIT, plan)
+        second = jobs.take_in(uow, origin(message_id=2), JobKind.PORTRAIT, plan).job_id
     assert second > first
     store.dispose()

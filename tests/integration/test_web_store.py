@@ -156,7 +156,7 @@ def web_job(store: Store, chat: int, request_message: int, status_message: int) 
         request_message_id=request_message,
     )
     with store.unit_of_work() as uow:
-        job_id = jobs.create_job(uow, origin, JobKind.PORTRAIT, plan_for())
+        job_id = jobs.take_in(uow, origin, JobKind.PORTRAIT, plan_for()).job_id
     with store.unit_of_work() as uow:
         jobs.attach_status_message(uow, job_id, status_message)
     with store.unit_of_work() as uow:

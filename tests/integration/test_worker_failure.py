@@ -37,7 +37,7 @@ def test_a_pipeline_error_is_recorded_and_apologised_for(
     origin = Origin("telegram", chat["id"], "private", "801", "Anil", "en", command["message_id"])
     runtime = WorkerRuntime(settings, publish=lambda _job_id: None)
     with runtime.store.unit_of_work() as uow:
-        job_id = jobs.create_job(uow, origin, JobKind.PORTRAIT, plan)
+        job_id = jobs.take_in(uow, origin, JobKind.PORTRAIT, plan).job_id
         jobs.attach_status_message(uow, job_id, status["message_id"])
 
     if status_deleted:
