@@ -1,8 +1,9 @@
 """The queue contract between bot and workers: one Celery configuration, task names by string.
 
 The bot publishes by task name, so it never imports the worker's code (or torch). With no
-broker configured, the broker is kombu's filesystem transport in the data dir: a real
-transport that persists to disk and works across processes, with no server to install.
+broker configured, the broker is kombu's filesystem transport in the data dir (made safe for a
+reader and a writer at once: chitrakar.filesystem_broker): a real transport that persists to
+disk and works across processes, with no server to install.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 from celery import Celery
 
 from chitrakar.config import Settings
+from chitrakar.filesystem_broker import TRANSPORT as FILESYSTEM_TRANSPORT
 
 QUEUE = "chitrakar.generate"
 GENERATE_TASK = "chitrakar.generate_images"
@@ -55,12 +57,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
     if settings.resolved_broker_url.startswith("filesystem://"):
         queue_dir = settings.broker_dir / "queue"
+        staging_dir = settings.broker_dir / "staging"
         control_dir = settings.broker_dir / "control"
-        for folder in (queue_dir, control_dir):
+        for folder in (queue_dir, staging_dir, control_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        config["broker_transport"] = FILESYSTEM_TRANSPORT
         config["broker_transport_options"] = {
             "data_folder_in": str(queue_dir),
             "data_folder_out": str(queue_dir),
+            # Messages are written here whole, then moved into the queue folder.
+            "staging_folder": str(staging_dir),
             # Exchange bindings; kombu's default is ./control in the working directory.
             "control_folder": str(control_dir),
             # Seconds between looks at the folder when it is empty.

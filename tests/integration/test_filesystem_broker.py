@@ -1,0 +1,97 @@
+"""The embedded broker under a reader and a writer at once: real kombu connections on the
+data dir's folders, configured as Celery configures them."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kombu import Connection
+from kombu.simple import SimpleQueue
+
+from chitrakar.config import Settings
+from chitrakar.queue import make_celery
+
+# A queue of its own per test: kombu keeps exchanges it has declared in memory, per process,
+# whatever the folder.
+_queue_names = (f"chitrakar.test-{n}" for n in itertools.count())
+# Large enough that encoding one takes a while: kombu's own transport showed the empty file
+# it had created to a reader during that time.
+BIG = 4_000_000
+MESSAGES = 12
+
+
+def connection(data_dir: Path) -> Connection:
+    return make_celery(Settings(data_dir=data_dir)).connection_for_write()
+
+
+def next_message(queue: SimpleQueue, timeout: float = 30) -> Any:
+    """Take a message as a worker does, looking again at once whenever the folder is empty."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            message = queue.get_nowait()
+        except queue.Empty:
+            continue
+        message.ack()
+        return message.payload
+    raise AssertionError("no message came")
+
+
+# The bot's side, in a process of its own as in a deployment (in a thread, json's encoder
+# would hold the GIL and keep the reader from looking at the wrong moment).
+PUBLISHER = """
+import sys
+from pathlib import Path
+from chitrakar.config import Settings
+from chitrakar.queue import make_celery
+data_dir, name, count, size = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+with make_celery(Settings(data_dir=data_dir)).connection_for_write() as writer:
+    queue = writer.SimpleQueue(name)
+    for number in range(count):
+        queue.put({"number": number, "padding": "p" * size})
+"""
+
+
+def test_a_reader_never_sees_a_message_before_it_is_whole(tmp_path: Path) -> None:
+    name = next(_queue_names)
+    with connection(tmp_path) as reader:
+        queue = reader.SimpleQueue(name)
+        publisher = subprocess.Popen(
+            [sys.executable, "-c", PUBLISHER, str(tmp_path), name, str(MESSAGES), str(BIG)]
+        )
+        try:
+            # Looking again without a pause, as a worker with nothing to do does.
+            received = [next_message(queue) for _ in range(MESSAGES)]
+            publisher.wait(timeout=60)
+        finally:
+            if publisher.poll() is None:
+                publisher.kill()
+                publisher.wait()
+    assert publisher.returncode == 0
+    assert [m["number"] for m in received] == list(range(MESSAGES))
+    assert all(len(m["padding"]) == BIG for m in received)
+    # Nothing is left behind in the staging folder.
+    assert list((tmp_path / "broker" / "staging").iterdir()) == []
+
+
+@pytest.mark.parametrize("junk", [b"", b'{"body": "cut sh', b"{}", b"[1, 2]"])
+def test_a_file_that_is_not_a_message_is_skipped_not_fatal(
+    tmp_path: Path, junk: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = next(_queue_names)
+    with connection(tmp_path) as client:
+        queue = client.SimpleQueue(name)
+        # Named as kombu names messages, and sorted before the real one.
+        (tmp_path / "broker" / "queue" / f"1_junk.{name}.msg").write_bytes(junk)
+        queue.put({"number": 7})
+        with caplog.at_level(logging.ERROR, logger="chitrakar.filesystem_broker"):
+            assert next_message(queue) == {"number": 7}
+    assert any(f"queue {name}" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "broker" / "queue" / f"1_junk.{name}.msg").exists()
