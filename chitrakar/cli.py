@@ -191,6 +191,8 @@ def cmd_retention_sweep(settings: Settings, _: argparse.Namespace) -> int:
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     _require_valid_catalogue(settings)
     _require_current_schema(settings)
+    from celery.utils.nodenames import host_format
+
     from chitrakar.presets import PresetError
     from chitrakar.queue import publish_generate
     from workers.celery_app import app
@@ -221,24 +223,25 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         )
     if args.requeue_unfinished:
         requeue_unfinished(runtime(), lambda job_id: publish_generate(app, job_id))
+    # Celery's worker program, built here rather than by `app.worker_main`, which drops its
+    # exit code: 1 after an unrecoverable error, so that a service manager restarts it and
+    # `chitrakar run` does not go on without it.
+    worker = app.Worker(
+        hostname=host_format(f"chitrakar-{os.getpid()}@%h"),
+        pool_cls="solo",  # one process per GPU; CUDA does not survive a fork
+        concurrency=1,
+        without_gossip=True,
+        without_mingle=True,
+        loglevel=settings.log_level.upper(),
+        # `chitrakar run`: this worker also runs the periodic tasks (no separate beat).
+        beat=args.beat,
+    )
     try:
-        app.worker_main(
-            [
-                "worker",
-                "--pool=solo",  # one process per GPU; CUDA does not survive a fork
-                "--concurrency=1",
-                "--without-gossip",
-                "--without-mingle",
-                f"--loglevel={settings.log_level.upper()}",
-                f"--hostname=chitrakar-{os.getpid()}@%h",
-                # `chitrakar run`: this worker also runs the periodic tasks (no separate beat).
-                *(["--beat"] if args.beat else []),
-            ]
-        )
+        worker.start()
     finally:
         # A clean stop: the heartbeat goes, and with it any claim on a job.
         runtime().close()
-    return 0
+    return int(worker.exitcode or 0)
 
 
 def cmd_run(settings: Settings, _: argparse.Namespace) -> int:
@@ -265,7 +268,8 @@ def _child(name: str, arguments: list[str], stop_timeout: float, **env: str) -> 
     one's environment). It has its own session, so Ctrl-C in the terminal reaches this
     process alone, which then stops the child gracefully (SIGTERM, then SIGKILL after
     `stop_timeout` s); it gets SIGTERM if this process dies (Linux). If the child stops on
-    its own, this process is stopped too (SIGTERM), and the Event yielded is set."""
+    its own, this process is stopped too (SIGTERM), and the Event yielded is set unless
+    the child's stop was a clean one (exit code 0, or SIGTERM or SIGINT)."""
     child = subprocess.Popen(
         [sys.executable, "-m", "chitrakar", *arguments],
         env={**os.environ, **env} if env else None,
@@ -277,10 +281,17 @@ def _child(name: str, arguments: list[str], stop_timeout: float, **env: str) -> 
 
     def watch() -> None:
         code = child.wait()
-        if not stopping.is_set() and code not in (0, -signal.SIGTERM, -signal.SIGINT):
+        if stopping.is_set():
+            return
+        # Whatever the reason, the bot must not go on taking requests nothing will make. A
+        # stop that was asked for (a service manager signals every process at once) is not
+        # a failure.
+        if code in (0, -signal.SIGTERM, -signal.SIGINT):
+            log.info("the %s stopped; stopping the bot", name)
+        else:
             failed.set()
             log.error("the %s stopped (exit code %s); stopping the bot", name, code)
-            os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name=f"{name} watch", daemon=True).start()
     try:

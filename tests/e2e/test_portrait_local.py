@@ -7,6 +7,7 @@ import asyncio
 import io
 import itertools
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from chitrakar.domain import (
     option_limits,
     parse_image_command,
 )
+from chitrakar.queue import QUEUE
 from chitrakar.texts import text
 from db import jobs
 from db.jobs import Origin
@@ -389,6 +391,49 @@ def test_run_stops_clearly_when_its_worker_cannot_start(
     assert "The worker cannot start: model folder" in result.stderr
     assert "the worker stopped (exit code 1); stopping the bot" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _worker_ready(log_path: Path, timeout: float = 120) -> int:
+    """The pid of `chitrakar run`'s worker, once it takes tasks."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = log_path.read_text(errors="replace")
+        if " ready." in log:
+            [pid] = re.findall(r"worker started \(pid (\d+)\)", log)
+            return int(pid)
+        time.sleep(0.2)
+    raise AssertionError("the worker did not become ready")
+
+
+def test_run_stops_when_its_worker_stops_on_an_unrecoverable_error(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """Celery gives up on a message kombu cannot deliver: the worker exits with 1 (not 0, as
+    `worker_main` made it), and `chitrakar run` stops rather than take requests nothing
+    would make."""
+    env = chitrakar_env(None, tmp_path, tiny_model)
+    with chitrakar_process("run", env=env, log_dir=tmp_path) as run:
+        _worker_ready(tmp_path / "run.log")
+        # A message file in the queue's format that is not a message kombu can deliver
+        # (written aside and renamed in, as the broker writes its messages).
+        staged = tmp_path / "not-a-message"
+        staged.write_text('{"body": "", "properties": {}}')
+        os.replace(staged, tmp_path / "broker" / "queue" / f"1_not-a-message.{QUEUE}.msg")
+        assert run.wait(timeout=60) == 1
+    log = (tmp_path / "run.log").read_text()
+    assert "Unrecoverable error" in log
+    assert "the worker stopped (exit code 1); stopping the bot" in log
+
+
+def test_run_stops_cleanly_when_its_worker_is_told_to_stop(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    env = chitrakar_env(None, tmp_path, tiny_model)
+    with chitrakar_process("run", env=env, log_dir=tmp_path) as run:
+        worker = _worker_ready(tmp_path / "run.log")
+        os.kill(worker, signal.SIGTERM)  # by someone else: not by `chitrakar run`
+        assert run.wait(timeout=60) == 0
+    assert "the worker stopped; stopping the bot" in (tmp_path / "run.log").read_text()
 
 
 def test_run_takes_up_what_a_stopped_run_left_unfinished(
