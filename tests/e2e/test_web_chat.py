@@ -364,8 +364,9 @@ def test_the_page_follows_its_own_chat_and_no_one_elses(
 
 
 def test_a_hostile_prompt_is_shown_as_text(asha: WebUser) -> None:
-    asha.send('/portrait <script>alert("x")</script><img src=x onerror=alert(1)>')
-    asha.wait_for(lambda m: m.from_bot and m.text.startswith("Queued"))
+    hostile = '/portrait <script>alert("x")</script><img src=x onerror=alert(1)>'
+    asha.send(hostile)
+    asha.answer_to(hostile)
     page = asha.http.get("/").text
     assert "<script>alert" not in page and "<img src=x" not in page
     assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in page
@@ -374,8 +375,9 @@ def test_a_hostile_prompt_is_shown_as_text(asha: WebUser) -> None:
 def test_cancel_stops_the_job_and_gives_the_credits_back(stack: WebStack) -> None:
     user = WebUser(stack, "gopal")
     try:
-        user.send("/portrait a very slow painting --steps 50 --n 4")
-        status = user.wait_for(lambda m: m.from_bot and m.text.startswith("Queued"))
+        slow = "/portrait a very slow painting --steps 50 --n 4"
+        user.send(slow)
+        status = user.answer_to(slow)
         user.send("/cancel")
         user.wait_for(lambda m: m.from_bot and m.text.startswith("Cancelled 1 job(s)"))
         user.wait_for(lambda m: m.id == status.id and m.text == text("en", "cancel.status"))

@@ -112,6 +112,12 @@ class WebUser:
                 raise AssertionError(f"no such message in {self.name}'s chat: {shown}")
             time.sleep(0.1)
 
+    def answer_to(self, line: str, timeout: float = 60.0) -> MessageView:
+        """The bot's first message replying to this user's message `line`, whatever it says by
+        now: a job's status message is edited as soon as a worker starts it."""
+        asked = self.wait_for(lambda m: not m.from_bot and m.text == line, timeout)
+        return self.wait_for(lambda m: m.from_bot and m.reply_to == asked.id, timeout)
+
     def close(self) -> None:
         self.http.close()
 
