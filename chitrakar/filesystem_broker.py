@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import uuid
+from functools import cached_property
 from pathlib import Path
 from queue import Empty
 from time import monotonic
@@ -33,27 +33,26 @@ TRANSPORT = f"{__name__}:Transport"
 
 
 class Channel(filesystem.Channel):  # type: ignore[misc]
-    @property
+    @cached_property
     def staging_folder(self) -> Path:
         """Where messages are written before they appear: on the queue folder's filesystem."""
         configured = self.transport_options.get("staging_folder")
         return Path(configured) if configured else Path(self.data_folder_out).parent / "staging"
 
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
-        # kombu's name (the reader sorts by it and matches the queue by its suffix).
+        # kombu's name (the reader sorts by it and matches the queue by its suffix); unique.
         name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
-        target = os.path.join(self.data_folder_out, name)
+        staged = self.staging_folder / name
         data = str_to_bytes(dumps(payload))
-        staged: str | None = None
         try:
-            self.staging_folder.mkdir(parents=True, exist_ok=True)
-            descriptor, staged = tempfile.mkstemp(dir=self.staging_folder, suffix=".part")
-            with os.fdopen(descriptor, "wb") as file:
-                file.write(data)
-            os.replace(staged, target)
+            try:
+                staged.write_bytes(data)
+            except FileNotFoundError:  # the folder was removed: made again
+                self.staging_folder.mkdir(parents=True, exist_ok=True)
+                staged.write_bytes(data)
+            os.replace(staged, os.path.join(self.data_folder_out, name))
         except OSError as exc:
-            if staged is not None:
-                Path(staged).unlink(missing_ok=True)
+            staged.unlink(missing_ok=True)
             raise filesystem.ChannelError(f"cannot add a message to {queue}: {exc}") from exc
 
     def _get(self, queue: str) -> Any:
