@@ -35,9 +35,9 @@ TRANSPORT = f"{__name__}:Transport"
 class Channel(filesystem.Channel):  # type: ignore[misc]
     @cached_property
     def staging_folder(self) -> Path:
-        """Where messages are written before they appear: on the queue folder's filesystem."""
-        configured = self.transport_options.get("staging_folder")
-        return Path(configured) if configured else Path(self.data_folder_out).parent / "staging"
+        """Where messages are written before they appear: beside the queue folder, so on its
+        filesystem (made by the first message)."""
+        return Path(self.data_folder_out).parent / "staging"
 
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
         # kombu's name (the reader sorts by it and matches the queue by its suffix); unique.
@@ -47,7 +47,7 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
         try:
             try:
                 staged.write_bytes(data)
-            except FileNotFoundError:  # the folder was removed: made again
+            except FileNotFoundError:  # the first message, or the folder was removed
                 self.staging_folder.mkdir(parents=True, exist_ok=True)
                 staged.write_bytes(data)
             os.replace(staged, os.path.join(self.data_folder_out, name))

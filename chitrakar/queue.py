@@ -57,16 +57,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
     if settings.resolved_broker_url.startswith("filesystem://"):
         queue_dir = settings.broker_dir / "queue"
-        staging_dir = settings.broker_dir / "staging"
         control_dir = settings.broker_dir / "control"
-        for folder in (queue_dir, staging_dir, control_dir):
+        for folder in (queue_dir, control_dir):
             folder.mkdir(parents=True, exist_ok=True)
         config["broker_transport"] = FILESYSTEM_TRANSPORT
         config["broker_transport_options"] = {
             "data_folder_in": str(queue_dir),
             "data_folder_out": str(queue_dir),
-            # Messages are written here whole, then moved into the queue folder.
-            "staging_folder": str(staging_dir),
             # Exchange bindings; kombu's default is ./control in the working directory.
             "control_folder": str(control_dir),
             # Seconds between looks at the folder when it is empty.
