@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, Final, cast
 
-from sqlalchemy import delete, func, select, update
-from sqlalchemy.engine import CursorResult
+from sqlalchemy import bindparam, delete, func, select, update
+from sqlalchemy.engine import CursorResult, Row
 
 from db.models import AuditEvent, ChatSettings, Job, Report, ServiceFlag, User, utcnow
 from db.session import UnitOfWork, dialect_insert
@@ -143,10 +143,19 @@ def set_banned(uow: UnitOfWork, channel: str, external_id: str, banned: bool) ->
     uow.commit()
 
 
+# The reads of every command, built once: building a statement costs more than running it.
+_USERS, _FLAGS, _CHATS = User.__table__.c, ServiceFlag.__table__.c, ChatSettings.__table__.c
+_BANNED = select(_USERS.banned).where(
+    _USERS.channel == bindparam("channel"), _USERS.external_id == bindparam("external_id")
+)
+_FLAG = select(_FLAGS.value).where(_FLAGS.key == bindparam("key"))
+_CHAT_SETTINGS = select(
+    _CHATS.disabled_commands, _CHATS.disabled_styles, _CHATS.content_policy, _CHATS.spoilers
+).where(_CHATS.channel == bindparam("channel"), _CHATS.chat_id == bindparam("chat_id"))
+
+
 def is_banned(uow: UnitOfWork, channel: str, external_id: str) -> bool:
-    banned = uow.session.scalar(
-        select(User.banned).where(User.channel == channel, User.external_id == external_id)
-    )
+    banned = uow.session.scalar(_BANNED, {"channel": channel, "external_id": external_id})
     return bool(banned)
 
 
@@ -172,7 +181,7 @@ def set_flag(uow: UnitOfWork, key: str, value: str | None, set_by: str) -> None:
 
 
 def get_flag(uow: UnitOfWork, key: str) -> str | None:
-    return uow.session.scalar(select(ServiceFlag.value).where(ServiceFlag.key == key))
+    return uow.session.scalar(_FLAG, {"key": key})
 
 
 # Group settings.
@@ -189,7 +198,7 @@ class ChatSettingsView:
     spoilers: bool = False
 
     @classmethod
-    def of(cls, row: ChatSettings) -> ChatSettingsView:
+    def of(cls, row: ChatSettings | Row[Any, Any, Any, Any]) -> ChatSettingsView:
         return cls(
             disabled_commands=frozenset(row.disabled_commands or ()),
             disabled_styles=frozenset(row.disabled_styles or ()),
@@ -207,9 +216,7 @@ UNSET: Final = _Unset.UNSET
 
 
 def chat_settings(uow: UnitOfWork, channel: str, chat_id: int) -> ChatSettingsView:
-    row = uow.session.scalar(
-        select(ChatSettings).where(ChatSettings.channel == channel, ChatSettings.chat_id == chat_id)
-    )
+    row = uow.session.execute(_CHAT_SETTINGS, {"channel": channel, "chat_id": chat_id}).first()
     return ChatSettingsView.of(row) if row is not None else ChatSettingsView()
 
 

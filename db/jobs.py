@@ -6,9 +6,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from functools import cache
 from typing import Any, cast
 
-from sqlalchemy import Select, Table, func, insert, select, update
+from sqlalchemy import BindParameter, Select, Table, bindparam, func, insert, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -26,7 +27,7 @@ from chitrakar.domain import (
 from chitrakar.quota import Account, QuotaExceeded
 from db import heartbeats, ledger
 from db.models import Job, JobEvent, ResultMessage, User, utcnow
-from db.session import UnitOfWork, dialect_insert
+from db.session import UnitOfWork, dialect_name, insert_in
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,33 @@ log = logging.getLogger(__name__)
 JOBS = cast(Table, Job.__table__)
 JOB_EVENTS = cast(Table, JobEvent.__table__)
 USERS = cast(Table, User.__table__)
+_ACTIVE = list(ACTIVE_STATUSES)
+# Statements of every request, built once: building one costs more than running it (an
+# INSERT's values are the parameters it is executed with). The rest of the module's
+# statements run far less often and are built where they run.
+_NEW_JOB = insert(JOBS).returning(JOBS.c.id)
+_NEW_EVENT = insert(JOB_EVENTS)
+_AHEAD = (
+    select(func.count())
+    .select_from(JOBS)
+    .where(
+        JOBS.c.status.in_(_ACTIVE),
+        JOBS.c.id < bindparam("job_id"),
+        JOBS.c.published_at.is_not(None),
+    )
+)
+_DEFAULT_STYLE = select(USERS.c.default_style).where(
+    USERS.c.channel == bindparam("channel"), USERS.c.external_id == bindparam("external_id")
+)
+_ATTACH_STATUS = (
+    update(JOBS)
+    .where(
+        JOBS.c.id == bindparam("job_id"),
+        JOBS.c.status.in_(_ACTIVE),
+        JOBS.c.result_paths.is_(None),
+    )
+    .values(status_message_id=bindparam("message_id"))
+)
 
 
 @dataclass(frozen=True)
@@ -166,26 +194,31 @@ class DuplicateRequest(Exception):
         self.job = job
 
 
-def _user_id_for(session: Session, origin: Origin) -> int:
-    """The user's row id, made if new, with the name and language this request gives. One
-    upsert, since two requests from a new user can arrive at once; it also takes the row's
-    lock (PostgreSQL) or the write lock (SQLite) for the rest of the transaction, which
-    serialises the hand-overs of one user's jobs."""
-    statement = dialect_insert(session, USERS).values(
-        channel=origin.channel,
-        external_id=origin.user_external_id,
-        display_name=origin.user_display_name,
-        language=origin.language,
-        created_at=utcnow(),
-    )
-    statement = statement.on_conflict_do_update(
+@cache
+def _user_upsert(dialect: str) -> Any:
+    statement = insert_in(dialect, USERS)
+    return statement.on_conflict_do_update(
         index_elements=["channel", "external_id"],
         set_={
             "display_name": statement.excluded.display_name,
             "language": statement.excluded.language,
         },
     ).returning(USERS.c.id)
-    return int(session.execute(statement).scalar_one())
+
+
+def _user_id_for(session: Session, origin: Origin) -> int:
+    """The user's row id, made if new, with the name and language this request gives. One
+    upsert, since two requests from a new user can arrive at once; it also takes the row's
+    lock (PostgreSQL) or the write lock (SQLite) for the rest of the transaction, which
+    serialises the hand-overs of one user's jobs."""
+    values = {
+        "channel": origin.channel,
+        "external_id": origin.user_external_id,
+        "display_name": origin.user_display_name,
+        "language": origin.language,
+        "created_at": utcnow(),
+    }
+    return int(session.execute(_user_upsert(dialect_name(session)), values).scalar_one())
 
 
 def _user_for(session: Session, origin: Origin) -> User:
@@ -264,16 +297,15 @@ def take_in(
     jobs in flight (None: held). Commits. Raises DuplicateRequest when the same message or
     button press already made a job, and QuotaExceeded (recording nothing) when a paying
     account is short."""
-    # Core inserts, not the ORM's unit of work: this runs for every request the bot takes.
+    # Core statements built once, not the ORM's unit of work: this runs for every request.
     session, now = uow.session, utcnow()
-    jobs_table = JOBS
     try:
         # The upsert holds the user's lock (as claim_hand_over does) until the commit.
         user_id = _user_id_for(session, origin)
         handed_over = hand_over_limit is not None and _in_flight(session, user_id) < hand_over_limit
         job_id = session.execute(
-            insert(jobs_table)
-            .values(
+            _NEW_JOB,
+            dict(
                 user_id=user_id,
                 channel=origin.channel,
                 chat_id=origin.chat_id,
@@ -302,10 +334,9 @@ def take_in(
                 attempts=0,
                 published_at=now if handed_over else None,
                 created_at=now,
-            )
-            .returning(jobs_table.c.id)
+            ),
         ).scalar_one()
-        session.execute(insert(JOB_EVENTS).values(job_id=job_id, status=JobStatus.QUEUED, at=now))
+        session.execute(_NEW_EVENT, {"job_id": job_id, "status": JobStatus.QUEUED, "at": now})
         if charge is not None:
             ledger.reserve(session, charge.accounts, job_id, charge.cost, charge.day)
         position = queue_position(uow, job_id)
@@ -331,15 +362,7 @@ def take_in(
 def queue_position(uow: UnitOfWork, job_id: int) -> int:
     """1 for the next job to run: active jobs handed to the workers before this one, plus
     one. Jobs held back (another user's flood) are not ahead of it."""
-    ahead = uow.session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(
-            Job.status.in_(list(ACTIVE_STATUSES)),
-            Job.id < job_id,
-            Job.published_at.is_not(None),
-        )
-    )
+    ahead = uow.session.scalar(_AHEAD, {"job_id": job_id})
     return int(ahead or 0) + 1
 
 
@@ -368,9 +391,7 @@ def active_job_of_kind(uow: UnitOfWork, kind: JobKind) -> int | None:
 
 
 def default_style_of(uow: UnitOfWork, channel: str, external_id: str) -> str | None:
-    return uow.session.scalar(
-        select(User.default_style).where(User.channel == channel, User.external_id == external_id)
-    )
+    return uow.session.scalar(_DEFAULT_STYLE, {"channel": channel, "external_id": external_id})
 
 
 def set_default_style(uow: UnitOfWork, origin: Origin, style: str | None) -> None:
@@ -386,15 +407,7 @@ def attach_status_message(uow: UnitOfWork, job_id: int, message_id: int) -> bool
     worker will look for the message again, so only the caller may remove it. Commits."""
     # One conditional write: it waits for the row's lock (SQLite's write lock) and judges the
     # row as the worker's `record_results` left it, so the two happen in one order or the other.
-    recorded = uow.session.execute(
-        update(Job)
-        .where(
-            Job.id == job_id,
-            Job.status.in_(list(ACTIVE_STATUSES)),
-            Job.result_paths.is_(None),
-        )
-        .values(status_message_id=message_id)
-    )
+    recorded = uow.session.execute(_ATTACH_STATUS, {"job_id": job_id, "message_id": message_id})
     uow.commit()
     return bool(recorded.rowcount)  # type: ignore[attr-defined]
 
@@ -625,7 +638,7 @@ def _user_lock(session: Session, user_id: int) -> None:
     session.execute(update(User).where(User.id == user_id).values(display_name=User.display_name))
 
 
-def _in_flight_count(user_id: int) -> Select[Any]:
+def _in_flight_count(user_id: int | BindParameter[int]) -> Select[Any]:
     """How many of the user's jobs are handed over and not ended."""
     jobs_table = JOBS
     return (
@@ -639,8 +652,11 @@ def _in_flight_count(user_id: int) -> Select[Any]:
     )
 
 
+_IN_FLIGHT = _in_flight_count(bindparam("user_id"))
+
+
 def _in_flight(session: Session, user_id: int) -> int:
-    return int(session.scalar(_in_flight_count(user_id)) or 0)
+    return int(session.scalar(_IN_FLIGHT, {"user_id": user_id}) or 0)
 
 
 def is_handed_over(uow: UnitOfWork, job_id: int) -> bool:

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import date
-from typing import cast
+from functools import cache
+from typing import Any, cast
 
-from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from chitrakar.quota import Account, exceeded
 from db.models import Account as AccountRow
 from db.models import LedgerEntry
-from db.session import dialect_insert
+from db.session import dialect_insert, dialect_name, insert_in
 
 GRANT, RESERVE, COMMIT, REFUND = "grant", "reserve", "commit", "refund"
 
@@ -27,25 +28,37 @@ ACCOUNTS = cast(Table, AccountRow.__table__)
 LEDGER = cast(Table, LedgerEntry.__table__)
 
 
+# Statements of every request, built once (building one costs more than running it); the
+# values of an INSERT are the parameters it is executed with.
+_SPENT_NET = select(func.coalesce(func.sum(LEDGER.c.amount), 0)).where(
+    LEDGER.c.account_id == bindparam("account_id"), LEDGER.c.day == bindparam("day")
+)
+_ACCOUNT_LIMIT = select(ACCOUNTS.c.daily_limit).where(ACCOUNTS.c.key == bindparam("account_key"))
+_NEW_ENTRY = insert(LEDGER)
+
+
+@cache
+def _account_upsert(dialect: str) -> Any:
+    return (
+        insert_in(dialect, ACCOUNTS)
+        .on_conflict_do_update(
+            index_elements=["key"], set_={"lock_version": ACCOUNTS.c.lock_version + 1}
+        )
+        .returning(ACCOUNTS.c.id)
+    )
+
+
 def _locked_account_id(session: Session, key: str) -> int:
     """The account's id, its row made if new, and locked for the rest of the transaction: the
     upsert bumps lock_version, which takes the row's lock (PostgreSQL) or the write lock
     (SQLite)."""
-    statement = dialect_insert(session, ACCOUNTS).values(key=key, lock_version=0)
-    statement = statement.on_conflict_do_update(
-        index_elements=["key"],
-        set_={"lock_version": ACCOUNTS.c.lock_version + 1},
-    ).returning(ACCOUNTS.c.id)
-    return int(session.execute(statement).scalar_one())
+    upsert = _account_upsert(dialect_name(session))
+    return int(session.execute(upsert, {"key": key, "lock_version": 0}).scalar_one())
 
 
 def _spent_net(session: Session, account_id: int, day: date) -> int:
     """The sum of the day's entries: grants and refunds add, reserves subtract."""
-    total = session.scalar(
-        select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
-            LedgerEntry.account_id == account_id, LedgerEntry.day == day
-        )
-    )
+    total = session.scalar(_SPENT_NET, {"account_id": account_id, "day": day})
     return int(total or 0)
 
 
@@ -76,7 +89,7 @@ def reserve(
             raise exceeded(account.key, cost, left)
         ids.append(account_id)
     session.execute(
-        insert(LEDGER),
+        _NEW_ENTRY,
         [
             {"account_id": i, "job_id": job_id, "kind": RESERVE, "amount": -cost, "day": day}
             for i in ids
@@ -146,7 +159,7 @@ def grant(session: Session, key: str, amount: int, day: date, note: str | None =
 
 
 def account_limit(session: Session, key: str) -> int | None:
-    return session.scalar(select(AccountRow.daily_limit).where(AccountRow.key == key))
+    return session.scalar(_ACCOUNT_LIMIT, {"account_key": key})
 
 
 def set_account_limit(session: Session, key: str, limit: int | None) -> None:

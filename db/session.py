@@ -27,12 +27,20 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def dialect_insert(session: Session, table: Any) -> Any:
+def dialect_name(session: Session) -> str:
+    """ "sqlite" or "postgresql": the database the session talks to."""
+    return session.get_bind().dialect.name
+
+
+def insert_in(dialect: str, table: Any) -> Any:
     """An INSERT with ON CONFLICT DO NOTHING / DO UPDATE (the generic insert has neither), in
-    the dialect of the session's database: both have the same API."""
-    if session.get_bind().dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
+    the named dialect: both have the same API. For statements built once per dialect."""
+    return postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+
+
+def dialect_insert(session: Session, table: Any) -> Any:
+    """`insert_in` the dialect of the session's database."""
+    return insert_in(dialect_name(session), table)
 
 
 class UnitOfWork:
