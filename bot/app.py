@@ -20,6 +20,7 @@ from bot import admin, handlers
 from bot.bootstrap import BotServices, bootstrap
 from bot.context import BotApplication, BotContext
 from chitrakar.admin_commands import ADMIN_COMMANDS
+from chitrakar.bot_api_http import AiohttpRequest
 from chitrakar.config import Settings
 from chitrakar.domain import MENU, Command
 from chitrakar.texts import DEFAULT_LANGUAGE, LANGUAGES, text
@@ -51,6 +52,9 @@ def build_application(settings: Settings, services: BotServices | None = None) -
         .token(settings.telegram_token.get_secret_value())
         .base_url(settings.telegram_api_url)
         .base_file_url(settings.telegram_file_url)
+        .request(AiohttpRequest())
+        # Long polls one at a time, as python-telegram-bot's own client for them does.
+        .get_updates_request(AiohttpRequest(connection_pool_size=1))
         .context_types(ContextTypes(context=BotContext))
         # Handle updates from different chats at once; each handler awaits its own I/O.
         .concurrent_updates(True)

@@ -31,6 +31,7 @@ from telegram import (
 from telegram.constants import ChatAction
 from telegram.error import BadRequest, NetworkError, RetryAfter, TelegramError
 
+from chitrakar.bot_api_http import AiohttpRequest
 from chitrakar.buttons import labelled, result_buttons, style_buttons
 from chitrakar.config import Settings
 from chitrakar.domain import JobKind, ProgressThrottle
@@ -166,6 +167,7 @@ class TelegramDelivery:
             settings.telegram_token.get_secret_value(),
             base_url=settings.telegram_api_url,
             base_file_url=settings.telegram_file_url,
+            request=AiohttpRequest(),
         )
         try:
             # Opens the HTTP connection pool and checks the token with getMe.
