@@ -7,9 +7,12 @@ delivery. This implements python-telegram-bot's documented extension point (`Bas
 and sends exactly what `HTTPXRequest` sends: parameters as a form, files as multipart.
 
 Timeouts keep python-telegram-bot's meaning where aiohttp has one: `connect_timeout` for a new
-connection, `read_timeout` between reads, `pool_timeout` plus `connect_timeout` to obtain a
-connection (aiohttp counts both as one). aiohttp has no write timeout, so the whole request is
-bounded by the sum of the four, a limit no tighter than httpx's.
+connection, `read_timeout` for each wait for the answer's bytes, `pool_timeout` plus
+`connect_timeout` to obtain a connection (aiohttp counts both as one). aiohttp has no timeout
+per write, and a deadline on the whole request would be tighter than httpx's (a 50 MB upload
+on a slow link), so the write timeouts are not enforced: a stalled upload ends by the
+kernel's TCP timeouts. As with httpx, redirects are not followed and the environment's proxy
+settings (`HTTPS_PROXY`, `ALL_PROXY`) apply.
 """
 
 from __future__ import annotations
@@ -30,29 +33,23 @@ class AiohttpRequest(BaseRequest):
 
     __slots__ = (
         "_connect_timeout",
-        "_media_write_timeout",
         "_pool_size",
         "_pool_timeout",
         "_read_timeout",
         "_session",
-        "_write_timeout",
     )
 
     def __init__(
         self,
         connection_pool_size: int = DEFAULT_POOL_SIZE,
         read_timeout: float | None = 5.0,
-        write_timeout: float | None = 5.0,
         connect_timeout: float | None = 5.0,
         pool_timeout: float | None = 1.0,
-        media_write_timeout: float | None = 20.0,
     ) -> None:
         self._pool_size = connection_pool_size
         self._read_timeout = read_timeout
-        self._write_timeout = write_timeout
         self._connect_timeout = connect_timeout
         self._pool_timeout = pool_timeout
-        self._media_write_timeout = media_write_timeout
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -64,6 +61,7 @@ class AiohttpRequest(BaseRequest):
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._pool_size),
                 headers={"User-Agent": self.USER_AGENT},
+                trust_env=True,
             )
 
     async def shutdown(self) -> None:
@@ -76,7 +74,7 @@ class AiohttpRequest(BaseRequest):
         method: str,
         request_data: RequestData | None = None,
         read_timeout: Any = BaseRequest.DEFAULT_NONE,
-        write_timeout: Any = BaseRequest.DEFAULT_NONE,
+        write_timeout: Any = BaseRequest.DEFAULT_NONE,  # not enforced (see above)
         connect_timeout: Any = BaseRequest.DEFAULT_NONE,
         pool_timeout: Any = BaseRequest.DEFAULT_NONE,
     ) -> tuple[int, bytes]:
@@ -87,22 +85,22 @@ class AiohttpRequest(BaseRequest):
         read = self._chosen(read_timeout, self._read_timeout)
         connect = self._chosen(connect_timeout, self._connect_timeout)
         pool = self._chosen(pool_timeout, self._pool_timeout)
-        write = self._chosen(
-            write_timeout, self._media_write_timeout if files else self._write_timeout
-        )
         timeout = aiohttp.ClientTimeout(
-            total=_sum_or_none(pool, connect, write, read),
+            total=None,
             connect=_sum_or_none(pool, connect),
             sock_connect=connect,
             sock_read=read,
         )
         body: aiohttp.FormData | dict[str, str] | None = fields
         if files:
-            body = aiohttp.FormData(fields or {})
+            # File names as given, not percent-encoded (what httpx sends).
+            body = aiohttp.FormData(fields or {}, quote_fields=False)
             for name, (file_name, content, mime_type) in files.items():
                 body.add_field(name, content, filename=file_name, content_type=mime_type)
         try:
-            async with self._session.request(method, url, data=body, timeout=timeout) as answer:
+            async with self._session.request(
+                method, url, data=body, timeout=timeout, allow_redirects=False
+            ) as answer:
                 return answer.status, await answer.read()
         except TimeoutError as exc:  # aiohttp's own timeouts are TimeoutErrors too
             raise TimedOut from exc

@@ -9,13 +9,16 @@ import io
 import socket
 import warnings
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from aiohttp import BodyPartReader, web
 from PIL import Image
 from telegram import (
     Bot,
     InlineKeyboardButton,
     InlineKeyboardMarkup,
+    InputFile,
     InputMediaPhoto,
     ReplyParameters,
 )
@@ -91,6 +94,88 @@ async def test_files_are_uploaded_whole_alone_and_as_an_album(
     ]
     assert downloaded == [first, second, third]
     assert album[1].caption == "two"
+
+
+@pytest.fixture
+async def recorder() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+    """A server that records each request as it arrived and answers `true`, but redirects
+    `/moved`: the URL of a bot on it, and the records."""
+    seen: list[dict[str, Any]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        entry: dict[str, Any] = {
+            "path": request.path,
+            "content_type": request.content_type,
+            "user_agent": request.headers.get("User-Agent", ""),
+        }
+        if request.content_type == "multipart/form-data":
+            reader = await request.multipart()
+            parts = []
+            while (part := await reader.next()) is not None:
+                assert isinstance(part, BodyPartReader)
+                disposition = part.headers.get("Content-Disposition", "")
+                parts.append((part.name, disposition, await part.read()))
+            entry["parts"] = parts
+        else:
+            entry["form"] = dict(await request.post())
+        seen.append(entry)
+        if request.path.endswith("/moved"):
+            raise web.HTTPFound("/elsewhere")
+        return web.json_response({"ok": True, "result": True})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"http://127.0.0.1:{port}/bot", seen
+    await runner.cleanup()
+
+
+async def test_what_goes_on_the_wire_is_what_python_telegram_bots_own_client_sends(
+    recorder: tuple[str, list[dict[str, Any]]],
+) -> None:
+    base_url, seen = recorder
+    request = AiohttpRequest()
+    bot = Bot("1:x", base_url=base_url, request=request)
+    await request.initialize()
+    try:
+        await bot.do_api_request("recordForm", api_kwargs={"chat_id": 5, "text": "नमस्ते"})
+        photo = InputFile(png("orange"), filename="my photo तस्वीर.png")
+        await bot.do_api_request("recordUpload", api_kwargs={"chat_id": 5, "document": photo})
+        # A redirect is answered as it came, not followed (as with httpx).
+        assert (await request.do_request(f"{base_url}1:x/moved", "POST"))[0] == 302
+    finally:
+        await request.shutdown()
+
+    plain, upload, moved = seen
+    # Parameters as a form, each value JSON-encoded where it is not a string.
+    assert plain["content_type"] == "application/x-www-form-urlencoded"
+    assert plain["form"] == {"chat_id": "5", "text": "नमस्ते"}
+    assert plain["user_agent"].startswith("python-telegram-bot")
+    # A file as multipart, its name as given, not percent-encoded.
+    assert upload["content_type"] == "multipart/form-data"
+    fields = {name: (disposition, data) for name, disposition, data in upload["parts"]}
+    assert fields["chat_id"][1] == b"5"
+    disposition, data = fields["document"]
+    assert 'filename="my photo तस्वीर.png"' in disposition
+    assert data == png("orange")
+    assert len(seen) == 3 and moved["path"].endswith("/moved")
+
+
+async def test_a_long_poll_waits_past_the_read_timeout(emulator: BotApiEmulator) -> None:
+    # python-telegram-bot adds the poll's own timeout to the client's read timeout.
+    updates_request = AiohttpRequest(connection_pool_size=1, read_timeout=0.2)
+    bot = Bot(
+        emulator.token,
+        base_url=emulator.base_url,
+        request=AiohttpRequest(),
+        get_updates_request=updates_request,
+    )
+    async with bot:
+        assert await bot.get_updates(timeout=1) == ()
 
 
 async def test_an_api_error_is_python_telegram_bots_error(
