@@ -445,9 +445,10 @@ def main() -> None:
     print(json.dumps(report, indent=2))
     ack = report["ack_ms"]
     print(
-        f"| 2026-11-26 | {os.cpu_count()} cores {platform.machine()}, no GPU, {args.database}, "
-        f"Redis, {args.workers} workers | {args.path} | {report['offered_per_s']} | "
-        f"{report['acked_per_s']} | {ack['median']} ms | {ack['p95']} ms | {ack['p99']} ms | "
+        f"| {time.strftime('%Y-%m-%d')} | {os.cpu_count()} cores {platform.machine()}, no GPU, "
+        f"{args.database}, Redis, {args.workers} workers | {args.path} | "
+        f"{report['offered_per_s']} | {report['acked_per_s']} | "
+        f"{ack['median']} ms | {ack['p95']} ms | {ack['p99']} ms | "
         f"{report['never_acked']} | {report['cpu_percent_while_offering']['bot']} % |"
     )
 

@@ -440,9 +440,9 @@ def markdown_row(name: str, result: dict[str, Any], note: str) -> str:
     added, e2e = result["added_ms"], result["end_to_end_ms"]
     check = result["content_check_per_image_ms"].get("median", float("nan"))
     return (
-        f"| 2026-11-26 | {note} | {name} | {result['measured']} | {added['median']} ms | "
-        f"{added['p99']} ms | {e2e['median']} ms | {result['pipeline_ms']['median']} ms | "
-        f"{check} ms |"
+        f"| {time.strftime('%Y-%m-%d')} | {note} | {name} | {result['measured']} | "
+        f"{added['median']} ms | {added['p99']} ms | {e2e['median']} ms | "
+        f"{result['pipeline_ms']['median']} ms | {check} ms |"
     )
 
 
