@@ -87,7 +87,7 @@ class AiohttpRequest(BaseRequest):
         pool = self._chosen(pool_timeout, self._pool_timeout)
         timeout = aiohttp.ClientTimeout(
             total=None,
-            connect=_sum_or_none(pool, connect),
+            connect=None if pool is None or connect is None else pool + connect,
             sock_connect=connect,
             sock_read=read,
         )
@@ -111,8 +111,3 @@ class AiohttpRequest(BaseRequest):
     def _chosen(given: Any, default: float | None) -> float | None:
         """A timeout passed to this call, or this client's own when it was left out."""
         return default if isinstance(given, type(BaseRequest.DEFAULT_NONE)) else given
-
-
-def _sum_or_none(*parts: float | None) -> float | None:
-    """None (no limit) when any part has none."""
-    return None if any(part is None for part in parts) else sum(p for p in parts if p)

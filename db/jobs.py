@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 JOBS = cast(Table, Job.__table__)
 JOB_EVENTS = cast(Table, JobEvent.__table__)
 USERS = cast(Table, User.__table__)
-_ACTIVE = list(ACTIVE_STATUSES)
 # Statements of every request, built once: building one costs more than running it (an
 # INSERT's values are the parameters it is executed with). The rest of the module's
 # statements run far less often and are built where they run.
@@ -45,7 +44,7 @@ _AHEAD = (
     select(func.count())
     .select_from(JOBS)
     .where(
-        JOBS.c.status.in_(_ACTIVE),
+        JOBS.c.status.in_(list(ACTIVE_STATUSES)),
         JOBS.c.id < bindparam("job_id"),
         JOBS.c.published_at.is_not(None),
     )
@@ -57,7 +56,7 @@ _ATTACH_STATUS = (
     update(JOBS)
     .where(
         JOBS.c.id == bindparam("job_id"),
-        JOBS.c.status.in_(_ACTIVE),
+        JOBS.c.status.in_(list(ACTIVE_STATUSES)),
         JOBS.c.result_paths.is_(None),
     )
     .values(status_message_id=bindparam("message_id"))
