@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import BindParameter, Select, delete, select, update
 
 from db.models import WorkerHeartbeat, utcnow
 from db.session import UnitOfWork
@@ -21,11 +21,14 @@ def beat(uow: UnitOfWork, name: str) -> None:
     uow.commit()
 
 
+def alive_names(since: datetime | BindParameter[datetime]) -> Select[str]:
+    """The workers that beat since `since`, as a query (a statement may use it inside)."""
+    return select(WorkerHeartbeat.name).where(WorkerHeartbeat.beat_at >= since)
+
+
 def alive(uow: UnitOfWork, since: datetime) -> set[str]:
     """The workers that beat since `since`."""
-    return set(
-        uow.session.scalars(select(WorkerHeartbeat.name).where(WorkerHeartbeat.beat_at >= since))
-    )
+    return set(uow.session.scalars(alive_names(since)))
 
 
 def forget(uow: UnitOfWork, name: str) -> None:

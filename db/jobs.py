@@ -9,7 +9,17 @@ from datetime import UTC, date, datetime
 from functools import cache
 from typing import Any, cast
 
-from sqlalchemy import BindParameter, Select, Table, bindparam, func, insert, select, update
+from sqlalchemy import (
+    BindParameter,
+    Select,
+    Table,
+    bindparam,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -52,6 +62,44 @@ _AHEAD = (
 _DEFAULT_STYLE = select(USERS.c.default_style).where(
     USERS.c.channel == bindparam("channel"), USERS.c.external_id == bindparam("external_id")
 )
+# Starting a job (the worker's first write for each): from queued, or again from running
+# (its task delivered again after its worker died), unless a worker alive since
+# :alive_since holds it.
+_START = (
+    update(JOBS)
+    .where(
+        JOBS.c.id == bindparam("job_id"),
+        JOBS.c.status.in_([s for s in JobStatus if JobStatus.RUNNING in TRANSITIONS[s]]),
+        or_(
+            JOBS.c.status != JobStatus.RUNNING,
+            JOBS.c.worker.is_(None),
+            JOBS.c.worker == bindparam("worker_name"),
+            JOBS.c.worker.not_in(heartbeats.alive_names(bindparam("alive_since"))),
+        ),
+    )
+    .values(
+        status=JobStatus.RUNNING,
+        attempts=JOBS.c.attempts + 1,
+        worker=bindparam("worker_name"),
+        started_at=bindparam("now"),
+    )
+    .returning(
+        *JOBS.c,
+        select(USERS.c.external_id)
+        .where(USERS.c.id == JOBS.c.user_id)
+        .scalar_subquery()
+        .label("requester"),
+    )
+)
+# Naming a job's results, on the path of every result before it is sent.
+_RECORD_RESULTS = (
+    update(JOBS)
+    .where(JOBS.c.id == bindparam("job_id"), JOBS.c.status == JobStatus.RUNNING)
+    .values(result_paths=bindparam("paths"), result_checksums=bindparam("checksums"))
+    .returning(JOBS.c.status_message_id)
+)
+_STATUS_MESSAGE = select(JOBS.c.status_message_id).where(JOBS.c.id == bindparam("job_id"))
+_STATUS_AND_WORKER = select(JOBS.c.status, JOBS.c.worker).where(JOBS.c.id == bindparam("job_id"))
 _ATTACH_STATUS = (
     update(JOBS)
     .where(
@@ -122,6 +170,12 @@ class JobView:
 
     @classmethod
     def of(cls, job: Job) -> JobView:
+        return cls.of_columns(job, job.user.external_id)
+
+    @classmethod
+    def of_columns(cls, job: Any, requester: str) -> JobView:
+        """From anything that has the job's columns as attributes: a `Job`, or a row of
+        the jobs table (whose user is not loaded: `requester` is their external id)."""
         return cls(
             id=job.id,
             kind=JobKind(job.command),
@@ -129,7 +183,7 @@ class JobView:
             channel=job.channel,
             chat_id=job.chat_id,
             chat_type=job.chat_type,
-            requester=job.user.external_id,
+            requester=requester,
             request_message_id=job.request_message_id,
             status_message_id=job.status_message_id,
             language=job.language,
@@ -150,7 +204,7 @@ class JobView:
         )
 
 
-def plan_of(job: Job) -> GenerationPlan:
+def plan_of(job: Any) -> GenerationPlan:
     """The plan a job row records (reads no related rows)."""
     return GenerationPlan(
         prompt=job.prompt,
@@ -416,24 +470,29 @@ def start_job(
 ) -> JobView | None:
     """Mark a job running for this attempt. None when it has already ended, or when another
     worker that beat since `alive_since` is running it (a duplicate delivery of its task):
-    there is nothing left to do."""
-    job = _load(uow.session, job_id, lock=True)
-    if (
-        alive_since is not None
-        and job.status == JobStatus.RUNNING
-        and job.worker not in (None, worker)
-        and job.worker in heartbeats.alive(uow, alive_since)
-    ):
-        log.info("job %s is running on %s, which is alive: not started again", job_id, job.worker)
-        return None
-    if not _move(uow.session, job, JobStatus.RUNNING, f"attempt {job.attempts + 1} on {worker}"):
+    there is nothing left to do. Commits."""
+    session, now = uow.session, utcnow()
+    # One conditional UPDATE decides, under the row's lock (SQLite's write lock), between
+    # two workers given the same job: the second sees the first's worker, alive.
+    started = session.execute(
+        _START, {"job_id": job_id, "worker_name": worker, "now": now, "alive_since": alive_since}
+    ).first()
+    if started is None:
+        found = session.execute(_STATUS_AND_WORKER, {"job_id": job_id}).first()
         uow.commit()
+        if found is None:
+            raise JobNotFound(job_id)
+        if found.status == JobStatus.RUNNING:
+            log.info(
+                "job %s is running on %s, which is alive: not started again", job_id, found.worker
+            )
         return None
-    job.attempts += 1
-    job.worker = worker
-    job.started_at = utcnow()
+    detail = f"attempt {started.attempts} on {worker}"
+    session.execute(
+        _NEW_EVENT, {"job_id": job_id, "status": JobStatus.RUNNING, "detail": detail, "at": now}
+    )
     uow.commit()
-    return JobView.of(job)
+    return JobView.of_columns(started, started.requester)
 
 
 # Queued jobs looked at per batch: enough to find companions behind a few of other shapes.
@@ -515,12 +574,15 @@ def record_results(
     as soon as the message that shows them arrives. A job that sends none of them (a preview
     grid) records an empty list. Returns the job's status message, as recorded by then: the
     bot records none after this (`attach_status_message`). Commits."""
-    uow.session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
-        .values(result_paths=result_paths, result_checksums=result_checksums)
+    session = uow.session
+    recorded = session.execute(
+        _RECORD_RESULTS, {"job_id": job_id, "paths": result_paths, "checksums": result_checksums}
+    ).first()
+    status_message_id = (
+        recorded.status_message_id
+        if recorded is not None
+        else session.scalar(_STATUS_MESSAGE, {"job_id": job_id})
     )
-    status_message_id = uow.session.scalar(select(Job.status_message_id).where(Job.id == job_id))
     uow.commit()
     return status_message_id
 

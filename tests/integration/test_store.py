@@ -90,6 +90,10 @@ def test_a_job_from_acceptance_to_done(store: Store) -> None:
     assert view.status_message_id == 8
     assert view.language == "hi"
     assert view.attempts == 1
+    assert view.requester == origin().user_external_id
+    # Built from the row the start returned: the same as the job read back, field by field.
+    with store.unit_of_work() as uow:
+        assert jobs.get_job(uow, job_id) == view
 
     with store.unit_of_work() as uow:
         jobs.complete_job(
