@@ -179,6 +179,8 @@ class TelegramDelivery:
         # Per job in progress: its throttle, and its status edit still on the way, if any.
         self._throttles: dict[int, ProgressThrottle] = {}
         self._edits: dict[int, Future[None]] = {}
+        # Per job being checked and stored: its "uploading a photo" action on the way.
+        self._uploading: dict[int, Future[None]] = {}
 
     def close(self) -> None:
         try:
@@ -217,6 +219,7 @@ class TelegramDelivery:
         """Forget the job's progress state, after its last edit has landed, so that no late
         progress edit overwrites what comes next."""
         self._throttles.pop(job.id, None)
+        self._uploading.pop(job.id, None)
         edit = self._edits.pop(job.id, None)
         if edit is not None:
             with contextlib.suppress(Exception):
@@ -232,22 +235,42 @@ class TelegramDelivery:
     def progress(self, job: JobView, done: int, total: int) -> None:
         self._edit_status(job, "status.progress", percent=round(100 * done / max(total, 1)))
 
+    def uploading(self, job: JobView) -> None:
+        # Sent while the images are checked and stored, so that its round trip (100 ms or
+        # more across the internet) is not one more wait before the photo.
+        self._uploading[job.id] = self._loop.submit(
+            _quietly(self._bot.send_chat_action(job.chat_id, ChatAction.UPLOAD_PHOTO))
+        )
+
     def deliver(
         self, job: JobView, images: Sequence[bytes], seconds: float, spoiler: bool = False
     ) -> Delivered:
         """Send the images as a reply to the request (under a spoiler when asked) and remove
         the status message. Raises when the images could not be sent."""
+        announced = self._uploading.pop(job.id, None)
         self._settle(job)
-        return self._loop.run(self._deliver(job, images, seconds, spoiler), DELIVERY_DEADLINE_S)
+        return self._loop.run(
+            self._deliver(job, images, seconds, spoiler, announced), DELIVERY_DEADLINE_S
+        )
 
     async def _deliver(
-        self, job: JobView, images: Sequence[bytes], seconds: float, spoiler: bool
+        self,
+        job: JobView,
+        images: Sequence[bytes],
+        seconds: float,
+        spoiler: bool,
+        announced: Future[None] | None,
     ) -> Delivered:
         captions = [result_caption(self._catalogue, job, seed, seconds) for seed in job.plan.seeds]
         photos = [_as_photo(png) for png in images]
         rows = result_buttons(job.id, job.kind, len(photos), selfie_kept=self._selfies_kept)
         keyboard = _keyboard(job.language, rows)
-        await _quietly(self._bot.send_chat_action(job.chat_id, ChatAction.UPLOAD_PHOTO))
+        # The chat action lands first: arriving after the photo, a client would show "sending
+        # a photo" under it for 5 s.
+        if announced is None:
+            await _quietly(self._bot.send_chat_action(job.chat_id, ChatAction.UPLOAD_PHOTO))
+        else:
+            await asyncio.wrap_future(announced)
         if len(photos) == 1:
             sent = [
                 await _respecting_flood_limits(

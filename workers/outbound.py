@@ -36,6 +36,10 @@ class Delivery(Protocol):
     def stop_progress(self, job: JobView) -> None:
         """The job stopped without a result to send (cancelled)."""
 
+    def uploading(self, job: JobView) -> None:
+        """Show that the result is on its way, without waiting: called as the job's images
+        are checked and stored. `deliver` sends nothing before this has landed."""
+
     def deliver(
         self, job: JobView, images: Sequence[bytes], seconds: float, spoiler: bool = False
     ) -> Delivered:
@@ -85,6 +89,9 @@ class ChannelDeliveries:
 
     def stop_progress(self, job: JobView) -> None:
         self.channel(job.channel).stop_progress(job)
+
+    def uploading(self, job: JobView) -> None:
+        self.channel(job.channel).uploading(job)
 
     def deliver(
         self, job: JobView, images: Sequence[bytes], seconds: float, spoiler: bool = False

@@ -25,6 +25,7 @@ from chitrakar.presets import adjust_plan
 from chitrakar.safety import ContentPolicy, ImageAction, decide
 from chitrakar.services import hand_over_all_held, hand_over_held
 from db import audit, heartbeats, jobs, retention
+from db.audit import ChatSettingsView
 from db.jobs import JobView
 from workers.classifier import ImageVerdict
 from workers.pipelines import (
@@ -134,6 +135,10 @@ def _companions(runtime: WorkerRuntime, leader: JobView) -> list[JobView]:
         return []
     limit = settings.max_batch_images
     with runtime.store.unit_of_work() as uow:
+        # A lone user's job (nothing else handed over and waiting) claims nothing: one
+        # read instead of a claim's transaction.
+        if not jobs.queued_elsewhere(uow, [leader.id]):
+            return []
         found = jobs.claim_batch(uow, leader, runtime.name, limit)
         room = limit // len(leader.plan.seeds) - 1 - len(found)
         # In the same session: whether the worker is busy, so worth waiting for more.
@@ -289,13 +294,19 @@ def _finish(
             file_ids = delivery.deliver_previews(job, grid)
         else:
             assert images is not None
-            watch.check(force=True)
-            # The content check runs while the images are encoded and stored (onnxruntime and
-            # zlib both let go of the GIL), so a user waits for the longer of the two only.
+            # The content check runs while the rest that does not need its verdict is done
+            # (onnxruntime, zlib and the database let go of the GIL): the last look for a
+            # cancellation, the chat told a photo is coming, the images encoded and stored,
+            # the chat's policy read. A user waits for the longer of the two only.
             with ThreadPoolExecutor(1, thread_name_prefix=f"check-{job_id}") as checker:
                 checking = checker.submit(lambda: [runtime.classifier.classify(i) for i in images])
+                watch.check(force=True)
+                delivery.uploading(job)
                 stored, pngs = _save(runtime, job, images)
-                action = moderate(runtime, job, checking.result(), stored, seconds)
+                with runtime.store.unit_of_work() as uow:
+                    chat = audit.chat_settings(uow, job.channel, job.chat_id)
+                verdicts = checking.result()
+            action = moderate(runtime, job, chat, verdicts, stored, seconds)
             if action == ImageAction.BLOCK:
                 return
             status_message_id = _with_retries(
@@ -385,6 +396,7 @@ def _with_retries(write: Callable[[], T], what: str) -> T:
 def moderate(
     runtime: WorkerRuntime,
     job: JobView,
+    chat: ChatSettingsView,
     verdicts: list[ImageVerdict],
     stored: list[StoredArtifact],
     seconds: float,
@@ -394,8 +406,6 @@ def moderate(
     images stay for review), goes under a spoiler, or is sent. A group may also want every
     result under a spoiler."""
     flagged = [v for v in verdicts if v.flagged]
-    with runtime.store.unit_of_work() as uow:
-        chat = audit.chat_settings(uow, job.channel, job.chat_id)
     policy = ContentPolicy(chat.content_policy or runtime.settings.content_policy)
     action = decide(bool(flagged), policy)
     if flagged:

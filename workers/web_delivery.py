@@ -61,6 +61,9 @@ class WebDelivery:
     def stop_progress(self, job: JobView) -> None:
         self._throttles.pop(job.id, None)
 
+    def uploading(self, job: JobView) -> None:
+        """A page shows the result as soon as its message arrives: nothing to announce."""
+
     def deliver(
         self, job: JobView, images: Sequence[bytes], seconds: float, spoiler: bool = False
     ) -> Delivered:

@@ -5,7 +5,9 @@ tested on real photographs in test_classifier.py)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -36,6 +38,41 @@ class Flags:
         return ImageVerdict(flagged=True, labels=("FEMALE_BREAST_EXPOSED:0.91",), score=0.91)
 
 
+def worker_for(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, classifier: object
+) -> WorkerRuntime:
+    """The real worker runtime, its content check's verdicts from `classifier`."""
+    settings = worker_settings(emulator, tmp_path, tiny_model, image_size=64, default_steps=2)
+    upgrade_to_head(settings.resolved_database_url)
+    runtime = WorkerRuntime(settings, publish=lambda _job_id: None)
+    runtime.__dict__["classifier"] = classifier
+    return runtime
+
+
+def intake_for(runtime: WorkerRuntime) -> JobIntake:
+    return JobIntake(
+        runtime.settings,
+        runtime.store,
+        lambda _: None,
+        runtime.catalogue,
+        runtime.media,
+        runtime.artifacts,
+    )
+
+
+def portrait_in(emulator: BotApiEmulator, runtime: WorkerRuntime, group: dict[str, Any]) -> None:
+    """Mohan's `/portrait` in the group, taken in as the bot does and run by the worker."""
+    user = emulator.user(831, "Mohan")
+    command = emulator.history_message(group, user, "/portrait a beach at noon")
+    status = emulator.history_message(group, None, "Queued.")
+    intake = intake_for(runtime)
+    who = Origin("telegram", group["id"], "group", "831", "Mohan", "en", command["message_id"])
+    accepted = intake.accept(who, parse_image_command(Command.PORTRAIT, "a beach at noon"))
+    intake.attach_status_message(accepted.job_id, status["message_id"])
+    intake.dispatch(accepted)
+    run_job(runtime, accepted.job_id)
+
+
 @pytest.mark.parametrize(
     ("flagged", "policy", "spoilers", "outcome"),
     [
@@ -55,33 +92,15 @@ def test_a_flagged_image_follows_the_chats_policy(
     spoilers: bool,
     outcome: str,
 ) -> None:
-    settings = worker_settings(
-        emulator,
-        tmp_path,
-        tiny_model,
-        image_size=64,
-        default_steps=2,
-    )
-    upgrade_to_head(settings.resolved_database_url)
-    user = emulator.user(831, "Mohan")
+    runtime = worker_for(emulator, tmp_path, tiny_model, Flags(flagged))
+    settings = runtime.settings
     group = emulator.group_chat(-831)
-    command = emulator.history_message(group, user, "/portrait a beach at noon")
-    status = emulator.history_message(group, None, "Queued.")
-    runtime = WorkerRuntime(settings, publish=lambda _job_id: None)
-    runtime.__dict__["classifier"] = Flags(flagged)
     with runtime.store.unit_of_work() as uow:
         audit.update_chat_settings(
             uow, "telegram", group["id"], content_policy=policy, spoilers=spoilers or None
         )
-    intake = JobIntake(
-        settings, runtime.store, lambda _: None, runtime.catalogue, runtime.media, runtime.artifacts
-    )
-    who = Origin("telegram", group["id"], "group", "831", "Mohan", "en", command["message_id"])
-    accepted = intake.accept(who, parse_image_command(Command.PORTRAIT, "a beach at noon"))
-    intake.attach_status_message(accepted.job_id, status["message_id"])
-    intake.dispatch(accepted)
     try:
-        run_job(runtime, accepted.job_id)
+        portrait_in(emulator, runtime, group)
     finally:
         runtime.close()
 
@@ -89,7 +108,9 @@ def test_a_flagged_image_follows_the_chats_policy(
     photos = emulator.calls_to("sendPhoto", group["id"])
     with runtime.store.unit_of_work() as uow:
         left = ledger.balance(
-            uow.session, Account("user:telegram:831", settings.daily_quota), intake.quota_day()
+            uow.session,
+            Account("user:telegram:831", settings.daily_quota),
+            intake_for(runtime).quota_day(),
         )
         events = audit.latest(uow)
     if outcome == "blocked":
@@ -112,3 +133,45 @@ def test_a_flagged_image_follows_the_chats_policy(
     assert [e.action for e in events if e.target == f"job:{job.id}"] == (
         [f"output_{'spoiler' if policy == 'spoiler' else 'send'}"] if flagged else []
     )
+
+
+class WaitsForTheChatAction:
+    """A content check that passes every image, once the chat has been told a photo is on
+    its way (or a timeout has passed): whether it was told during the check."""
+
+    def __init__(self, emulator: BotApiEmulator, chat_id: int) -> None:
+        self.emulator, self.chat_id = emulator, chat_id
+        self.told_during_check: list[bool] = []
+
+    def classify(self, image: Image.Image) -> ImageVerdict:
+        def told() -> bool:
+            actions = self.emulator.calls_to("sendChatAction", self.chat_id)
+            return any(call.params.get("action") == "upload_photo" for call in actions)
+
+        deadline = time.monotonic() + 10
+        while not told() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.told_during_check.append(told())
+        return ImageVerdict(flagged=False, labels=(), score=0.0)
+
+
+def test_the_chat_is_told_a_photo_is_coming_while_it_is_checked(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path
+) -> None:
+    """The "uploading a photo" action goes out while the images are checked and stored, not
+    after (across the internet its round trip would be one more wait before the photo); the
+    photo still goes out only once the action has landed, or a client would show "sending a
+    photo" under it."""
+    group = emulator.group_chat(-832)
+    check = WaitsForTheChatAction(emulator, group["id"])
+    runtime = worker_for(emulator, tmp_path, tiny_model, check)
+    emulator.delay("sendChatAction", 0.5)
+    try:
+        portrait_in(emulator, runtime, group)
+    finally:
+        runtime.close()
+
+    assert check.told_during_check == [True]
+    [action] = emulator.calls_to("sendChatAction", group["id"])
+    [photo] = emulator.calls_to("sendPhoto", group["id"])
+    assert photo.at >= action.at + 0.5
