@@ -470,7 +470,8 @@ def start_job(
 ) -> JobView | None:
     """Mark a job running for this attempt. None when it has already ended, or when another
     worker that beat since `alive_since` is running it (a duplicate delivery of its task):
-    there is nothing left to do. Commits."""
+    there is nothing left to do. Commits. (Core statements: a `Job` this session loaded
+    before is not refreshed.)"""
     session, now = uow.session, utcnow()
     # One conditional UPDATE decides, under the row's lock (SQLite's write lock), between
     # two workers given the same job: the second sees the first's worker, alive.

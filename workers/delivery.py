@@ -217,13 +217,14 @@ class TelegramDelivery:
 
     def _settle(self, job: JobView) -> None:
         """Forget the job's progress state, after its last edit has landed, so that no late
-        progress edit overwrites what comes next."""
+        progress edit overwrites what comes next. Idempotent."""
         self._throttles.pop(job.id, None)
-        self._uploading.pop(job.id, None)
-        edit = self._edits.pop(job.id, None)
-        if edit is not None:
-            with contextlib.suppress(Exception):
-                edit.result(EDIT_SETTLE_S)
+        # An "uploading a photo" action still on its way (the job was then blocked or failed)
+        # lands first too: a notice sent as a new message then ends it in the client.
+        for pending in (self._edits.pop(job.id, None), self._uploading.pop(job.id, None)):
+            if pending is not None:
+                with contextlib.suppress(Exception):
+                    pending.result(EDIT_SETTLE_S)
 
     def stop_progress(self, job: JobView) -> None:
         """The job stopped without a result to send (cancelled): forget its progress."""

@@ -329,6 +329,10 @@ def _finish(
         log.exception("job %s failed", job_id)
         _give_up(runtime, job_id, f"{type(exc).__name__}: {exc}")
         return
+    finally:
+        # Whatever ended it (sent, blocked, failed, or its user's data gone meanwhile), the
+        # channel keeps nothing about the job's progress or upload.
+        delivery.stop_progress(job)
     # Recorded at once: a task delivered again after this sends nothing twice.
     _with_retries(
         lambda: _mark_delivered(runtime, job, file_ids, message_ids), f"job {job_id} delivered"

@@ -16,12 +16,13 @@ from chitrakar.domain import Command, JobStatus, parse_image_command
 from chitrakar.quota import Account
 from chitrakar.services import JobIntake
 from chitrakar.texts import text
-from db import audit, ledger
+from db import audit, jobs, ledger
 from db.jobs import Origin
 from db.migrate import upgrade_to_head
 from tests.support.botapi import BotApiEmulator
 from tests.support.stack import jobs_in_chat, worker_settings
 from workers.classifier import ImageVerdict
+from workers.delivery import TelegramDelivery
 from workers.runtime import WorkerRuntime
 from workers.service import run_job
 
@@ -99,11 +100,23 @@ def test_a_flagged_image_follows_the_chats_policy(
         audit.update_chat_settings(
             uow, "telegram", group["id"], content_policy=policy, spoilers=spoilers or None
         )
+    # The "uploading a photo" action, sent during the check, answered late: whatever the
+    # verdict, what the chat hears next comes after it has landed.
+    emulator.delay("sendChatAction", 0.3)
     try:
         portrait_in(emulator, runtime, group)
+        # Nothing about the ended job is kept by the channel, whatever the outcome.
+        telegram = runtime.delivery.channel("telegram")
+        assert isinstance(telegram, TelegramDelivery)
+        assert not telegram._uploading and not telegram._throttles and not telegram._edits
     finally:
         runtime.close()
 
+    [action] = emulator.calls_to("sendChatAction", group["id"])
+    after = [
+        c for c in emulator.calls if c.params.get("chat_id") == group["id"] and c.at > action.at
+    ]
+    assert after and all(c.at >= action.at + 0.3 for c in after)
     [job] = jobs_in_chat(settings.resolved_database_url, group["id"])
     photos = emulator.calls_to("sendPhoto", group["id"])
     with runtime.store.unit_of_work() as uow:
@@ -175,3 +188,39 @@ def test_the_chat_is_told_a_photo_is_coming_while_it_is_checked(
     [action] = emulator.calls_to("sendChatAction", group["id"])
     [photo] = emulator.calls_to("sendPhoto", group["id"])
     assert photo.at >= action.at + 0.5
+
+
+class CancelledWhileChecked:
+    """Flags every image, and its user cancels the job while the check runs."""
+
+    def __init__(self, runtime: WorkerRuntime, chat_id: int) -> None:
+        self.runtime, self.chat_id = runtime, chat_id
+
+    def classify(self, image: Image.Image) -> ImageVerdict:
+        with self.runtime.store.unit_of_work() as uow:
+            assert jobs.cancel_jobs(uow, "telegram", self.chat_id, "831")
+        return ImageVerdict(flagged=True, labels=("FEMALE_BREAST_EXPOSED:0.91",), score=0.91)
+
+
+def test_a_job_cancelled_while_checked_is_neither_sent_nor_kept_by_the_channel(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path
+) -> None:
+    """Flagged, but its user cancelled it meanwhile: the job stays cancelled (nothing to
+    block, no notice over the bot's "Cancelled."), no photo goes out, and the channel keeps
+    nothing about it (its upload action included)."""
+    group = emulator.group_chat(-833)
+    runtime = worker_for(emulator, tmp_path, tiny_model, None)
+    runtime.__dict__["classifier"] = CancelledWhileChecked(runtime, group["id"])
+    try:
+        portrait_in(emulator, runtime, group)
+        telegram = runtime.delivery.channel("telegram")
+        assert isinstance(telegram, TelegramDelivery)
+        assert not telegram._uploading and not telegram._throttles and not telegram._edits
+    finally:
+        runtime.close()
+
+    [job] = jobs_in_chat(runtime.settings.resolved_database_url, group["id"])
+    assert job.status == JobStatus.CANCELLED
+    assert emulator.calls_to("sendPhoto", group["id"]) == []
+    edits = emulator.calls_to("editMessageText", group["id"])
+    assert [edit.params["text"] for edit in edits] == [text("en", "status.running")]

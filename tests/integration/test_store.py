@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -57,9 +58,12 @@ def request(
 
 
 @pytest.fixture
-def store(database_url: str) -> Store:
+def store(database_url: str) -> Iterator[Store]:
     upgrade_to_head(database_url)
-    return Store(database_url)
+    store = Store(database_url)
+    yield store
+    # Its pooled connections closed now, not by the garbage collector during a later test.
+    store.dispose()
 
 
 def test_migrations_create_exactly_the_models(database_url: str) -> None:
@@ -71,6 +75,20 @@ def test_migrations_create_exactly_the_models(database_url: str) -> None:
         differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     store.dispose()
     assert differences == []
+
+
+def test_a_started_job_names_its_own_requester(store: Store) -> None:
+    """The view a worker starts from carries the requester of that job, among several."""
+    _req, plan = request()
+    with store.unit_of_work() as uow:
+        ids = {
+            user: jobs.take_in(uow, origin(user, message_id=n), JobKind.PORTRAIT, plan).job_id
+            for n, user in enumerate(("61", "62", "63"), start=1)
+        }
+    for user in ("63", "61", "62"):
+        with store.unit_of_work() as uow:
+            view = jobs.start_job(uow, ids[user], "w")
+        assert view is not None and view.requester == user
 
 
 def test_a_job_from_acceptance_to_done(store: Store) -> None:
