@@ -99,6 +99,33 @@ _RECORD_RESULTS = (
     .returning(JOBS.c.status_message_id)
 )
 _STATUS_MESSAGE = select(JOBS.c.status_message_id).where(JOBS.c.id == bindparam("job_id"))
+# Ending a job that delivered its results (every job's last write), and recording what a
+# job cancelled meanwhile delivered.
+_COMPLETE = (
+    update(JOBS)
+    .where(
+        JOBS.c.id == bindparam("job_id"),
+        JOBS.c.status.in_([s for s in JobStatus if JobStatus.DONE in TRANSITIONS[s]]),
+    )
+    .values(
+        status=JobStatus.DONE,
+        result_paths=bindparam("paths"),
+        result_checksums=bindparam("checksums"),
+        result_file_ids=bindparam("file_ids"),
+        generation_seconds=bindparam("seconds"),
+        finished_at=bindparam("now"),
+    )
+    .returning(JOBS.c.id)
+)
+_RESULTS_OF_CANCELLED = (
+    update(JOBS)
+    .where(JOBS.c.id == bindparam("job_id"), JOBS.c.status == JobStatus.CANCELLED)
+    .values(
+        result_paths=bindparam("paths"),
+        result_checksums=bindparam("checksums"),
+        result_file_ids=bindparam("file_ids"),
+    )
+)
 _STATUS_AND_WORKER = select(JOBS.c.status, JOBS.c.worker).where(JOBS.c.id == bindparam("job_id"))
 _ATTACH_STATUS = (
     update(JOBS)
@@ -663,22 +690,31 @@ def complete_job(
     result_checksums: list[str] | None = None,
     generation_seconds: float | None,
 ) -> None:
-    job = _load(uow.session, job_id)
-    if not _move(uow.session, job, JobStatus.DONE):
-        if job.status != JobStatus.CANCELLED:
-            raise InvalidTransition(f"job {job_id} cannot go from {job.status} to done")
-        # Cancelled while its images were on their way: it stays cancelled (and refunded);
-        # what was delivered is recorded all the same.
-        job.result_paths, job.result_file_ids = result_paths, result_file_ids
-        job.result_checksums = result_checksums
+    """Record a job's end once its images were delivered: done, its credits spent. A job its
+    user cancelled while the images were on their way stays cancelled (and refunded); what
+    was delivered is recorded all the same. Commits."""
+    session, now = uow.session, utcnow()
+    results = {
+        "job_id": job_id,
+        "paths": result_paths,
+        "file_ids": result_file_ids,
+        "checksums": result_checksums,
+    }
+    # One conditional UPDATE decides between this end and a cancellation at the same moment.
+    done = session.execute(
+        _COMPLETE, {**results, "seconds": generation_seconds, "now": now}
+    ).first()
+    if done is None:
+        found = session.execute(_STATUS_AND_WORKER, {"job_id": job_id}).first()
+        if found is None:
+            raise JobNotFound(job_id)
+        if found.status != JobStatus.CANCELLED:
+            raise InvalidTransition(f"job {job_id} cannot go from {found.status} to done")
+        session.execute(_RESULTS_OF_CANCELLED, results)
         uow.commit()
         return
-    ledger.commit(uow.session, job_id)
-    job.result_paths = result_paths
-    job.result_checksums = result_checksums
-    job.result_file_ids = result_file_ids
-    job.generation_seconds = generation_seconds
-    job.finished_at = utcnow()
+    session.execute(_NEW_EVENT, {"job_id": job_id, "status": JobStatus.DONE, "at": now})
+    ledger.commit(session, job_id)
     uow.commit()
 
 

@@ -13,13 +13,13 @@ from datetime import date
 from functools import cache
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, func, insert, select, update
+from sqlalchemy import Table, bindparam, exists, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from chitrakar.quota import Account, exceeded
 from db.models import Account as AccountRow
-from db.models import LedgerEntry
-from db.session import dialect_insert, dialect_name, insert_in
+from db.models import LedgerEntry, utcnow
+from db.session import dialect_name, insert_in
 
 GRANT, RESERVE, COMMIT, REFUND = "grant", "reserve", "commit", "refund"
 
@@ -97,52 +97,47 @@ def reserve(
     )
 
 
-def _reserves_of(session: Session, job_id: int) -> list[LedgerEntry]:
-    return list(
-        session.scalars(
-            select(LedgerEntry).where(LedgerEntry.job_id == job_id, LedgerEntry.kind == RESERVE)
-        )
+@cache
+def _settle_reserves(dialect: str, kind: str) -> Any:
+    """One statement that appends a `kind` entry (COMMIT: 0; REFUND: what was reserved) for
+    each of a job's reserves, unless the other of the two is there: never both, and each at
+    most once (the ledger's unique index)."""
+    reserve, other = LEDGER.alias("reserve"), LEDGER.alias("other")
+    unless = REFUND if kind == COMMIT else COMMIT
+    entries = select(
+        reserve.c.account_id,
+        reserve.c.job_id,
+        literal(kind, LEDGER.c.kind.type),
+        literal(0) if kind == COMMIT else -reserve.c.amount,
+        reserve.c.day,
+        bindparam("now", type_=LEDGER.c.at.type),
+    ).where(
+        reserve.c.job_id == bindparam("job_id"),
+        reserve.c.kind == RESERVE,
+        ~exists().where(
+            other.c.account_id == reserve.c.account_id,
+            other.c.job_id == reserve.c.job_id,
+            other.c.kind == unless,
+        ),
     )
-
-
-def _append_once(session: Session, reserve_entry: LedgerEntry, kind: str, amount: int) -> None:
-    session.execute(
-        dialect_insert(session, LedgerEntry)
-        .values(
-            account_id=reserve_entry.account_id,
-            job_id=reserve_entry.job_id,
-            kind=kind,
-            amount=amount,
-            day=reserve_entry.day,
-        )
+    return (
+        insert_in(dialect, LEDGER)
+        .from_select(["account_id", "job_id", "kind", "amount", "day", "at"], entries)
         .on_conflict_do_nothing(index_elements=["account_id", "job_id", "kind"])
     )
 
 
 def refund(session: Session, job_id: int) -> None:
     """Give back what a job reserved, on the day it was reserved: exactly once however often
-    it is called (the ledger's unique index), and never after the job was committed."""
-    for entry in _reserves_of(session, job_id):
-        if not _has(session, entry, COMMIT):
-            _append_once(session, entry, REFUND, -entry.amount)
+    it is called, and never after the job was committed."""
+    statement = _settle_reserves(dialect_name(session), REFUND)
+    session.execute(statement, {"job_id": job_id, "now": utcnow()})
 
 
 def commit(session: Session, job_id: int) -> None:
     """Make a job's reservation final (the job delivered its images); never after a refund."""
-    for entry in _reserves_of(session, job_id):
-        if not _has(session, entry, REFUND):
-            _append_once(session, entry, COMMIT, 0)
-
-
-def _has(session: Session, entry: LedgerEntry, kind: str) -> bool:
-    found = session.scalar(
-        select(LedgerEntry.id).where(
-            LedgerEntry.account_id == entry.account_id,
-            LedgerEntry.job_id == entry.job_id,
-            LedgerEntry.kind == kind,
-        )
-    )
-    return found is not None
+    statement = _settle_reserves(dialect_name(session), COMMIT)
+    session.execute(statement, {"job_id": job_id, "now": utcnow()})
 
 
 def grant(session: Session, key: str, amount: int, day: date, note: str | None = None) -> None:

@@ -127,6 +127,37 @@ def test_a_members_request_draws_on_the_user_and_the_group(store: Store) -> None
     store.dispose()
 
 
+def test_a_job_charged_to_the_user_and_the_group_settles_both(store: Store) -> None:
+    """Ending a job settles each account it drew on: both spent when it is done, both given
+    back when it fails, and on the day each was reserved."""
+    user = Account("user:telegram:42", 10)
+    group = Account("group:telegram:-100", 10)
+    with store.unit_of_work() as uow:
+        done, failed = (
+            jobs.take_in(
+                uow, origin(n, chat_id=-100), JobKind.PORTRAIT, PLAN, charge=charge(3, user, group)
+            ).job_id
+            for n in (1, 2)
+        )
+        jobs.start_job(uow, done, "w")
+        jobs.complete_job(uow, done, result_paths=[], result_file_ids=[], generation_seconds=1.0)
+        jobs.start_job(uow, failed, "w")
+        assert jobs.fail_job(uow, failed, "boom") is not None
+    assert (left(store, user), left(store, group)) == (7, 7)
+    with store.unit_of_work() as uow:
+        entries = sorted(
+            (e.job_id, e.account_id, e.kind, e.amount, e.day)
+            for e in uow.session.scalars(select(LedgerEntry).where(LedgerEntry.kind != "reserve"))
+        )
+    accounts = sorted({account_id for _, account_id, *_ in entries})
+    assert len(accounts) == 2
+    assert entries == sorted(
+        [(done, a, "commit", 0, DAY) for a in accounts]
+        + [(failed, a, "refund", 3, DAY) for a in accounts]
+    )
+    store.dispose()
+
+
 def test_credits_are_per_day_and_grants_add(store: Store) -> None:
     account = Account("user:telegram:42", 10)
     with store.unit_of_work() as uow:
