@@ -692,7 +692,8 @@ def complete_job(
 ) -> None:
     """Record a job's end once its images were delivered: done, its credits spent. A job its
     user cancelled while the images were on their way stays cancelled (and refunded); what
-    was delivered is recorded all the same. Commits."""
+    was delivered is recorded all the same. Commits. (Core statements: a `Job` this session
+    loaded before is not refreshed.)"""
     session, now = uow.session, utcnow()
     results = {
         "job_id": job_id,
@@ -733,7 +734,7 @@ def fail_job(uow: UnitOfWork, job_id: int, error: str) -> JobView | None:
 
 def _user_lock(session: Session, user_id: int) -> None:
     """Serialise hand-overs of one user's jobs (their row's lock, or SQLite's write lock)."""
-    session.execute(update(User).where(User.id == user_id).values(display_name=User.display_name))
+    session.execute(_LOCK_USER, {"user_id": user_id})
 
 
 def _in_flight_count(user_id: int | BindParameter[int]) -> Select[Any]:
@@ -750,7 +751,41 @@ def _in_flight_count(user_id: int | BindParameter[int]) -> Select[Any]:
     )
 
 
+# Handing jobs to the broker: once per job taken in (the bot) and per job ended (a worker).
 _IN_FLIGHT = _in_flight_count(bindparam("user_id"))
+_LOCK_USER = (
+    update(USERS)
+    .where(USERS.c.id == bindparam("user_id"))
+    .values(display_name=USERS.c.display_name)
+)
+_USER_OF_JOB = select(JOBS.c.user_id).where(JOBS.c.id == bindparam("job_id"))
+# Still active, not handed over yet, and a place free among the user's jobs in flight.
+_CLAIM_HAND_OVER = (
+    update(JOBS)
+    .where(
+        JOBS.c.id == bindparam("job_id"),
+        JOBS.c.published_at.is_(None),
+        JOBS.c.status.in_(list(ACTIVE_STATUSES)),
+        # (Not "user_id": an UPDATE of jobs keeps that name for its own column.)
+        _in_flight_count(bindparam("owner_id")).scalar_subquery() < bindparam("limit"),
+    )
+    .values(published_at=bindparam("now"))
+)
+_HELD = (
+    select(JOBS.c.id)
+    .where(
+        JOBS.c.user_id == bindparam("user_id"),
+        JOBS.c.status.in_(list(ACTIVE_STATUSES)),
+        JOBS.c.published_at.is_(None),
+    )
+    .order_by(JOBS.c.id)
+    .limit(bindparam("free"))
+)
+_HAND_OVER = (
+    update(JOBS)
+    .where(JOBS.c.id.in_(bindparam("job_ids", expanding=True)))
+    .values(published_at=bindparam("now"))
+)
 
 
 def _in_flight(session: Session, user_id: int) -> int:
@@ -765,54 +800,36 @@ def is_handed_over(uow: UnitOfWork, job_id: int) -> bool:
 def claim_hand_over(uow: UnitOfWork, job_id: int, limit: int) -> bool:
     """Mark an accepted job handed to the broker if its user has fewer than `limit` there;
     False leaves it held (it is handed over when one of theirs ends). Commits."""
-    session, jobs_table = uow.session, JOBS
-    user_id = session.scalar(select(jobs_table.c.user_id).where(jobs_table.c.id == job_id))
+    session = uow.session
+    user_id = session.scalar(_USER_OF_JOB, {"job_id": job_id})
     if user_id is None:
         raise JobNotFound(job_id)
     _user_lock(session, user_id)
-    # One conditional write, under the user's lock: still active, not handed over yet, and
-    # a place free among the user's jobs in flight.
-    claimed = cast(
-        CursorResult[Any],
-        session.execute(
-            update(jobs_table)
-            .where(
-                jobs_table.c.id == job_id,
-                jobs_table.c.published_at.is_(None),
-                jobs_table.c.status.in_(list(ACTIVE_STATUSES)),
-                _in_flight_count(user_id).scalar_subquery() < limit,
-            )
-            .values(published_at=utcnow())
-        ),
+    # One conditional write, under the user's lock.
+    claimed = session.execute(
+        _CLAIM_HAND_OVER, {"job_id": job_id, "owner_id": user_id, "limit": limit, "now": utcnow()}
     )
     uow.commit()
-    return claimed.rowcount == 1
+    return bool(claimed.rowcount == 1)  # type: ignore[attr-defined]
 
 
 def next_held_jobs(uow: UnitOfWork, user_id: int, limit: int) -> list[int]:
     """Hand over the user's oldest held jobs, as many as their free places allow. Commits."""
-    _user_lock(uow.session, user_id)
-    free = limit - _in_flight(uow.session, user_id)
-    held = list(
-        uow.session.scalars(
-            select(Job)
-            .where(
-                Job.user_id == user_id,
-                Job.status.in_(list(ACTIVE_STATUSES)),
-                Job.published_at.is_(None),
-            )
-            .order_by(Job.id)
-            .limit(max(free, 0))
-        )
-    )
-    for job in held:
-        job.published_at = utcnow()
+    session = uow.session
+    _user_lock(session, user_id)
+    free = limit - _in_flight(session, user_id)
+    held = list(session.scalars(_HELD, {"user_id": user_id, "free": free})) if free > 0 else []
+    if held:
+        session.execute(_HAND_OVER, {"job_ids": held, "now": utcnow()})
     uow.commit()
-    return [job.id for job in held]
+    return held
 
 
 def user_id_of(uow: UnitOfWork, job_id: int) -> int:
-    return _load(uow.session, job_id).user_id
+    user_id = uow.session.scalar(_USER_OF_JOB, {"job_id": job_id})
+    if user_id is None:
+        raise JobNotFound(job_id)
+    return int(user_id)
 
 
 def handed_over_active_job_ids(uow: UnitOfWork) -> list[int]:

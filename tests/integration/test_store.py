@@ -91,6 +91,15 @@ def test_a_started_job_names_its_own_requester(store: Store) -> None:
         assert view is not None and view.requester == user
 
 
+def test_ending_a_job_that_is_gone_says_so(store: Store) -> None:
+    """Its user had everything deleted while the worker sent the result: the worker is
+    told the job is gone (it then deletes the results), not that the move was invalid."""
+    with store.unit_of_work() as uow, pytest.raises(jobs.JobNotFound):
+        jobs.complete_job(uow, 404, result_paths=[], result_file_ids=[], generation_seconds=1.0)
+    with store.unit_of_work() as uow, pytest.raises(jobs.JobNotFound):
+        jobs.user_id_of(uow, 404)
+
+
 def test_a_job_from_acceptance_to_done(store: Store) -> None:
     _req, plan = request(seed=5, images=2)
     with store.unit_of_work() as uow:
