@@ -12,7 +12,8 @@ connection, `read_timeout` for each wait for the answer's bytes, `pool_timeout` 
 per write, and a deadline on the whole request would be tighter than httpx's (a 50 MB upload
 on a slow link), so the write timeouts are not enforced: a stalled upload ends by the
 kernel's TCP timeouts. As with httpx, redirects are not followed and the environment's proxy
-settings (`HTTPS_PROXY`, `ALL_PROXY`) apply.
+settings (`HTTP_PROXY`, `HTTPS_PROXY`, `NO_PROXY`) apply; unlike httpx, aiohttp does not read
+`ALL_PROXY`.
 """
 
 from __future__ import annotations

@@ -41,13 +41,21 @@ from db.session import UnitOfWork, dialect_name, insert_in
 
 log = logging.getLogger(__name__)
 
-# The tables, for Core statements on the bot's hot path.
+# The tables, for Core statements on the hot paths (the bot's intake, the worker's records).
 JOBS = cast(Table, Job.__table__)
 JOB_EVENTS = cast(Table, JobEvent.__table__)
 USERS = cast(Table, User.__table__)
-# Statements of every request, built once: building one costs more than running it (an
-# INSERT's values are the parameters it is executed with). The rest of the module's
-# statements run far less often and are built where they run.
+
+
+def _may_become(new: JobStatus) -> list[JobStatus]:
+    """The statuses a job may move to `new` from."""
+    return [status for status in JobStatus if new in TRANSITIONS[status]]
+
+
+# Statements of every request and every job (the bot's intake, the worker's records), built
+# once: building one costs more than running it (an INSERT's values are the parameters it is
+# executed with). The rest of the module's statements run far less often and are built
+# where they run.
 _NEW_JOB = insert(JOBS).returning(JOBS.c.id)
 _NEW_EVENT = insert(JOB_EVENTS)
 _AHEAD = (
@@ -69,7 +77,7 @@ _START = (
     update(JOBS)
     .where(
         JOBS.c.id == bindparam("job_id"),
-        JOBS.c.status.in_([s for s in JobStatus if JobStatus.RUNNING in TRANSITIONS[s]]),
+        JOBS.c.status.in_(_may_become(JobStatus.RUNNING)),
         or_(
             JOBS.c.status != JobStatus.RUNNING,
             JOBS.c.worker.is_(None),
@@ -105,7 +113,7 @@ _COMPLETE = (
     update(JOBS)
     .where(
         JOBS.c.id == bindparam("job_id"),
-        JOBS.c.status.in_([s for s in JobStatus if JobStatus.DONE in TRANSITIONS[s]]),
+        JOBS.c.status.in_(_may_become(JobStatus.DONE)),
     )
     .values(
         status=JobStatus.DONE,
@@ -308,10 +316,8 @@ def _user_for(session: Session, origin: Origin) -> User:
     return user
 
 
-def _load(session: Session, job_id: int, lock: bool = False) -> Job:
-    # lock: hold the row until commit (PostgreSQL), so two workers cannot both decide to
-    # start the same job; SQLite serialises writers anyway.
-    job = session.get(Job, job_id, with_for_update=lock or None, populate_existing=lock)
+def _load(session: Session, job_id: int) -> Job:
+    job = session.get(Job, job_id)
     if job is None:
         raise JobNotFound(job_id)
     return job
@@ -335,7 +341,7 @@ def _move(
     finishing a job and its user cancelling it at the same moment (it waits for the other's
     row lock on PostgreSQL, for the write lock on SQLite); the loser sees the winner's
     status. False if it lost."""
-    allowed = list(only_from) if only_from else [s for s in JobStatus if new in TRANSITIONS[s]]
+    allowed = list(only_from) if only_from else _may_become(new)
     moved = cast(
         CursorResult[Any],
         session.execute(

@@ -74,6 +74,13 @@ def portrait_in(emulator: BotApiEmulator, runtime: WorkerRuntime, group: dict[st
     run_job(runtime, accepted.job_id)
 
 
+def assert_channel_keeps_nothing(runtime: WorkerRuntime) -> None:
+    """Telegram's delivery holds no progress state or upload action of an ended job."""
+    telegram = runtime.delivery.channel("telegram")
+    assert isinstance(telegram, TelegramDelivery)
+    assert not telegram._uploading and not telegram._throttles and not telegram._edits
+
+
 @pytest.mark.parametrize(
     ("flagged", "policy", "spoilers", "outcome"),
     [
@@ -106,9 +113,7 @@ def test_a_flagged_image_follows_the_chats_policy(
     try:
         portrait_in(emulator, runtime, group)
         # Nothing about the ended job is kept by the channel, whatever the outcome.
-        telegram = runtime.delivery.channel("telegram")
-        assert isinstance(telegram, TelegramDelivery)
-        assert not telegram._uploading and not telegram._throttles and not telegram._edits
+        assert_channel_keeps_nothing(runtime)
     finally:
         runtime.close()
 
@@ -213,9 +218,7 @@ def test_a_job_cancelled_while_checked_is_neither_sent_nor_kept_by_the_channel(
     runtime.__dict__["classifier"] = CancelledWhileChecked(runtime, group["id"])
     try:
         portrait_in(emulator, runtime, group)
-        telegram = runtime.delivery.channel("telegram")
-        assert isinstance(telegram, TelegramDelivery)
-        assert not telegram._uploading and not telegram._throttles and not telegram._edits
+        assert_channel_keeps_nothing(runtime)
     finally:
         runtime.close()
 
