@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, ClientSession, web
 from PIL import Image
 from telegram import (
     Bot,
@@ -214,6 +214,58 @@ async def test_a_busy_pool_times_out_waiting_for_a_connection(emulator: BotApiEm
         with pytest.raises(TimedOut):
             await bot.send_chat_action(chat["id"], "typing")
         assert (await slow).text == "holds the one connection"
+
+
+async def test_the_environments_proxy_carries_requests_unless_no_proxy_exempts_the_host(
+    emulator: BotApiEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY is honoured (read once per host, not by aiohttp per request), and NO_PROXY
+    takes a host off it."""
+    carried: list[str] = []
+
+    async def forward(request: web.Request) -> web.Response:
+        # A forward proxy is asked for the absolute URL.
+        carried.append(str(request.url))
+        headers = {"Content-Type": request.headers.get("Content-Type", "text/plain")}
+        async with (
+            ClientSession() as session,
+            session.request(
+                request.method, request.url, data=await request.read(), headers=headers
+            ) as answer,
+        ):
+            return web.Response(
+                status=answer.status, body=await answer.read(), content_type=answer.content_type
+            )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        # Lower case wins over upper case in urllib's reading of the environment.
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("no_proxy", "")
+        async with bot_on(emulator, AiohttpRequest()) as bot:
+            await bot.send_message(5, "through the proxy")
+        assert any(url.endswith("/sendMessage") for url in carried)
+        assert [call.params["text"] for call in emulator.calls_to("sendMessage", 5)] == [
+            "through the proxy"
+        ]
+
+        carried.clear()
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
+        async with bot_on(emulator, AiohttpRequest()) as bot:
+            await bot.send_message(5, "straight there")
+        assert carried == []
+        assert [call.params["text"] for call in emulator.calls_to("sendMessage", 5)] == [
+            "through the proxy",
+            "straight there",
+        ]
+    finally:
+        await runner.cleanup()
 
 
 async def test_an_unreachable_api_is_a_network_error_not_a_timeout() -> None:
