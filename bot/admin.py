@@ -49,7 +49,7 @@ async def ban_gate(update: Update, context: BotContext) -> None:
     if update.callback_query is None and not is_command:
         return
     moderation = context.services.moderation
-    banned = await asyncio.to_thread(moderation.is_banned, CHANNEL, str(user.id))
+    banned = await context.calls.is_banned(str(user.id))
     role = moderation.role_of(str(user.id), is_group_admin=False)
     if may(role, Permission.GENERATE, banned=banned):
         return

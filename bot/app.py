@@ -18,7 +18,7 @@ from telegram.ext import (
 
 from bot import admin, handlers
 from bot.bootstrap import BotServices, bootstrap
-from bot.context import BotApplication, BotContext
+from bot.context import BotApplication, BotContext, TogetherCalls
 from chitrakar.admin_commands import ADMIN_COMMANDS
 from chitrakar.bot_api_http import AiohttpRequest
 from chitrakar.config import Settings
@@ -62,6 +62,7 @@ def build_application(settings: Settings, services: BotServices | None = None) -
         .build()
     )
     application.bot_data["services"] = services
+    application.bot_data["calls"] = TogetherCalls.of(services)
     # Before everything else: a banned user's commands and presses go no further.
     application.add_handler(TypeHandler(Update, admin.ban_gate), group=-1)
     # New messages only: editing a sent command must not queue a second job.

@@ -12,7 +12,7 @@ from chitrakar.config import Settings
 from chitrakar.media import MediaStore
 from chitrakar.moderation import Moderation
 from chitrakar.privacy import PrivacyService
-from chitrakar.queue import make_celery, publish_generate
+from chitrakar.queue import make_celery, publish_generate, publish_generate_many
 from chitrakar.services import JobIntake
 from chitrakar.styles import load_catalogue
 from db.session import Store
@@ -51,6 +51,7 @@ def bootstrap(settings: Settings) -> BotServices:
         load_catalogue(settings.styles_file),
         media,
         artifacts,
+        publish_many=lambda job_ids: publish_generate_many(celery, job_ids),
     )
     return BotServices(
         settings=settings,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from telegram import Update
@@ -12,7 +13,10 @@ from telegram.error import TelegramError
 from telegram.ext import Application, CallbackContext, ExtBot
 
 from bot.bootstrap import BotServices
+from bot.coalescing import Coalesced
+from chitrakar.domain import ImageRequest
 from chitrakar.moderation import Actor
+from chitrakar.services import Accepted
 from chitrakar.texts import pick_language
 from db.jobs import Origin
 
@@ -20,11 +24,38 @@ CHANNEL = "telegram"
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class TogetherCalls:
+    """The calls every command makes, each made once for the commands that arrive in one turn
+    of the event loop (bot.coalescing): the ban check, taking a request in, publishing its
+    job, and recording its status message."""
+
+    is_banned: Coalesced[str, bool]
+    accept: Coalesced[tuple[Origin, ImageRequest], Accepted]
+    dispatch: Coalesced[Accepted, bool]
+    attach_status_message: Coalesced[tuple[int, int], bool]
+
+    @classmethod
+    def of(cls, services: BotServices) -> TogetherCalls:
+        intake, moderation = services.intake, services.moderation
+        return cls(
+            is_banned=Coalesced(lambda user_ids: moderation.are_banned(CHANNEL, user_ids)),
+            accept=Coalesced(intake.accept_many),
+            dispatch=Coalesced(intake.dispatch_many),
+            attach_status_message=Coalesced(intake.attach_status_messages),
+        )
+
+
 class BotContext(CallbackContext[ExtBot[None], dict[Any, Any], dict[Any, Any], dict[Any, Any]]):
     @property
     def services(self) -> BotServices:
         services: BotServices = self.application.bot_data["services"]
         return services
+
+    @property
+    def calls(self) -> TogetherCalls:
+        calls: TogetherCalls = self.application.bot_data["calls"]
+        return calls
 
 
 BotApplication = Application[

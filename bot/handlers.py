@@ -96,10 +96,9 @@ async def portrait(update: Update, context: BotContext) -> None:
     if message is None:
         return
     language = language_of(update)
-    intake = context.services.intake
     try:
         request = parse_image_command(Command.PORTRAIT, command_arguments(message))
-        accepted = await asyncio.to_thread(intake.accept, origin_of(update, language), request)
+        accepted = await context.calls.accept((origin_of(update, language), request))
     except CommandError as exc:
         steps = context.services.settings.default_steps
         await message.reply_text(replies.command_error(language, steps, Command.PORTRAIT, exc))
@@ -124,7 +123,6 @@ async def _announce_and_dispatch_to(
     way by then, no worker will remove it, so it is removed here."""
     if accepted.duplicate:
         return
-    intake = context.services.intake
     reply_to = ReplyParameters(message_id, allow_sending_without_reply=True)
     sending = asyncio.create_task(
         context.bot.send_message(
@@ -133,7 +131,7 @@ async def _announce_and_dispatch_to(
             reply_parameters=reply_to,
         )
     )
-    dispatched = await asyncio.to_thread(intake.dispatch, accepted)
+    dispatched = await context.calls.dispatch(accepted)
     status: Message | None
     try:
         status = await sending
@@ -151,9 +149,7 @@ async def _announce_and_dispatch_to(
     if status is None:
         return
     try:
-        watched = await asyncio.to_thread(
-            intake.attach_status_message, accepted.job_id, status.message_id
-        )
+        watched = await context.calls.attach_status_message((accepted.job_id, status.message_id))
     except Exception:
         # The job goes on, but no worker will know of the message: it must not stay behind.
         log.exception("could not record the status message of job %s", accepted.job_id)

@@ -7,6 +7,7 @@ Blocking (database, files) calls; channels run them in a thread.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -63,6 +64,12 @@ class Moderation:
     def is_banned(self, channel: str, user_id: str) -> bool:
         with self._store.unit_of_work() as uow:
             return audit.is_banned(uow, channel, user_id)
+
+    def are_banned(self, channel: str, user_ids: Sequence[str]) -> list[bool]:
+        """`is_banned` for each user, in one statement."""
+        with self._store.unit_of_work() as uow:
+            banned = audit.banned_among(uow, channel, set(user_ids))
+        return [user_id in banned for user_id in user_ids]
 
     def paused(self) -> str | None:
         """The message to users while generation is paused; None when it runs."""

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 from PIL import Image
@@ -92,10 +93,14 @@ class JobIntake:
         media: MediaStore,
         artifacts: ArtifactStore,
         prompt_policy: PromptPolicy | None = None,
+        publish_many: Callable[[Sequence[int]], None] | None = None,
     ) -> None:
+        """`publish` hands one job to the broker; `publish_many` several at once (by default,
+        `publish` each)."""
         self._settings = settings
         self._store = store
         self._publish = publish
+        self._publish_many = publish_many or partial(_publish_each, publish)
         self._rng = random.SystemRandom()
         self.catalogue = catalogue
         self.media = media
@@ -115,10 +120,35 @@ class JobIntake:
     ) -> Accepted:
         """Plan the request (CommandError for a style the catalogue lacks), then write the
         job row (the source of truth) before anything is published."""
+        return self._accept(origin, request, selfie, self._standing(origin))
+
+    def accept_many(
+        self, requests: Sequence[tuple[Origin, ImageRequest]]
+    ) -> list[Accepted | Exception]:
+        """`accept` for requests without a selfie that arrived together: what their checks
+        read in one transaction, then each taken in (its own transaction, so that one
+        refused request costs no other its place). One outcome per request: what `accept`
+        returns, or what it raises."""
+        with self._store.unit_of_work() as uow:
+            standings = [self._standing_in(uow, origin) for origin, _ in requests]
+        outcomes: list[Accepted | Exception] = []
+        for (origin, request), standing in zip(requests, standings, strict=True):
+            try:
+                outcomes.append(self._accept(origin, request, None, standing))
+            except Exception as exc:  # raised in that request's caller alone
+                outcomes.append(exc)
+        return outcomes
+
+    def _accept(
+        self,
+        origin: Origin,
+        request: ImageRequest,
+        selfie: Image.Image | None,
+        standing: Standing,
+    ) -> Accepted:
         kind = JobKind.AVATAR if request.command == Command.AVATAR else JobKind.PORTRAIT
         if (kind == JobKind.AVATAR) != (selfie is not None):
             raise ValueError("an avatar needs a selfie, and only an avatar takes one")
-        standing = self._standing(origin)
         # The prompt only: "--no nudity" asks for less, not more.
         self._admit(origin, standing, request.command, request.prompt)
         style = choose_style(request, self.catalogue, standing.default_style)
@@ -156,12 +186,15 @@ class JobIntake:
     def _standing(self, origin: Origin) -> Standing:
         """One transaction for what the checks before taking a request in read."""
         with self._store.unit_of_work() as uow:
-            return Standing(
-                paused=audit.get_flag(uow, PAUSED_FLAG),
-                chat=audit.chat_settings(uow, origin.channel, origin.chat_id),
-                default_style=jobs.default_style_of(uow, origin.channel, origin.user_external_id),
-                accounts=self._accounts(uow, origin),
-            )
+            return self._standing_in(uow, origin)
+
+    def _standing_in(self, uow: UnitOfWork, origin: Origin) -> Standing:
+        return Standing(
+            paused=audit.get_flag(uow, PAUSED_FLAG),
+            chat=audit.chat_settings(uow, origin.channel, origin.chat_id),
+            default_style=jobs.default_style_of(uow, origin.channel, origin.user_external_id),
+            accounts=self._accounts(uow, origin),
+        )
 
     def _admit(self, origin: Origin, standing: Standing, command: Command, words: str = "") -> None:
         """What stops a request before anything else: generation paused by an admin, the
@@ -451,24 +484,42 @@ class JobIntake:
         """Record the status message sent after the job was handed over. False when its
         worker will not look for it any more (the job ended, or its result is on the way):
         the caller removes it."""
+        return self.attach_status_messages([(job_id, message_id)])[0]
+
+    def attach_status_messages(self, sent: Sequence[tuple[int, int]]) -> list[bool]:
+        """`attach_status_message` for each (job id, message id), in one transaction."""
         with self._store.unit_of_work() as uow:
-            return jobs.attach_status_message(uow, job_id, message_id)
+            return jobs.attach_status_messages(uow, sent)
 
     def dispatch(self, accepted: Accepted) -> bool:
         """Publish a job that was marked handed over when taken in (a held one waits: a
         worker hands it over when one of its user's jobs in flight ends). False when the
         broker refused it: the job is then marked failed, so the caller must tell the user."""
-        if not accepted.handed_over:
-            log.info("job %s held: its user has jobs in flight", accepted.job_id)
-            return True
+        return self.dispatch_many([accepted])[0]
+
+    def dispatch_many(self, accepted: Sequence[Accepted]) -> list[bool]:
+        """`dispatch` for each, published together. When the broker refuses them, every one
+        that was to be published is marked failed: a copy that reached the broker all the
+        same finds its job ended, and does nothing."""
+        for held in (one for one in accepted if not one.handed_over):
+            log.info("job %s held: its user has jobs in flight", held.job_id)
+        job_ids = [one.job_id for one in accepted if one.handed_over]
+        if not job_ids:
+            return [True] * len(accepted)
         try:
-            self._publish(accepted.job_id)
+            self._publish_many(job_ids)
         except Exception as exc:
-            log.exception("job %s could not be published", accepted.job_id)
+            log.exception("jobs %s could not be published", job_ids)
             with self._store.unit_of_work() as uow:
-                jobs.fail_job(uow, accepted.job_id, f"not queued: {type(exc).__name__}: {exc}")
-            return False
-        return True
+                for job_id in job_ids:
+                    jobs.fail_job(uow, job_id, f"not queued: {type(exc).__name__}: {exc}")
+            return [not one.handed_over for one in accepted]
+        return [True] * len(accepted)
+
+
+def _publish_each(publish: Callable[[int], None], job_ids: Sequence[int]) -> None:
+    for job_id in job_ids:
+        publish(job_id)
 
 
 def hand_over_held(

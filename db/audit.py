@@ -8,6 +8,7 @@ takes the row's lock (PostgreSQL) or the database's write lock (SQLite).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -148,6 +149,11 @@ _USERS, _FLAGS, _CHATS = User.__table__.c, ServiceFlag.__table__.c, ChatSettings
 _BANNED = select(_USERS.banned).where(
     _USERS.channel == bindparam("channel"), _USERS.external_id == bindparam("external_id")
 )
+_BANNED_AMONG = select(_USERS.external_id).where(
+    _USERS.channel == bindparam("channel"),
+    _USERS.external_id.in_(bindparam("external_ids", expanding=True)),
+    _USERS.banned.is_(True),
+)
 _FLAG = select(_FLAGS.value).where(_FLAGS.key == bindparam("key"))
 _CHAT_SETTINGS = select(
     _CHATS.disabled_commands, _CHATS.disabled_styles, _CHATS.content_policy, _CHATS.spoilers
@@ -157,6 +163,12 @@ _CHAT_SETTINGS = select(
 def is_banned(uow: UnitOfWork, channel: str, external_id: str) -> bool:
     banned = uow.session.scalar(_BANNED, {"channel": channel, "external_id": external_id})
     return bool(banned)
+
+
+def banned_among(uow: UnitOfWork, channel: str, external_ids: Collection[str]) -> set[str]:
+    """Which of these users are banned, in one statement."""
+    found = uow.session.scalars(_BANNED_AMONG, {"channel": channel, "external_ids": external_ids})
+    return set(found)
 
 
 # Service flags.

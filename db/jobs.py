@@ -491,11 +491,25 @@ def attach_status_message(uow: UnitOfWork, job_id: int, message_id: int) -> bool
     worker to find (it shows progress on it and removes it once the result is sent). False,
     and nothing recorded, when the job is gone, ended or had its results recorded first: no
     worker will look for the message again, so only the caller may remove it. Commits."""
-    # One conditional write: it waits for the row's lock (SQLite's write lock) and judges the
-    # row as the worker's `record_results` left it, so the two happen in one order or the other.
-    recorded = uow.session.execute(_ATTACH_STATUS, {"job_id": job_id, "message_id": message_id})
+    return attach_status_messages(uow, [(job_id, message_id)])[0]
+
+
+def attach_status_messages(uow: UnitOfWork, sent: Sequence[tuple[int, int]]) -> list[bool]:
+    """`attach_status_message` for each (job id, message id), in one transaction."""
+    # One conditional write each: it waits for the row's lock (SQLite's write lock) and judges
+    # the row as the worker's `record_results` left it, so the two happen in one order or the
+    # other.
+    recorded = [
+        bool(
+            cast(
+                CursorResult[Any],
+                uow.session.execute(_ATTACH_STATUS, {"job_id": job_id, "message_id": message_id}),
+            ).rowcount
+        )
+        for job_id, message_id in sent
+    ]
     uow.commit()
-    return bool(recorded.rowcount)  # type: ignore[attr-defined]
+    return recorded
 
 
 def start_job(

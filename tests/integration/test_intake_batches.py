@@ -1,0 +1,130 @@
+"""The intake's calls for commands that arrived together (the bot makes each once for all the
+commands of one turn of its event loop): each request hears its own outcome, on SQLite and
+PostgreSQL, and a broker that refuses a batch leaves no job waiting for a message that never
+came."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from chitrakar.artifacts import LocalArtifactStore
+from chitrakar.config import Settings
+from chitrakar.domain import Command, ImageRequest, JobStatus, parse_image_command
+from chitrakar.media import MediaStore
+from chitrakar.moderation import Moderation
+from chitrakar.quota import Account, QuotaExceeded
+from chitrakar.safety import PromptBlocked
+from chitrakar.services import Accepted, JobIntake
+from chitrakar.styles import load_catalogue
+from db import audit, jobs, ledger
+from db.jobs import Origin
+from db.migrate import upgrade_to_head
+from db.session import Store
+
+
+def origin(user: str, message_id: int) -> Origin:
+    return Origin("telegram", int(user), "private", user, user, "en", message_id)
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    upgrade_to_head(database_url)
+    store = Store(database_url)
+    yield store
+    store.dispose()
+
+
+def intake_on(
+    store: Store, tmp_path: Path, published: list[list[int]], refuse: bool = False
+) -> JobIntake:
+    def publish_many(job_ids: Sequence[int]) -> None:
+        if refuse:
+            raise ConnectionError("broker gone")
+        published.append(list(job_ids))
+
+    settings = Settings(
+        image_size=64, default_steps=4, data_dir=tmp_path, daily_quota=2, max_jobs_in_flight=1
+    )
+    return JobIntake(
+        settings,
+        store,
+        lambda job_id: publish_many([job_id]),
+        load_catalogue(),
+        MediaStore(settings.media_dir),
+        LocalArtifactStore(tmp_path),
+        publish_many=publish_many,
+    )
+
+
+def portrait(words: str = "a lighthouse at dawn") -> ImageRequest:
+    return parse_image_command(Command.PORTRAIT, words)
+
+
+def test_requests_taken_in_together_each_hear_their_own_outcome(
+    store: Store, tmp_path: Path
+) -> None:
+    published: list[list[int]] = []
+    intake = intake_on(store, tmp_path, published)
+    outcomes = intake.accept_many(
+        [
+            (origin("1", 1), portrait()),
+            (origin("2", 1), portrait("a nude woman on a beach")),  # refused by the lists
+            (origin("3", 1), portrait()),
+            (origin("3", 2), portrait()),  # held: one job in flight a user
+            (origin("3", 3), portrait()),  # two credits a day
+            (origin("1", 1), portrait()),  # user 1's first, offered twice
+        ]
+    )
+    first, blocked, third, held, short, repeat = outcomes
+    assert isinstance(first, Accepted) and first.handed_over and not first.duplicate
+    assert isinstance(blocked, PromptBlocked)
+    assert isinstance(third, Accepted) and third.handed_over
+    assert isinstance(held, Accepted) and not held.handed_over
+    assert isinstance(short, QuotaExceeded)
+    assert isinstance(repeat, Accepted) and repeat.duplicate and repeat.job_id == first.job_id
+    # One refused request costs no other its job, its credits or its record.
+    with store.unit_of_work() as uow:
+        assert jobs.get_job(uow, first.job_id).status == JobStatus.QUEUED
+        assert jobs.get_job(uow, third.job_id).status == JobStatus.QUEUED
+        user_3 = Account("user:telegram:3", 2)
+        assert ledger.balance(uow.session, user_3, intake.quota_day()) == 0
+        assert [entry.action for entry in audit.latest(uow)] == ["prompt_blocked"]
+
+    dispatched = intake.dispatch_many([first, held, third])
+    assert dispatched == [True, True, True]
+    assert published == [[first.job_id, third.job_id]]  # one publish for the batch
+
+    assert intake.attach_status_messages([(first.job_id, 11), (third.job_id, 33)]) == [True, True]
+    with store.unit_of_work() as uow:
+        jobs.cancel_jobs(uow, "telegram", None, "3")
+    # Ended: no worker will look for its message, so the caller is told to remove it.
+    assert intake.attach_status_messages([(first.job_id, 12), (third.job_id, 34)]) == [True, False]
+    with store.unit_of_work() as uow:
+        assert jobs.get_job(uow, first.job_id).status_message_id == 12
+
+
+def test_a_batch_the_broker_refuses_is_failed_and_refunded(store: Store, tmp_path: Path) -> None:
+    intake = intake_on(store, tmp_path, [], refuse=True)
+    accepted = intake.accept_many([(origin("5", 1), portrait()), (origin("6", 1), portrait())])
+    assert all(isinstance(one, Accepted) for one in accepted)
+    assert intake.dispatch_many(accepted) == [False, False]  # type: ignore[arg-type]
+    with store.unit_of_work() as uow:
+        for one in accepted:
+            job = jobs.get_job(uow, one.job_id)  # type: ignore[union-attr]
+            assert job.status == JobStatus.FAILED
+        user_5 = Account("user:telegram:5", 2)
+        assert ledger.balance(uow.session, user_5, intake.quota_day()) == 2  # refunded
+
+
+def test_the_banned_among_several_users_are_found_in_one_call(store: Store, tmp_path: Path) -> None:
+    intake = intake_on(store, tmp_path, [])
+    for user in ("7", "8"):
+        intake.accept(origin(user, 1), portrait())
+    moderation = Moderation(Settings(data_dir=tmp_path), store, LocalArtifactStore(tmp_path))
+    with store.unit_of_work() as uow:
+        audit.set_banned(uow, "telegram", "8", True)
+    assert moderation.are_banned("telegram", ["7", "8", "9", "8"]) == [False, True, False, True]
+    assert moderation.are_banned("web", ["8"]) == [False]

@@ -1,0 +1,93 @@
+"""Calls that arrive in one turn of the event loop are made as one call in a thread, and each
+caller hears its own outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from bot.coalescing import Coalesced
+
+
+class Recorder:
+    """A `run_many` that records the batches it was given and the threads it ran in."""
+
+    def __init__(self, fail: set[int] | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.threads: set[int] = set()
+        self._fail = fail or set()
+
+    def __call__(self, items: list[int]) -> list[int | BaseException]:
+        self.batches.append(list(items))
+        self.threads.add(threading.get_ident())
+        return [ValueError(item) if item in self._fail else item * 10 for item in items]
+
+
+async def test_calls_made_in_one_turn_are_one_call_in_a_thread_in_order() -> None:
+    recorder = Recorder()
+    call = Coalesced(recorder)
+    results = await asyncio.gather(*(call(n) for n in range(5)))
+    assert results == [0, 10, 20, 30, 40]
+    assert recorder.batches == [[0, 1, 2, 3, 4]]
+    assert threading.get_ident() not in recorder.threads
+
+
+async def test_a_lone_call_and_calls_in_later_turns_are_made_on_their_own() -> None:
+    recorder = Recorder()
+    call = Coalesced(recorder)
+    assert await call(1) == 10
+    assert await call(2) == 20
+    assert recorder.batches == [[1], [2]]
+
+
+async def test_an_items_exception_is_raised_in_its_caller_alone() -> None:
+    call = Coalesced(Recorder(fail={2}))
+    outcomes = await asyncio.gather(*(call(n) for n in range(4)), return_exceptions=True)
+    assert outcomes[:2] == [0, 10] and outcomes[3] == 30
+    assert isinstance(outcomes[2], ValueError) and outcomes[2].args == (2,)
+
+
+async def test_when_the_whole_call_fails_every_caller_hears_it() -> None:
+    def broken(items: list[int]) -> list[int]:
+        raise ConnectionError("database gone")
+
+    call = Coalesced(broken)
+    outcomes = await asyncio.gather(*(call(n) for n in range(3)), return_exceptions=True)
+    assert all(isinstance(outcome, ConnectionError) for outcome in outcomes)
+
+
+async def test_a_wrong_number_of_outcomes_is_an_error_for_every_caller() -> None:
+    call: Coalesced[int, int] = Coalesced(lambda items: [1])
+    outcomes = await asyncio.gather(call(1), call(2), return_exceptions=True)
+    assert all(isinstance(outcome, RuntimeError) for outcome in outcomes)
+
+
+async def test_a_burst_is_cut_into_batches_that_run_side_by_side() -> None:
+    both_running = threading.Barrier(2, timeout=5)
+
+    def run_many(items: list[int]) -> list[int]:
+        both_running.wait()  # each batch waits for the other: they must run at once
+        return items
+
+    call = Coalesced(run_many, max_batch=3)
+    assert await asyncio.gather(*(call(n) for n in range(6))) == list(range(6))
+
+
+async def test_a_cancelled_caller_leaves_the_others_their_answers() -> None:
+    release = threading.Event()
+
+    def slow(items: list[int]) -> list[int]:
+        release.wait(5)
+        return items
+
+    call = Coalesced(slow)
+    first = asyncio.create_task(call(1))
+    second = asyncio.create_task(call(2))
+    await asyncio.sleep(0.05)
+    first.cancel()
+    release.set()
+    assert await second == 2
+    with pytest.raises(asyncio.CancelledError):
+        await first
