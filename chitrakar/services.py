@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
@@ -130,7 +130,7 @@ class JobIntake:
         refused request costs no other its place). One outcome per request: what `accept`
         returns, or what it raises."""
         with self._store.unit_of_work() as uow:
-            standings = [self._standing_in(uow, origin) for origin, _ in requests]
+            standings = self._standings(uow, [origin for origin, _ in requests])
         outcomes: list[Accepted | Exception] = []
         for (origin, request), standing in zip(requests, standings, strict=True):
             try:
@@ -186,15 +186,33 @@ class JobIntake:
     def _standing(self, origin: Origin) -> Standing:
         """One transaction for what the checks before taking a request in read."""
         with self._store.unit_of_work() as uow:
-            return self._standing_in(uow, origin)
+            return self._standings(uow, [origin])[0]
 
-    def _standing_in(self, uow: UnitOfWork, origin: Origin) -> Standing:
-        return Standing(
-            paused=audit.get_flag(uow, PAUSED_FLAG),
-            chat=audit.chat_settings(uow, origin.channel, origin.chat_id),
-            default_style=jobs.default_style_of(uow, origin.channel, origin.user_external_id),
-            accounts=self._accounts(uow, origin),
+    def _standings(self, uow: UnitOfWork, origins: Sequence[Origin]) -> list[Standing]:
+        """What the checks before taking these requests in read: one statement for each
+        kind of thing, however many requests."""
+        paused = audit.get_flag(uow, PAUSED_FLAG)
+        chats: dict[tuple[str, int], audit.ChatSettingsView] = {}
+        styles: dict[tuple[str, str], str] = {}
+        for channel in {origin.channel for origin in origins}:
+            of_channel = [origin for origin in origins if origin.channel == channel]
+            found = audit.settings_of_chats(uow, channel, {one.chat_id for one in of_channel})
+            chats.update(((channel, chat_id), view) for chat_id, view in found.items())
+            users = {one.user_external_id for one in of_channel}
+            chosen = jobs.default_styles_of(uow, channel, users)
+            styles.update(((channel, user), style) for user, style in chosen.items())
+        limits = ledger.account_limits(
+            uow.session, {key for origin in origins for key in _account_keys(origin)}
         )
+        return [
+            Standing(
+                paused=paused,
+                chat=chats[(origin.channel, origin.chat_id)],
+                default_style=styles.get((origin.channel, origin.user_external_id)),
+                accounts=self._accounts_with(origin, limits),
+            )
+            for origin in origins
+        ]
 
     def _admit(self, origin: Origin, standing: Standing, command: Command, words: str = "") -> None:
         """What stops a request before anything else: generation paused by an admin, the
@@ -298,14 +316,16 @@ class JobIntake:
             return self._accounts(uow, origin)
 
     def _accounts(self, uow: UnitOfWork, origin: Origin) -> tuple[Account, ...]:
-        """Who pays for a request: the user, and in a group with a quota, the group too."""
-        user_key = user_account(origin.channel, origin.user_external_id)
+        limits = ledger.account_limits(uow.session, _account_keys(origin))
+        return self._accounts_with(origin, limits)
+
+    def _accounts_with(self, origin: Origin, limits: Mapping[str, int]) -> tuple[Account, ...]:
+        """Who pays for a request: the user, and in a group with a quota, the group too.
+        `limits`: the limits set on accounts (any without one is left out)."""
+        user_key, *group_keys = _account_keys(origin)
         # A bot admin may have set this user's own daily credits (/setquota).
-        own = ledger.account_limit(uow.session, user_key)
-        accounts = [Account(user_key, own if own is not None else self._settings.daily_quota)]
-        if origin.chat_type != "private":
-            key = group_account(origin.channel, origin.chat_id)
-            accounts.append(Account(key, ledger.account_limit(uow.session, key)))
+        accounts = [Account(user_key, limits.get(user_key, self._settings.daily_quota))]
+        accounts += [Account(key, limits.get(key)) for key in group_keys]
         return tuple(accounts)
 
     def quota_day(self) -> date:
@@ -515,6 +535,14 @@ class JobIntake:
                     jobs.fail_job(uow, job_id, f"not queued: {type(exc).__name__}: {exc}")
             return [not one.handed_over for one in accepted]
         return [True] * len(accepted)
+
+
+def _account_keys(origin: Origin) -> list[str]:
+    """The accounts a request could be charged to: the user's, and in a group, the group's."""
+    keys = [user_account(origin.channel, origin.user_external_id)]
+    if origin.chat_type != "private":
+        keys.append(group_account(origin.channel, origin.chat_id))
+    return keys
 
 
 def _publish_each(publish: Callable[[int], None], job_ids: Sequence[int]) -> None:

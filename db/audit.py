@@ -15,7 +15,7 @@ from enum import Enum
 from typing import Any, Final, cast
 
 from sqlalchemy import bindparam, delete, func, select, update
-from sqlalchemy.engine import CursorResult, Row
+from sqlalchemy.engine import CursorResult
 
 from db.models import AuditEvent, ChatSettings, Job, Report, ServiceFlag, User, utcnow
 from db.session import UnitOfWork, dialect_insert
@@ -158,6 +158,16 @@ _FLAG = select(_FLAGS.value).where(_FLAGS.key == bindparam("key"))
 _CHAT_SETTINGS = select(
     _CHATS.disabled_commands, _CHATS.disabled_styles, _CHATS.content_policy, _CHATS.spoilers
 ).where(_CHATS.channel == bindparam("channel"), _CHATS.chat_id == bindparam("chat_id"))
+_SETTINGS_OF_CHATS = select(
+    _CHATS.chat_id,
+    _CHATS.disabled_commands,
+    _CHATS.disabled_styles,
+    _CHATS.content_policy,
+    _CHATS.spoilers,
+).where(
+    _CHATS.channel == bindparam("channel"),
+    _CHATS.chat_id.in_(bindparam("chat_ids", expanding=True)),
+)
 
 
 def is_banned(uow: UnitOfWork, channel: str, external_id: str) -> bool:
@@ -210,7 +220,8 @@ class ChatSettingsView:
     spoilers: bool = False
 
     @classmethod
-    def of(cls, row: ChatSettings | Row[Any, Any, Any, Any]) -> ChatSettingsView:
+    def of(cls, row: Any) -> ChatSettingsView:
+        """From a `ChatSettings`, or a row with its columns."""
         return cls(
             disabled_commands=frozenset(row.disabled_commands or ()),
             disabled_styles=frozenset(row.disabled_styles or ()),
@@ -230,6 +241,15 @@ UNSET: Final = _Unset.UNSET
 def chat_settings(uow: UnitOfWork, channel: str, chat_id: int) -> ChatSettingsView:
     row = uow.session.execute(_CHAT_SETTINGS, {"channel": channel, "chat_id": chat_id}).first()
     return ChatSettingsView.of(row) if row is not None else ChatSettingsView()
+
+
+def settings_of_chats(
+    uow: UnitOfWork, channel: str, chat_ids: Collection[int]
+) -> dict[int, ChatSettingsView]:
+    """`chat_settings` of each chat, in one statement."""
+    found = uow.session.execute(_SETTINGS_OF_CHATS, {"channel": channel, "chat_ids": chat_ids})
+    decided = {row.chat_id: ChatSettingsView.of(row) for row in found}
+    return {chat_id: decided.get(chat_id, ChatSettingsView()) for chat_id in chat_ids}
 
 
 def _toggled(values: list[str] | None, item: str) -> list[str]:

@@ -8,7 +8,7 @@ Functions here work inside the caller's transaction and do not commit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import date
 from functools import cache
 from typing import Any, cast
@@ -34,6 +34,10 @@ _SPENT_NET = select(func.coalesce(func.sum(LEDGER.c.amount), 0)).where(
     LEDGER.c.account_id == bindparam("account_id"), LEDGER.c.day == bindparam("day")
 )
 _ACCOUNT_LIMIT = select(ACCOUNTS.c.daily_limit).where(ACCOUNTS.c.key == bindparam("account_key"))
+_ACCOUNT_LIMITS = select(ACCOUNTS.c.key, ACCOUNTS.c.daily_limit).where(
+    ACCOUNTS.c.key.in_(bindparam("account_keys", expanding=True)),
+    ACCOUNTS.c.daily_limit.is_not(None),
+)
 _NEW_ENTRY = insert(LEDGER)
 
 
@@ -155,6 +159,12 @@ def grant(session: Session, key: str, amount: int, day: date, note: str | None =
 
 def account_limit(session: Session, key: str) -> int | None:
     return session.scalar(_ACCOUNT_LIMIT, {"account_key": key})
+
+
+def account_limits(session: Session, keys: Collection[str]) -> dict[str, int]:
+    """The limit set on each of these accounts that has one, in one statement."""
+    found = session.execute(_ACCOUNT_LIMITS, {"account_keys": keys})
+    return {row.key: row.daily_limit for row in found}
 
 
 def set_account_limit(session: Session, key: str, limit: int | None) -> None:

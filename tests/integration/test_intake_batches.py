@@ -12,7 +12,7 @@ import pytest
 
 from chitrakar.artifacts import LocalArtifactStore
 from chitrakar.config import Settings
-from chitrakar.domain import Command, ImageRequest, JobStatus, parse_image_command
+from chitrakar.domain import Command, CommandError, ImageRequest, JobStatus, parse_image_command
 from chitrakar.media import MediaStore
 from chitrakar.moderation import Moderation
 from chitrakar.quota import Account, QuotaExceeded
@@ -128,3 +128,40 @@ def test_the_banned_among_several_users_are_found_in_one_call(store: Store, tmp_
         audit.set_banned(uow, "telegram", "8", True)
     assert moderation.are_banned("telegram", ["7", "8", "9", "8"]) == [False, True, False, True]
     assert moderation.are_banned("web", ["8"]) == [False]
+
+
+def group(user: str, chat_id: int, message_id: int) -> Origin:
+    return Origin("telegram", chat_id, "group", user, user, "en", message_id)
+
+
+def test_checks_read_together_see_each_requests_own_chat_user_and_accounts(
+    store: Store, tmp_path: Path
+) -> None:
+    intake = intake_on(store, tmp_path, [])
+    with store.unit_of_work() as uow:
+        audit.update_chat_settings(uow, "telegram", -100, toggle_command=Command.PORTRAIT)
+        audit.update_chat_settings(uow, "telegram", -300, toggle_style="madhubani")
+    intake.set_group_quota(group("20", -200, 1), 0)
+    with store.unit_of_work() as uow:
+        ledger.set_account_limit(uow.session, "user:telegram:21", 0)  # an admin's /setquota
+        uow.commit()
+    intake.set_default_style(origin("22", 1), "madhubani")
+    outcomes = intake.accept_many(
+        [
+            (group("20", -100, 1), portrait()),  # /portrait is off in this group
+            (group("20", -200, 2), portrait()),  # this group's credits are spent
+            (origin("21", 1), portrait()),  # this user's own limit is 0
+            (origin("22", 2), portrait()),  # this user chose a default style
+            (group("22", -300, 3), portrait()),  # ... which this group switched off
+            (group("23", -300, 4), portrait()),  # another user, the same group: fine
+        ]
+    )
+    command_off, group_short, user_short, styled, style_off, plain = outcomes
+    assert isinstance(command_off, CommandError) and command_off.key == "settings.command_off"
+    assert isinstance(group_short, QuotaExceeded) and group_short.key == "quota.exceeded_group"
+    assert isinstance(user_short, QuotaExceeded) and user_short.key == "quota.exceeded"
+    assert isinstance(style_off, CommandError) and style_off.key == "settings.style_off"
+    assert isinstance(styled, Accepted) and isinstance(plain, Accepted)
+    with store.unit_of_work() as uow:
+        assert jobs.get_job(uow, styled.job_id).plan.style == "madhubani"  # type: ignore[union-attr]
+        assert jobs.get_job(uow, plain.job_id).plan.style is None  # type: ignore[union-attr]
