@@ -32,6 +32,7 @@ import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,9 @@ def _is_diacritic(char: str) -> bool:
 
 def _fold(text: str) -> str:
     """Case, compatibility forms, accents and invisible characters folded away."""
+    if text.isascii():
+        # Most prompts: no compatibility forms, accents, invisible or look-alike characters.
+        return text.lower()
     text = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
     kept = [
         _ANUSVARA if char == _CHANDRABINDU else char
@@ -164,6 +168,13 @@ def _deleet(raw: str) -> str:
 
 def _squeeze(token: str) -> str:
     return _RUNS.sub(r"\1", token)
+
+
+@lru_cache(maxsize=64)
+def _squeezed(words: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[bool, ...]]:
+    """The words squeezed, and which of them are stretched (a letter three times or more):
+    a check looks each reading of a prompt up in several indexes."""
+    return tuple(map(_squeeze, words)), tuple(bool(_STRETCHED.search(word)) for word in words)
 
 
 @dataclass(frozen=True)
@@ -272,9 +283,8 @@ class _Index:
     def __bool__(self) -> bool:
         return bool(self._by_key)
 
-    def hits(self, words: Sequence[str], masked: frozenset[int] = frozenset()) -> Iterator[_Hit]:
-        squeezed = [_squeeze(word) for word in words]
-        stretched = [bool(_STRETCHED.search(word)) for word in words]
+    def hits(self, words: tuple[str, ...], masked: frozenset[int] = frozenset()) -> Iterator[_Hit]:
+        squeezed, stretched = _squeezed(words)
         for start in range(len(words)):
             for end in range(start + 1, min(start + self._longest, len(words)) + 1):
                 if masked and any(index in masked for index in range(start, end)):
@@ -551,7 +561,7 @@ class PromptPolicy:
         category = min(found, key=lambda name: self._rank.get(name, len(self._rank)))
         return PromptVerdict(blocked=True, category=category, term=found[category])
 
-    def _exempt(self, words: Sequence[str]) -> frozenset[int]:
+    def _exempt(self, words: tuple[str, ...]) -> frozenset[int]:
         if not self._allow:
             return frozenset()
         return frozenset(
