@@ -33,8 +33,10 @@ waiting ones too: where wall time goes) and writes the folded stacks to PATH; th
 where the samples fell.
 
 `--intake-cost N` measures instead, in this process and one command at a time, what the bot
-does per command outside python-telegram-bot (ban check, `JobIntake.accept`, `dispatch`): SQL
-statements, transactions, commits and CPU milliseconds per command.
+does per command outside python-telegram-bot (ban check, taking the request in, publishing
+its job, recording its status message): SQL statements, transactions, commits and CPU
+milliseconds per command. With `--intake-batch B`, B commands at a time, through the calls
+the Telegram handlers make once for the commands of one turn of the event loop.
 
 Prints one JSON object (milliseconds), then a Markdown table row for BENCHMARKS.md.
 """
@@ -235,10 +237,16 @@ def profile_summary(path: Path, top: int = 15) -> dict[str, Any]:
     return {**share, "self_percent": shares(own), "inclusive_percent": shares(inclusive)}
 
 
-def intake_cost(commands: int, database: str, broker_url: str | None) -> dict[str, Any]:
-    """The bot's own work per `/portrait` outside python-telegram-bot, in this process, one
-    command at a time: the ban check, `JobIntake.accept` and `JobIntake.dispatch`, as the
-    handlers call them. Counts SQL statements, transactions and commits, and CPU time."""
+def intake_cost(
+    commands: int, database: str, broker_url: str | None, batch: int = 1
+) -> dict[str, Any]:
+    """The bot's own work per `/portrait` outside python-telegram-bot, in this process: the
+    ban check, taking the request in, publishing its job and recording its status message.
+    `batch` 1: one command at a time (`is_banned`, `accept`, `dispatch`,
+    `attach_status_message`, as the web chat calls them); more: that many at once, through
+    the calls the Telegram handlers' coalescing makes for the commands of one turn of the
+    event loop (`are_banned`, `accept_many`, `dispatch_many`, `attach_status_messages`).
+    Counts SQL statements, transactions and commits, and CPU time."""
     import tempfile
 
     from sqlalchemy import event
@@ -246,7 +254,8 @@ def intake_cost(commands: int, database: str, broker_url: str | None) -> dict[st
     from bench.serving_overhead import postgres_database, redis_database
     from bot.bootstrap import bootstrap
     from chitrakar.config import Settings
-    from chitrakar.domain import Command, parse_image_command
+    from chitrakar.domain import Command, ImageRequest, parse_image_command
+    from chitrakar.services import Accepted
     from db.jobs import Origin
     from db.migrate import upgrade_to_head
 
@@ -262,26 +271,47 @@ def intake_cost(commands: int, database: str, broker_url: str | None) -> dict[st
         for name in ("before_cursor_execute", "begin", "commit"):
             event.listen(services.store.engine, name, lambda *_, n=name: counts.update([n]))
 
-        def one(n: int) -> None:
+        def request_of(n: int) -> tuple[Origin, ImageRequest]:
             user = str(FIRST_USER + n)
             origin = Origin("telegram", FIRST_USER + n, "private", user, "Asha", "en", 1)
-            services.moderation.is_banned("telegram", user)
-            request = parse_image_command(Command.PORTRAIT, f"a lighthouse at dawn number {n}")
+            return origin, parse_image_command(Command.PORTRAIT, f"a lighthouse at dawn {n}")
+
+        def one(n: int) -> None:
+            origin, request = request_of(n)
+            services.moderation.is_banned("telegram", origin.user_external_id)
             accepted = services.intake.accept(origin, request)
             services.intake.dispatch(accepted)
             services.intake.attach_status_message(accepted.job_id, 2)
 
-        for n in range(20):  # warm-up: connections, compiled statements
-            one(n)
+        def together(first: int) -> None:
+            requests = [request_of(n) for n in range(first, first + batch)]
+            users = [origin.user_external_id for origin, _ in requests]
+            services.moderation.are_banned("telegram", users)
+            taken = services.intake.accept_many(requests)
+            accepted = [one for one in taken if isinstance(one, Accepted)]
+            assert len(accepted) == batch, taken
+            services.intake.dispatch_many(accepted)
+            services.intake.attach_status_messages([(one.job_id, 2) for one in accepted])
+
+        def run(first: int, count: int) -> None:
+            if batch == 1:
+                for n in range(first, first + count):
+                    one(n)
+            else:
+                for start in range(first, first + count, batch):
+                    together(start)
+
+        commands -= commands % batch
+        run(0, 2 * batch if batch > 1 else 20)  # warm-up: connections, compiled statements
         counts.clear()
         cpu, wall = time.process_time(), time.perf_counter()
-        for n in range(20, 20 + commands):
-            one(n)
+        run(10_000, commands)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     return {
         "machine": machine(),
         "database": database,
         "commands": commands,
+        "batch": batch,
         "per_command": {
             "sql_statements": round(counts["before_cursor_execute"] / commands, 1),
             "transactions": round(counts["begin"] / commands, 1),
@@ -333,9 +363,18 @@ def main() -> None:
         help="instead: N commands through the bot's intake in this process, one at a time "
         "(SQL statements, transactions, CPU per command); no emulator, no PTB",
     )
+    parser.add_argument(
+        "--intake-batch",
+        type=int,
+        default=1,
+        metavar="B",
+        help="with --intake-cost: B commands at a time, as the Telegram handlers' coalescing "
+        "makes the calls of the commands of one turn of the event loop (it makes at most 16)",
+    )
     args = parser.parse_args()
     if args.intake_cost:
-        print(json.dumps(intake_cost(args.intake_cost, args.database, args.broker_url), indent=2))
+        cost = intake_cost(args.intake_cost, args.database, args.broker_url, args.intake_batch)
+        print(json.dumps(cost, indent=2))
         return
 
     if args.bots > 1 and args.path != "webhook":
