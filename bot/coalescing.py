@@ -47,7 +47,9 @@ class Coalesced(Generic[Item, Result]):
         return await answer
 
     def _start_batches(self) -> None:
-        waiting, self._waiting = self._waiting, []
+        # A caller cancelled meanwhile (its update's handling stopped) asks for nothing.
+        waiting = [(item, answer) for item, answer in self._waiting if not answer.done()]
+        self._waiting = []
         for start in range(0, len(waiting), self._max_batch):
             task = asyncio.create_task(self._run(waiting[start : start + self._max_batch]))
             self._running.add(task)
@@ -61,7 +63,7 @@ class Coalesced(Generic[Item, Result]):
         except BaseException as exc:  # every caller hears it; none is left waiting
             for _, answer in batch:
                 if not answer.done():
-                    answer.set_exception(exc)
+                    answer.set_exception(exc if len(batch) == 1 else _own_copy(exc))
             if not isinstance(exc, Exception):
                 raise
             return
@@ -72,3 +74,15 @@ class Coalesced(Generic[Item, Result]):
                 answer.set_exception(outcome)
             else:
                 answer.set_result(outcome)
+
+
+class CoalescedCallFailed(Exception):
+    """The call made for several callers raised; each of them gets one of these, caused by
+    it (one exception object raised in several tasks would have its traceback rewritten by
+    each)."""
+
+
+def _own_copy(exc: BaseException) -> BaseException:
+    copy = CoalescedCallFailed(f"{type(exc).__name__}: {exc}")
+    copy.__cause__ = exc
+    return copy

@@ -13,8 +13,11 @@ per write, and a deadline on the whole request would be tighter than httpx's (a 
 on a slow link), so the write timeouts are not enforced: a stalled upload ends by the
 kernel's TCP timeouts. As with httpx, redirects are not followed and the environment's proxy
 settings (`HTTP_PROXY`, `HTTPS_PROXY`, `NO_PROXY`) apply; unlike httpx, `ALL_PROXY` does not.
-They are read once per host, not per request: aiohttp's own reading of them (`trust_env`)
-costs two thread hops a request, a sixth of what a status message costs the bot.
+They are read once per host, when the first request goes there, not per request: aiohttp's own
+reading of them (`trust_env`) costs two thread hops a request, for every status message, long
+poll and delivery (BENCHMARKS.md, "Commands taken in together"). Unlike `trust_env`, `~/.netrc`
+is not read (the Bot API authenticates by the token in the URL; credentials for a proxy go in
+its URL), and an `https://` proxy URL is used rather than skipped with a warning.
 """
 
 from __future__ import annotations

@@ -90,12 +90,8 @@ def publish_generate(app: Celery, job_id: int) -> None:
 
 def publish_generate_many(app: Celery, job_ids: Sequence[int]) -> None:
     """Publish several jobs in one round trip to the broker (kombu's publish batch: one Redis
-    pipeline; the filesystem transport writes each at once). A lone job is published as
-    `publish_generate` does, with kombu's retries on a lost connection; a batch is sent once,
-    and when it raises, any of its jobs may or may not have been published."""
-    if len(job_ids) == 1:
-        publish_generate(app, job_ids[0])
-        return
+    pipeline; the filesystem transport writes each at once). Sent once, with no retry: when
+    it raises, any of the jobs may or may not have been published."""
     with app.producer_or_acquire() as producer, producer.batch():
         for job_id in job_ids:
             app.send_task(GENERATE_TASK, args=[job_id], queue=QUEUE, producer=producer)

@@ -95,8 +95,8 @@ class JobIntake:
         prompt_policy: PromptPolicy | None = None,
         publish_many: Callable[[Sequence[int]], None] | None = None,
     ) -> None:
-        """`publish` hands one job to the broker; `publish_many` several at once (by default,
-        `publish` each)."""
+        """`publish` hands one job to the broker, retrying on a lost connection;
+        `publish_many` several in one round trip, once (by default, `publish` each)."""
         self._settings = settings
         self._store = store
         self._publish = publish
@@ -518,23 +518,34 @@ class JobIntake:
         return self.dispatch_many([accepted])[0]
 
     def dispatch_many(self, accepted: Sequence[Accepted]) -> list[bool]:
-        """`dispatch` for each, published together. When the broker refuses them, every one
-        that was to be published is marked failed: a copy that reached the broker all the
-        same finds its job ended, and does nothing."""
+        """`dispatch` for each, published together. When the batch fails, each job is
+        published on its own (with the broker client's retries on a lost connection); one
+        the broker still refuses is marked failed. A copy of it that reached the broker all
+        the same finds its job ended, and does nothing; so does a second copy of a job."""
         for held in (one for one in accepted if not one.handed_over):
             log.info("job %s held: its user has jobs in flight", held.job_id)
         job_ids = [one.job_id for one in accepted if one.handed_over]
-        if not job_ids:
-            return [True] * len(accepted)
+        if len(job_ids) > 1:
+            try:
+                self._publish_many(job_ids)
+                job_ids = []
+            except Exception:
+                log.warning("jobs %s not published together; one at a time", job_ids, exc_info=True)
+        refused = {job_id for job_id in job_ids if not self._publish_one(job_id)}
+        return [one.job_id not in refused for one in accepted]
+
+    def _publish_one(self, job_id: int) -> bool:
+        """Publish a job; when the broker refuses it, mark it failed. False when it failed
+        here (the caller tells its user); True when it was published, or had already ended
+        (a copy published before got through, or its user cancelled it)."""
         try:
-            self._publish_many(job_ids)
+            self._publish(job_id)
         except Exception as exc:
-            log.exception("jobs %s could not be published", job_ids)
+            log.exception("job %s could not be published", job_id)
             with self._store.unit_of_work() as uow:
-                for job_id in job_ids:
-                    jobs.fail_job(uow, job_id, f"not queued: {type(exc).__name__}: {exc}")
-            return [not one.handed_over for one in accepted]
-        return [True] * len(accepted)
+                failed = jobs.fail_job(uow, job_id, f"not queued: {type(exc).__name__}: {exc}")
+            return failed is None
+        return True
 
 
 def _account_keys(origin: Origin) -> list[str]:

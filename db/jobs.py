@@ -67,9 +67,6 @@ _AHEAD = (
         JOBS.c.published_at.is_not(None),
     )
 )
-_DEFAULT_STYLE = select(USERS.c.default_style).where(
-    USERS.c.channel == bindparam("channel"), USERS.c.external_id == bindparam("external_id")
-)
 _DEFAULT_STYLES = select(USERS.c.external_id, USERS.c.default_style).where(
     USERS.c.channel == bindparam("channel"),
     USERS.c.external_id.in_(bindparam("external_ids", expanding=True)),
@@ -481,10 +478,6 @@ def active_job_of_kind(uow: UnitOfWork, kind: JobKind) -> int | None:
     )
 
 
-def default_style_of(uow: UnitOfWork, channel: str, external_id: str) -> str | None:
-    return uow.session.scalar(_DEFAULT_STYLE, {"channel": channel, "external_id": external_id})
-
-
 def default_styles_of(
     uow: UnitOfWork, channel: str, external_ids: Collection[str]
 ) -> dict[str, str]:
@@ -511,18 +504,18 @@ def attach_status_messages(uow: UnitOfWork, sent: Sequence[tuple[int, int]]) -> 
     """`attach_status_message` for each (job id, message id), in one transaction."""
     # One conditional write each: it waits for the row's lock (SQLite's write lock) and judges
     # the row as the worker's `record_results` left it, so the two happen in one order or the
-    # other.
-    recorded = [
-        bool(
+    # other. In the jobs' order, so that two such batches never wait for each other's locks.
+    recorded = {
+        job_id: bool(
             cast(
                 CursorResult[Any],
                 uow.session.execute(_ATTACH_STATUS, {"job_id": job_id, "message_id": message_id}),
             ).rowcount
         )
-        for job_id, message_id in sent
-    ]
+        for job_id, message_id in sorted(sent)
+    }
     uow.commit()
-    return recorded
+    return [recorded[job_id] for job_id, _ in sent]
 
 
 def start_job(

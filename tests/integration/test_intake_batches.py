@@ -38,10 +38,18 @@ def store(database_url: str) -> Iterator[Store]:
 
 
 def intake_on(
-    store: Store, tmp_path: Path, published: list[list[int]], refuse: bool = False
+    store: Store,
+    tmp_path: Path,
+    published: list[list[int]],
+    refuse: bool = False,
+    refuse_batches: bool = False,
+    refuse_job: int | None = None,
 ) -> JobIntake:
+    """`refuse`: the broker refuses everything; `refuse_batches`: every batch (a lone job gets
+    through, except `refuse_job`)."""
+
     def publish_many(job_ids: Sequence[int]) -> None:
-        if refuse:
+        if refuse or (refuse_batches and len(job_ids) > 1) or refuse_job in job_ids:
             raise ConnectionError("broker gone")
         published.append(list(job_ids))
 
@@ -106,7 +114,26 @@ def test_requests_taken_in_together_each_hear_their_own_outcome(
         assert jobs.get_job(uow, first.job_id).status_message_id == 12
 
 
-def test_a_batch_the_broker_refuses_is_failed_and_refunded(store: Store, tmp_path: Path) -> None:
+def test_a_batch_the_broker_refuses_is_published_one_job_at_a_time(
+    store: Store, tmp_path: Path
+) -> None:
+    """A batch is sent once; when it fails, each job is published on its own (with the broker
+    client's retries), and only a job the broker still refuses is failed and refunded."""
+    published: list[list[int]] = []
+    requests = [(origin(user, 1), portrait()) for user in ("30", "31", "32")]
+    accepted = intake_on(store, tmp_path, []).accept_many(requests)
+    assert all(isinstance(one, Accepted) for one in accepted)
+    refused = accepted[1].job_id  # type: ignore[union-attr]
+    intake = intake_on(store, tmp_path, published, refuse_batches=True, refuse_job=refused)
+    assert intake.dispatch_many(accepted) == [True, False, True]  # type: ignore[arg-type]
+    assert published == [[accepted[0].job_id], [accepted[2].job_id]]  # type: ignore[union-attr]
+    with store.unit_of_work() as uow:
+        statuses = [jobs.get_job(uow, one.job_id).status for one in accepted]  # type: ignore[union-attr]
+        assert statuses == [JobStatus.QUEUED, JobStatus.FAILED, JobStatus.QUEUED]
+        assert ledger.balance(uow.session, Account("user:telegram:31", 2), intake.quota_day()) == 2
+
+
+def test_a_job_the_broker_refuses_is_failed_and_refunded(store: Store, tmp_path: Path) -> None:
     intake = intake_on(store, tmp_path, [], refuse=True)
     accepted = intake.accept_many([(origin("5", 1), portrait()), (origin("6", 1), portrait())])
     assert all(isinstance(one, Accepted) for one in accepted)

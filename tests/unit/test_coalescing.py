@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from bot.coalescing import Coalesced
+from bot.coalescing import Coalesced, CoalescedCallFailed
 
 
 class Recorder:
@@ -49,19 +49,35 @@ async def test_an_items_exception_is_raised_in_its_caller_alone() -> None:
     assert isinstance(outcomes[2], ValueError) and outcomes[2].args == (2,)
 
 
-async def test_when_the_whole_call_fails_every_caller_hears_it() -> None:
+async def test_when_the_whole_call_fails_every_caller_hears_it_in_an_exception_of_its_own() -> None:
     def broken(items: list[int]) -> list[int]:
         raise ConnectionError("database gone")
 
     call = Coalesced(broken)
     outcomes = await asyncio.gather(*(call(n) for n in range(3)), return_exceptions=True)
-    assert all(isinstance(outcome, ConnectionError) for outcome in outcomes)
+    assert all(isinstance(outcome, CoalescedCallFailed) for outcome in outcomes)
+    assert len({id(outcome) for outcome in outcomes}) == 3
+    assert all(isinstance(outcome.__cause__, ConnectionError) for outcome in outcomes)
+    # Alone, a caller hears the exception itself.
+    with pytest.raises(ConnectionError):
+        await call(1)
 
 
 async def test_a_wrong_number_of_outcomes_is_an_error_for_every_caller() -> None:
     call: Coalesced[int, int] = Coalesced(lambda items: [1])
     outcomes = await asyncio.gather(call(1), call(2), return_exceptions=True)
-    assert all(isinstance(outcome, RuntimeError) for outcome in outcomes)
+    assert all(isinstance(outcome.__cause__, RuntimeError) for outcome in outcomes)  # type: ignore[union-attr]
+
+
+async def test_a_caller_cancelled_before_its_batch_starts_asks_for_nothing() -> None:
+    recorder = Recorder()
+    call = Coalesced(recorder)
+    first = asyncio.create_task(call(1))
+    second = asyncio.create_task(call(2))
+    await asyncio.sleep(0)  # both are waiting; their batch starts in the next turn
+    first.cancel()
+    assert await second == 20
+    assert recorder.batches == [[2]]
 
 
 async def test_a_burst_is_cut_into_batches_that_run_side_by_side() -> None:
