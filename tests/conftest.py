@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from db.migrate import upgrade_to_head
+from db.session import Store
 from tests.support.botapi import BotApiEmulator
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -72,6 +74,16 @@ def redis_url() -> str:
     finally:
         client.close()
     return REDIS_URL
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    """The database at `database_url`, migrated, for one test."""
+    upgrade_to_head(database_url)
+    store = Store(database_url)
+    yield store
+    # Its pooled connections closed now, not by the garbage collector during a later test.
+    store.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -3,7 +3,6 @@ bans, service flags, group settings, reports, and the numbers behind /stats and 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -13,7 +12,6 @@ from sqlalchemy import select
 from chitrakar.domain import GenerationPlan, JobKind, JobStatus
 from db import audit, jobs, stats
 from db.jobs import Origin
-from db.migrate import upgrade_to_head
 from db.models import AuditEvent, Job, User
 from db.session import Store
 
@@ -21,14 +19,6 @@ NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 SINCE = NOW - timedelta(days=1)
 # Times given in another zone mean the same moments.
 IST = timezone(timedelta(hours=5, minutes=30))
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    upgrade_to_head(database_url)
-    store = Store(database_url)
-    yield store
-    store.dispose()
 
 
 def origin(message_id: int, user: str = "1", name: str | None = "Asha", chat_id: int = 7) -> Origin:

@@ -8,7 +8,8 @@ import asyncio
 import io
 import socket
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -33,6 +34,23 @@ def png(color: str) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (64, 48), color).save(out, "PNG")
     return out.getvalue()
+
+
+@asynccontextmanager
+async def serving(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[int]:
+    """A server on loopback that answers every request with `handler`: its port."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
 
 
 def bot_on(emulator: BotApiEmulator, request: AiohttpRequest) -> Bot:
@@ -123,15 +141,8 @@ async def recorder() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
             raise web.HTTPFound("/elsewhere")
         return web.json_response({"ok": True, "result": True})
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", record)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}/bot", seen
-    await runner.cleanup()
+    async with serving(record) as port:
+        yield f"http://127.0.0.1:{port}/bot", seen
 
 
 async def test_what_goes_on_the_wire_is_what_python_telegram_bots_own_client_sends(
@@ -237,14 +248,7 @@ async def test_the_environments_proxy_carries_requests_unless_no_proxy_exempts_t
                 status=answer.status, body=await answer.read(), content_type=answer.content_type
             )
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", forward)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serving(forward) as port:
         # Lower case wins over upper case in urllib's reading of the environment.
         monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{port}")
         monkeypatch.setenv("no_proxy", "")
@@ -264,8 +268,6 @@ async def test_the_environments_proxy_carries_requests_unless_no_proxy_exempts_t
             "through the proxy",
             "straight there",
         ]
-    finally:
-        await runner.cleanup()
 
 
 async def test_an_unreachable_api_is_a_network_error_not_a_timeout() -> None:

@@ -30,12 +30,6 @@ def origin(user: str, message_id: int) -> Origin:
     return Origin("telegram", int(user), "private", user, user, "en", message_id)
 
 
-@pytest.fixture
-def store(database_url: str) -> Store:
-    upgrade_to_head(database_url)
-    return Store(database_url)
-
-
 def intake_for(store: Store, tmp_path: Path, published: deque[int]) -> tuple[JobIntake, Settings]:
     settings = Settings(image_size=64, default_steps=4, data_dir=tmp_path, daily_quota=100)
     intake = JobIntake(

@@ -5,10 +5,8 @@ came."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-
-import pytest
 
 from chitrakar.artifacts import LocalArtifactStore
 from chitrakar.config import Settings
@@ -21,20 +19,11 @@ from chitrakar.services import Accepted, JobIntake
 from chitrakar.styles import load_catalogue
 from db import audit, jobs, ledger
 from db.jobs import Origin
-from db.migrate import upgrade_to_head
 from db.session import Store
 
 
 def origin(user: str, message_id: int) -> Origin:
     return Origin("telegram", int(user), "private", user, user, "en", message_id)
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    upgrade_to_head(database_url)
-    store = Store(database_url)
-    yield store
-    store.dispose()
 
 
 def intake_on(

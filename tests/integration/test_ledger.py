@@ -13,18 +13,11 @@ from chitrakar.domain import GenerationPlan, JobKind
 from chitrakar.quota import Account, QuotaExceeded
 from db import jobs, ledger
 from db.jobs import Charge, Origin
-from db.migrate import upgrade_to_head
 from db.models import LedgerEntry
 from db.session import Store
 
 DAY = date(2026, 11, 26)
 PLAN = GenerationPlan("p", 64, 64, 4, (1,), 7.0)
-
-
-@pytest.fixture
-def store(database_url: str) -> Store:
-    upgrade_to_head(database_url)
-    return Store(database_url)
 
 
 def origin(message_id: int, user: str = "42", chat_id: int = 42) -> Origin:

@@ -4,11 +4,9 @@ never started twice, and a result already delivered is never sent twice."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
-import pytest
 from sqlalchemy import update
 
 from chitrakar.config import Settings
@@ -26,14 +24,6 @@ from workers.service import run_job
 
 SETTINGS = Settings(worker_stale_after=60, republish_after=600)
 PLAN = GenerationPlan("a lighthouse", 64, 64, 2, (1,), 7.0)
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    upgrade_to_head(database_url)
-    store = Store(database_url)
-    yield store
-    store.dispose()
 
 
 def new_job(store: Store, message_id: int, chat_id: int = 5) -> int:

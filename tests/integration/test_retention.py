@@ -6,7 +6,6 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from chitrakar.artifacts import LocalArtifactStore
@@ -27,12 +26,6 @@ from workers.service import run_job
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 PLAN = GenerationPlan("p", 64, 64, 4, (1,), 7.0, strength=0.5)
-
-
-@pytest.fixture
-def store(database_url: str) -> Store:
-    upgrade_to_head(database_url)
-    return Store(database_url)
 
 
 def finished_job(

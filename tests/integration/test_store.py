@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -55,15 +54,6 @@ def request(
         rng=random.Random(1),
     )
     return req, plan
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    upgrade_to_head(database_url)
-    store = Store(database_url)
-    yield store
-    # Its pooled connections closed now, not by the garbage collector during a later test.
-    store.dispose()
 
 
 def test_migrations_create_exactly_the_models(database_url: str) -> None:

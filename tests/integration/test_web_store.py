@@ -8,13 +8,11 @@ import random
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
-import pytest
 from sqlalchemy import func, select, update
 
 from chitrakar.artifacts import artifact_store_from_url
@@ -27,18 +25,9 @@ from chitrakar.retention import sweep
 from chitrakar.styles import load_catalogue
 from db import jobs, web
 from db.jobs import Origin
-from db.migrate import upgrade_to_head
 from db.models import WebChange, WebMessage, WebSession, WebSignInLink
 from db.session import Store
 from workers.web_delivery import WebDelivery
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[Store]:
-    upgrade_to_head(database_url)
-    store = Store(database_url)
-    yield store
-    store.dispose()
 
 
 def account(store: Store, name: str = "asha", admin: bool = False) -> web.AccountView:
