@@ -43,10 +43,13 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
         return Path(self.data_folder_out).parent / "staging"
 
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
-        # kombu's name (the reader sorts by it and matches the queue by its suffix); unique.
-        # The sequence keeps the order of one process's messages within a millisecond (a
-        # batch of jobs is published in one).
-        name = f"{round(monotonic() * 1000)}_{next(_sequence):012d}_{uuid.uuid4()}.{queue}.msg"
+        # kombu's name (the reader sorts it as text and matches the queue by its suffix);
+        # unique. The milliseconds have a fixed width, or 9999 would sort after 10000 (kombu
+        # writes them bare; a machine up for a few minutes crosses such a boundary). The
+        # sequence keeps the order of one process's messages within a millisecond (a batch
+        # of jobs is published in one).
+        milliseconds = round(monotonic() * 1000)
+        name = f"{milliseconds:015d}_{next(_sequence):012d}_{uuid.uuid4()}.{queue}.msg"
         staged = self.staging_folder / name
         data = str_to_bytes(dumps(payload))
         try:

@@ -88,10 +88,27 @@ def test_a_file_that_is_not_a_message_is_skipped_not_fatal(
     name = next(_queue_names)
     with connection(tmp_path) as client:
         queue = client.SimpleQueue(name)
-        # Named as kombu names messages, and sorted before the real one.
-        (tmp_path / "broker" / "queue" / f"1_junk.{name}.msg").write_bytes(junk)
+        # Named as the broker names messages, and sorted before the real one.
+        (tmp_path / "broker" / "queue" / f"{0:015d}_junk.{name}.msg").write_bytes(junk)
         queue.put({"number": 7})
         with caplog.at_level(logging.ERROR, logger="chitrakar.filesystem_broker"):
             assert next_message(queue) == {"number": 7}
     assert any(f"queue {name}" in r.getMessage() for r in caplog.records)
-    assert not (tmp_path / "broker" / "queue" / f"1_junk.{name}.msg").exists()
+    assert not (tmp_path / "broker" / "queue" / f"{0:015d}_junk.{name}.msg").exists()
+
+
+def test_messages_are_taken_in_order_across_a_change_in_the_clocks_number_of_digits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Names are sorted as text: 9999 ms must still come before 10000 ms (a machine up for
+    ten seconds, or 2.8 hours, crosses such a boundary). CI failed here once, by uptime."""
+    import chitrakar.filesystem_broker as broker
+
+    clock = iter([9.998, 9.999, 10.0, 10.001])
+    monkeypatch.setattr(broker, "monotonic", lambda: next(clock))
+    name = next(_queue_names)
+    with connection(tmp_path) as client:
+        queue = client.SimpleQueue(name)
+        for number in range(4):
+            queue.put({"number": number})
+        assert [next_message(queue)["number"] for _ in range(4)] == [0, 1, 2, 3]
