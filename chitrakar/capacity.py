@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from decimal import ROUND_FLOOR, Decimal
@@ -302,15 +303,22 @@ class PresetPlan:
         return self.memory.peak_memory_bytes
 
 
+Size = tuple[int, int]  # width, height
+
+
 @dataclass(frozen=True)
 class PlanReport:
     """`presets` in order: fitting first, then too big, then memory unknown; fastest first
-    within each. `unmeasured` lists the known presets with no row at all for the model."""
+    within each. Every figure is at `size`, the one asked for or, when none was, the size the
+    model has the most rows at; `sizes` are all the model's sizes in the table, largest first.
+    `unmeasured` lists the known presets with no row at all for the model at `size`."""
 
     model: str
     gpu_memory_bytes: int
     headroom_fraction: float
     budget_bytes: int
+    size: Size | None
+    sizes: tuple[Size, ...]
     presets: tuple[PresetPlan, ...]
     unmeasured: tuple[str, ...]
     known_models: tuple[str, ...]
@@ -396,19 +404,36 @@ def _speed(plan: PresetPlan, rows: Sequence[Measurement]) -> float:
 _FIT_ORDER = {Fit.FITS: 0, Fit.TOO_BIG: 1, Fit.UNKNOWN: 2}
 
 
+def _size_of(m: Measurement) -> Size:
+    return m.width, m.height
+
+
+def _usual_size(rows: Sequence[Measurement]) -> Size | None:
+    """The size with the most rows; of those, the largest. None for no rows."""
+    counts = Counter(_size_of(m) for m in rows)
+    if not counts:
+        return None
+    return max(counts, key=lambda size: (counts[size], size[0] * size[1], size))
+
+
 def plan(
     measurements: Iterable[Measurement],
     model: str,
     gpu_memory_bytes: int,
     headroom_fraction: float = 0.1,
+    size: Size | None = None,
 ) -> PlanReport:
     """Which of the model's presets fit `gpu_memory_bytes`, keeping `headroom_fraction` of it
     for the CUDA context and fragmentation (a preset fits when its peak <= memory x (1 - h)).
-    The model label is matched case-insensitively."""
+    Only rows at one image size count (memory and time grow with the pixels): `size`, or the
+    size the model was measured at most. The model label is matched case-insensitively."""
     budget = budget_bytes(gpu_memory_bytes, headroom_fraction)
     every = list(measurements)
     wanted = model.strip().casefold()
-    rows = [m for m in every if m.model.casefold() == wanted]
+    of_model = [m for m in every if m.model.casefold() == wanted]
+    sizes = sorted({_size_of(m) for m in of_model}, key=lambda s: (-s[0] * s[1], -s[0]))
+    size = size if size is not None else _usual_size(of_model)
+    rows = [m for m in of_model if _size_of(m) == size]
     by_preset: dict[str, list[Measurement]] = {}
     for m in rows:
         by_preset.setdefault(m.preset, []).append(m)
@@ -419,6 +444,8 @@ def plan(
         gpu_memory_bytes=gpu_memory_bytes,
         headroom_fraction=headroom_fraction,
         budget_bytes=budget,
+        size=size,
+        sizes=tuple(sizes),
         presets=tuple(p for p, _ in plans),
         unmeasured=tuple(sorted(set(PRESETS) - set(by_preset))),
         known_models=tuple(sorted({m.model for m in every}, key=str.casefold)),
@@ -444,6 +471,10 @@ def _origin(source: str) -> str:
     return f"measured: {rest}"
 
 
+def _format_size(size: Size) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
 def format_plan(report: PlanReport) -> str:
     """The plan as a small table for the terminal, with the sources as numbered footnotes."""
     head = (
@@ -451,9 +482,20 @@ def format_plan(report: PlanReport) -> str:
         f"{format_memory(report.budget_bytes)} or less "
         f"({report.headroom_fraction:.0%} kept for the CUDA context and fragmentation)."
     )
-    if not report.presets:
+    if not report.sizes or report.size is None:  # no row for the model (then no size)
         known = ", ".join(report.known_models) or "none"
         return f"{head}\nNo figures for {report.model!r}. Models in the table: {known}."
+    if not report.presets:
+        sizes = ", ".join(_format_size(size) for size in report.sizes)
+        return (
+            f"{head}\nNo figures for {report.model!r} at {_format_size(report.size)}. "
+            f"Sizes in the table for it: {sizes}."
+        )
+    head += f"\nFigures at {_format_size(report.size)}"
+    others = [size for size in report.sizes if size != report.size]
+    if others:
+        head += f" (also measured: {', '.join(_format_size(s) for s in others)}; --size to choose)"
+    head += "."
 
     origins: list[str] = []
 

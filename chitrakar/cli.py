@@ -554,7 +554,8 @@ def cmd_plan(settings: Settings, args: argparse.Namespace) -> int:
     rows = _measurements(args)
     try:
         memory = parse_memory(args.gpu_mem)
-        report = plan(rows, args.model, memory, headroom_fraction=args.headroom)
+        size = (args.size, args.size) if args.size else None
+        report = plan(rows, args.model, memory, headroom_fraction=args.headroom, size=size)
     except (ValueError, OSError) as exc:
         raise SystemExit(str(exc)) from None
     print(format_plan(report))
@@ -712,6 +713,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--model", required=True, help="e.g. sdxl, sd15")
     plan.add_argument(
         "--headroom", type=float, default=0.1, help="share kept free (CUDA context, fragments)"
+    )
+    plan.add_argument(
+        "--size",
+        type=_image_side,
+        help="image side in pixels (default: the size the model was measured at most)",
     )
     plan.add_argument("--table", help="a measured table (default: the packaged one)")
     plan.set_defaults(func=cmd_plan)

@@ -94,6 +94,15 @@ def test_plan_for_an_8_gib_gpu_from_the_packaged_table(tmp_path: Path) -> None:
     assert "sdxl on 8.0 GiB: presets must peak at 7.2 GiB or less" in result.stdout
     # PyTorch's dynamic-int8 SDXL peaks at 7.9 GiB on an A100: over an 8 GiB card's budget.
     assert re.search(r"^int8-dynamic\s+no\s+7\.9 GiB", result.stdout, re.MULTILINE)
+    assert "Figures at 1024x1024." in result.stdout
+    elsewhere = run_chitrakar(
+        "plan", "--gpu-mem", "8GiB", "--model", "sdxl", "--size", "768",
+        env=_env(tmp_path), cwd=tmp_path,
+    )  # fmt: skip
+    assert elsewhere.returncode == 1
+    assert "No figures for 'sdxl' at 768x768. Sizes in the table for it: 1024x1024." in (
+        elsewhere.stdout
+    )
     bad = run_chitrakar(
         "plan", "--gpu-mem", "lots", "--model", "sdxl", env=_env(tmp_path), cwd=tmp_path
     )

@@ -34,14 +34,15 @@ def row(
     seconds_per_call: float = 2.0,
     peak: int | None = 8 * GIB,
     source: str = "measured: python bench/gpu_smoke.py --preset fp16",
+    size: int = 1024,
 ) -> Measurement:
     return Measurement.from_call(
         date="2026-11-26",
         model=model,
         preset=preset,
         device=device,
-        width=1024,
-        height=1024,
+        width=size,
+        height=size,
         steps=30,
         batch=batch,
         seconds_per_call=seconds_per_call,
@@ -337,3 +338,49 @@ def test_format_plan_shows_the_budget_the_headroom_and_numbered_sources() -> Non
     assert "yes" in fast and "9.0 GiB" in fast and "2.52" in fast and fast.endswith("1")
     assert "[1] https://a.example/x" in lines and "[2] https://b.example/y" in lines
     assert "(2 published, 0 measured on our machines)" in text
+
+
+# --- image sizes ---
+
+
+def test_a_smaller_images_memory_never_makes_a_preset_fit_at_a_larger_one() -> None:
+    rows = [row("fp16", peak=12 * GIB), row("fp16", peak=4 * GIB, size=512)]
+    # One row at each size: the larger is the default.
+    at_default = plan(rows, "sdxl", 10 * GIB)
+    assert at_default.size == (1024, 1024)
+    assert at_default.presets[0].fit is Fit.TOO_BIG
+    assert at_default.presets[0].peak_memory_bytes == 12 * GIB
+    at_512 = plan(rows, "sdxl", 10 * GIB, size=(512, 512))
+    assert at_512.presets[0].fit is Fit.FITS
+    assert at_512.presets[0].peak_memory_bytes == 4 * GIB
+    assert at_512.sizes == ((1024, 1024), (512, 512))
+
+
+def test_without_a_size_the_plan_is_at_the_size_measured_most() -> None:
+    rows = [row("fp16", size=768), row("bf16", size=768), row("fp16", size=1024)]
+    report = plan(rows, "sdxl", 24 * GIB)
+    assert report.size == (768, 768)
+    assert [p.preset for p in report.presets] == ["bf16", "fp16"]
+    assert "bf16" not in report.unmeasured
+    # At 1024 only fp16 was measured: bf16 has no figures there.
+    at_1024 = plan(rows, "sdxl", 24 * GIB, size=(1024, 1024))
+    assert [p.preset for p in at_1024.presets] == ["fp16"]
+    assert "bf16" in at_1024.unmeasured
+
+
+def test_the_plan_says_its_size_and_the_others_measured() -> None:
+    rows = [row("fp16"), row("fp16", size=512)]
+    text = format_plan(plan(rows, "sdxl", 24 * GIB))
+    assert "Figures at 1024x1024 (also measured: 512x512; --size to choose)." in text
+    only = format_plan(plan([row("fp16")], "sdxl", 24 * GIB))
+    assert "Figures at 1024x1024." in only
+
+
+def test_a_size_with_no_figures_gets_an_empty_plan_that_lists_the_sizes_there_are() -> None:
+    rows = [row("fp16"), row("fp16", size=512)]
+    report = plan(rows, "sdxl", 24 * GIB, size=(768, 768))
+    assert report.presets == ()
+    text = format_plan(report)
+    assert (
+        "No figures for 'sdxl' at 768x768. Sizes in the table for it: 1024x1024, 512x512." in text
+    )
