@@ -577,9 +577,11 @@ def cmd_tco(settings: Settings, args: argparse.Namespace) -> int:
             if row.model.lower() == args.model.lower()
             and row.preset == args.preset
             and (args.device is None or args.device.lower() in row.device.lower())
+            and (args.size is None or (row.width, row.height) == (args.size, args.size))
         ]
         if not rows:
-            raise SystemExit(f"no measurement of {args.model} with preset {args.preset} found")
+            at = f" at {args.size}x{args.size}" if args.size else ""
+            raise SystemExit(f"no measurement of {args.model} with preset {args.preset}{at} found")
         best = max(rows, key=lambda row: row.images_per_second)
         throughput = best.images_per_second
         print(
@@ -728,6 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
     throughput.add_argument("--model", help="with --preset: the best measured throughput")
     throughput.add_argument("--preset")
     throughput.add_argument("--device", help="only measurements on a device whose name has this")
+    throughput.add_argument(
+        "--size", type=_image_side, help="only measurements at this image side in pixels"
+    )
     throughput.add_argument("--table", help="a measured table (default: the packaged one)")
     hardware = tco.add_argument_group("hardware (owned or rented)")
     hardware.add_argument("--hardware-price", type=float)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 from pathlib import Path
 
 from PIL import Image
 
-from chitrakar.capacity import load_measurements
+from chitrakar.capacity import Measurement, append_measurement, load_measurements
 from tests.support.stack import run_chitrakar
 
 
@@ -129,3 +130,30 @@ def test_tco_reports_and_plots(tmp_path: Path) -> None:
         "--utilisation", "0.6", env=_env(tmp_path), cwd=tmp_path,
     )  # fmt: skip
     assert both.returncode == 1 and "Traceback" not in both.stderr
+
+
+def test_tco_takes_the_throughput_measured_at_the_size_asked_for(tmp_path: Path) -> None:
+    table = tmp_path / "measurements.jsonl"
+    for side, seconds in ((1024, 2.5), (512, 0.625)):
+        append_measurement(
+            table,
+            Measurement.from_call(
+                date="2026-11-27", model="sdxl", preset="fast", device="NVIDIA H100",
+                width=side, height=side, steps=30, batch=1, seconds_per_call=seconds,
+                peak_memory_bytes=None, runs=3, source="measured: a test",
+            ),
+        )  # fmt: skip
+    costs = ("--hourly-rent", "2", "--power-watts", "700", "--electricity-price", "8")
+    costs += ("--utilisation", "0.5", "--table", str(table))
+
+    def tco(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_chitrakar(
+            "tco", "--model", "sdxl", "--preset", "fast", *args, *costs,
+            env=_env(tmp_path), cwd=tmp_path,
+        )  # fmt: skip
+
+    assert "throughput: 0.400 images/s" in tco("--size", "1024").stdout
+    assert "throughput: 1.600 images/s" in tco("--size", "512").stdout
+    missing = tco("--size", "768")
+    assert missing.returncode == 1
+    assert "no measurement of sdxl with preset fast at 768x768 found" in missing.stderr
