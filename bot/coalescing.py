@@ -60,6 +60,12 @@ class Coalesced(Generic[Item, Result]):
             outcomes = await asyncio.to_thread(self._run_many, [item for item, _ in batch])
             if len(outcomes) != len(batch):
                 raise RuntimeError(f"{len(outcomes)} outcomes for {len(batch)} calls")
+        except asyncio.CancelledError:
+            # The bot is stopping: its callers stop too, rather than each hearing of a failure
+            # (the call may still finish in its thread).
+            for _, answer in batch:
+                answer.cancel()
+            raise
         except BaseException as exc:  # every caller hears it; none is left waiting
             for _, answer in batch:
                 if not answer.done():

@@ -107,3 +107,21 @@ async def test_a_cancelled_caller_leaves_the_others_their_answers() -> None:
     assert await second == 2
     with pytest.raises(asyncio.CancelledError):
         await first
+
+
+async def test_when_the_call_is_cancelled_its_callers_are_cancelled_not_failed() -> None:
+    release = threading.Event()
+
+    def slow(items: list[int]) -> list[int]:
+        release.wait(5)
+        return items
+
+    call = Coalesced(slow)
+    callers = [asyncio.create_task(call(n)) for n in range(2)]
+    await asyncio.sleep(0.05)  # their batch is in its thread
+    # As asyncio.run cancels what is left when the bot stops: the batch's task.
+    for batch in asyncio.all_tasks() - {asyncio.current_task(), *callers}:
+        batch.cancel()
+    outcomes = await asyncio.gather(*callers, return_exceptions=True)
+    release.set()
+    assert all(isinstance(outcome, asyncio.CancelledError) for outcome in outcomes)
