@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 
 import pytest
 
@@ -23,6 +24,16 @@ class Recorder:
         self.batches.append(list(items))
         self.threads.add(threading.get_ident())
         return [ValueError(item) if item in self._fail else item * 10 for item in items]
+
+
+def held_until(release: threading.Event) -> Callable[[list[int]], list[int]]:
+    """A `run_many` that returns its items once `release` is set (5 s at most)."""
+
+    def run_many(items: list[int]) -> list[int]:
+        release.wait(5)
+        return items
+
+    return run_many
 
 
 async def test_calls_made_in_one_turn_are_one_call_in_a_thread_in_order() -> None:
@@ -93,12 +104,7 @@ async def test_a_burst_is_cut_into_batches_that_run_side_by_side() -> None:
 
 async def test_a_cancelled_caller_leaves_the_others_their_answers() -> None:
     release = threading.Event()
-
-    def slow(items: list[int]) -> list[int]:
-        release.wait(5)
-        return items
-
-    call = Coalesced(slow)
+    call = Coalesced(held_until(release))
     first = asyncio.create_task(call(1))
     second = asyncio.create_task(call(2))
     await asyncio.sleep(0.05)
@@ -111,12 +117,7 @@ async def test_a_cancelled_caller_leaves_the_others_their_answers() -> None:
 
 async def test_when_the_call_is_cancelled_its_callers_are_cancelled_not_failed() -> None:
     release = threading.Event()
-
-    def slow(items: list[int]) -> list[int]:
-        release.wait(5)
-        return items
-
-    call = Coalesced(slow)
+    call = Coalesced(held_until(release))
     callers = [asyncio.create_task(call(n)) for n in range(2)]
     await asyncio.sleep(0.05)  # their batch is in its thread
     # As asyncio.run cancels what is left when the bot stops: the batch's task.
