@@ -4,7 +4,7 @@ few-step schedulers and LoRAs, and torch.compile with an on-disk cache.
 
 The order matters and is fixed here: a speed LoRA is fused before anything changes the
 weights' layout; quantisation runs on the device the weights will live on; compilation comes
-last, after every module is in its final form.
+last, after every module is in its final form (a compiled UNet's style LoRA slot included).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from time import perf_counter
 from typing import Any
@@ -25,6 +26,7 @@ from diffusers.models.attention_processor import (
 )
 
 from chitrakar.presets import DeviceFacts, Preset, PresetError, unmet_needs
+from workers.style_slot import StyleSlot, make_style_slot
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +67,12 @@ def use_compile_cache(folder: Path) -> None:
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 
 
-def apply_preset(pipe: Any, preset: Preset, device: torch.device) -> None:
+def apply_preset(
+    pipe: Any, preset: Preset, device: torch.device, style_loras: Sequence[str] = ()
+) -> StyleSlot | None:
     """Everything a preset does to a freshly loaded pipeline (on the CPU, in its dtype),
-    ending with the pipeline placed on (or offloaded to) `device`."""
+    ending with the pipeline placed on (or offloaded to) `device`. A compiled UNet gets one
+    slot for these style LoRA files first (workers.style_slot), returned."""
     if preset.scheduler is not None:
         _set_scheduler(pipe, preset.scheduler)
     if preset.speed_lora is not None:
@@ -96,12 +101,15 @@ def apply_preset(pipe: Any, preset: Preset, device: torch.device) -> None:
         pipe.vae.enable_slicing()
     if preset.vae_tiling:
         pipe.vae.enable_tiling()
-    if preset.compiled:
-        # The UNet runs every step; the VAE decoder once per image but on the largest tensors.
-        # No fullgraph: a style LoRA's layers may break the graph, which must not fail a job.
-        mode = compile_mode(preset, device)
-        pipe.unet.compile(mode=mode)
-        pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode)
+    if not preset.compiled:
+        return None
+    slot = make_style_slot(pipe, list(style_loras))
+    # The UNet runs every step; the VAE decoder once per image but on the largest tensors.
+    # No fullgraph: a style LoRA's layers may break the graph, which must not fail a job.
+    mode = compile_mode(preset, device)
+    pipe.unet.compile(mode=mode)
+    pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode)
+    return slot
 
 
 def compile_mode(preset: Preset, device: torch.device) -> str:

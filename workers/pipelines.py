@@ -25,6 +25,7 @@ from workers.acceleration import (
     set_qkv_fused,
     use_compile_cache,
 )
+from workers.style_slot import StyleSlot, slot_off, use_style
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ class LoadedPipeline:
     # when no style LoRA is on (the preset's choice, until an IP-Adapter takes the layers).
     qkv_fused: bool = False
     fuse_wanted: bool = False
+    # A compiled UNet's one style adapter (workers.style_slot); None: named adapters in `loras`.
+    style_slot: StyleSlot | None = None
     _image2image: DiffusionPipeline | None = None
 
     def forget_views(self) -> None:
@@ -91,11 +94,16 @@ class LoadedPipeline:
 
 
 def load_pipeline(
-    source: str, device: torch.device, dtype: torch.dtype, preset: Preset | None = None
+    source: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    preset: Preset | None = None,
+    style_loras: Sequence[str] = (),
 ) -> LoadedPipeline:
     """Load a local diffusers folder, or a hub id from the local cache or the hub, and
     ready it as the preset says. With HF_HUB_OFFLINE=1 nothing is downloaded and a missing
-    model is a clear error."""
+    model is a clear error. `style_loras`: the LoRA files jobs may ask for, which a compiled
+    preset must know before it compiles (others load when a job first asks)."""
     is_local = Path(source).expanduser().is_dir()
     if not is_local and ("/" not in source or source.startswith((".", "/", "~"))):
         raise ModelNotFound(f"model folder {source!r} does not exist")
@@ -110,20 +118,30 @@ def load_pipeline(
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1: only the local cache is searched)" if offline else ""
         raise ModelNotFound(f"cannot load model {source!r}{hint}: {exc}") from exc
+    slot = None
     if preset is None:
         pipe.to(device)
     else:
-        apply_preset(pipe, preset, device)
+        slot = apply_preset(pipe, preset, device, style_loras)
     pipe.set_progress_bar_config(disable=True)
     name = preset.name if preset else "none"
     log.info("loaded model %s on %s as %s with preset %s", source, device, dtype, name)
     fused = preset is not None and preset.fuse_qkv
     return LoadedPipeline(
-        source, device, dtype, pipe, preset=preset, qkv_fused=fused, fuse_wanted=fused
+        source,
+        device,
+        dtype,
+        pipe,
+        preset=preset,
+        qkv_fused=fused,
+        fuse_wanted=fused,
+        style_slot=slot,
     )
 
 
-def load_configured(settings: Settings, source: str, device: torch.device) -> LoadedPipeline:
+def load_configured(
+    settings: Settings, source: str, device: torch.device, style_loras: Sequence[str] = ()
+) -> LoadedPipeline:
     """The model as this deployment runs it: under the preset its settings choose for this
     device (PresetError, with the reasons, when the device cannot run it). The worker and
     `chitrakar bench` load through here, so a benchmark measures what the worker runs."""
@@ -132,18 +150,25 @@ def load_configured(settings: Settings, source: str, device: torch.device) -> Lo
     check_preset(preset, device)
     if preset.compiled:
         use_compile_cache(settings.compile_cache_dir)
-    return load_pipeline(source, device, preset_dtype(preset, device), preset)
+    return load_pipeline(source, device, preset_dtype(preset, device), preset, style_loras)
 
 
 def use_lora(loaded: LoadedPipeline, path: str | None, scale: float) -> bool:
     """Switch the model to one style's LoRA, or to none. Each file is loaded once per worker
     and kept as a named adapter; switching only changes which adapter is active, so the base
-    model is never loaded again. A missing or unloadable file is logged and the job goes on
-    without it. Returns whether the LoRA is active."""
+    model is never loaded again. Under a compiled preset the file's weights are copied into
+    the UNet's one style slot instead, so that no switch compiles again. A missing or
+    unloadable file is logged and the job goes on without it. Returns whether the LoRA is active."""
     pipe = loaded.text2image
     if path is None:
         _switch_off(loaded)
         return False
+    if loaded.style_slot is not None:
+        if not use_style(pipe, loaded.style_slot, path, scale):
+            _switch_off(loaded)
+            return False
+        _fuse_qkv(loaded, False)
+        return True
     name = loaded.loras.get(path)
     if name is None:
         if not Path(path).is_file():
@@ -166,7 +191,9 @@ def use_lora(loaded: LoadedPipeline, path: str | None, scale: float) -> bool:
 
 
 def _switch_off(loaded: LoadedPipeline) -> None:
-    if loaded.loras:
+    if loaded.style_slot is not None:
+        slot_off(loaded.text2image, loaded.style_slot)
+    elif loaded.loras:
         loaded.text2image.disable_lora()
     _fuse_qkv(loaded, loaded.fuse_wanted)
 

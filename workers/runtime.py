@@ -3,6 +3,7 @@ the channel it delivers to. Built once per process, after any fork."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -28,7 +29,13 @@ from workers.delivery import CHANNEL as TELEGRAM_CHANNEL
 from workers.delivery import TelegramDelivery
 from workers.identity import IdentityStage, choose_identity_stage
 from workers.outbound import ChannelDeliveries, Delivery
-from workers.pipelines import LoadedPipeline, load_configured, resolve_device, text_to_image
+from workers.pipelines import (
+    LoadedPipeline,
+    load_configured,
+    resolve_device,
+    text_to_image,
+    use_lora,
+)
 from workers.web_delivery import WebDelivery
 
 log = logging.getLogger(__name__)
@@ -79,7 +86,12 @@ class WorkerRuntime:
         """The model, loaded once, under its preset; a preset this device cannot run is
         refused here, at start-up, with the reason (PresetError)."""
         device = resolve_device(self.settings.device)
-        return load_configured(self.settings, self.model_source(), device)
+        return load_configured(self.settings, self.model_source(), device, self.style_loras())
+
+    def style_loras(self) -> list[str]:
+        """The catalogue's LoRA files: a compiled model makes room for them before compiling."""
+        styles = self.catalogue.styles.values()
+        return [str(style.lora) for style in styles if style.lora is not None]
 
     def warm_up(self) -> None:
         """Load the model and, for a compiled preset, compile it before the first user waits:
@@ -88,9 +100,14 @@ class WorkerRuntime:
         so no later batch size compiles again)."""
         loaded, size = self.pipeline, self.settings.image_size
         counts = (1, 2) if self.settings.max_batch_images > 1 else (1,)
+        # With style LoRAs in a compiled UNet's slot, the UNet runs with the slot on and off:
+        # both are compiled now (any LoRA of the slot will do; the weights are not guarded).
+        slot = loaded.style_slot
+        styles = [None, next(iter(slot.files))] if slot is not None else [None]
 
         def generate() -> None:
-            for count in counts:
+            for style, count in itertools.product(styles, counts):
+                use_lora(loaded, style, 1.0)
                 plan = GenerationPlan(
                     prompt="warm-up",
                     width=size,
@@ -100,6 +117,7 @@ class WorkerRuntime:
                     guidance_scale=self.settings.guidance_scale,
                 )
                 text_to_image(loaded, plan)
+            use_lora(loaded, None, 1.0)
 
         assert loaded.preset is not None
         warm_up(generate, loaded.preset)

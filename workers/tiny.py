@@ -141,29 +141,46 @@ def make_tiny(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def make_tiny_lora(model: Path, path: Path, seed: int = 0, rank: int = 4) -> Path:
+def make_tiny_lora(
+    model: Path,
+    path: Path,
+    seed: int = 0,
+    rank: int = 4,
+    unet_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
+    text_encoder: bool = False,
+) -> Path:
     """Write a random LoRA (safetensors, diffusers' layout) for the UNet of a pipeline folder,
-    such as the tiny one: it lets a style's LoRA be loaded and switched with no download.
-    Its weights are random and non-zero, so images made with it differ from those without."""
+    such as the tiny one, and with `text_encoder` for its text encoder too: it lets a style's
+    LoRA be loaded and switched with no download. Its weights are random and non-zero, so
+    images made with it differ from those without."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
+    def config(targets: list[str]) -> LoraConfig:
+        # peft starts LoRA B at zero (no effect); random weights make the effect visible.
+        return LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False)
+
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-    unet.add_adapter(
-        LoraConfig(
-            r=rank,
-            lora_alpha=rank,
-            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-            # peft starts LoRA B at zero (no effect); random weights make the effect visible.
-            init_lora_weights=False,
-        )
-    )
+    unet.add_adapter(config(list(unet_targets)))
+    text_layers = None
+    if text_encoder:
+        from peft import inject_adapter_in_model
+
+        encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+        # peft's own injection: transformers' add_adapter asks for a newer peft.
+        inject_adapter_in_model(config(["q_proj", "k_proj", "v_proj", "out_proj"]), encoder)
+        text_layers = {
+            key.replace(".default.", "."): value
+            for key, value in encoder.state_dict().items()
+            if ".lora_" in key
+        }
     folder = Path(tempfile.mkdtemp(prefix=".lora-", dir=path.parent))
     try:
         StableDiffusionPipeline.save_lora_weights(
             folder,
             unet_lora_layers=get_peft_model_state_dict(unet),
+            text_encoder_lora_layers=text_layers,
             weight_name=path.name,
             safe_serialization=True,
         )

@@ -1,0 +1,167 @@
+"""Style LoRAs under torch.compile: a compiled worker switches styles, scales and no style
+without compiling its UNet again, and its images are the ones the named adapters make.
+
+The slot's own logic runs on an uncompiled pipeline (fast); one test compiles the tiny model
+on this CPU (Inductor, with a C++ compiler) through the worker's own start-up and warm-up."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch._dynamo
+from safetensors.torch import load_file, save_file
+
+from chitrakar.domain import GenerationPlan
+from chitrakar.presets import Preset, PresetError
+from tests.support.botapi import BotApiEmulator
+from tests.support.stack import worker_settings
+from workers.acceleration import use_compile_cache
+from workers.pipelines import LoadedPipeline, load_pipeline, text_to_image, use_lora
+from workers.runtime import WorkerRuntime
+from workers.style_slot import make_style_slot
+from workers.tiny import make_tiny_lora
+
+CPU = torch.device("cpu")
+PLAN = GenerationPlan("a lighthouse at dusk", 64, 64, 2, (7,), 7.0)
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("loras")
+    return {
+        # Adapts the text encoder too: that part stays a named adapter.
+        "ink": make_tiny_lora(tiny_model, folder / "ink.safetensors", seed=1, text_encoder=True),
+        # Another rank, and fewer layers: the slot pads and zeroes.
+        "clay": make_tiny_lora(
+            tiny_model, folder / "clay.safetensors", seed=2, rank=8, unet_targets=("to_q", "to_v")
+        ),
+        # Not in the catalogue when the worker starts, but fits the slot.
+        "late": make_tiny_lora(tiny_model, folder / "late.safetensors", seed=3),
+        # Not in the catalogue, and a rank above the slot's.
+        "wide": make_tiny_lora(tiny_model, folder / "wide.safetensors", seed=4, rank=16),
+        # Not in the catalogue, and a layer the slot does not have.
+        "ff": make_tiny_lora(
+            tiny_model, folder / "ff.safetensors", seed=5, unet_targets=("to_q", "ff.net.2")
+        ),
+    }
+
+
+def _pixels(loaded: LoadedPipeline, lora: Path | None, scale: float = 1.0) -> np.ndarray[Any, Any]:
+    use_lora(loaded, str(lora) if lora else None, scale)
+    return np.asarray(text_to_image(loaded, PLAN)[0].convert("RGB"), dtype=np.int16)
+
+
+def _named_adapters(model: Path, loras: dict[str, Path]) -> dict[tuple[str, float], Any]:
+    """What each switch gives with named adapters (no slot): the reference."""
+    loaded = load_pipeline(str(model), CPU, torch.float32, Preset(name="f", description=""))
+    switches = [("none", 1.0), ("ink", 1.0), ("clay", 1.0), ("ink", 0.5), ("late", 1.0)]
+    return {
+        (key, scale): _pixels(loaded, None if key == "none" else loras[key], scale)
+        for key, scale in switches
+    }
+
+
+def test_the_slot_gives_each_style_the_named_adapters_images(
+    tiny_model: Path, loras: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    reference = _named_adapters(tiny_model, loras)
+    loaded = load_pipeline(str(tiny_model), CPU, torch.float32, Preset(name="s", description=""))
+    loaded.style_slot = make_style_slot(loaded.text2image, [str(loras["ink"]), str(loras["clay"])])
+    assert loaded.style_slot is not None and loaded.style_slot.rank == 8
+
+    order = [("ink", 1.0), ("none", 1.0), ("clay", 1.0), ("ink", 0.5), ("late", 1.0), ("ink", 1.0)]
+    for key, scale in order:
+        pixels = _pixels(loaded, None if key == "none" else loras[key], scale)
+        # Zero padding changes only the order of float sums: a level at most.
+        assert np.abs(pixels - reference[key, scale]).max() <= 1, (key, scale)
+    assert np.abs(reference["ink", 1.0] - reference["none", 1.0]).max() > 10
+    assert np.abs(reference["ink", 0.5] - reference["ink", 1.0]).max() > 10
+
+    # A LoRA the slot cannot hold runs as no style, with the reason in the log.
+    for key in ("wide", "ff"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="workers.style_slot"):
+            assert not use_lora(loaded, str(loras[key]), 1.0)
+        assert "restart the worker to take it" in caplog.text
+        assert np.array_equal(_pixels(loaded, None), reference["none", 1.0])
+
+
+def test_a_lora_the_slot_cannot_switch_is_refused_at_start(
+    tiny_model: Path, loras: dict[str, Path], tmp_path: Path
+) -> None:
+    pipe = load_pipeline(str(tiny_model), CPU, torch.float32).text2image
+    state = load_file(loras["ink"])
+    text_only = tmp_path / "text-only.safetensors"
+    save_file({k: v for k, v in state.items() if not k.startswith("unet.")}, text_only)
+    with pytest.raises(PresetError, match="adapts no UNet layer"):
+        make_style_slot(pipe, [str(text_only)])
+    # A DoRA file: its magnitudes are not a LoRA's two projections.
+    dora = tmp_path / "dora.safetensors"
+    magnitude = (
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector"
+    )
+    save_file({**state, magnitude: torch.ones(32)}, dora)
+    with pytest.raises(PresetError, match="lora_magnitude_vector is not a plain LoRA weight"):
+        make_style_slot(pipe, [str(dora)])
+    with pytest.raises(PresetError, match="cannot read the style LoRA"):
+        make_style_slot(pipe, [str(tmp_path / "missing.safetensors")])
+
+
+def test_a_compiled_worker_switches_styles_without_compiling_again(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, loras: dict[str, Path]
+) -> None:
+    reference = _named_adapters(tiny_model, loras)
+    styles = tmp_path / "styles.toml"
+    styles.write_text(
+        "".join(
+            f"[styles.{key}]\n"
+            f'name = {{ en = "{key}" }}\n'
+            f'description = {{ en = "{key}" }}\n'
+            f'prompt = "{key} of {{prompt}}"\n'
+            'steps = 2\nguidance = 7.0\naspect_ratio = "1:1"\nstrength = 0.6\n'
+            f'lora = "{loras[key]}"\n'
+            for key in ("ink", "clay")
+        )
+    )
+    presets = tmp_path / "presets.toml"
+    presets.write_text(
+        '[presets.compiled]\ndescription = "x"\ndtype = "float32"\nfuse_qkv = true\n'
+        'compile = "default"\n'
+    )
+    settings = worker_settings(
+        emulator,
+        tmp_path,
+        tiny_model,
+        styles_file=styles,
+        presets_file=presets,
+        preset="compiled",
+        image_size=64,
+        max_batch_images=1,
+    )
+    use_compile_cache(settings.compile_cache_dir)
+    runtime = WorkerRuntime(settings, publish=lambda _job_id: None)
+    try:
+        runtime.warm_up()
+        loaded = runtime.pipeline
+        assert loaded.style_slot is not None
+        assert set(loaded.style_slot.files) == {str(loras["ink"]), str(loras["clay"])}
+        # From here on, any compile of a graph already compiled once is an error.
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for key, scale in [
+                ("ink", 1.0),
+                ("clay", 1.0),
+                ("none", 1.0),
+                ("ink", 0.5),
+                ("late", 1.0),
+                ("clay", 1.0),
+            ]:
+                pixels = _pixels(loaded, None if key == "none" else loras[key], scale)
+                # Compiled kernels may round differently from eager ones.
+                assert np.abs(pixels - reference[key, scale]).max() <= 2, (key, scale)
+    finally:
+        runtime.close()
