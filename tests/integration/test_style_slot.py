@@ -165,3 +165,17 @@ def test_a_compiled_worker_switches_styles_without_compiling_again(
                 assert np.abs(pixels - reference[key, scale]).max() <= 2, (key, scale)
     finally:
         runtime.close()
+
+
+def test_the_slot_works_over_quantised_weights(tiny_model: Path, loras: dict[str, Path]) -> None:
+    # The int8 presets are compiled: their slot's LoRA layers wrap torchao's quantised ones.
+    preset = Preset(name="q", description="", fuse_qkv=True, quantize="int8-weight-only")
+    named = load_pipeline(str(tiny_model), CPU, torch.float32, preset)
+    slotted = load_pipeline(str(tiny_model), CPU, torch.float32, preset)
+    slotted.style_slot = make_style_slot(slotted.text2image, [str(loras["ink"])])
+    plain = _pixels(named, None)
+    for _ in range(2):
+        styled = _pixels(named, loras["ink"])
+        assert np.abs(styled - plain).max() > 10
+        assert np.abs(_pixels(slotted, loras["ink"]) - styled).max() <= 1
+        assert np.array_equal(_pixels(slotted, None), plain)
