@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -148,17 +149,31 @@ def make_tiny_lora(
     rank: int = 4,
     unet_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
     text_encoder: bool = False,
+    alpha: int | None = None,
+    rank_pattern: dict[str, int] | None = None,
+    kohya: bool = False,
 ) -> Path:
     """Write a random LoRA (safetensors, diffusers' layout) for the UNet of a pipeline folder,
     such as the tiny one, and with `text_encoder` for its text encoder too: it lets a style's
     LoRA be loaded and switched with no download. Its weights are random and non-zero, so
-    images made with it differ from those without."""
+    images made with it differ from those without.
+
+    The shapes files come in: `rank_pattern` gives some layers other ranks; `alpha` an alpha
+    other than the rank, written as diffusers' adapter metadata, or with `kohya` as the
+    per-layer alphas of kohya's layout (`lora_unet_…lora_down.weight`, `….alpha`), the one
+    most community LoRAs are shared in."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     def config(targets: list[str]) -> LoraConfig:
         # peft starts LoRA B at zero (no effect); random weights make the effect visible.
-        return LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False)
+        return LoraConfig(
+            r=rank,
+            lora_alpha=alpha or rank,
+            rank_pattern=rank_pattern or {},
+            target_modules=targets,
+            init_lora_weights=False,
+        )
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
@@ -175,19 +190,44 @@ def make_tiny_lora(
             for key, value in encoder.state_dict().items()
             if ".lora_" in key
         }
+    unet_layers = get_peft_model_state_dict(unet)
+    if kohya:
+        from safetensors.torch import save_file
+
+        if text_encoder:
+            raise ValueError("make_tiny_lora writes kohya's layout for the UNet only")
+        save_file(_kohya_layout(unet_layers, unet.peft_config["default"]), path)
+        return path
+    metadata = None
+    if alpha is not None:
+        metadata = {"r": rank, "lora_alpha": alpha, "rank_pattern": rank_pattern or {}}
+        metadata["target_modules"] = list(unet_targets)
     folder = Path(tempfile.mkdtemp(prefix=".lora-", dir=path.parent))
     try:
         StableDiffusionPipeline.save_lora_weights(
             folder,
-            unet_lora_layers=get_peft_model_state_dict(unet),
+            unet_lora_layers=unet_layers,
             text_encoder_lora_layers=text_layers,
             weight_name=path.name,
             safe_serialization=True,
+            unet_lora_adapter_metadata=metadata,
         )
         os.replace(folder / path.name, path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return path
+
+
+def _kohya_layout(layers: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    """peft's UNet LoRA keys as kohya's scripts name them, with each layer's alpha."""
+    state = {}
+    for key, value in layers.items():
+        module, _, kind = key.rpartition(".lora_")
+        name = "lora_unet_" + module.replace(".", "_")
+        state[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value
+        if kind.startswith("A"):
+            state[f"{name}.alpha"] = torch.tensor(float(config.lora_alpha))
+    return state
 
 
 def _plus_image_proj_state_dict(

@@ -28,6 +28,7 @@ from workers.tiny import make_tiny_lora
 
 CPU = torch.device("cpu")
 PLAN = GenerationPlan("a lighthouse at dusk", 64, 64, 2, (7,), 7.0)
+_A_LAYER = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,16 @@ def loras(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
         # Another rank, and fewer layers: the slot pads and zeroes.
         "clay": make_tiny_lora(
             tiny_model, folder / "clay.safetensors", seed=2, rank=8, unet_targets=("to_q", "to_v")
+        ),
+        # Alpha other than the rank, as diffusers' metadata says; layers of mixed ranks;
+        # kohya's layout with its per-layer alphas (most shared LoRAs): each layer's scaling
+        # is folded into the slot's weights.
+        "meta": make_tiny_lora(tiny_model, folder / "meta.safetensors", seed=6, alpha=2),
+        "mixed": make_tiny_lora(
+            tiny_model, folder / "mixed.safetensors", seed=7, rank_pattern={"to_q": 2}
+        ),
+        "kohya": make_tiny_lora(
+            tiny_model, folder / "kohya.safetensors", seed=8, alpha=2, kohya=True
         ),
         # Not in the catalogue when the worker starts, but fits the slot.
         "late": make_tiny_lora(tiny_model, folder / "late.safetensors", seed=3),
@@ -60,6 +71,7 @@ def _named_adapters(model: Path, loras: dict[str, Path]) -> dict[tuple[str, floa
     """What each switch gives with named adapters (no slot): the reference."""
     loaded = load_pipeline(str(model), CPU, torch.float32, Preset(name="f", description=""))
     switches = [("none", 1.0), ("ink", 1.0), ("clay", 1.0), ("ink", 0.5), ("late", 1.0)]
+    switches += [("meta", 1.0), ("mixed", 1.0), ("kohya", 0.5)]
     return {
         (key, scale): _pixels(loaded, None if key == "none" else loras[key], scale)
         for key, scale in switches
@@ -67,49 +79,68 @@ def _named_adapters(model: Path, loras: dict[str, Path]) -> dict[tuple[str, floa
 
 
 def test_the_slot_gives_each_style_the_named_adapters_images(
-    tiny_model: Path, loras: dict[str, Path], caplog: pytest.LogCaptureFixture
+    tiny_model: Path, loras: dict[str, Path], caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     reference = _named_adapters(tiny_model, loras)
     loaded = load_pipeline(str(tiny_model), CPU, torch.float32, Preset(name="s", description=""))
-    loaded.style_slot = make_style_slot(loaded.text2image, [str(loras["ink"]), str(loras["clay"])])
+    catalogue = [str(loras[key]) for key in ("ink", "clay", "meta", "mixed", "kohya")]
+    loaded.style_slot = make_style_slot(loaded.text2image, catalogue)
     assert loaded.style_slot is not None and loaded.style_slot.rank == 8
 
     order = [("ink", 1.0), ("none", 1.0), ("clay", 1.0), ("ink", 0.5), ("late", 1.0), ("ink", 1.0)]
+    order += [("meta", 1.0), ("kohya", 0.5), ("mixed", 1.0), ("none", 1.0), ("meta", 1.0)]
     for key, scale in order:
         pixels = _pixels(loaded, None if key == "none" else loras[key], scale)
         # Zero padding changes only the order of float sums: a level at most.
         assert np.abs(pixels - reference[key, scale]).max() <= 1, (key, scale)
     assert np.abs(reference["ink", 1.0] - reference["none", 1.0]).max() > 10
     assert np.abs(reference["ink", 0.5] - reference["ink", 1.0]).max() > 10
+    for key in ("meta", "mixed", "kohya"):
+        scale = 0.5 if key == "kohya" else 1.0
+        assert np.abs(reference[key, scale] - reference["none", 1.0]).max() > 10, key
 
-    # A LoRA the slot cannot hold runs as no style, with the reason in the log.
-    for key in ("wide", "ff"):
+    # A LoRA the slot cannot hold runs as no style, with the reason in the log; the slot
+    # goes on working.
+    dora = tmp_path / "dora.safetensors"
+    magnitude = {f"unet.{_A_LAYER}.lora_magnitude_vector": torch.ones(32)}
+    save_file({**load_file(loras["clay"]), **magnitude}, dora)
+    for lora, reason in [
+        (loras["wide"], "restart the worker to take it"),
+        (loras["ff"], "restart the worker to take it"),
+        (dora, "is not a plain LoRA weight"),
+    ]:
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="workers.style_slot"):
-            assert not use_lora(loaded, str(loras[key]), 1.0)
-        assert "restart the worker to take it" in caplog.text
+            assert not use_lora(loaded, str(lora), 1.0)
+        assert reason in caplog.text
         assert np.array_equal(_pixels(loaded, None), reference["none", 1.0])
+    assert np.abs(_pixels(loaded, loras["clay"]) - reference["clay", 1.0]).max() <= 1
 
 
 def test_a_lora_the_slot_cannot_switch_is_refused_at_start(
-    tiny_model: Path, loras: dict[str, Path], tmp_path: Path
+    tiny_model: Path, loras: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     pipe = load_pipeline(str(tiny_model), CPU, torch.float32).text2image
     state = load_file(loras["ink"])
     text_only = tmp_path / "text-only.safetensors"
     save_file({k: v for k, v in state.items() if not k.startswith("unet.")}, text_only)
-    with pytest.raises(PresetError, match="adapts no UNet layer"):
+    with pytest.raises(PresetError, match="it adapts no layer of the UNet"):
         make_style_slot(pipe, [str(text_only)])
     # A DoRA file: its magnitudes are not a LoRA's two projections.
     dora = tmp_path / "dora.safetensors"
-    magnitude = (
-        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector"
-    )
-    save_file({**state, magnitude: torch.ones(32)}, dora)
+    save_file({**state, f"unet.{_A_LAYER}.lora_magnitude_vector": torch.ones(32)}, dora)
     with pytest.raises(PresetError, match="lora_magnitude_vector is not a plain LoRA weight"):
         make_style_slot(pipe, [str(dora)])
-    with pytest.raises(PresetError, match="cannot read the style LoRA"):
-        make_style_slot(pipe, [str(tmp_path / "missing.safetensors")])
+    # A missing or unreadable file is left out, as an uncompiled worker runs without it.
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    with caplog.at_level(logging.WARNING, logger="workers.style_slot"):
+        slot = make_style_slot(
+            pipe, [str(tmp_path / "missing.safetensors"), str(broken), str(loras["clay"])]
+        )
+    assert slot is not None and list(slot.files) == [str(loras["clay"])]
+    assert "missing.safetensors does not exist" in caplog.text
+    assert "cannot read the style LoRA" in caplog.text and "broken.safetensors" in caplog.text
 
 
 def test_a_compiled_worker_switches_styles_without_compiling_again(
