@@ -98,12 +98,15 @@ def read_style_lora(pipe: Any, path: str) -> StyleLora:
         up = unet.get(module + _UP)
         if up is None:
             raise LoraMismatch(f"{module} has a down projection and no up projection")
+        if up.shape[1] != down.shape[0]:
+            raise LoraMismatch(f"{module}'s up and down projections have different ranks")
         rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern, module), config.r)
         alpha = config.alpha_pattern.get(
             get_pattern_key(config.alpha_pattern, module), config.lora_alpha
         )
         scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
-        folded[key], folded[module + _UP] = down, up * scaling
+        # In float32: peft scales in the model's dtype at run time, not the file's half.
+        folded[key], folded[module + _UP] = down, up.float() * scaling
     return StyleLora(
         path,
         folded,
@@ -142,6 +145,9 @@ class StyleSlot:
     # Text encoder adapters by LoRA path (only LoRAs that adapt a text encoder have one).
     text_adapters: dict[str, str] = field(default_factory=dict)
     text_loads: int = 0
+    # LoRAs whose text encoder part failed to load: not tried again (each try would leave
+    # another half-loaded adapter behind).
+    text_failed: set[str] = field(default_factory=set)
     # Set when a swap failed and diffusers took the adapter out: no style works until the
     # worker restarts (the compiled UNet cannot get its slot back).
     lost: bool = False
@@ -216,10 +222,15 @@ def use_style(pipe: Any, slot: StyleSlot, path: str, scale: float) -> bool:
             return False
     if slot.holding != (path, scale) and not _swap_in(pipe, slot, lora, scale):
         return False
+    if path in slot.text_failed:
+        log.warning("LoRA %s's text encoder part did not load: generating without it", path)
+        slot_off(pipe, slot)
+        return False
     pipe.unet.enable_lora()
     try:
         _text_encoders_use(pipe, slot, lora, scale)
     except Exception as exc:  # a bad text encoder part must not fail jobs: no LoRA then
+        slot.text_failed.add(path)
         log.warning(
             "cannot load LoRA %s's text encoder part (%s): generating without it", path, exc
         )
@@ -255,16 +266,16 @@ def _swap_in(pipe: Any, slot: StyleSlot, lora: StyleLora, scale: float) -> bool:
     """Copy the LoRA into the slot, padded to the slot's rank with zeros and scaled; layers
     it leaves out are zeroed by peft. Every swap thus has the slot's rank and scaling 1, the
     configuration peft checks a swap against."""
-    weights = {}
-    for key, value in lora.unet.items():
-        padded = torch.zeros(slot.shapes[key], dtype=value.dtype)
-        if key.endswith(_DOWN):
-            padded[: value.shape[0]] = value
-        else:
-            padded[:, : value.shape[1]] = value * scale
-        weights[key] = padded
     slot.holding = None
     try:
+        weights = {}
+        for key, value in lora.unet.items():
+            padded = torch.zeros(slot.shapes[key], dtype=value.dtype)
+            if key.endswith(_DOWN):
+                padded[: value.shape[0]] = value
+            else:
+                padded[:, : value.shape[1]] = value * scale
+            weights[key] = padded
         pipe.unet.load_lora_adapter(weights, prefix=None, adapter_name=SLOT, hotswap=True)
     except Exception as exc:
         if SLOT not in (getattr(pipe.unet, "peft_config", None) or {}):

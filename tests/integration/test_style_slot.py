@@ -131,6 +131,13 @@ def test_a_lora_the_slot_cannot_switch_is_refused_at_start(
     save_file({**state, f"unet.{_A_LAYER}.lora_magnitude_vector": torch.ones(32)}, dora)
     with pytest.raises(PresetError, match="lora_magnitude_vector is not a plain LoRA weight"):
         make_style_slot(pipe, [str(dora)])
+    # One layer's down projection of another rank than its up projection.
+    uneven = tmp_path / "uneven.safetensors"
+    clay = load_file(loras["clay"])
+    clay[f"unet.{_A_LAYER}.lora_A.weight"] = clay[f"unet.{_A_LAYER}.lora_A.weight"][:2]
+    save_file(clay, uneven)
+    with pytest.raises(PresetError, match="up and down projections have different ranks"):
+        make_style_slot(pipe, [str(uneven)])
     # A missing or unreadable file is left out, as an uncompiled worker runs without it.
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a safetensors file")
