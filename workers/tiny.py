@@ -198,10 +198,15 @@ def make_tiny_lora(
             raise ValueError("make_tiny_lora writes kohya's layout for the UNet only")
         save_file(_kohya_layout(unet_layers, unet.peft_config["default"]), path)
         return path
+    # diffusers' adapter metadata: the LoraConfig fields it rebuilds the adapter from.
     metadata = None
     if alpha is not None:
-        metadata = {"r": rank, "lora_alpha": alpha, "rank_pattern": rank_pattern or {}}
-        metadata["target_modules"] = list(unet_targets)
+        metadata = {
+            "r": rank,
+            "lora_alpha": alpha,
+            "rank_pattern": rank_pattern or {},
+            "target_modules": list(unet_targets),
+        }
     folder = Path(tempfile.mkdtemp(prefix=".lora-", dir=path.parent))
     try:
         StableDiffusionPipeline.save_lora_weights(
