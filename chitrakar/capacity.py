@@ -32,9 +32,11 @@ BUILTIN_MEASUREMENTS = Path(__file__).with_name("measurements.jsonl")
 # a plan lists as "no figures yet".
 PRESETS: Mapping[str, str] = {
     "cpu": "float32, SDPA attention",
+    "gpu": "bfloat16 (float16 before Ampere), SDPA",
     "fp16": "float16, SDPA",
     "bf16": "bfloat16, SDPA",
     "fast": "bf16 + SDPA + fused QKV + channels_last + torch.compile",
+    "fast-default-compile": "fast, compiled in mode 'default' (no autotuning)",
     "int8": "fast + torchao int8 weight-only",
     "int8-dynamic": "fast + torchao dynamic int8 (weights and activations)",
     "fp8": "fast + float8 (Ada, Hopper)",

@@ -23,7 +23,7 @@ from chitrakar.domain import GenerationPlan
 BUILTIN_PRESETS = Path(__file__).with_suffix(".toml")
 AUTO = "auto"
 # What "auto" picks, by device type.
-DEVICE_DEFAULTS = {"cpu": "cpu", "cuda": "fp16", "mps": "fp16"}
+DEVICE_DEFAULTS = {"cpu": "cpu", "cuda": "gpu", "mps": "gpu"}
 # float8 matrix multiplies need compute capability 8.9 (Ada Lovelace) or newer.
 FP8_CAPABILITY = (8, 9)
 # bfloat16 tensor cores arrived with Ampere.
@@ -79,6 +79,19 @@ class DeviceFacts:
     type: str
     capability: tuple[int, int] | None = None
     has_compiler: bool = True
+
+
+def resolved_dtype(preset: Preset, device: DeviceFacts) -> str:
+    """The dtype a preset runs in on this device: its own, or for "auto" half precision on a
+    GPU and float32 on a CPU (which computes half precision slowly). bfloat16 where the GPU
+    has it: SDXL's VAE overflows in float16, so diffusers decodes float16 pipelines' latents
+    in float32, which cost 0.64 s and 2.5 GiB of a 2.31 s image on an H200 (BENCHMARKS.md)."""
+    if preset.dtype != "auto":
+        return preset.dtype
+    if device.type == "cuda":
+        bf16 = (device.capability or (0, 0)) >= BF16_CAPABILITY
+        return "bfloat16" if bf16 else "float16"
+    return "float16" if device.type == "mps" else "float32"
 
 
 def unmet_needs(preset: Preset, device: DeviceFacts) -> list[str]:

@@ -25,7 +25,7 @@ from diffusers.models.attention_processor import (
     FusedAttnProcessor2_0,
 )
 
-from chitrakar.presets import DeviceFacts, Preset, PresetError, unmet_needs
+from chitrakar.presets import DeviceFacts, Preset, PresetError, resolved_dtype, unmet_needs
 from workers.style_slot import StyleSlot, make_style_slot
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,7 @@ def check_preset(preset: Preset, device: torch.device) -> None:
 
 
 def preset_dtype(preset: Preset, device: torch.device) -> torch.dtype:
-    if preset.dtype == "auto":
-        # Half precision halves memory and time on accelerators; CPUs compute it slowly.
-        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
-    return DTYPES[preset.dtype]
+    return DTYPES[resolved_dtype(preset, device_facts(device))]
 
 
 def use_compile_cache(folder: Path) -> None:

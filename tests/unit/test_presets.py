@@ -14,6 +14,7 @@ from chitrakar.presets import (
     PresetError,
     adjust_plan,
     load_presets,
+    resolved_dtype,
     unmet_needs,
 )
 
@@ -44,8 +45,9 @@ def test_the_built_in_presets_load_and_cover_the_issue() -> None:
     ("requested", "model", "device", "chosen"),
     [
         (None, None, "cpu", "cpu"),
-        (None, None, "cuda", "fp16"),
-        ("auto", "some/model", "cuda", "fp16"),
+        (None, None, "cuda", "gpu"),
+        ("auto", "some/model", "cuda", "gpu"),
+        (None, None, "mps", "gpu"),
         (None, "stabilityai/sdxl-turbo", "cuda", "turbo"),  # the model's own preset
         ("fast", "stabilityai/sdxl-turbo", "cuda", "fast"),  # the operator's choice wins
         ("int8", None, "cpu", "int8"),
@@ -138,6 +140,26 @@ def test_what_each_preset_needs(preset: str, device: DeviceFacts, needs: list[st
 
 
 PLAN = GenerationPlan("a portrait", 512, 512, 25, (1, 2), 7.0)
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype"),
+    [
+        (CPU, "float32"),
+        (A100, "bfloat16"),  # no float32 VAE decode for SDXL, unlike float16
+        (H100, "bfloat16"),
+        (T4, "float16"),  # no bfloat16 tensor cores before Ampere
+        (DeviceFacts("cuda"), "float16"),  # capability unknown: the safe choice
+        (MAC, "float16"),
+    ],
+)
+def test_auto_precision_follows_the_device(device: DeviceFacts, dtype: str) -> None:
+    catalogue = load_presets()
+    assert resolved_dtype(catalogue.presets["gpu"], device) == dtype
+    assert resolved_dtype(catalogue.presets["lightning"], device) == dtype
+    # A preset that names its dtype keeps it everywhere.
+    assert resolved_dtype(catalogue.presets["fp16"], device) == "float16"
+    assert unmet_needs(catalogue.presets["gpu"], device) == []
 
 
 def test_a_few_step_preset_fixes_steps_and_guidance() -> None:
