@@ -84,8 +84,8 @@ class DeviceFacts:
 def resolved_dtype(preset: Preset, device: DeviceFacts) -> str:
     """The dtype a preset runs in on this device: its own, or for "auto" half precision on a
     GPU and float32 on a CPU (which computes half precision slowly). bfloat16 where the GPU
-    has it: SDXL's VAE overflows in float16, so diffusers decodes float16 pipelines' latents
-    in float32, which cost 0.64 s and 2.5 GiB of a 2.31 s image on an H200 (BENCHMARKS.md)."""
+    has it: SDXL's VAE overflows in float16, so diffusers decodes a float16 pipeline's latents
+    in float32 (2.5 GiB more at 1024²), and on an H200 bfloat16 was faster too (BENCHMARKS.md)."""
     if preset.dtype != "auto":
         return preset.dtype
     if device.type == "cuda":
