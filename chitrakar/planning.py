@@ -102,6 +102,14 @@ def plan_request(
     )
 
 
+def usual_sizes(catalogue: StyleCatalogue, base: int) -> list[tuple[int, int]]:
+    """The image sizes jobs take unless a user asks for an aspect ratio of their own: a
+    command without a style (1:1) and each style's, in that order, each once. A compiled
+    worker compiles these before its first job, so that no user waits for it."""
+    ratios = ["1:1", *(style.aspect_ratio for style in catalogue.styles.values())]
+    return list(dict.fromkeys(image_size(ratio, base) for ratio in ratios))
+
+
 def plan_followup(
     parent_kind: JobKind, parent: GenerationPlan, press: ButtonPress, rng: random.Random
 ) -> tuple[JobKind, GenerationPlan]:

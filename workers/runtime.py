@@ -19,6 +19,7 @@ from chitrakar.artifacts import artifact_store_from_url
 from chitrakar.config import Settings
 from chitrakar.domain import GenerationPlan
 from chitrakar.media import MediaStore
+from chitrakar.planning import usual_sizes
 from chitrakar.styles import StyleCatalogue, load_catalogue
 from db import heartbeats
 from db.session import Store
@@ -95,10 +96,12 @@ class WorkerRuntime:
 
     def warm_up(self) -> None:
         """Load the model and, for a compiled preset, compile it before the first user waits:
-        a short generation of one image at the default size and, when jobs are batched, of
-        two (from the second batch size on, torch.compile makes the batch dimension dynamic,
-        so no later batch size compiles again)."""
+        a short generation at each size jobs take without an --ar of their own (a plain
+        command's square and each style's; every new size compiles again), of one image and,
+        when jobs are batched, of two (from the second batch size on, torch.compile makes
+        the batch dimension dynamic, so no later batch size compiles again)."""
         loaded, size = self.pipeline, self.settings.image_size
+        sizes = usual_sizes(self.catalogue, size)
         counts = (1, 2) if self.settings.max_batch_images > 1 else (1,)
         # With style LoRAs in a compiled UNet's slot, the UNet runs with the slot on and off:
         # both are compiled now (any LoRA of the slot will do; the weights are not guarded).
@@ -106,12 +109,12 @@ class WorkerRuntime:
         styles = [None, next(iter(slot.files))] if slot is not None else [None]
 
         def generate() -> None:
-            for style, count in itertools.product(styles, counts):
+            for (width, height), style, count in itertools.product(sizes, styles, counts):
                 use_lora(loaded, style, 1.0)
                 plan = GenerationPlan(
                     prompt="warm-up",
-                    width=size,
-                    height=size,
+                    width=width,
+                    height=height,
                     steps=2,
                     seeds=tuple(range(count)),
                     guidance_scale=self.settings.guidance_scale,

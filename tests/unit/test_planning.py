@@ -22,7 +22,13 @@ from chitrakar.domain import (
     JobKind,
     parse_image_command,
 )
-from chitrakar.planning import Defaults, choose_style, plan_followup, plan_request
+from chitrakar.planning import (
+    Defaults,
+    choose_style,
+    plan_followup,
+    plan_request,
+    usual_sizes,
+)
 from chitrakar.styles import load_catalogue
 
 CATALOGUE = load_catalogue()
@@ -185,3 +191,15 @@ def test_a_press_the_result_does_not_offer_is_refused(kind: JobKind, press: Butt
     with pytest.raises(ButtonRefused) as refused:
         plan_followup(kind, PARENT, press, random.Random())
     assert refused.value.key == "button.stale"
+
+
+def test_the_usual_sizes_are_every_size_a_job_takes_without_its_own_ratio() -> None:
+    sizes = usual_sizes(CATALOGUE, 512)
+    # Square first (a command without a style), then the built-in styles' 4:5 and 2:3, once each.
+    assert sizes == [(512, 512), (456, 576), (416, 624)]
+    planned = {(plan.width, plan.height) for plan in [plan_of("a cat")]} | {
+        (plan.width, plan.height)
+        for key in CATALOGUE.styles
+        for plan in [plan_of(f"a cat --style {key}")]
+    }
+    assert planned == set(sizes)
