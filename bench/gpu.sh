@@ -17,8 +17,8 @@
 # the steps before it always come back. Most important first: fp16 (the baseline and batching),
 # the few-step preset, the memory preset, then the compiled ones. The compiled steps use
 # Inductor's "default" mode (fast-default-compile, and int8-dynamic-default-compile from
-# bench/gpu-presets.toml): the shipped presets' autotuning alone takes longer for SDXL than a
-# session's GPU time.
+# bench/gpu-presets.toml): the shipped presets autotune every kernel on a fresh cache, which
+# a session's 15 minutes of GPU time cannot be counted on to hold.
 #
 # GPU_BENCH_ONLY="lightning lightning-fp16" runs only the presets named (the model is always made).
 # GPU_BENCH_DRY=1 runs the same steps with the tiny model at 64×64, 2 steps, to check the
@@ -45,7 +45,8 @@ STARTED=$SECONDS
 BUDGET=${GPU_BENCH_SECONDS:-530}
 OUT="${OUT:-$PWD/gpu-results}"
 mkdir -p "$OUT"
-exec > >(tee -a "$OUT/log.txt") 2>&1
+exec > >(tee "$OUT/log.txt") 2>&1
+TEE=$!
 
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -71,10 +72,11 @@ def version(name):
 print("python", sys.version.split()[0], *(f"{n} {version(n)}" for n in names))
 EOF
 
-SIZE=1024 STEPS=30 FEW_STEPS=4 RUNS=3 MODEL=/tmp/sdxl-random
+SIZE=1024 STEPS=30 FEW_STEPS=4 RUNS=3 MODEL=/tmp/sdxl-random LABEL=sdxl
 MAKE_MODEL=(model make-random --arch sdxl)
 if [ "${GPU_BENCH_DRY:-}" = 1 ]; then
-  SIZE=64 STEPS=2 FEW_STEPS=2 RUNS=1 MODEL=/tmp/chitrakar-tiny-dry MAKE_MODEL=(model make-tiny)
+  SIZE=64 STEPS=2 FEW_STEPS=2 RUNS=1 MODEL=/tmp/chitrakar-tiny-dry LABEL=tiny-dry
+  MAKE_MODEL=(model make-tiny)
 fi
 REPORTS=/tmp/chitrakar-bench-json
 mkdir -p "$REPORTS"
@@ -104,7 +106,8 @@ bench() {  # bench LIMIT_S PRESET ARGS...
   if [ -n "${GPU_BENCH_ONLY:-}" ] && [[ " $GPU_BENCH_ONLY " != *" $preset "* ]]; then
     return
   fi
-  step "$limit" "bench $preset $*" python3 -m chitrakar bench --model "$MODEL" --label sdxl \
+  rm -f "$REPORTS/$preset.json"  # a step that ends early must not bring back an old report
+  step "$limit" "bench $preset $*" python3 -m chitrakar bench --model "$MODEL" --label "$LABEL" \
     --preset "$preset" --json "$REPORTS/$preset.json" --record "$OUT/BENCHMARKS.md" \
     --table "$OUT/measurements.jsonl" "$@"
   # One file for every report: the device tool brings back at most 8 files.
@@ -126,6 +129,8 @@ bench 50 gpu --size "$SIZE" --steps "$STEPS" --batches 1 --runs "$RUNS"
 bench 240 fast-default-compile --size "$SIZE" --steps "$STEPS" --batches 1 --runs "$RUNS"
 bench 240 int8-dynamic-default-compile --size "$SIZE" --steps "$STEPS" --batches 1 --runs "$RUNS"
 
-python3 -m chitrakar plan --gpu-mem 8GiB --model sdxl --table "$OUT/measurements.jsonl" \
+python3 -m chitrakar plan --gpu-mem 8GiB --model "$LABEL" --table "$OUT/measurements.jsonl" \
   | tee "$OUT/plan-8gib.txt"
 echo "== done at $((SECONDS - STARTED))s"
+exec >&- 2>&-  # tee sees the end of its input: wait for it to write the last lines
+wait "$TEE"

@@ -460,12 +460,13 @@ def cmd_presets(settings: Settings, _: argparse.Namespace) -> int:
         raise SystemExit(str(exc)) from None
     facts = device_facts(device)
     print(f"Presets on this machine ({device}); the worker would use: {chosen}\n")
+    width = max(map(len, catalogue.presets))
     for name, preset in sorted(catalogue.presets.items()):
         reasons = unmet_needs(preset, facts)
         mark = "  " if not reasons else "✗ "
-        print(f"{mark}{name:<14} {preset.description}")
+        print(f"{mark}{name:<{width}} {preset.description}")
         for reason in reasons:
-            print(f"{'':16} cannot run here: {reason}")
+            print(f"{'':{width + 2}} cannot run here: {reason}")
     return 0
 
 

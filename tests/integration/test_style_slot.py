@@ -17,7 +17,9 @@ import torch._dynamo
 from safetensors.torch import load_file, save_file
 
 from chitrakar.domain import GenerationPlan
+from chitrakar.planning import usual_sizes
 from chitrakar.presets import Preset, PresetError
+from chitrakar.styles import load_catalogue
 from tests.support.botapi import BotApiEmulator
 from tests.support.stack import worker_settings
 from workers.acceleration import use_compile_cache
@@ -155,8 +157,13 @@ def test_a_compiled_worker_switches_styles_without_compiling_again(
 ) -> None:
     reference = _named_adapters(tiny_model, loras)
     styles = tmp_path / "styles.toml"
+    # Only square styles: each size the catalogue's styles use is compiled at warm-up (about
+    # a minute and a half more per size on 2 cores), and this test is about the slot.
+    builtin_off = "".join(f"[styles.{key}]\nenabled = false\n" for key in load_catalogue().styles)
     styles.write_text(
-        "".join(
+        '[defaults]\nstyle = "ink"\n'
+        + builtin_off
+        + "".join(
             f"[styles.{key}]\n"
             f'name = {{ en = "{key}" }}\n'
             f'description = {{ en = "{key}" }}\n'
@@ -183,6 +190,7 @@ def test_a_compiled_worker_switches_styles_without_compiling_again(
     )
     use_compile_cache(settings.compile_cache_dir)
     runtime = WorkerRuntime(settings, publish=lambda _job_id: None)
+    assert usual_sizes(runtime.catalogue, 64) == [(64, 64)]
     try:
         runtime.warm_up()
         loaded = runtime.pipeline
