@@ -169,13 +169,11 @@ def measurements(report: BenchReport) -> list[Measurement]:
 
 
 def record(report: BenchReport, benchmarks_md: Path, table: Path) -> None:
-    """Append the report's rows to BENCHMARKS.md (under its own heading, added once) and
-    to the measured table."""
+    """Add the report's rows to BENCHMARKS.md's bench table (the heading and the table made
+    once, at the end) and to the measured table."""
     rows = measurements(report)  # checked before anything is written
     text = benchmarks_md.read_text(encoding="utf-8") if benchmarks_md.exists() else ""
     lines = []
-    if BENCH_HEADING not in text:
-        lines += ["", BENCH_HEADING, "", BENCH_TABLE_HEADER]
     for figures in report.batches:
         peak = (
             f"{figures.peak_memory_bytes / 2**30:.2f} GiB"
@@ -189,10 +187,24 @@ def record(report: BenchReport, benchmarks_md: Path, table: Path) -> None:
             f"{figures.seconds_per_image:.3f} s | {figures.images_per_second:.2f} | {peak} | "
             f"`{report.command}` |"
         )
-    with benchmarks_md.open("a", encoding="utf-8") as file:
-        file.write(("\n" if text and not text.endswith("\n") else "") + "\n".join(lines) + "\n")
+    benchmarks_md.write_text(_with_rows(text, lines), encoding="utf-8")
     for row in rows:
         append_measurement(table, row)
+
+
+def _with_rows(text: str, rows: list[str]) -> str:
+    """`text` with `rows` at the end of the bench table (whatever prose follows it), or with
+    the heading and the table added at the end when it has none."""
+    lines = text.splitlines()
+    if BENCH_HEADING not in lines:
+        ending = "" if not text or text.endswith("\n") else "\n"
+        return text + ending + "\n".join(["", BENCH_HEADING, "", BENCH_TABLE_HEADER, *rows]) + "\n"
+    at = lines.index(BENCH_HEADING) + 1
+    while at < len(lines) and not lines[at].startswith("|"):  # to the table
+        at += 1
+    while at < len(lines) and lines[at].startswith("|"):  # past its last row
+        at += 1
+    return "\n".join(lines[:at] + rows + lines[at:]) + "\n"
 
 
 def format_report(report: BenchReport) -> str:

@@ -13,6 +13,13 @@ from PIL import Image
 
 from chitrakar.capacity import Measurement, append_measurement, load_measurements
 from tests.support.stack import run_chitrakar
+from workers.benchmark import (
+    BENCH_HEADING,
+    BENCH_TABLE_HEADER,
+    BatchFigures,
+    BenchReport,
+    record,
+)
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -65,6 +72,32 @@ def test_bench_measures_records_and_plan_reads_it_back(tmp_path: Path, tiny_mode
     assert "(0 published, 4 measured" in planned.stdout
     [row] = [line for line in planned.stdout.splitlines() if line.startswith("cpu ")]
     assert row.split()[1] == "?" and "(CPU)" in row
+
+
+def test_recorded_rows_go_into_the_bench_table_not_after_what_follows_it(
+    tmp_path: Path,
+) -> None:
+    benchmarks = tmp_path / "BENCHMARKS.md"
+    row = "| 2026-11-26 | an older row |"
+    benchmarks.write_text(
+        f"# Benchmarks\n\n{BENCH_HEADING}\n\n{BENCH_TABLE_HEADER}\n{row}\n\nWhat it shows.\n\n"
+        "## A later section\n\n| another | table |\n",
+        encoding="utf-8",
+    )
+    report = BenchReport(
+        date="2026-11-27", machine="NVIDIA H200", torch="2.11.0", diffusers="0.42.1",
+        model="sdxl", preset="gpu", width=1024, height=1024, steps=30, runs=3,
+        warm_up_seconds=2.7, command="chitrakar bench --preset gpu",
+        batches=[BatchFigures(1, 1.874, [1.874, 1.864, 2.169], 9 * 2**30)],
+    )  # fmt: skip
+    record(report, benchmarks, tmp_path / "m.jsonl")
+
+    lines = benchmarks.read_text(encoding="utf-8").splitlines()
+    new = lines.index(row) + 1
+    assert lines[new].startswith("| 2026-11-27 | NVIDIA H200 |") and "| 9.00 GiB |" in lines[new]
+    assert lines[new + 1 :] == ["", "What it shows.", "", "## A later section", "",
+                                "| another | table |"]  # fmt: skip
+    assert len(load_measurements(tmp_path / "m.jsonl")) == 1
 
 
 def test_a_preset_the_machine_cannot_run_is_refused_in_one_line(
