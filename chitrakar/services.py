@@ -202,7 +202,7 @@ class JobIntake:
             chosen = jobs.default_styles_of(uow, channel, users)
             styles.update(((channel, user), style) for user, style in chosen.items())
         limits = ledger.account_limits(
-            uow.session, {key for origin in origins for key in _account_keys(origin)}
+            uow.connection, {key for origin in origins for key in _account_keys(origin)}
         )
         return [
             Standing(
@@ -316,7 +316,7 @@ class JobIntake:
             return self._accounts(uow, origin)
 
     def _accounts(self, uow: UnitOfWork, origin: Origin) -> tuple[Account, ...]:
-        limits = ledger.account_limits(uow.session, _account_keys(origin))
+        limits = ledger.account_limits(uow.connection, _account_keys(origin))
         return self._accounts_with(origin, limits)
 
     def _accounts_with(self, origin: Origin, limits: Mapping[str, int]) -> tuple[Account, ...]:

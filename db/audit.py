@@ -171,13 +171,15 @@ _SETTINGS_OF_CHATS = select(
 
 
 def is_banned(uow: UnitOfWork, channel: str, external_id: str) -> bool:
-    banned = uow.session.scalar(_BANNED, {"channel": channel, "external_id": external_id})
+    banned = uow.connection.scalar(_BANNED, {"channel": channel, "external_id": external_id})
     return bool(banned)
 
 
 def banned_among(uow: UnitOfWork, channel: str, external_ids: Collection[str]) -> set[str]:
     """Which of these users are banned, in one statement."""
-    found = uow.session.scalars(_BANNED_AMONG, {"channel": channel, "external_ids": external_ids})
+    found = uow.connection.scalars(
+        _BANNED_AMONG, {"channel": channel, "external_ids": external_ids}
+    )
     return set(found)
 
 
@@ -203,7 +205,7 @@ def set_flag(uow: UnitOfWork, key: str, value: str | None, set_by: str) -> None:
 
 
 def get_flag(uow: UnitOfWork, key: str) -> str | None:
-    return uow.session.scalar(_FLAG, {"key": key})
+    return uow.connection.scalar(_FLAG, {"key": key})
 
 
 # Group settings.
@@ -239,7 +241,7 @@ UNSET: Final = _Unset.UNSET
 
 
 def chat_settings(uow: UnitOfWork, channel: str, chat_id: int) -> ChatSettingsView:
-    row = uow.session.execute(_CHAT_SETTINGS, {"channel": channel, "chat_id": chat_id}).first()
+    row = uow.connection.execute(_CHAT_SETTINGS, {"channel": channel, "chat_id": chat_id}).first()
     return ChatSettingsView.of(row) if row is not None else ChatSettingsView()
 
 
@@ -247,7 +249,7 @@ def settings_of_chats(
     uow: UnitOfWork, channel: str, chat_ids: Collection[int]
 ) -> dict[int, ChatSettingsView]:
     """`chat_settings` of each chat, in one statement."""
-    found = uow.session.execute(_SETTINGS_OF_CHATS, {"channel": channel, "chat_ids": chat_ids})
+    found = uow.connection.execute(_SETTINGS_OF_CHATS, {"channel": channel, "chat_ids": chat_ids})
     decided = {row.chat_id: ChatSettingsView.of(row) for row in found}
     return {chat_id: decided.get(chat_id, ChatSettingsView()) for chat_id in chat_ids}
 

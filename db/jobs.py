@@ -20,7 +20,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import CursorResult
+from sqlalchemy.engine import Connection, CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -296,7 +296,7 @@ def _user_upsert(dialect: str) -> Any:
     ).returning(USERS.c.id)
 
 
-def _user_id_for(session: Session, origin: Origin) -> int:
+def _user_id_for(connection: Connection, origin: Origin) -> int:
     """The user's row id, made if new, with the name and language this request gives. One
     upsert, since two requests from a new user can arrive at once; it also takes the row's
     lock (PostgreSQL) or the write lock (SQLite) for the rest of the transaction, which
@@ -308,12 +308,12 @@ def _user_id_for(session: Session, origin: Origin) -> int:
         "language": origin.language,
         "created_at": utcnow(),
     }
-    return int(session.execute(_user_upsert(dialect_name(session)), values).scalar_one())
+    return int(connection.execute(_user_upsert(dialect_name(connection)), values).scalar_one())
 
 
 def _user_for(session: Session, origin: Origin) -> User:
     """The user's row (see `_user_id_for`)."""
-    user = session.get(User, _user_id_for(session, origin), populate_existing=True)
+    user = session.get(User, _user_id_for(session.connection(), origin), populate_existing=True)
     assert user is not None
     return user
 
@@ -385,13 +385,15 @@ def take_in(
     jobs in flight (None: held). Commits. Raises DuplicateRequest when the same message or
     button press already made a job, and QuotaExceeded (recording nothing) when a paying
     account is short."""
-    # Core statements built once, not the ORM's unit of work: this runs for every request.
-    session, now = uow.session, utcnow()
+    # Core statements built once, on the connection, not the ORM's unit of work: this runs
+    # for every request.
+    session, connection, now = uow.session, uow.connection, utcnow()
     try:
         # The upsert holds the user's lock (as claim_hand_over does) until the commit.
-        user_id = _user_id_for(session, origin)
-        handed_over = hand_over_limit is not None and _in_flight(session, user_id) < hand_over_limit
-        job_id = session.execute(
+        user_id = _user_id_for(connection, origin)
+        in_flight = _in_flight(connection, user_id) if hand_over_limit is not None else 0
+        handed_over = hand_over_limit is not None and in_flight < hand_over_limit
+        job_id = connection.execute(
             _NEW_JOB,
             dict(
                 user_id=user_id,
@@ -424,9 +426,9 @@ def take_in(
                 created_at=now,
             ),
         ).scalar_one()
-        session.execute(_NEW_EVENT, {"job_id": job_id, "status": JobStatus.QUEUED, "at": now})
+        connection.execute(_NEW_EVENT, {"job_id": job_id, "status": JobStatus.QUEUED, "at": now})
         if charge is not None:
-            ledger.reserve(session, charge.accounts, job_id, charge.cost, charge.day)
+            ledger.reserve(connection, charge.accounts, job_id, charge.cost, charge.day)
         position = queue_position(uow, job_id)
         uow.commit()
     except QuotaExceeded:
@@ -450,7 +452,7 @@ def take_in(
 def queue_position(uow: UnitOfWork, job_id: int) -> int:
     """1 for the next job to run: active jobs handed to the workers before this one, plus
     one. Jobs held back (another user's flood) are not ahead of it."""
-    ahead = uow.session.scalar(_AHEAD, {"job_id": job_id})
+    ahead = uow.connection.scalar(_AHEAD, {"job_id": job_id})
     return int(ahead or 0) + 1
 
 
@@ -482,7 +484,9 @@ def default_styles_of(
     uow: UnitOfWork, channel: str, external_ids: Collection[str]
 ) -> dict[str, str]:
     """The default style of each of these users who chose one, in one statement."""
-    found = uow.session.execute(_DEFAULT_STYLES, {"channel": channel, "external_ids": external_ids})
+    found = uow.connection.execute(
+        _DEFAULT_STYLES, {"channel": channel, "external_ids": external_ids}
+    )
     return {row.external_id: row.default_style for row in found}
 
 
@@ -505,11 +509,12 @@ def attach_status_messages(uow: UnitOfWork, sent: Sequence[tuple[int, int]]) -> 
     # One conditional write each: it waits for the row's lock (SQLite's write lock) and judges
     # the row as the worker's `record_results` left it, so the two happen in one order or the
     # other. In the jobs' order, so that two such batches never wait for each other's locks.
+    connection = uow.connection
     recorded = {
         job_id: bool(
             cast(
                 CursorResult[Any],
-                uow.session.execute(_ATTACH_STATUS, {"job_id": job_id, "message_id": message_id}),
+                connection.execute(_ATTACH_STATUS, {"job_id": job_id, "message_id": message_id}),
             ).rowcount
         )
         for job_id, message_id in sorted(sent)
@@ -525,14 +530,14 @@ def start_job(
     worker that beat since `alive_since` is running it (a duplicate delivery of its task):
     there is nothing left to do. Commits. (Core statements: a `Job` this session loaded
     before is not refreshed.)"""
-    session, now = uow.session, utcnow()
+    connection, now = uow.connection, utcnow()
     # One conditional UPDATE decides, under the row's lock (SQLite's write lock), between
     # two workers given the same job: the second sees the first's worker, alive.
-    started = session.execute(
+    started = connection.execute(
         _START, {"job_id": job_id, "worker_name": worker, "now": now, "alive_since": alive_since}
     ).first()
     if started is None:
-        found = session.execute(_STATUS_AND_WORKER, {"job_id": job_id}).first()
+        found = connection.execute(_STATUS_AND_WORKER, {"job_id": job_id}).first()
         uow.commit()
         if found is None:
             raise JobNotFound(job_id)
@@ -542,7 +547,7 @@ def start_job(
             )
         return None
     detail = f"attempt {started.attempts} on {worker}"
-    session.execute(
+    connection.execute(
         _NEW_EVENT, {"job_id": job_id, "status": JobStatus.RUNNING, "detail": detail, "at": now}
     )
     uow.commit()
@@ -628,14 +633,14 @@ def record_results(
     as soon as the message that shows them arrives. A job that sends none of them (a preview
     grid) records an empty list. Returns the job's status message, as recorded by then: the
     bot records none after this (`attach_status_message`). Commits."""
-    session = uow.session
-    recorded = session.execute(
+    connection = uow.connection
+    recorded = connection.execute(
         _RECORD_RESULTS, {"job_id": job_id, "paths": result_paths, "checksums": result_checksums}
     ).first()
     status_message_id = (
         recorded.status_message_id
         if recorded is not None
-        else session.scalar(_STATUS_MESSAGE, {"job_id": job_id})
+        else connection.scalar(_STATUS_MESSAGE, {"job_id": job_id})
     )
     uow.commit()
     return status_message_id
@@ -720,7 +725,7 @@ def complete_job(
     user cancelled while the images were on their way stays cancelled (and refunded); what
     was delivered is recorded all the same. Commits. (Core statements: a `Job` this session
     loaded before is not refreshed.)"""
-    session, now = uow.session, utcnow()
+    connection, now = uow.connection, utcnow()
     results = {
         "job_id": job_id,
         "paths": result_paths,
@@ -728,20 +733,20 @@ def complete_job(
         "checksums": result_checksums,
     }
     # One conditional UPDATE decides between this end and a cancellation at the same moment.
-    done = session.execute(
+    done = connection.execute(
         _COMPLETE, {**results, "seconds": generation_seconds, "now": now}
     ).first()
     if done is None:
-        found = session.execute(_STATUS_AND_WORKER, {"job_id": job_id}).first()
+        found = connection.execute(_STATUS_AND_WORKER, {"job_id": job_id}).first()
         if found is None:
             raise JobNotFound(job_id)
         if found.status != JobStatus.CANCELLED:
             raise InvalidTransition(f"job {job_id} cannot go from {found.status} to done")
-        session.execute(_RESULTS_OF_CANCELLED, results)
+        connection.execute(_RESULTS_OF_CANCELLED, results)
         uow.commit()
         return
-    session.execute(_NEW_EVENT, {"job_id": job_id, "status": JobStatus.DONE, "at": now})
-    ledger.commit(session, job_id)
+    connection.execute(_NEW_EVENT, {"job_id": job_id, "status": JobStatus.DONE, "at": now})
+    ledger.commit(connection, job_id)
     uow.commit()
 
 
@@ -758,9 +763,9 @@ def fail_job(uow: UnitOfWork, job_id: int, error: str) -> JobView | None:
     return JobView.of(job)
 
 
-def _user_lock(session: Session, user_id: int) -> None:
+def _user_lock(connection: Connection, user_id: int) -> None:
     """Serialise hand-overs of one user's jobs (their row's lock, or SQLite's write lock)."""
-    session.execute(_LOCK_USER, {"user_id": user_id})
+    connection.execute(_LOCK_USER, {"user_id": user_id})
 
 
 def _in_flight_count(user_id: int | BindParameter[int]) -> Select[Any]:
@@ -814,8 +819,8 @@ _HAND_OVER = (
 )
 
 
-def _in_flight(session: Session, user_id: int) -> int:
-    return int(session.scalar(_IN_FLIGHT, {"user_id": user_id}) or 0)
+def _in_flight(connection: Connection, user_id: int) -> int:
+    return int(connection.scalar(_IN_FLIGHT, {"user_id": user_id}) or 0)
 
 
 def is_handed_over(uow: UnitOfWork, job_id: int) -> bool:
@@ -826,33 +831,33 @@ def is_handed_over(uow: UnitOfWork, job_id: int) -> bool:
 def claim_hand_over(uow: UnitOfWork, job_id: int, limit: int) -> bool:
     """Mark an accepted job handed to the broker if its user has fewer than `limit` there;
     False leaves it held (it is handed over when one of theirs ends). Commits."""
-    session = uow.session
-    user_id = session.scalar(_USER_OF_JOB, {"job_id": job_id})
+    connection = uow.connection
+    user_id = connection.scalar(_USER_OF_JOB, {"job_id": job_id})
     if user_id is None:
         raise JobNotFound(job_id)
-    _user_lock(session, user_id)
+    _user_lock(connection, user_id)
     # One conditional write, under the user's lock.
-    claimed = session.execute(
+    claimed = connection.execute(
         _CLAIM_HAND_OVER, {"job_id": job_id, "owner_id": user_id, "limit": limit, "now": utcnow()}
     )
     uow.commit()
-    return bool(claimed.rowcount == 1)  # type: ignore[attr-defined]
+    return claimed.rowcount == 1
 
 
 def next_held_jobs(uow: UnitOfWork, user_id: int, limit: int) -> list[int]:
     """Hand over the user's oldest held jobs, as many as their free places allow. Commits."""
-    session = uow.session
-    _user_lock(session, user_id)
-    free = limit - _in_flight(session, user_id)
-    held = list(session.scalars(_HELD, {"user_id": user_id, "free": free})) if free > 0 else []
+    connection = uow.connection
+    _user_lock(connection, user_id)
+    free = limit - _in_flight(connection, user_id)
+    held = list(connection.scalars(_HELD, {"user_id": user_id, "free": free})) if free > 0 else []
     if held:
-        session.execute(_HAND_OVER, {"job_ids": held, "now": utcnow()})
+        connection.execute(_HAND_OVER, {"job_ids": held, "now": utcnow()})
     uow.commit()
     return held
 
 
 def user_id_of(uow: UnitOfWork, job_id: int) -> int:
-    user_id = uow.session.scalar(_USER_OF_JOB, {"job_id": job_id})
+    user_id = uow.connection.scalar(_USER_OF_JOB, {"job_id": job_id})
     if user_id is None:
         raise JobNotFound(job_id)
     return int(user_id)

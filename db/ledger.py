@@ -13,7 +13,7 @@ from datetime import date
 from functools import cache
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, exists, func, insert, literal, select, update
+from sqlalchemy import Connection, Table, bindparam, exists, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from chitrakar.quota import Account, exceeded
@@ -52,17 +52,17 @@ def _account_upsert(dialect: str) -> Any:
     )
 
 
-def _locked_account_id(session: Session, key: str) -> int:
+def _locked_account_id(connection: Connection, key: str) -> int:
     """The account's id, its row made if new, and locked for the rest of the transaction: the
     upsert bumps lock_version, which takes the row's lock (PostgreSQL) or the write lock
     (SQLite)."""
-    upsert = _account_upsert(dialect_name(session))
-    return int(session.execute(upsert, {"key": key, "lock_version": 0}).scalar_one())
+    upsert = _account_upsert(dialect_name(connection))
+    return int(connection.execute(upsert, {"key": key, "lock_version": 0}).scalar_one())
 
 
-def _spent_net(session: Session, account_id: int, day: date) -> int:
+def _spent_net(connection: Connection, account_id: int, day: date) -> int:
     """The sum of the day's entries: grants and refunds add, reserves subtract."""
-    total = session.scalar(_SPENT_NET, {"account_id": account_id, "day": day})
+    total = connection.scalar(_SPENT_NET, {"account_id": account_id, "day": day})
     return int(total or 0)
 
 
@@ -71,12 +71,12 @@ def balance(session: Session, account: Account, day: date) -> int | None:
     if account.daily_limit is None:
         return None
     account_id = session.scalar(select(AccountRow.id).where(AccountRow.key == account.key))
-    spent = _spent_net(session, account_id, day) if account_id is not None else 0
+    spent = _spent_net(session.connection(), account_id, day) if account_id is not None else 0
     return account.daily_limit + spent
 
 
 def reserve(
-    session: Session, accounts: Sequence[Account], job_id: int, cost: int, day: date
+    connection: Connection, accounts: Sequence[Account], job_id: int, cost: int, day: date
 ) -> None:
     """Take `cost` credits from every limited account, or from none: raises QuotaExceeded
     (naming the first account short of credits) when any has too few left."""
@@ -86,13 +86,13 @@ def reserve(
     ids = []
     # Locks are taken in key order, so two reservations never wait on each other in a cycle.
     for account in limited:
-        account_id = _locked_account_id(session, account.key)
+        account_id = _locked_account_id(connection, account.key)
         assert account.daily_limit is not None
-        left = account.daily_limit + _spent_net(session, account_id, day)
+        left = account.daily_limit + _spent_net(connection, account_id, day)
         if cost > left:
             raise exceeded(account.key, cost, left)
         ids.append(account_id)
-    session.execute(
+    connection.execute(
         _NEW_ENTRY,
         [
             {"account_id": i, "job_id": job_id, "kind": RESERVE, "amount": -cost, "day": day}
@@ -138,16 +138,16 @@ def refund(session: Session, job_id: int) -> None:
     session.execute(statement, {"job_id": job_id, "now": utcnow()})
 
 
-def commit(session: Session, job_id: int) -> None:
+def commit(connection: Connection, job_id: int) -> None:
     """Make a job's reservation final (the job delivered its images); never after a refund."""
-    statement = _settle_reserves(dialect_name(session), COMMIT)
-    session.execute(statement, {"job_id": job_id, "now": utcnow()})
+    statement = _settle_reserves(dialect_name(connection), COMMIT)
+    connection.execute(statement, {"job_id": job_id, "now": utcnow()})
 
 
 def grant(session: Session, key: str, amount: int, day: date, note: str | None = None) -> None:
     session.add(
         LedgerEntry(
-            account_id=_locked_account_id(session, key),
+            account_id=_locked_account_id(session.connection(), key),
             kind=GRANT,
             amount=amount,
             day=day,
@@ -161,12 +161,12 @@ def account_limit(session: Session, key: str) -> int | None:
     return session.scalar(_ACCOUNT_LIMIT, {"account_key": key})
 
 
-def account_limits(session: Session, keys: Collection[str]) -> dict[str, int]:
+def account_limits(connection: Connection, keys: Collection[str]) -> dict[str, int]:
     """The limit set on each of these accounts that has one, in one statement."""
-    found = session.execute(_ACCOUNT_LIMITS, {"account_keys": keys})
+    found = connection.execute(_ACCOUNT_LIMITS, {"account_keys": keys})
     return {row.key: row.daily_limit for row in found}
 
 
 def set_account_limit(session: Session, key: str, limit: int | None) -> None:
-    account_id = _locked_account_id(session, key)
+    account_id = _locked_account_id(session.connection(), key)
     session.execute(update(AccountRow).where(AccountRow.id == account_id).values(daily_limit=limit))
