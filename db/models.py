@@ -97,7 +97,9 @@ class Job(Base):
 
     __tablename__ = "jobs"
     __table_args__ = (
-        Index("ix_jobs_status_id", "status", "id"),
+        # Active jobs oldest first; with published_at, a job's place in the queue is counted
+        # from the index alone.
+        Index("ix_jobs_status_id_published_at", "status", "id", "published_at"),
         # One job per chat message or button press: a repeated update (a webhook retry, an
         # update offered twice) finds the job it already made.
         Index("ux_jobs_trigger", "channel", "chat_id", "trigger", unique=True),
