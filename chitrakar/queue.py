@@ -85,7 +85,7 @@ def make_celery(settings: Settings, name: str = "chitrakar") -> Celery:
 
 
 def publish_generate(app: Celery, job_id: int) -> None:
-    app.send_task(GENERATE_TASK, args=[job_id], queue=QUEUE)
+    app.send_task(GENERATE_TASK, args=[job_id], queue=QUEUE, **_shown_as(job_id))
 
 
 def publish_generate_many(app: Celery, job_ids: Sequence[int]) -> None:
@@ -94,4 +94,12 @@ def publish_generate_many(app: Celery, job_ids: Sequence[int]) -> None:
     it raises, any of the jobs may or may not have been published."""
     with app.producer_or_acquire() as producer, producer.batch():
         for job_id in job_ids:
-            app.send_task(GENERATE_TASK, args=[job_id], queue=QUEUE, producer=producer)
+            app.send_task(
+                GENERATE_TASK, args=[job_id], queue=QUEUE, producer=producer, **_shown_as(job_id)
+            )
+
+
+def _shown_as(job_id: int) -> dict[str, str]:
+    """How a task's arguments are shown (the worker's log, monitoring tools): what Celery
+    would write, without its safe repr of them, a tenth of the CPU each publish costs."""
+    return {"argsrepr": f"[{job_id}]", "kwargsrepr": "{}"}

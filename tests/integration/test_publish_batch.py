@@ -13,10 +13,13 @@ from chitrakar.config import Settings
 from chitrakar.queue import GENERATE_TASK, QUEUE, make_celery, publish_generate_many
 
 
-def received(settings: Settings, count: int, timeout: float = 30) -> list[tuple[str, list[int]]]:
-    """Take `count` messages from the generate queue as a worker would: task name and args."""
+def received(
+    settings: Settings, count: int, timeout: float = 30
+) -> list[tuple[str, list[int], str]]:
+    """Take `count` messages from the generate queue as a worker would: task name, args and
+    how the args are shown (the worker's log)."""
     app = make_celery(settings)
-    taken: list[tuple[str, list[int]]] = []
+    taken: list[tuple[str, list[int], str]] = []
     with app.connection_for_read() as connection:
         queue = connection.SimpleQueue(QUEUE)
         deadline = time.monotonic() + timeout
@@ -26,7 +29,7 @@ def received(settings: Settings, count: int, timeout: float = 30) -> list[tuple[
             except queue.Empty:
                 continue
             args, _kwargs, _embed = message.decode()
-            taken.append((message.headers["task"], args))
+            taken.append((message.headers["task"], args, message.headers["argsrepr"]))
             message.ack()
         queue.close()
     return taken
@@ -41,4 +44,6 @@ def test_jobs_published_together_reach_the_workers_queue_in_order(
     # Enough that several are written within one millisecond.
     job_ids = list(range(100, 120))
     publish_generate_many(make_celery(settings), job_ids)
-    assert received(settings, len(job_ids)) == [(GENERATE_TASK, [job_id]) for job_id in job_ids]
+    assert received(settings, len(job_ids)) == [
+        (GENERATE_TASK, [job_id], f"[{job_id}]") for job_id in job_ids
+    ]
