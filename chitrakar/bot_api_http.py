@@ -103,10 +103,10 @@ class AiohttpRequest(BaseRequest):
             sock_read=read,
         )
         body: aiohttp.FormData | BytesPayload | None = None
-        if fields and not files:
+        if fields is not None and not files:
             # Encoded here, as aiohttp's FormData would: given a dict, aiohttp first searches
-            # its payload types for one (a search that fails) before making a FormData of it,
-            # about a quarter of the CPU a status message costs (BENCHMARKS.md).
+            # its payload types for one (a search that fails and raises) before making a
+            # FormData of it, about a tenth of a request's CPU here (BENCHMARKS.md).
             body = BytesPayload(urlencode(fields).encode(), content_type=FORM_CONTENT_TYPE)
         elif files:
             # File names as given, not percent-encoded (what httpx sends).

@@ -154,6 +154,7 @@ async def test_what_goes_on_the_wire_is_what_python_telegram_bots_own_client_sen
     await request.initialize()
     try:
         await bot.do_api_request("recordForm", api_kwargs={"chat_id": 5, "text": "नमस्ते"})
+        await bot.do_api_request("recordEmpty")  # a method without parameters, as getMe
         photo = InputFile(png("orange"), filename="my photo तस्वीर.png")
         await bot.do_api_request("recordUpload", api_kwargs={"chat_id": 5, "document": photo})
         # A redirect is answered as it came, not followed (as with httpx).
@@ -161,10 +162,13 @@ async def test_what_goes_on_the_wire_is_what_python_telegram_bots_own_client_sen
     finally:
         await request.shutdown()
 
-    plain, upload, moved = seen
+    plain, empty, upload, moved = seen
     # Parameters as a form, each value JSON-encoded where it is not a string.
     assert plain["content_type"] == "application/x-www-form-urlencoded"
     assert plain["form"] == {"chat_id": "5", "text": "नमस्ते"}
+    # No parameters: an empty form all the same.
+    assert empty["content_type"] == "application/x-www-form-urlencoded"
+    assert empty["form"] == {}
     assert plain["user_agent"].startswith("python-telegram-bot")
     # A file as multipart, its name as given, not percent-encoded.
     assert upload["content_type"] == "multipart/form-data"
@@ -173,7 +177,7 @@ async def test_what_goes_on_the_wire_is_what_python_telegram_bots_own_client_sen
     disposition, data = fields["document"]
     assert 'filename="my photo तस्वीर.png"' in disposition
     assert data == png("orange")
-    assert len(seen) == 3 and moved["path"].endswith("/moved")
+    assert len(seen) == 4 and moved["path"].endswith("/moved")
 
 
 async def test_a_long_poll_waits_past_the_read_timeout(emulator: BotApiEmulator) -> None:
