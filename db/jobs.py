@@ -391,8 +391,9 @@ def take_in(
     try:
         # The upsert holds the user's lock (as claim_hand_over does) until the commit.
         user_id = _user_id_for(connection, origin)
-        in_flight = _in_flight(connection, user_id) if hand_over_limit is not None else 0
-        handed_over = hand_over_limit is not None and in_flight < hand_over_limit
+        handed_over = (
+            hand_over_limit is not None and _in_flight(connection, user_id) < hand_over_limit
+        )
         job_id = connection.execute(
             _NEW_JOB,
             dict(
