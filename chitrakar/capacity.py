@@ -313,7 +313,9 @@ class PlanReport:
     """`presets` in order: fitting first, then too big, then memory unknown; fastest first
     within each. Every figure is at `size`, the one asked for or, when none was, the size the
     model has the most rows at; `sizes` are all the model's sizes in the table, largest first.
-    `unmeasured` lists the known presets with no row at all for the model at `size`."""
+    `unmeasured` lists the known presets with no row at all for the model at `size`. With
+    `device`, only rows measured on a device whose name contains it count; `devices` are all
+    the model's devices in the table."""
 
     model: str
     gpu_memory_bytes: int
@@ -327,6 +329,8 @@ class PlanReport:
     sources: tuple[str, ...]
     rows: int
     measured_rows: int
+    device: str | None = None
+    devices: tuple[str, ...] = ()
 
     @property
     def fitting(self) -> tuple[PresetPlan, ...]:
@@ -418,21 +422,31 @@ def _usual_size(rows: Sequence[Measurement]) -> Size | None:
     return max(counts, key=lambda size: (counts[size], size[0] * size[1], size))
 
 
+def measured_on(m: Measurement, device: str | None) -> bool:
+    """Whether `m` was measured on a device whose name contains `device` (any case); every
+    row is, for None. "H100" matches "NVIDIA H100 80GB HBM3"."""
+    return device is None or device.strip().casefold() in m.device.casefold()
+
+
 def plan(
     measurements: Iterable[Measurement],
     model: str,
     gpu_memory_bytes: int,
     headroom_fraction: float = 0.1,
     size: Size | None = None,
+    device: str | None = None,
 ) -> PlanReport:
     """Which of the model's presets fit `gpu_memory_bytes`, keeping `headroom_fraction` of it
     for the CUDA context and fragmentation (a preset fits when its peak <= memory x (1 - h)).
     Only rows at one image size count (memory and time grow with the pixels): `size`, or the
-    size the model was measured at most. The model label is matched case-insensitively."""
+    size the model was measured at most. With `device`, only rows measured on a device of
+    that name (see `measured_on`): the same chip can be much faster on one host than another.
+    The model label is matched case-insensitively."""
     budget = budget_bytes(gpu_memory_bytes, headroom_fraction)
     every = list(measurements)
     wanted = model.strip().casefold()
-    of_model = [m for m in every if m.model.casefold() == wanted]
+    every_device = [m for m in every if m.model.casefold() == wanted]
+    of_model = [m for m in every_device if measured_on(m, device)]
     sizes = sorted({_size_of(m) for m in of_model}, key=lambda s: (-s[0] * s[1], -s[0]))
     size = size if size is not None else _usual_size(of_model)
     rows = [m for m in of_model if _size_of(m) == size]
@@ -454,6 +468,8 @@ def plan(
         sources=tuple(sorted({m.source for m in rows})),
         rows=len(rows),
         measured_rows=sum(1 for m in rows if m.source.startswith("measured:")),
+        device=device,
+        devices=tuple(sorted({m.device for m in every_device}, key=str.casefold)),
     )
 
 
@@ -484,6 +500,12 @@ def format_plan(report: PlanReport) -> str:
         f"{format_memory(report.budget_bytes)} or less "
         f"({report.headroom_fraction:.0%} kept for the CUDA context and fragmentation)."
     )
+    if report.device is not None and report.devices and not report.sizes:
+        devices = "; ".join(report.devices)
+        return (
+            f"{head}\nNo figures for {report.model!r} on a device named like "
+            f"{report.device!r}. Devices in the table for it: {devices}."
+        )
     if not report.sizes or report.size is None:  # no row for the model (then no size)
         known = ", ".join(report.known_models) or "none"
         return f"{head}\nNo figures for {report.model!r}. Models in the table: {known}."
@@ -493,7 +515,8 @@ def format_plan(report: PlanReport) -> str:
             f"{head}\nNo figures for {report.model!r} at {_format_size(report.size)}. "
             f"Sizes in the table for it: {sizes}."
         )
-    head += f"\nFigures at {_format_size(report.size)}"
+    on = f" on {report.device!r} only" if report.device is not None else ""
+    head += f"\nFigures at {_format_size(report.size)}{on}"
     others = [size for size in report.sizes if size != report.size]
     if others:
         head += f" (also measured: {', '.join(_format_size(s) for s in others)}; --size to choose)"

@@ -556,7 +556,9 @@ def cmd_plan(settings: Settings, args: argparse.Namespace) -> int:
     try:
         memory = parse_memory(args.gpu_mem)
         size = (args.size, args.size) if args.size else None
-        report = plan(rows, args.model, memory, headroom_fraction=args.headroom, size=size)
+        report = plan(
+            rows, args.model, memory, headroom_fraction=args.headroom, size=size, device=args.device
+        )
     except (ValueError, OSError) as exc:
         raise SystemExit(str(exc)) from None
     print(format_plan(report))
@@ -564,6 +566,7 @@ def cmd_plan(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_tco(settings: Settings, args: argparse.Namespace) -> int:
+    from chitrakar.capacity import measured_on
     from chitrakar.tco import CostInputs, cost_report, format_report, plot_tco
 
     throughput = args.images_per_second
@@ -577,7 +580,7 @@ def cmd_tco(settings: Settings, args: argparse.Namespace) -> int:
             for row in _measurements(args)
             if row.model.lower() == args.model.lower()
             and row.preset == args.preset
-            and (args.device is None or args.device.lower() in row.device.lower())
+            and measured_on(row, args.device)
             and (args.size is None or (row.width, row.height) == (args.size, args.size))
         ]
         if not rows:
@@ -721,6 +724,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--size",
         type=_image_side,
         help="image side in pixels (default: the size the model was measured at most)",
+    )
+    plan.add_argument(
+        "--device", help="only measurements on a device whose name has this, e.g. H100"
     )
     plan.add_argument("--table", help="a measured table (default: the packaged one)")
     plan.set_defaults(func=cmd_plan)

@@ -137,6 +137,14 @@ def test_plan_for_an_8_gib_gpu_from_the_packaged_table(tmp_path: Path) -> None:
     assert "No figures for 'sdxl' at 768x768. Sizes in the table for it: 1024x1024." in (
         elsewhere.stdout
     )
+    on_h100 = run_chitrakar(
+        "plan", "--gpu-mem", "80GiB", "--model", "sdxl", "--device", "H100",
+        env=_env(tmp_path), cwd=tmp_path,
+    )  # fmt: skip
+    assert on_h100.returncode == 0, on_h100.stderr
+    assert "Figures at 1024x1024 on 'H100' only." in on_h100.stdout
+    table_rows = [line for line in on_h100.stdout.splitlines() if " steps " in line]
+    assert table_rows and all("H100" in line for line in table_rows)
     bad = run_chitrakar(
         "plan", "--gpu-mem", "lots", "--model", "sdxl", env=_env(tmp_path), cwd=tmp_path
     )

@@ -18,6 +18,7 @@ from chitrakar.capacity import (
     budget_bytes,
     format_plan,
     load_measurements,
+    measured_on,
     parse_memory,
     plan,
 )
@@ -384,3 +385,47 @@ def test_a_size_with_no_figures_gets_an_empty_plan_that_lists_the_sizes_there_ar
     assert (
         "No figures for 'sdxl' at 768x768. Sizes in the table for it: 1024x1024, 512x512." in text
     )
+
+
+# --- devices ---
+
+
+def test_with_a_device_only_its_rows_count_and_the_heading_says_so() -> None:
+    rows = [
+        row("lightning", device="NVIDIA H200", seconds_per_call=0.36),
+        row("lightning", device="NVIDIA H100 80GB HBM3", seconds_per_call=0.52),
+        row("low-vram", device="NVIDIA H200", peak=5 * GIB),
+    ]
+    every = plan(rows, "sdxl", 24 * GIB)
+    assert every.presets[0].fastest == rows[0]
+    on_h100 = plan(rows, "sdxl", 24 * GIB, device=" h100 ")
+    assert [p.preset for p in on_h100.presets] == ["lightning"]
+    assert on_h100.presets[0].fastest == rows[1]
+    assert on_h100.rows == 1 and "low-vram" in on_h100.unmeasured
+    assert on_h100.devices == ("NVIDIA H100 80GB HBM3", "NVIDIA H200")
+    assert "Figures at 1024x1024 on ' h100 ' only." in format_plan(on_h100)
+    assert "only." not in format_plan(every)
+
+
+def test_a_device_with_no_figures_gets_an_empty_plan_that_lists_the_devices_there_are() -> None:
+    rows = [row(device="NVIDIA H200"), row(device="NVIDIA Tesla T4"), row(model="sd15")]
+    report = plan(rows, "sdxl", 24 * GIB, device="RTX 5090")
+    assert report.presets == ()
+    assert (
+        "No figures for 'sdxl' on a device named like 'RTX 5090'. "
+        "Devices in the table for it: NVIDIA H200; NVIDIA Tesla T4."
+    ) in format_plan(report)
+    # An unknown model still says so, device or not.
+    assert "No figures for 'flux'. Models in the table" in format_plan(
+        plan(rows, "flux", 24 * GIB, device="H200")
+    )
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"),
+    [(None, True), ("H100", True), ("h100 80gb", True), ("H200", False), ("A100", False)],
+)
+def test_measured_on_matches_part_of_the_device_name_in_any_case(
+    device: str | None, expected: bool
+) -> None:
+    assert measured_on(row(device="NVIDIA H100 80GB HBM3"), device) is expected
