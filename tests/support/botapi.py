@@ -127,6 +127,7 @@ class BotApiEmulator:
         self._update_arrived: asyncio.Event | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
+        self._stopping = False
         self.port = 0
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -142,6 +143,7 @@ class BotApiEmulator:
 
     def start(self) -> BotApiEmulator:
         started = threading.Event()
+        self._stopping = False
 
         def serve() -> None:
             self._loop = asyncio.new_event_loop()
@@ -161,8 +163,16 @@ class BotApiEmulator:
 
     def stop(self) -> None:
         if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop.call_soon_threadsafe(self._end)
             self._thread.join(10)
+
+    def _end(self) -> None:
+        # A long-polled getUpdates still open (its bot may be gone) answers now, or the
+        # server's shutdown would wait for it: up to its timeout at the end of every test.
+        assert self._loop is not None and self._update_arrived is not None
+        self._stopping = True
+        self._update_arrived.set()
+        self._loop.stop()
 
     async def _start_server(self) -> None:
         app = web.Application(client_max_size=60 * 1024 * 1024)
@@ -640,7 +650,7 @@ class BotApiEmulator:
                 pending = self._updates[:limit]
                 self._update_arrived.clear()
             left = deadline - time.monotonic()
-            if pending or left <= 0:
+            if pending or left <= 0 or self._stopping:
                 return pending
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._update_arrived.wait(), left)
