@@ -4,6 +4,7 @@ the bot and worker modules are imported only by the sub-command that runs them."
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import multiprocessing
 import os
@@ -195,7 +196,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
     from chitrakar.presets import PresetError
     from chitrakar.queue import publish_generate
-    from workers.celery_app import app
+    from workers.celery_app import PromptTimer, app
     from workers.pipelines import ModelNotFound
     from workers.service import requeue_unfinished
     from workers.tasks import runtime
@@ -208,6 +209,11 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         raise SystemExit(f"The worker cannot start: {exc}") from None
     runtime().delivery.connect_all()
     runtime().start_heartbeat()
+    # torch, diffusers and the models are half a million objects (with the tiny model) that
+    # live as long as the worker. Frozen, they are out of the garbage collector's sight: a
+    # full collection no longer walks them (0.3 s on 2 cores), nor do the last ones at exit
+    # (1.5 s of every stop). Nothing made before this point is ever replaced.
+    gc.freeze()
     if settings.worker_health_port is not None:
         from workers.health import serve_health
 
@@ -230,6 +236,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         hostname=host_format(f"chitrakar-{os.getpid()}@%h"),
         pool_cls="solo",  # one process per GPU; CUDA does not survive a fork
         concurrency=1,
+        timer_cls=PromptTimer,
         without_gossip=True,
         without_mingle=True,
         loglevel=settings.log_level.upper(),

@@ -7,6 +7,7 @@ import itertools
 import logging
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ def next_message(queue: SimpleQueue, timeout: float = 30) -> Any:
 # would hold the GIL and keep the reader from looking at the wrong moment).
 PUBLISHER = """
 import sys
+import threading
 from pathlib import Path
 from chitrakar.config import Settings
 from chitrakar.queue import make_celery
@@ -112,3 +114,28 @@ def test_messages_are_taken_in_order_across_a_change_in_the_clocks_number_of_dig
         for number in range(4):
             queue.put({"number": number})
         assert [next_message(queue)["number"] for _ in range(4)] == [0, 1, 2, 3]
+
+
+def test_a_wait_for_messages_ends_soon_so_a_stopping_worker_does_not_wait(
+    tmp_path: Path,
+) -> None:
+    """Celery's worker loop waits 2 s a turn and looks for a stop request between turns:
+    with this broker a turn ends within a quarter of a second. A wait without a timeout
+    still lasts until a message comes, as kombu's callers expect."""
+    name = next(_queue_names)
+    received: list[Any] = []
+    with connection(tmp_path) as client:
+        queue = client.SimpleQueue(name)  # declares the queue
+        with client.Consumer(queue.queue, callbacks=[lambda body, m: received.append(body)]):
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                client.drain_events(timeout=2.0)
+            assert time.monotonic() - started < 1.0
+
+            late = threading.Timer(0.8, lambda: queue.put({"number": 1}))
+            late.start()
+            try:
+                client.drain_events()
+            finally:
+                late.join()
+    assert received == [{"number": 1}]
