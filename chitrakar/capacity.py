@@ -44,6 +44,7 @@ PRESETS: Mapping[str, str] = {
     "min-vram": "fp16 + VAE slicing and tiling + sequential CPU offload",
     "lcm": "few steps: LCM scheduler and LoRA",
     "lightning": "few steps: SDXL-Lightning or Hyper-SD",
+    "lightning-compiled": "lightning + fused QKV + channels_last + torch.compile (default mode)",
     "turbo": "one step: SDXL-Turbo or SD-Turbo",
 }
 
