@@ -441,7 +441,8 @@ def plan(
     for the CUDA context and fragmentation (a preset fits when its peak <= memory x (1 - h)).
     Only rows at one image size count (memory and time grow with the pixels): `size`, or the
     size the model was measured at most. With `device`, only rows measured on a device of
-    that name (see `measured_on`): the same chip can be much faster on one host than another.
+    that name (see `measured_on`): `gpu` took 3.15 s an image on the H100 measured here and
+    1.87 s on the H200.
     The model label is matched case-insensitively."""
     budget = budget_bytes(gpu_memory_bytes, headroom_fraction)
     every = list(measurements)
