@@ -496,7 +496,8 @@ def test_an_idle_run_stops_within_seconds_worker_included(
         code = process.wait(60)
         seconds = time.monotonic() - started
     assert code == 0, log.read_text()[-3000:]
-    assert seconds < 4, f"stopping took {seconds:.1f} s"
+    # Five times what it takes here: the slowest 2-core machines seen are 4x slower a command.
+    assert seconds < 5, f"stopping took {seconds:.1f} s"
 
 
 def test_ctrl_c_stops_run_cleanly(
