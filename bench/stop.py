@@ -29,6 +29,9 @@ from tests.support.stack import chitrakar_env
 from workers.tiny import make_tiny
 
 READY = re.compile(r"celery\.apps\.worker: \S+ ready\.")
+# The tree this file is in: the child runs its code, whatever PYTHONPATH said (`.` would be
+# the child's working directory, the data dir, and the editable install would win).
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def seconds_to_stop(model: Path, broker: str | None) -> float:
@@ -37,7 +40,7 @@ def seconds_to_stop(model: Path, broker: str | None) -> float:
         with tempfile.TemporaryDirectory(prefix="chitrakar-stop-") as folder:
             data_dir = Path(folder)
             extra = {"broker_url": broker} if broker else {}
-            env = chitrakar_env(emulator, data_dir, model, **extra)
+            env = {**chitrakar_env(emulator, data_dir, model, **extra), "PYTHONPATH": str(ROOT)}
             log_path = data_dir / "run.log"
             with log_path.open("w") as log:
                 process = subprocess.Popen(

@@ -44,7 +44,7 @@ PRESETS: Mapping[str, str] = {
     "min-vram": "fp16 + VAE slicing and tiling + sequential CPU offload",
     "lcm": "few steps: LCM scheduler and LoRA",
     "lightning": "few steps: SDXL-Lightning or Hyper-SD",
-    "lightning-compiled": "lightning + fused QKV + channels_last + torch.compile (default mode)",
+    "lightning-compiled": "lightning in bf16 + fused QKV + channels_last + torch.compile (default)",
     "turbo": "one step: SDXL-Turbo or SD-Turbo",
 }
 
@@ -445,6 +445,10 @@ def plan(
     1.87 s on the H200.
     The model label is matched case-insensitively."""
     budget = budget_bytes(gpu_memory_bytes, headroom_fraction)
+    if device is not None:
+        device = device.strip()
+        if not device:
+            raise ValueError("the device name is empty: give part of one, e.g. H100")
     every = list(measurements)
     wanted = model.strip().casefold()
     every_device = [m for m in every if m.model.casefold() == wanted]

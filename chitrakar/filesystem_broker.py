@@ -75,18 +75,20 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
         return payload
 
 
-# The longest one wait for a message lasts. Celery's worker loop (the synchronous one this
-# transport gets) waits 2 s a turn and looks for a stop request only between turns.
-WAIT_S = 0.25
+# The transport option that caps one wait for a message, in seconds: the worker's app sets it
+# (`celery_config(..., worker=True)`). Celery's worker loop, the synchronous one this transport
+# gets, waits 2 s a turn and looks for a stop request only between turns; a capped wait ends
+# with kombu's timeout, which that loop takes as "nothing came" and waits again.
+WAIT_CAP_OPTION = "worker_wait_cap_s"
 
 
 class Transport(filesystem.Transport):  # type: ignore[misc]
     Channel = Channel
 
     def drain_events(self, connection: Any, timeout: float | None = None) -> Any:
-        # A stopped worker would otherwise go on waiting for up to 2 s. Returning early costs
-        # an empty turn of the loop (microseconds) every WAIT_S. No timeout still means wait
-        # for a message, as kombu's callers expect.
-        if timeout is not None:
-            timeout = min(timeout, WAIT_S)
+        # Only where the option is set: any other caller that gives a timeout (a SimpleQueue's
+        # get, say) waits as long as it asked. No timeout still means wait for a message.
+        cap = self.client.transport_options.get(WAIT_CAP_OPTION)
+        if cap is not None and timeout is not None:
+            timeout = min(timeout, cap)
         return super().drain_events(connection, timeout=timeout)

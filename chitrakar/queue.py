@@ -15,6 +15,7 @@ from celery import Celery
 
 from chitrakar.config import Settings
 from chitrakar.filesystem_broker import TRANSPORT as FILESYSTEM_TRANSPORT
+from chitrakar.filesystem_broker import WAIT_CAP_OPTION
 
 QUEUE = "chitrakar.generate"
 GENERATE_TASK = "chitrakar.generate_images"
@@ -26,9 +27,14 @@ HAND_OVER_EVERY_S = 300
 RETENTION_SWEEP_EVERY_S = 3600
 # A redelivered message must not arrive while the job is still running: longer than any job.
 VISIBILITY_TIMEOUT_S = 3 * 3600
+# The longest a worker waits for a message on the embedded broker before it looks again:
+# how long a stop request may wait (Celery's loop would wait 2 s).
+WORKER_WAIT_CAP_S = 0.25
 
 
-def celery_config(settings: Settings) -> dict[str, Any]:
+def celery_config(settings: Settings, *, worker: bool = False) -> dict[str, Any]:
+    """Celery's configuration for these settings; `worker` for a worker's app (its waits for
+    a message on the embedded broker are capped, so that a stop request is seen at once)."""
     config: dict[str, Any] = {
         "broker_url": settings.resolved_broker_url,
         "broker_connection_retry_on_startup": True,
@@ -70,6 +76,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # Seconds between looks at the folder when it is empty.
             "polling_interval": 0.1,
         }
+        if worker:
+            config["broker_transport_options"][WAIT_CAP_OPTION] = WORKER_WAIT_CAP_S
         # Remote control would leave a broadcast queue folder entry per worker start on disk;
         # the database, not remote control, says what is running.
         config["worker_enable_remote_control"] = False
@@ -78,9 +86,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
-def make_celery(settings: Settings, name: str = "chitrakar") -> Celery:
+def make_celery(settings: Settings, name: str = "chitrakar", *, worker: bool = False) -> Celery:
     app = Celery(name)
-    app.conf.update(celery_config(settings))
+    app.conf.update(celery_config(settings, worker=worker))
     return app
 
 

@@ -19,6 +19,8 @@ class PromptTimer(Timer):  # type: ignore[misc]
     a stopping worker waits for it: a second of every stop. A wake-up costs microseconds."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Celery's tick callback logs every wake-up at DEBUG: ten lines a second here.
+        kwargs["on_tick"] = None
         super().__init__(*args, **kwargs)
         self.call_repeatedly(TIMER_WAKE_S, _nothing)
 
@@ -28,5 +30,5 @@ def _nothing() -> None:
 
 
 settings = load_settings()
-app = make_celery(settings, name="chitrakar.workers")
+app = make_celery(settings, name="chitrakar.workers", worker=True)
 app.conf.include = ["workers.tasks"]

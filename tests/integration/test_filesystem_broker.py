@@ -116,26 +116,39 @@ def test_messages_are_taken_in_order_across_a_change_in_the_clocks_number_of_dig
         assert [next_message(queue)["number"] for _ in range(4)] == [0, 1, 2, 3]
 
 
-def test_a_wait_for_messages_ends_soon_so_a_stopping_worker_does_not_wait(
+def test_a_workers_wait_for_messages_ends_soon_and_everyone_elses_lasts_as_asked(
     tmp_path: Path,
 ) -> None:
-    """Celery's worker loop waits 2 s a turn and looks for a stop request between turns:
-    with this broker a turn ends within a quarter of a second. A wait without a timeout
-    still lasts until a message comes, as kombu's callers expect."""
+    """Celery's worker loop waits 2 s a turn and looks for a stop request only between turns:
+    on a worker's connection a turn ends within a quarter of a second. Any other connection
+    waits as long as it asks, and a wait without a timeout lasts until a message comes."""
     name = next(_queue_names)
+    settings = Settings(data_dir=tmp_path)
     received: list[Any] = []
-    with connection(tmp_path) as client:
-        queue = client.SimpleQueue(name)  # declares the queue
-        with client.Consumer(queue.queue, callbacks=[lambda body, m: received.append(body)]):
+
+    def take(body: Any, message: Any) -> None:
+        received.append(body)
+        message.ack()
+
+    with make_celery(settings, worker=True).connection_for_write() as worker:
+        queue = worker.SimpleQueue(name)  # declares the queue
+        with worker.Consumer(queue.queue, callbacks=[take]):
             started = time.monotonic()
             with pytest.raises(TimeoutError):
-                client.drain_events(timeout=2.0)
+                worker.drain_events(timeout=2.0)
             assert time.monotonic() - started < 1.0
 
             late = threading.Timer(0.8, lambda: queue.put({"number": 1}))
             late.start()
             try:
-                client.drain_events()
+                worker.drain_events()
             finally:
                 late.join()
     assert received == [{"number": 1}]
+
+    with connection(tmp_path) as client:
+        plain = client.SimpleQueue(name)
+        started = time.monotonic()
+        with pytest.raises(plain.Empty):
+            plain.get(timeout=1.0)
+        assert time.monotonic() - started >= 0.9

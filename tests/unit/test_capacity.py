@@ -403,7 +403,7 @@ def test_with_a_device_only_its_rows_count_and_the_heading_says_so() -> None:
     assert on_h100.presets[0].fastest == rows[1]
     assert on_h100.rows == 1 and "low-vram" in on_h100.unmeasured
     assert on_h100.devices == ("NVIDIA H100 80GB HBM3", "NVIDIA H200")
-    assert "Figures at 1024x1024 on ' h100 ' only." in format_plan(on_h100)
+    assert "Figures at 1024x1024 on 'h100' only." in format_plan(on_h100)
     assert "only." not in format_plan(every)
 
 
@@ -415,6 +415,8 @@ def test_a_device_with_no_figures_gets_an_empty_plan_that_lists_the_devices_ther
         "No figures for 'sdxl' on a device named like 'RTX 5090'. "
         "Devices in the table for it: NVIDIA H200; NVIDIA Tesla T4."
     ) in format_plan(report)
+    with pytest.raises(ValueError, match="the device name is empty"):
+        plan(rows, "sdxl", 24 * GIB, device="  ")
     # An unknown model still says so, device or not.
     assert "No figures for 'flux'. Models in the table" in format_plan(
         plan(rows, "flux", 24 * GIB, device="H200")
