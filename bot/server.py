@@ -13,6 +13,7 @@ from sqlalchemy import text as sql
 
 from bot.bootstrap import READINESS_TIMEOUT_S, BotServices, bootstrap
 from chitrakar.config import Settings
+from chitrakar.process import freeze_start_up_objects
 
 if TYPE_CHECKING:
     # Telegram is loaded only when a token is set: the web chat alone needs none of it.
@@ -88,6 +89,7 @@ async def serve(settings: Settings) -> None:
 
         telegram = build_application(settings, services)
     runner = web.AppRunner(build_http_app(settings, services, telegram))
+    freeze_start_up_objects()
     try:
         await runner.setup()
         try:
