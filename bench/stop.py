@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -25,10 +24,9 @@ import time
 from pathlib import Path
 
 from tests.support.botapi import BotApiEmulator
-from tests.support.stack import chitrakar_env
+from tests.support.stack import chitrakar_env, worker_ready
 from workers.tiny import make_tiny
 
-READY = re.compile(r"celery\.apps\.worker: \S+ ready\.")
 # The tree this file is in: the child runs its code, whatever PYTHONPATH said (`.` would be
 # the child's working directory, the data dir, and the editable install would win).
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,12 +49,7 @@ def seconds_to_stop(model: Path, broker: str | None) -> float:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
-                deadline = time.monotonic() + 180
-                while not READY.search(log_path.read_text()):
-                    if time.monotonic() > deadline or process.poll() is not None:
-                        process.kill()
-                        raise SystemExit(f"the worker did not start; see {log_path}")
-                    time.sleep(0.2)
+                worker_ready(log_path, timeout=180)
                 time.sleep(2)  # idle: every thread waiting as it does between jobs
                 started = time.monotonic()
                 os.killpg(process.pid, signal.SIGTERM)

@@ -7,7 +7,6 @@ import asyncio
 import io
 import itertools
 import os
-import re
 import signal
 import time
 from collections.abc import Iterator
@@ -42,6 +41,7 @@ from tests.support.stack import (
     jobs_in_chat,
     run_chitrakar,
     wait_for_jobs,
+    worker_ready,
 )
 
 pytestmark = pytest.mark.e2e
@@ -393,18 +393,6 @@ def test_run_stops_clearly_when_its_worker_cannot_start(
     assert "Traceback" not in result.stderr
 
 
-def _worker_ready(log_path: Path, timeout: float = 120) -> int:
-    """The pid of `chitrakar run`'s worker, once it takes tasks."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        log = log_path.read_text(errors="replace")
-        if " ready." in log:
-            [pid] = re.findall(r"worker started \(pid (\d+)\)", log)
-            return int(pid)
-        time.sleep(0.2)
-    raise AssertionError("the worker did not become ready")
-
-
 def test_run_stops_when_its_worker_stops_on_an_unrecoverable_error(
     tmp_path: Path, tiny_model: Path
 ) -> None:
@@ -413,7 +401,7 @@ def test_run_stops_when_its_worker_stops_on_an_unrecoverable_error(
     would make."""
     env = chitrakar_env(None, tmp_path, tiny_model)
     with chitrakar_process("run", env=env, log_dir=tmp_path) as run:
-        _worker_ready(tmp_path / "run.log")
+        worker_ready(tmp_path / "run.log")
         # A message file in the queue's format that is not a message kombu can deliver
         # (written aside and renamed in, as the broker writes its messages).
         staged = tmp_path / "not-a-message"
@@ -430,7 +418,7 @@ def test_run_stops_cleanly_when_its_worker_is_told_to_stop(
 ) -> None:
     env = chitrakar_env(None, tmp_path, tiny_model)
     with chitrakar_process("run", env=env, log_dir=tmp_path) as run:
-        worker = _worker_ready(tmp_path / "run.log")
+        worker = worker_ready(tmp_path / "run.log")
         os.kill(worker, signal.SIGTERM)  # by someone else: not by `chitrakar run`
         assert run.wait(timeout=60) == 0
     assert "the worker stopped; stopping the bot" in (tmp_path / "run.log").read_text()
@@ -487,10 +475,7 @@ def test_an_idle_run_stops_within_seconds_worker_included(
     env = chitrakar_env(emulator, tmp_path, tiny_model)
     log = tmp_path / "run.log"
     with chitrakar_process("run", env=env, log_dir=tmp_path) as process:
-        deadline = time.monotonic() + 120
-        while not re.search(r"celery\.apps\.worker: \S+ ready\.", log.read_text()):
-            assert time.monotonic() < deadline, "the worker did not start"
-            time.sleep(0.2)
+        worker_ready(log)
         started = time.monotonic()
         os.killpg(process.pid, signal.SIGTERM)
         code = process.wait(60)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -141,6 +142,18 @@ def process_group(
             if echo_log:
                 print(f"--- tail of {log_path.name} ---")
                 print("".join(log_path.read_text(errors="replace").splitlines(True)[-60:]))
+
+
+def worker_ready(log_path: Path, timeout: float = 120) -> int:
+    """The pid of `chitrakar run`'s worker, once it takes tasks (`log_path`: run's log)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = log_path.read_text(errors="replace")
+        if " ready." in log:
+            [pid] = re.findall(r"worker started \(pid (\d+)\)", log)
+            return int(pid)
+        time.sleep(0.2)
+    raise AssertionError("the worker did not become ready")
 
 
 def jobs_in_chat(database_url: str, chat_id: int) -> list[Job]:
