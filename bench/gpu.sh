@@ -15,8 +15,8 @@
 # The whole run keeps to GPU_BENCH_SECONDS (default 530): each step gets its own limit, cut to
 # what is left, and a step with too little left is skipped and says so, so that the results of
 # the steps before it always come back. Most important first: fp16 (the baseline and batching),
-# the few-step presets (lightning-compiled compiles: fast-default-compile's warm-up, the same
-# recipe, took the H100 173 s), the memory preset, then the other compiled ones. The compiled steps use
+# the few-step presets (lightning-compiled's warm-up took the H100 127 s on a fresh cache, 20 s
+# from it), the memory preset, then the other compiled ones. The compiled steps use
 # Inductor's "default" mode (fast-default-compile, and int8-dynamic-default-compile from
 # bench/gpu-presets.toml): the shipped presets autotune every kernel on a fresh cache, which
 # a session's 15 minutes of GPU time cannot be counted on to hold.
@@ -124,8 +124,10 @@ fi
 # 0.5 s; a memory preset under 8 GB; the compiled path against PyTorch's published 2.43 s.
 bench 150 fp16 --size "$SIZE" --steps "$STEPS" --batches 1,2,4 --runs "$RUNS"
 bench 60 lightning --size "$SIZE" --steps "$FEW_STEPS" --batches 1,4 --runs "$RUNS"
+bench 90 lightning-fused --size "$SIZE" --steps "$FEW_STEPS" --batches 1 --runs "$RUNS"
+# Batch 1 only: a second batch size recompiles, and a step cut off records nothing.
+bench 240 lightning-compiled --size "$SIZE" --steps "$FEW_STEPS" --batches 1 --runs "$RUNS"
 bench 40 lightning-fp16 --size "$SIZE" --steps "$FEW_STEPS" --batches 1 --runs "$RUNS"
-bench 240 lightning-compiled --size "$SIZE" --steps "$FEW_STEPS" --batches 1,4 --runs "$RUNS"
 bench 90 low-vram --size "$SIZE" --steps "$STEPS" --batches 1 --runs 2
 bench 50 gpu --size "$SIZE" --steps "$STEPS" --batches 1 --runs "$RUNS"
 bench 240 fast-default-compile --size "$SIZE" --steps "$STEPS" --batches 1 --runs "$RUNS"

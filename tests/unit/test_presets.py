@@ -41,6 +41,18 @@ def test_the_built_in_presets_load_and_cover_the_issue() -> None:
     assert catalogue.presets["lightning"].steps == 4
 
 
+def test_every_preset_the_gpu_benchmark_runs_is_defined_and_can_run_on_an_h100() -> None:
+    # bench/gpu.sh runs once, on borrowed GPU time: a preset it cannot load wastes the call.
+    root = Path(__file__).resolve().parents[2]
+    catalogue = load_presets(root / "bench" / "gpu-presets.toml")
+    script = (root / "bench" / "gpu.sh").read_text()
+    benched = [line.split()[2] for line in script.splitlines() if line.startswith("bench ")]
+    assert len(benched) >= 8
+    for name in benched:
+        assert name in catalogue.presets, name
+        assert unmet_needs(catalogue.presets[name], H100) == [], name
+
+
 @pytest.mark.parametrize(
     ("requested", "model", "device", "chosen"),
     [
