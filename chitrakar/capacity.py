@@ -346,9 +346,21 @@ class PlanReport:
         return tuple(p for p in self.presets if p.fit is Fit.UNKNOWN)
 
 
-def _tiebreak(m: Measurement) -> tuple[str, str, str, int, int, int]:
-    # Makes every choice below independent of the order of the rows.
-    return (m.device, m.date, m.source, m.width, m.height, m.steps)
+def _tiebreak(m: Measurement) -> tuple[str, str, str, int, int, int, float, int, str, str]:
+    # Makes every choice below independent of the order of the rows, down to two runs of one
+    # command on one day (the same source) that differ only in their timings.
+    return (
+        m.device,
+        m.date,
+        m.source,
+        m.width,
+        m.height,
+        m.steps,
+        m.seconds_per_call,
+        m.runs,
+        m.torch or "",
+        m.diffusers or "",
+    )
 
 
 def budget_bytes(gpu_memory_bytes: int, headroom_fraction: float) -> int:

@@ -305,6 +305,14 @@ def test_the_plan_does_not_depend_on_the_order_of_the_rows() -> None:
     )
 
 
+def test_two_runs_of_one_command_give_the_same_plan_in_either_order() -> None:
+    # The same command run twice on one day: the same source and peak, different timings.
+    first, second = row("lightning", seconds_per_call=0.196), row("lightning", seconds_per_call=0.2)
+    forwards = plan([first, second], "sdxl", 16 * GIB)
+    assert plan([second, first], "sdxl", 16 * GIB) == forwards
+    assert forwards.presets[0].memory == first
+
+
 def test_the_model_label_is_matched_case_insensitively_and_others_are_ignored() -> None:
     rows = [row("fp16", model="SDXL"), row("fp16", model="sd15", peak=3 * GIB)]
     report = plan(rows, "sdxl", 10 * GIB)
