@@ -132,6 +132,8 @@ bench 90 low-vram --size "$SIZE" --steps "$STEPS" --batches 1 --runs 2
 bench 50 gpu --size "$SIZE" --steps "$STEPS" --batches 1 --runs "$RUNS"
 bench 240 fast-default-compile --size "$SIZE" --steps "$STEPS" --batches 1 --runs "$RUNS"
 bench 240 int8-dynamic-default-compile --size "$SIZE" --steps "$STEPS" --batches 1 --runs "$RUNS"
+bench 240 int8-default-compile --size "$SIZE" --steps "$STEPS" --batches 1 --runs "$RUNS"
+bench 240 fp8-default-compile --size "$SIZE" --steps "$STEPS" --batches 1 --runs "$RUNS"
 
 python3 -m chitrakar plan --gpu-mem 8GiB --model "$LABEL" --table "$OUT/measurements.jsonl" \
   | tee "$OUT/plan-8gib.txt"
