@@ -508,10 +508,11 @@ def _batch_sizes(text: str) -> list[int]:
 
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     import json
+    from dataclasses import replace
 
     from chitrakar.capacity import BUILTIN_MEASUREMENTS, load_measurements
     from chitrakar.presets import PresetError
-    from workers.benchmark import format_report, record, run_bench
+    from workers.benchmark import BatchFigures, BenchReport, format_report, record, run_bench
     from workers.pipelines import ModelNotFound, load_configured, resolve_device
     from workers.random_models import random_arch
 
@@ -527,6 +528,19 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     except (ModelNotFound, PresetError, RuntimeError) as exc:
         raise SystemExit(f"cannot benchmark: {exc}") from None
     label = args.label or (random_arch(Path(source)) if Path(source).is_dir() else None) or source
+    table = Path(args.table) if args.table else BUILTIN_MEASUREMENTS
+
+    def keep(report: BenchReport, figures: BatchFigures) -> None:
+        # Each batch size as it is done: a run stopped part way keeps what it measured.
+        try:
+            if args.json:
+                Path(args.json).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+            if args.record:
+                record(replace(report, batches=[figures]), Path(args.record), table)
+                load_measurements(table)  # what was appended reads back
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"cannot record the results: {exc}") from None
+
     report = run_bench(
         loaded,
         model=label,
@@ -535,19 +549,11 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         steps=args.steps,
         batches=args.batches,
         runs=args.runs,
+        on_batch=keep,
     )
     print(format_report(report), file=sys.stderr)
-    try:
-        if args.json:
-            Path(args.json).write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        else:
-            print(json.dumps(report.to_json(), indent=2))
-        if args.record:
-            table = Path(args.table) if args.table else BUILTIN_MEASUREMENTS
-            record(report, Path(args.record), table)
-            load_measurements(table)  # what was appended reads back
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"cannot record the results: {exc}") from None
+    if not args.json:
+        print(json.dumps(report.to_json(), indent=2))
     if args.record:
         print(f"recorded in {args.record} and {table}", file=sys.stderr)
     return 0

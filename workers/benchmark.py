@@ -9,7 +9,7 @@ import os
 import platform
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -107,8 +107,11 @@ def run_bench(
     steps: int,
     batches: Sequence[int],
     runs: int,
+    on_batch: Callable[[BenchReport, BatchFigures], None] | None = None,
 ) -> BenchReport:
-    """Time `runs` calls per batch size after one warm-up call at that size."""
+    """Time `runs` calls per batch size after one warm-up call at that size. `on_batch` is
+    called with the report so far as each size is done, so that a run stopped part way (a
+    time limit on borrowed GPU time) keeps the sizes it finished."""
     device, preset = loaded.device, loaded.preset
     plan = GenerationPlan(PROMPT, width, height, steps, (0,), guidance_scale=7.0)
     steps = adjust_plan(preset, plan).steps
@@ -141,7 +144,10 @@ def run_bench(
             _synchronize(device)
             calls.append(perf_counter() - started)
         peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-        report.batches.append(BatchFigures(batch, statistics.median(calls), calls, peak))
+        figures = BatchFigures(batch, statistics.median(calls), calls, peak)
+        report.batches.append(figures)
+        if on_batch is not None:
+            on_batch(report, figures)
     return report
 
 

@@ -7,12 +7,13 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 from PIL import Image
 
 from chitrakar.capacity import Measurement, append_measurement, load_measurements
-from tests.support.stack import run_chitrakar
+from tests.support.stack import chitrakar_process, run_chitrakar
 from workers.benchmark import (
     BENCH_HEADING,
     BENCH_TABLE_HEADER,
@@ -72,6 +73,31 @@ def test_bench_measures_records_and_plan_reads_it_back(tmp_path: Path, tiny_mode
     assert "(0 published, 4 measured" in planned.stdout
     [row] = [line for line in planned.stdout.splitlines() if line.startswith("cpu ")]
     assert row.split()[1] == "?" and "(CPU)" in row
+
+
+def test_a_bench_stopped_part_way_keeps_the_batch_sizes_it_finished(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    # As bench/gpu.sh's time limit stops a step: batch 1 is done, batch 48 is still running.
+    benchmarks, table, report = tmp_path / "B.md", tmp_path / "m.jsonl", tmp_path / "r.json"
+    args = [
+        "bench", "--model", str(tiny_model), "--label", "tiny", "--preset", "cpu",
+        "--size", "64", "--steps", "2", "--batches", "1,48", "--runs", "3",
+        "--json", str(report), "--record", str(benchmarks), "--table", str(table),
+    ]  # fmt: skip
+    with chitrakar_process(*args, env=_env(tmp_path), log_dir=tmp_path, name="bench") as bench:
+        deadline = time.monotonic() + 120
+
+        def kept() -> bool:  # the row written whole (the file exists from its open)
+            return table.exists() and table.read_text().endswith("\n")
+
+        while not kept() and bench.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # Still at batch 48 when the first row is there: leaving the block stops it (SIGTERM).
+        assert bench.poll() is None, "bench ended before its first batch size was kept"
+    assert [row.batch for row in load_measurements(table)] == [1]
+    assert benchmarks.read_text().count("| tiny | cpu | 64×64, 2 |") == 1
+    assert [b["batch"] for b in json.loads(report.read_text())["batches"]] == [1]
 
 
 def test_recorded_rows_go_into_the_bench_table_not_after_what_follows_it(
