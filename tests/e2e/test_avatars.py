@@ -21,7 +21,7 @@ from chitrakar.buttons import UPSCALE_FACTOR
 from chitrakar.styles import load_catalogue
 from chitrakar.texts import text
 from db.models import Job
-from tests.support.botapi import BotApiEmulator, Call
+from tests.support.botapi import BotApiEmulator, Call, Fault
 from tests.support.stack import (
     TEST_IMAGE_SIZE,
     chitrakar_env,
@@ -498,19 +498,49 @@ def test_again_on_an_avatar_starts_from_the_same_selfie(stack: Stack) -> None:
     assert again.params["caption"].startswith("Kathakali (kathakali) · seed ")
 
 
-def test_an_album_whose_buttons_cannot_be_sent_is_still_done(stack: Stack) -> None:
+def _buttons_under_an_album(chat_id: int) -> Callable[[Call], bool]:
+    return lambda c: c.params.get("chat_id") == chat_id and "reply_markup" in c.params
+
+
+def test_an_album_whose_buttons_are_refused_is_still_done(stack: Stack) -> None:
     emulator, database_url = stack
     user, chat = new_user(emulator)
     command = emulator.send_text(chat, user, "/portrait rangoli at the door --n 2")
     emulator.wait_for("sendMessage", replying_to(command), timeout=30)  # the status message
-    emulator.fail("sendMessage", 502, "Bad Gateway", times=5)
+    # The next message in this chat is the buttons' own, under the album.
+    emulator.fail("sendMessage", 400, "Bad Request: emulated failure", chat_id=chat["id"])
     album = emulator.wait_for("sendMediaGroup", replying_to(command), timeout=240)
     [job] = wait_done(database_url, chat["id"])
     assert len(job.result_paths) == 2
+    assert len(album.params["media"]) == 2
     assert not [
         c for c in emulator.calls_to("editMessageText", chat["id"]) if "wrong" in c.params["text"]
     ]
-    assert len(album.params["media"]) == 2
+    # Refused once (a 400 is final), not sent again.
+    [refused] = [
+        c for c in emulator.calls_to("sendMessage") if _buttons_under_an_album(chat["id"])(c)
+    ]
+    assert isinstance(refused.result, Fault)
+
+
+def test_album_buttons_are_sent_again_after_server_errors(stack: Stack) -> None:
+    emulator, database_url = stack
+    user, chat = new_user(emulator)
+    command = emulator.send_text(chat, user, "/portrait rangoli by the well --n 2")
+    emulator.wait_for("sendMessage", replying_to(command), timeout=30)  # the status message
+    emulator.fail("sendMessage", 502, "Bad Gateway", times=2, chat_id=chat["id"])
+    emulator.wait_for("sendMediaGroup", replying_to(command), timeout=240)
+    # After 1 s and 2 s of waiting (delivery.SERVER_ERROR_BACKOFF_S), the third try arrives.
+    buttons = emulator.wait_for(
+        "sendMessage",
+        lambda c: _buttons_under_an_album(chat["id"])(c) and not isinstance(c.result, Fault),
+        timeout=30,
+    )
+    tries = [c for c in emulator.calls_to("sendMessage") if _buttons_under_an_album(chat["id"])(c)]
+    assert [isinstance(c.result, Fault) for c in tries] == [True, True, False]
+    assert tries[-1] is buttons
+    [job] = wait_done(database_url, chat["id"])
+    assert len(job.result_paths) == 2
 
 
 def test_credits_run_out_with_a_clear_answer_and_quota_says_what_is_left(stack: Stack) -> None:
