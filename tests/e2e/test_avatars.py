@@ -498,8 +498,9 @@ def test_again_on_an_avatar_starts_from_the_same_selfie(stack: Stack) -> None:
     assert again.params["caption"].startswith("Kathakali (kathakali) · seed ")
 
 
-def _buttons_under_an_album(chat_id: int) -> Callable[[Call], bool]:
-    return lambda c: c.params.get("chat_id") == chat_id and "reply_markup" in c.params
+def _buttons_under_an_album(emulator: BotApiEmulator, chat_id: int) -> list[Call]:
+    """The tries to send the message with an album's buttons, refused ones too."""
+    return [c for c in emulator.calls_to("sendMessage", chat_id) if "reply_markup" in c.params]
 
 
 def test_an_album_whose_buttons_are_refused_is_still_done(stack: Stack) -> None:
@@ -517,9 +518,7 @@ def test_an_album_whose_buttons_are_refused_is_still_done(stack: Stack) -> None:
         c for c in emulator.calls_to("editMessageText", chat["id"]) if "wrong" in c.params["text"]
     ]
     # Refused once (a 400 is final), not sent again.
-    [refused] = [
-        c for c in emulator.calls_to("sendMessage") if _buttons_under_an_album(chat["id"])(c)
-    ]
+    [refused] = _buttons_under_an_album(emulator, chat["id"])
     assert isinstance(refused.result, Fault)
 
 
@@ -533,10 +532,15 @@ def test_album_buttons_are_sent_again_after_server_errors(stack: Stack) -> None:
     # After 1 s and 2 s of waiting (delivery.SERVER_ERROR_BACKOFF_S), the third try arrives.
     buttons = emulator.wait_for(
         "sendMessage",
-        lambda c: _buttons_under_an_album(chat["id"])(c) and not isinstance(c.result, Fault),
+        # (wait_for holds the emulator's lock: this looks at the call alone.)
+        lambda c: (
+            c.params.get("chat_id") == chat["id"]
+            and "reply_markup" in c.params
+            and not isinstance(c.result, Fault)
+        ),
         timeout=30,
     )
-    tries = [c for c in emulator.calls_to("sendMessage") if _buttons_under_an_album(chat["id"])(c)]
+    tries = _buttons_under_an_album(emulator, chat["id"])
     assert [isinstance(c.result, Fault) for c in tries] == [True, True, False]
     assert tries[-1] is buttons
     [job] = wait_done(database_url, chat["id"])
