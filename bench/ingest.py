@@ -195,6 +195,14 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
+def is_multiprocessing(pid: int) -> bool:
+    """A process `multiprocessing` started (spawned: `-c 'from multiprocessing…'`)."""
+    try:
+        return b"from multiprocessing" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 @contextmanager
 def profiler(pid: int, seconds: float, output: Path | None, idle: bool) -> Iterator[None]:
     if output is None:
@@ -342,6 +350,12 @@ def main() -> None:
         type=float,
         help="CHITRAKAR_TELEGRAM_POLL_INTERVAL for the bot (polling; default: the setting's)",
     )
+    parser.add_argument(
+        "--intake-process",
+        action="store_true",
+        help="each bot process takes commands in through a child process "
+        "(CHITRAKAR_BOT_INTAKE_PROCESS); its CPU is reported as bot_intake",
+    )
     parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument(
         "--broker-url", help="Celery broker (default: an empty database of the Redis at :6379)"
@@ -382,6 +396,8 @@ def main() -> None:
     settings: dict[str, str] = {"bot_processes": str(args.bots)}
     if args.poll_interval is not None:
         settings["telegram_poll_interval"] = str(args.poll_interval)
+    if args.intake_process:
+        settings["bot_intake_process"] = "true"
     hook_url = ""
     if args.path == "webhook":
         port = free_port()
@@ -423,9 +439,15 @@ def main() -> None:
             emulator.wait_for("setWebhook", timeout=60)
         time.sleep(2.0)  # workers connected; the bot's first poll under way
 
-        bots = [bot.pid, *child_pids(bot.pid)]  # the other bot processes are the first's
+        # The other bot processes are the first's children; the intake processes (and
+        # multiprocessing's resource tracker), each bot's.
+        bots = [bot.pid, *(pid for pid in child_pids(bot.pid) if not is_multiprocessing(pid))]
         processes = {f"worker-{n}": [w.pid] for n, w in enumerate(workers)}
         processes["bot"] = bots
+        if args.intake_process:
+            processes["bot_intake"] = [
+                pid for one in bots for pid in child_pids(one) if is_multiprocessing(pid)
+            ]
         cpu_before = {name: sum(map(cpu_seconds, pids)) for name, pids in processes.items()}
         bench_cpu_before = time.process_time()
         started = time.monotonic()
@@ -459,6 +481,7 @@ def main() -> None:
         "machine": machine(),
         "python": platform.python_version(),
         "path": args.path,
+        "intake_process": args.intake_process,
         "database": args.database,
         "workers": args.workers,
         "load_average_before": [round(x, 2) for x in load_before],

@@ -463,6 +463,11 @@ def main() -> None:
         "--phases", default=",".join(PHASES), help=f"comma-separated, of {', '.join(PHASES)}"
     )
     parser.add_argument(
+        "--intake-process",
+        action="store_true",
+        help="the bot takes commands in through a child process (CHITRAKAR_BOT_INTAKE_PROCESS)",
+    )
+    parser.add_argument(
         "--api-latency-ms",
         type=float,
         default=0.0,
@@ -479,7 +484,8 @@ def main() -> None:
     clock_offset = time.time() - time.monotonic()
     load_before = os.getloadavg()
     user_ids = iter(range(20_000, 10**9))
-    with deployment("chitrakar-overhead-", args.database, args.broker_url) as stack:
+    settings = {"bot_intake_process": "true"} if args.intake_process else {}
+    with deployment("chitrakar-overhead-", args.database, args.broker_url, **settings) as stack:
         with chitrakar_process("bot", env=stack.env, log_dir=stack.work, echo_log=False):
             wait_until_up(stack.emulator)
             for method in ANSWERED_LATE:
@@ -496,6 +502,7 @@ def main() -> None:
         "database": args.database,
         "broker": broker,
         "api_latency_ms": args.api_latency_ms,
+        "intake_process": args.intake_process,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "logs": work,

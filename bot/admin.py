@@ -13,7 +13,8 @@ from telegram.constants import ChatType
 from telegram.error import TelegramError
 from telegram.ext import ApplicationHandlerStop
 
-from bot.context import CHANNEL, BotContext, actor_of, language_of
+from bot.bootstrap import CHANNEL
+from bot.context import BotContext, actor_of, language_of
 from bot.handlers import command_arguments, keyboard
 from chitrakar import replies
 from chitrakar.admin_commands import admin_reply

@@ -4,6 +4,7 @@ every chat channel calls (Telegram's handlers and the web chat alike)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from celery import Celery
 
@@ -17,6 +18,11 @@ from chitrakar.services import JobIntake
 from chitrakar.styles import load_catalogue
 from db.session import Store
 
+if TYPE_CHECKING:
+    from bot.intake_process import IntakeProcess
+
+# The channel Telegram's users and jobs are recorded under.
+CHANNEL = "telegram"
 # How long a readiness check waits for the database or the broker.
 READINESS_TIMEOUT_S = 5.0
 
@@ -29,6 +35,8 @@ class BotServices:
     moderation: Moderation
     store: Store
     celery: Celery
+    # Where the commands' intake runs (bot/intake_process.py); None: the bot's threads.
+    intake_process: IntakeProcess | None = None
 
     def broker_ping(self) -> None:
         """Blocks; raises when the broker cannot be reached."""
@@ -36,6 +44,8 @@ class BotServices:
             connection.ensure_connection(max_retries=1, timeout=READINESS_TIMEOUT_S)
 
     def close(self) -> None:
+        if self.intake_process is not None:
+            self.intake_process.shutdown()
         self.store.dispose()
 
 
@@ -53,6 +63,11 @@ def bootstrap(settings: Settings) -> BotServices:
         artifacts,
         publish_many=lambda job_ids: publish_generate_many(celery, job_ids),
     )
+    intake_process = None
+    if settings.bot_intake_process:
+        from bot.intake_process import IntakeProcess
+
+        intake_process = IntakeProcess(settings)
     return BotServices(
         settings=settings,
         intake=intake,
@@ -60,4 +75,5 @@ def bootstrap(settings: Settings) -> BotServices:
         moderation=Moderation(settings, store, artifacts),
         store=store,
         celery=celery,
+        intake_process=intake_process,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
@@ -24,15 +25,18 @@ MAX_BATCH = 16
 class Coalesced(Generic[Item, Result]):
     """`await call(item)` gives the item's result, or raises the exception `run_many` gave
     for it. `run_many` blocks; it gets the items in the order they were asked for and returns
-    one outcome per item: its result, or the exception to raise in that caller alone."""
+    one outcome per item: its result, or the exception to raise in that caller alone. It runs
+    in `executor` (by default the event loop's threads)."""
 
     def __init__(
         self,
         run_many: Callable[[list[Item]], Sequence[Result | BaseException]],
         max_batch: int = MAX_BATCH,
+        executor: Executor | None = None,
     ) -> None:
         self._run_many = run_many
         self._max_batch = max_batch
+        self._executor = executor
         self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
         # Batches in their threads: a task nothing refers to may be collected.
         self._running: set[asyncio.Task[None]] = set()
@@ -57,7 +61,9 @@ class Coalesced(Generic[Item, Result]):
 
     async def _run(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
         try:
-            outcomes = await asyncio.to_thread(self._run_many, [item for item, _ in batch])
+            outcomes = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._run_many, [item for item, _ in batch]
+            )
             if len(outcomes) != len(batch):
                 raise RuntimeError(f"{len(outcomes)} outcomes for {len(batch)} calls")
         except asyncio.CancelledError:

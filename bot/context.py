@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from telegram import Update
@@ -12,15 +13,15 @@ from telegram.constants import ChatType
 from telegram.error import TelegramError
 from telegram.ext import Application, CallbackContext, ExtBot
 
-from bot.bootstrap import BotServices
+from bot.bootstrap import CHANNEL, BotServices
 from bot.coalescing import Coalesced
+from bot.intake_process import INTAKE_CALLS, IntakeProcess
 from chitrakar.domain import ImageRequest
 from chitrakar.moderation import Actor
 from chitrakar.services import Accepted
 from chitrakar.texts import pick_language
 from db.jobs import Origin
 
-CHANNEL = "telegram"
 log = logging.getLogger(__name__)
 
 
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 class TogetherCalls:
     """The calls every command makes, each made once for the commands that arrive in one turn
     of the event loop (bot.coalescing): the ban check, taking a request in, publishing its
-    job, and recording its status message."""
+    job, and recording its status message. Made in the bot's threads, or in its intake
+    process (bot.intake_process) when it has one."""
 
     is_banned: Coalesced[str, bool]
     accept: Coalesced[tuple[Origin, ImageRequest], Accepted]
@@ -37,12 +39,18 @@ class TogetherCalls:
 
     @classmethod
     def of(cls, services: BotServices) -> TogetherCalls:
-        intake, moderation = services.intake, services.moderation
+        executor = services.intake_process
+
+        def made(name: str) -> Coalesced[Any, Any]:
+            if executor is None:
+                return Coalesced(partial(INTAKE_CALLS[name], services))
+            return Coalesced(IntakeProcess.call(name), executor=executor)
+
         return cls(
-            is_banned=Coalesced(lambda user_ids: moderation.are_banned(CHANNEL, user_ids)),
-            accept=Coalesced(intake.accept_many),
-            dispatch=Coalesced(intake.dispatch_many),
-            attach_status_message=Coalesced(intake.attach_status_messages),
+            is_banned=made("is_banned"),
+            accept=made("accept"),
+            dispatch=made("dispatch"),
+            attach_status_message=made("attach_status_message"),
         )
 
 

@@ -19,7 +19,8 @@ from telegram import (
 from telegram.constants import ChatType, FileSizeLimit, MessageLimit
 from telegram.error import BadRequest, Forbidden, TelegramError
 
-from bot.context import CHANNEL, BotContext, actor_of, is_group_admin, language_of, origin_of
+from bot.bootstrap import CHANNEL
+from bot.context import BotContext, actor_of, is_group_admin, language_of, origin_of
 from chitrakar import replies
 from chitrakar.buttons import (
     Action,

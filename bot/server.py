@@ -18,6 +18,7 @@ from chitrakar.process import freeze_start_up_objects
 if TYPE_CHECKING:
     # Telegram is loaded only when a token is set: the web chat alone needs none of it.
     from bot.context import BotApplication
+    from bot.intake_process import IntakeProcess
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ async def serve(settings: Settings) -> None:
     runner = web.AppRunner(build_http_app(settings, services, telegram))
     freeze_start_up_objects()
     try:
+        if services.intake_process is not None:
+            await _start_intake_process(services.intake_process)
         await runner.setup()
         try:
             # Several bot processes share the port; the kernel spreads connections over them.
@@ -116,6 +119,19 @@ async def serve(settings: Settings) -> None:
         # Safe to repeat: a runner already cleaned up has nothing left to stop.
         await runner.cleanup()
         services.close()
+
+
+async def _start_intake_process(intake_process: IntakeProcess) -> None:
+    """Before the first update: its imports and connections would hold up the first
+    commands, and one that cannot start should stop the bot, not each command."""
+    try:
+        pid = await asyncio.to_thread(intake_process.warm_up)
+    except Exception as exc:
+        raise SystemExit(
+            f"The bot's intake process did not start ({type(exc).__name__}: {exc}); its log "
+            "lines above say why. Or set CHITRAKAR_BOT_INTAKE_PROCESS=false."
+        ) from None
+    log.info("intake process %s is up", pid)
 
 
 async def _run_telegram(

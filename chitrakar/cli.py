@@ -19,6 +19,7 @@ from threading import Event
 from typing import TYPE_CHECKING, TypeVar
 
 from chitrakar.config import Settings, load_settings
+from chitrakar.process import configure_logging
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -49,17 +50,6 @@ To connect a Telegram bot:
   3. Put it in a file named .env here:   CHITRAKAR_TELEGRAM_TOKEN=123456789:AA...
      (or export it in your shell), then run this command again.
 """
-
-
-def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
-    )
-    # httpx logs every request at INFO, which would log the bot token in each URL.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    # torchao warns on import about GPU kernels a CPU build lacks; only its errors matter.
-    logging.getLogger("torchao").setLevel(logging.ERROR)
 
 
 def _require_current_schema(settings: Settings) -> None:
@@ -790,6 +780,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PTB_TIMEDELTA", "true")
     args = build_parser().parse_args(argv)
     settings = load_settings()
-    _configure_logging(settings)
+    configure_logging(settings)
     result: int = args.func(settings, args)
     return result

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     # and the web chat's connections over them, so the bot uses more than one core. With
     # Telegram, more than one needs the webhook (getUpdates has a single reader).
     bot_processes: int = Field(default=1, ge=1, le=64)
+    # Run the commands' intake (database and broker work) in a child process of each bot
+    # process: under load one process is bound to one core, half of it this work
+    # (bot/intake_process.py). Worth it on 2 or more cores, for a busy bot.
+    bot_intake_process: bool = False
     # Set by the first bot process for the others it starts (1, 2, ...); not for operators.
     bot_process_index: int = Field(default=0, ge=0)
     # The built-in web chat (the channel that needs no Telegram), on by default.

@@ -3,6 +3,23 @@
 from __future__ import annotations
 
 import gc
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from chitrakar.config import Settings
+
+
+def configure_logging(settings: Settings) -> None:
+    """Every process's log lines in one format, each naming its process."""
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+    )
+    # httpx logs every request at INFO, which would log the bot token in each URL.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # torchao warns on import about GPU kernels a CPU build lacks; only its errors matter.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
 
 
 def freeze_start_up_objects() -> None:

@@ -202,3 +202,19 @@ def fresh_postgres_database(server_url: str) -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def process_running(pid: int) -> bool:
+    """Running, and not a zombie waiting for its parent to reap it (Linux)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_until_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while process_running(pid):
+        assert time.monotonic() < deadline, f"process {pid} still running after {timeout} s"
+        time.sleep(0.1)

@@ -1,0 +1,258 @@
+"""The commands' intake in a process of its own (CHITRAKAR_BOT_INTAKE_PROCESS), so that a busy
+bot uses a second core.
+
+Under load one bot process is bound to one core: its event loop (python-telegram-bot polling,
+parsing updates and sending status messages) and the intake's database and broker work share
+one GIL, about half of the CPU each (BENCHMARKS.md). With this set, the calls every command
+makes (`INTAKE_CALLS`: the ban check, taking the request in, publishing its job, recording its
+status message) run in one child process with its own database engine and broker connection.
+`bot.coalescing` already makes one call per batch of commands, so a batch crosses to the
+child and back once.
+
+The child runs the calls one at a time, in the order they were made. It is started with
+`spawn` (forking a process whose event loop and threads are running is unsafe) and warmed up
+before the bot takes updates. It ignores SIGINT and SIGTERM, which a terminal or a service
+manager sends to the whole group: the bot finishes the commands in hand, then stops it. When
+it dies, the calls in flight fail (their users are told; the database keeps what was
+committed) and the next call starts another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from functools import partial
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any, ParamSpec, TypeVar
+
+from bot.bootstrap import CHANNEL, BotServices, bootstrap
+from chitrakar.config import Settings
+from chitrakar.process import configure_logging, freeze_start_up_objects
+
+log = logging.getLogger(__name__)
+
+PROCESS_NAME = "bot-intake"
+# How often the child checks that the bot is still there: a bot killed outright never
+# stops it.
+PARENT_CHECK_S = 1.0
+# How long a stopping bot waits for the child to finish the calls in hand.
+STOP_TIMEOUT_S = 30.0
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# The calls every command makes, by name: made in the bot's threads, or in the child's.
+INTAKE_CALLS: dict[str, Callable[[BotServices, list[Any]], Sequence[Any]]] = {
+    "is_banned": lambda services, user_ids: services.moderation.are_banned(CHANNEL, user_ids),
+    "accept": lambda services, requests: services.intake.accept_many(requests),
+    "dispatch": lambda services, accepted: services.intake.dispatch_many(accepted),
+    "attach_status_message": lambda services, sent: services.intake.attach_status_messages(sent),
+}
+
+
+class IntakeFailed(RuntimeError):
+    """What the intake process raised or returned, when that could not cross to the bot."""
+
+
+class IntakeProcessStopped(RuntimeError):
+    """The intake process ended with this call in hand."""
+
+
+class IntakeProcess(Executor):
+    """An executor whose calls run in a child process's threads; started on the first call,
+    and again after the child has died."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._child: _Child | None = None
+        self._stopped = False
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        future: Future[T] = Future()
+        payload = pickle.dumps((partial(fn, *args, **kwargs),))
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("the intake process has been stopped")
+            if self._child is None or not self._child.alive:
+                if self._child is not None:
+                    log.error("the intake process stopped; starting another")
+                self._child = _Child.start(self._settings)
+            self._child.send(next(self._ids), payload, future)
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop the child once it has answered the calls in hand (always waits for that)."""
+        with self._lock:
+            self._stopped = True
+            child, self._child = self._child, None
+        if child is not None:
+            child.stop()
+
+    def warm_up(self) -> int:
+        """Blocks until the child has started and answers; its process id. Raises when it
+        cannot start (its own log lines say why)."""
+        return self.submit(os.getpid).result()
+
+    @staticmethod
+    def call(name: str) -> Callable[[list[Any]], list[Any]]:
+        """The named intake call, made in the child (picklable, as crossing needs)."""
+        if name not in INTAKE_CALLS:
+            raise KeyError(name)
+        return partial(_intake_call, name)
+
+
+class _Child:
+    """One child process, its end of the pipe, and the calls it has in hand."""
+
+    def __init__(self, process: BaseProcess, connection: Connection) -> None:
+        self.process = process
+        self._connection = connection
+        self._pending: dict[int, Future[Any]] = {}
+        self._pending_lock = threading.Lock()
+        self.alive = True
+        self._reader = threading.Thread(target=self._read, name="intake-answers", daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def start(cls, settings: Settings) -> _Child:
+        context = multiprocessing.get_context("spawn")
+        ours, theirs = context.Pipe()
+        process = context.Process(
+            target=_serve, args=(theirs, settings, os.getpid()), name=PROCESS_NAME
+        )
+        process.start()
+        theirs.close()
+        return cls(process, ours)
+
+    def send(self, call_id: int, payload: bytes, future: Future[Any]) -> None:
+        with self._pending_lock:
+            if not self.alive:
+                raise IntakeProcessStopped("the intake process stopped")
+            self._pending[call_id] = future
+        try:
+            self._connection.send_bytes(pickle.dumps((call_id, payload)))
+        except OSError as exc:  # it died meanwhile: the reader fails the others
+            with self._pending_lock:
+                self._pending.pop(call_id, None)
+            raise IntakeProcessStopped(f"the intake process stopped: {exc}") from None
+
+    def _read(self) -> None:
+        while True:
+            try:
+                call_id, ok, payload = pickle.loads(self._connection.recv_bytes())  # noqa: S301 (our child's)
+            except (EOFError, OSError):
+                break
+            with self._pending_lock:
+                future = self._pending.pop(call_id)
+            try:
+                value = pickle.loads(payload)  # noqa: S301 (our child's)
+            except Exception as exc:  # checked in the child; never expected here
+                ok, value = False, IntakeFailed(f"its answer could not be read: {exc}")
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        with self._pending_lock:
+            self.alive = False
+            pending, self._pending = self._pending, {}
+        self.process.join(STOP_TIMEOUT_S)
+        for future in pending.values():
+            future.set_exception(
+                IntakeProcessStopped(
+                    f"the intake process stopped (exit code {self.process.exitcode})"
+                )
+            )
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):  # already gone
+            self._connection.send_bytes(b"")  # nothing more: finish and stop
+        self._reader.join(STOP_TIMEOUT_S)
+        if self.process.is_alive():
+            log.error("the intake process did not stop in %.0f s; killed", STOP_TIMEOUT_S)
+            self.process.kill()
+            self.process.join()
+        self._connection.close()
+
+
+# The child's own services, made when it starts.
+_services: BotServices | None = None
+
+
+def _serve(connection: Connection, settings: Settings, parent_pid: int) -> None:
+    """The child: run each call it is sent in a thread and send back its outcome, until told
+    to stop (an empty message) or the bot is gone."""
+    global _services
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    configure_logging(settings)
+    _services = bootstrap(settings.model_copy(update={"bot_intake_process": False}))
+    watch = threading.Thread(target=_exit_with, args=(parent_pid,), name="parent", daemon=True)
+    watch.start()
+    freeze_start_up_objects()
+    log.info("intake process up (bot process %s)", parent_pid)
+
+    def answer(call_id: int, payload: bytes) -> None:
+        try:
+            (call,) = pickle.loads(payload)  # noqa: S301 (from the bot, our parent)
+            ok, value = True, call()
+        except Exception as exc:
+            log.error("intake call failed", exc_info=exc)
+            ok, value = False, _sendable(exc)
+        try:
+            answer_payload = pickle.dumps(value)
+        except Exception as exc:
+            ok, answer_payload = False, pickle.dumps(IntakeFailed(f"{type(exc).__name__}: {exc}"))
+        connection.send_bytes(pickle.dumps((call_id, ok, answer_payload)))
+
+    # One call at a time, in order, in a thread of its own, while this one reads the pipe
+    # (so that the bot never waits to send): more threads cost more CPU in handing the GIL
+    # over than they saved in waits, and the tail of the acknowledgements grew (BENCHMARKS.md).
+    with ThreadPoolExecutor(1, thread_name_prefix="intake") as threads:
+        while True:
+            try:
+                message = connection.recv_bytes()
+            except (EOFError, OSError):
+                break
+            if not message:
+                break
+            call_id, payload = pickle.loads(message)  # noqa: S301 (from the bot, our parent)
+            threads.submit(answer, call_id, payload)
+    connection.close()
+    assert _services is not None
+    _services.close()
+
+
+def _exit_with(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_CHECK_S)
+    log.error("the bot process %s is gone; the intake process stops", parent_pid)
+    os._exit(1)
+
+
+def _intake_call(name: str, items: list[Any]) -> list[Any]:
+    if _services is None:
+        raise RuntimeError("not in the intake process")
+    outcomes = INTAKE_CALLS[name](_services, items)
+    return [_sendable(one) if isinstance(one, Exception) else one for one in outcomes]
+
+
+def _sendable(exc: Exception) -> Exception:
+    """The exception itself when it crosses to the bot intact; one that could not be read
+    there is told as an IntakeFailed with its type and text."""
+    try:
+        pickle.loads(pickle.dumps(exc))  # noqa: S301 (made here, from this process's own)
+    except Exception:
+        return IntakeFailed(f"{type(exc).__name__}: {exc}")
+    return exc
