@@ -366,6 +366,11 @@ def main() -> None:
     )
     parser.add_argument("--profile", type=Path, help="py-spy the bot; folded stacks to this file")
     parser.add_argument(
+        "--latencies",
+        type=Path,
+        help="write each command's offer time (s from the first) and ack (ms), a line each",
+    )
+    parser.add_argument(
         "--profile-idle",
         action="store_true",
         help="sample every thread, waiting ones too (where time goes), not only the GIL's holder",
@@ -473,6 +478,13 @@ def main() -> None:
 
     latencies = [(acks.at[c] - t) * 1000 for c, t in offers.at.items() if c in acks.at]
     first_offer = min(offers.at.values())
+    if args.latencies:
+        lines = (
+            f"{t - first_offer:.4f} {(acks.at[c] - t) * 1000:.1f}\n"
+            for c, t in sorted(offers.at.items(), key=lambda item: item[1])
+            if c in acks.at
+        )
+        args.latencies.write_text("".join(lines))
     last_ack = max(acks.at.values()) if acks.at else first_offer
     acked_in_window = sum(
         1 for c, t in acks.at.items() if t - offers.at[c] >= 0 and t <= started + offering

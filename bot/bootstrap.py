@@ -3,6 +3,7 @@ every chat channel calls (Telegram's handlers and the web chat alike)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -13,13 +14,15 @@ from chitrakar.config import Settings
 from chitrakar.media import MediaStore
 from chitrakar.moderation import Moderation
 from chitrakar.privacy import PrivacyService
-from chitrakar.queue import make_celery, publish_generate, publish_generate_many
+from chitrakar.queue import make_celery, prepare_to_publish, publish_generate, publish_generate_many
 from chitrakar.services import JobIntake
 from chitrakar.styles import load_catalogue
 from db.session import Store
 
 if TYPE_CHECKING:
     from bot.intake_process import IntakeProcess
+
+log = logging.getLogger(__name__)
 
 # The channel Telegram's users and jobs are recorded under.
 CHANNEL = "telegram"
@@ -42,6 +45,20 @@ class BotServices:
         """Blocks; raises when the broker cannot be reached."""
         with self.celery.connection_for_write() as connection:
             connection.ensure_connection(max_retries=1, timeout=READINESS_TIMEOUT_S)
+
+    def warm_up(self) -> None:
+        """Blocks. What the first command would otherwise wait for: the broker's client
+        imported and connected, the database connected. A broker or database that cannot
+        be reached is logged, not raised: the bot serves what it can, and /readyz tells."""
+        try:
+            prepare_to_publish(self.celery, READINESS_TIMEOUT_S)
+        except Exception as exc:
+            log.warning("the broker cannot be reached yet: %s", exc)
+        try:
+            with self.store.engine.connect():
+                pass
+        except Exception as exc:
+            log.warning("the database cannot be reached yet: %s", exc)
 
     def close(self) -> None:
         if self.intake_process is not None:

@@ -198,6 +198,7 @@ def _serve(connection: Connection, settings: Settings, parent_pid: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(settings)
     _services = bootstrap(settings.model_copy(update={"bot_intake_process": False}))
+    _services.warm_up()
     watch = threading.Thread(target=_exit_with, args=(parent_pid,), name="parent", daemon=True)
     watch.start()
     freeze_start_up_objects()

@@ -92,6 +92,7 @@ async def serve(settings: Settings) -> None:
     runner = web.AppRunner(build_http_app(settings, services, telegram))
     freeze_start_up_objects()
     try:
+        await asyncio.to_thread(services.warm_up)
         if services.intake_process is not None:
             await _start_intake_process(services.intake_process)
         await runner.setup()

@@ -107,6 +107,16 @@ def publish_generate_many(app: Celery, job_ids: Sequence[int]) -> None:
             )
 
 
+def prepare_to_publish(app: Celery, timeout: float) -> None:
+    """Do at start what the first publish would do at its command's cost: import the broker's
+    transport (redis-py alone takes 100 ms or more to import), connect, and load the result
+    backend Celery looks at on each send. Raises when the broker cannot be reached within
+    `timeout` seconds."""
+    app.backend  # noqa: B018 (loaded on first access)
+    with app.producer_or_acquire() as producer:
+        producer.connection.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
+
+
 def _shown_as(job_id: int) -> dict[str, str]:
     """How a task's arguments are shown (the worker's log, monitoring tools): what Celery
     would write, without its safe repr of them, a tenth of the CPU each publish costs."""

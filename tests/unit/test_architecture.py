@@ -91,3 +91,17 @@ def test_the_web_chat_does_not_load_torch_the_workers_or_telegram(tmp_path: Path
     )
     heavy = ("torch", "diffusers", "transformers", "workers", "telegram")
     assert modules_loaded(setup, tmp_path, *heavy) == []
+
+
+def test_the_bot_loads_the_brokers_client_at_start_not_on_the_first_command(
+    tmp_path: Path,
+) -> None:
+    """redis-py takes 0.1 s or more to import: the first command would wait for it. (The
+    port is closed: the warm-up logs that it cannot connect and goes on.)"""
+    setup = (
+        "from chitrakar.config import Settings\n"
+        "from bot.bootstrap import bootstrap\n"
+        "services = bootstrap(Settings(data_dir=data_dir, broker_url='redis://127.0.0.1:9/0'))\n"
+    )
+    assert modules_loaded(setup, tmp_path, "redis") == []
+    assert modules_loaded(setup + "services.warm_up()\n", tmp_path, "redis") == ["redis"]
