@@ -15,7 +15,7 @@ from telegram.ext import Application, CallbackContext, ExtBot
 
 from bot.bootstrap import CHANNEL, BotServices
 from bot.coalescing import Coalesced
-from bot.intake_process import INTAKE_CALLS, IntakeProcess
+from bot.intake_process import IN_THE_INTAKE_PROCESS, INTAKE_CALLS, IntakeProcess
 from chitrakar.domain import ImageRequest
 from chitrakar.moderation import Actor
 from chitrakar.services import Accepted
@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 class TogetherCalls:
     """The calls every command makes, each made once for the commands that arrive in one turn
     of the event loop (bot.coalescing): the ban check, taking a request in, publishing its
-    job, and recording its status message. Made in the bot's threads, or in its intake
-    process (bot.intake_process) when it has one."""
+    job, and recording its status message. Made in the bot's threads; with an intake process
+    (bot.intake_process), all but the publishing are made there."""
 
     is_banned: Coalesced[str, bool]
     accept: Coalesced[tuple[Origin, ImageRequest], Accepted]
@@ -42,7 +42,7 @@ class TogetherCalls:
         executor = services.intake_process
 
         def made(name: str) -> Coalesced[Any, Any]:
-            if executor is None:
+            if executor is None or name not in IN_THE_INTAKE_PROCESS:
                 return Coalesced(partial(INTAKE_CALLS[name], services))
             return Coalesced(IntakeProcess.call(name), executor=executor)
 

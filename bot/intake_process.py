@@ -4,8 +4,8 @@ bot uses a second core.
 Under load one bot process is bound to one core: its event loop (python-telegram-bot polling,
 parsing updates and sending status messages) and the intake's database and broker work share
 one GIL, about half of the CPU each (BENCHMARKS.md). With this set, the calls every command
-makes (`INTAKE_CALLS`: the ban check, taking the request in, publishing its job, recording its
-status message) run in one child process with its own database engine and broker connection.
+makes (the ban check, taking the request in and recording its status message; publishing
+its job stays in the bot) run in one child process with its own database engine.
 `bot.coalescing` already makes one call per batch of commands, so a batch crosses to the
 child and back once.
 
@@ -58,6 +58,11 @@ INTAKE_CALLS: dict[str, Callable[[BotServices, list[Any]], Sequence[Any]]] = {
     "dispatch": lambda services, accepted: services.intake.dispatch_many(accepted),
     "attach_status_message": lambda services, sent: services.intake.attach_status_messages(sent),
 }
+
+# The calls made in the child: the ban check and the writes. Publishing stays in the bot's
+# threads: with it, the child (one call at a time) was the busier process of the two, and
+# the acknowledgements' tail twice as long (BENCHMARKS.md).
+IN_THE_INTAKE_PROCESS = frozenset({"is_banned", "accept", "attach_status_message"})
 
 
 class IntakeFailed(RuntimeError):
