@@ -4,7 +4,7 @@ API emulator on loopback, with Redis as the broker and SQLite or PostgreSQL as t
 
     PYTHONPATH=. .venv/bin/python bench/ingest.py [--rate 300] [--seconds 20]
         [--path polling|webhook] [--database sqlite|postgresql] [--workers 0]
-        [--profile bot-profile.txt]
+        [--intake-process] [--profile bot-profile.txt] [--latencies acks.txt]
 
 Each command comes from a new user in a private chat (so quotas and the per-user limit on jobs
 in flight never refuse one). `--path polling`: the emulator holds the updates and answers the
@@ -26,7 +26,8 @@ could never keep up with 300 jobs a second anyway (its handling of a job, conten
 delivery, is about 80 ms). `--workers N` runs N such workers alongside.
 
 CPU: the seconds of CPU each process used while commands were offered (the bot's at 100 %
-means one core: its asyncio loop and the threads it hands database work to share one GIL).
+means one core: its asyncio loop and the threads it hands database work to share one GIL;
+with `--intake-process`, the child that takes the commands in is counted as `bot_intake`).
 `--profile PATH` samples the bot with py-spy (`pip install py-spy`) for the same window
 (`--gil`: only the thread holding the GIL, where CPU goes; with `--profile-idle`, every thread,
 waiting ones too: where wall time goes) and writes the folded stacks to PATH; the report lists
