@@ -74,8 +74,8 @@ class IntakeProcessStopped(RuntimeError):
 
 
 class IntakeProcess(Executor):
-    """An executor whose calls run in a child process's threads; started on the first call,
-    and again after the child has died."""
+    """An executor whose calls run in a child process, one at a time; the child is started
+    on the first call, and again after it has died."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -196,8 +196,8 @@ _services: BotServices | None = None
 
 
 def _serve(connection: Connection, settings: Settings, parent_pid: int) -> None:
-    """The child: run each call it is sent in a thread and send back its outcome, until told
-    to stop (an empty message) or the bot is gone."""
+    """The child: run the calls it is sent and send back each outcome, until told to stop
+    (an empty message; the calls in hand are answered first) or the bot is gone."""
     global _services
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
