@@ -127,6 +127,7 @@ class _Child:
         self._pending: dict[int, Future[Any]] = {}
         self._pending_lock = threading.Lock()
         self.alive = True
+        self._stopping = False
         self._reader = threading.Thread(target=self._read, name="intake-answers", daemon=True)
         self._reader.start()
 
@@ -173,6 +174,13 @@ class _Child:
             self.alive = False
             pending, self._pending = self._pending, {}
         self.process.join(STOP_TIMEOUT_S)
+        if not self._stopping:
+            log.error(
+                "the intake process %s ended (exit code %s) with %d call(s) in hand",
+                self.process.pid,
+                self.process.exitcode,
+                len(pending),
+            )
         for future in pending.values():
             future.set_exception(
                 IntakeProcessStopped(
@@ -181,6 +189,7 @@ class _Child:
             )
 
     def stop(self) -> None:
+        self._stopping = True
         with contextlib.suppress(OSError):  # already gone
             self._connection.send_bytes(b"")  # nothing more: finish and stop
         self._reader.join(STOP_TIMEOUT_S)
@@ -207,7 +216,7 @@ def _serve(connection: Connection, settings: Settings, parent_pid: int) -> None:
     watch = threading.Thread(target=_exit_with, args=(parent_pid,), name="parent", daemon=True)
     watch.start()
     freeze_start_up_objects()
-    log.info("intake process up (bot process %s)", parent_pid)
+    log.info("intake process %s up (bot process %s)", os.getpid(), parent_pid)
 
     def answer(call_id: int, payload: bytes) -> None:
         try:

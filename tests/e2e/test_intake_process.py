@@ -4,7 +4,10 @@ the bot."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +70,20 @@ def test_a_bot_with_an_intake_process_answers_as_before_and_stops_whole(
                 if " accepted from " in line
             }
             assert accepted_by == {"bot-intake"}
+
+            # The child killed (the OOM killer, say): the next command starts another.
+            os.kill(int(intake_pid), signal.SIGKILL)
+            ended = f"the intake process {intake_pid} ended (exit code -9) with 0 call(s) in hand"
+            deadline = time.monotonic() + 10
+            while ended not in log_path.read_text():
+                assert time.monotonic() < deadline, "the bot did not see its intake process end"
+                time.sleep(0.1)
+            user = emulator.user(3200)
+            after = emulator.send_text(emulator.private_chat(user), user, "/portrait a kite again")
+            [job] = wait_for_jobs(database_url, after["chat"]["id"], "done", timeout=120)
+            assert "the intake process stopped; starting another" in log_path.read_text()
+            children = re.findall(r"intake process (\d+) up \(bot process", log_path.read_text())
+            assert children[0] == intake_pid and len(children) == 2
     finally:
         emulator.stop()
-    wait_until_gone(int(intake_pid), timeout=10)  # it did not outlive its bot
+    wait_until_gone(int(children[1]), timeout=10)  # it did not outlive its bot
