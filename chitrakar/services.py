@@ -132,17 +132,11 @@ class JobIntake:
         with self._store.unit_of_work() as uow:
             standings = self._standings(uow, [origin for origin, _ in requests])
         outcomes: list[Accepted | Exception] = []
-        # Each place in the queue is counted on from the one before (jobs.queue_position).
-        placed: tuple[int, int] | None = None
         for (origin, request), standing in zip(requests, standings, strict=True):
             try:
-                accepted = self._accept(origin, request, None, standing, placed)
+                outcomes.append(self._accept(origin, request, None, standing))
             except Exception as exc:  # raised in that request's caller alone
                 outcomes.append(exc)
-                continue
-            outcomes.append(accepted)
-            if not accepted.duplicate:
-                placed = (accepted.job_id, accepted.position)
         return outcomes
 
     def _accept(
@@ -151,7 +145,6 @@ class JobIntake:
         request: ImageRequest,
         selfie: Image.Image | None,
         standing: Standing,
-        placed_after: tuple[int, int] | None = None,
     ) -> Accepted:
         kind = JobKind.AVATAR if request.command == Command.AVATAR else JobKind.PORTRAIT
         if (kind == JobKind.AVATAR) != (selfie is not None):
@@ -182,7 +175,6 @@ class JobIntake:
                     input_path=input_path,
                     charge=charge,
                     hand_over_limit=limit,
-                    placed_after=placed_after,
                 ),
                 on_duplicate=lambda: self.media.forget_input(input_path),
             )

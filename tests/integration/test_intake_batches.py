@@ -135,35 +135,6 @@ def test_a_job_the_broker_refuses_is_failed_and_refunded(store: Store, tmp_path:
         assert ledger.balance(uow.session, user_5, intake.quota_day()) == 2  # refunded
 
 
-def test_places_in_a_batch_counted_on_from_the_one_before_are_the_queues(
-    store: Store, tmp_path: Path
-) -> None:
-    """Each request after the first in a batch counts only the jobs since the one before
-    (jobs.queue_position): with nothing else happening, the places are those a full count
-    gives, held jobs (not handed over, so ahead of no one) and refusals included."""
-    intake = intake_on(store, tmp_path, [])
-    before = intake.accept_many([(origin(user, 1), portrait()) for user in ("40", "41")])
-    assert [one.position for one in before] == [1, 2]  # type: ignore[union-attr]
-    outcomes = intake.accept_many(
-        [
-            (origin("42", 1), portrait()),
-            (origin("41", 2), portrait()),  # held: user 41 has a job in flight
-            (origin("43", 1), portrait("a nude woman on a beach")),  # refused
-            (origin("40", 1), portrait()),  # offered twice: the first batch has it
-            (origin("43", 2), portrait()),
-            (origin("44", 1), portrait()),
-        ]
-    )
-    first, held, blocked, repeat, third, fourth = outcomes
-    assert isinstance(blocked, PromptBlocked)
-    assert isinstance(repeat, Accepted) and repeat.duplicate
-    placed = [first, held, third, fourth]
-    assert all(isinstance(one, Accepted) for one in placed)
-    with store.unit_of_work() as uow:
-        counted = [jobs.queue_position(uow, one.job_id) for one in placed]  # type: ignore[union-attr]
-    assert [one.position for one in placed] == counted == [3, 4, 4, 5]  # type: ignore[union-attr]
-
-
 def test_the_banned_among_several_users_are_found_in_one_call(store: Store, tmp_path: Path) -> None:
     intake = intake_on(store, tmp_path, [])
     for user in ("7", "8"):
