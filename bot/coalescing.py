@@ -1,4 +1,5 @@
-"""Blocking calls that arrive together, made together in one worker thread.
+"""Blocking calls that arrive together, made together in one worker thread (or, through
+the executor given, in the bot's intake process: bot.intake_process).
 
 Under load, python-telegram-bot starts the updates of one getUpdates answer (or the webhook
 posts that came in at once) in the same turn of the event loop, and each would hand its
