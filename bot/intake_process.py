@@ -86,7 +86,7 @@ class IntakeProcess(Executor):
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         future: Future[T] = Future()
-        payload = pickle.dumps((partial(fn, *args, **kwargs),))
+        payload = pickle.dumps(partial(fn, *args, **kwargs))
         with self._lock:
             if self._stopped:
                 raise RuntimeError("the intake process has been stopped")
@@ -148,7 +148,7 @@ class _Child:
                 raise IntakeProcessStopped("the intake process stopped")
             self._pending[call_id] = future
         try:
-            self._connection.send_bytes(pickle.dumps((call_id, payload)))
+            self._connection.send_bytes(_framed(call_id, payload))
         except OSError as exc:  # it died meanwhile: the reader fails the others
             with self._pending_lock:
                 self._pending.pop(call_id, None)
@@ -157,9 +157,11 @@ class _Child:
     def _read(self) -> None:
         while True:
             try:
-                call_id, ok, payload = pickle.loads(self._connection.recv_bytes())  # noqa: S301 (our child's)
+                message = self._connection.recv_bytes()
             except (EOFError, OSError):
                 break
+            ok = message[0] == 1
+            call_id, payload = _unframed(message[1:])
             with self._pending_lock:
                 future = self._pending.pop(call_id)
             try:
@@ -212,7 +214,6 @@ def _serve(connection: Connection, settings: Settings, parent_pid: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(settings)
     _services = bootstrap(settings.model_copy(update={"bot_intake_process": False}))
-    _services.warm_up()
     watch = threading.Thread(target=_exit_with, args=(parent_pid,), name="parent", daemon=True)
     watch.start()
     freeze_start_up_objects()
@@ -220,7 +221,7 @@ def _serve(connection: Connection, settings: Settings, parent_pid: int) -> None:
 
     def answer(call_id: int, payload: bytes) -> None:
         try:
-            (call,) = pickle.loads(payload)  # noqa: S301 (from the bot, our parent)
+            call = pickle.loads(payload)  # noqa: S301 (from the bot, our parent)
             ok, value = True, call()
         except Exception as exc:
             log.error("intake call failed", exc_info=exc)
@@ -229,7 +230,7 @@ def _serve(connection: Connection, settings: Settings, parent_pid: int) -> None:
             answer_payload = pickle.dumps(value)
         except Exception as exc:
             ok, answer_payload = False, pickle.dumps(IntakeFailed(f"{type(exc).__name__}: {exc}"))
-        connection.send_bytes(pickle.dumps((call_id, ok, answer_payload)))
+        connection.send_bytes(bytes([ok]) + _framed(call_id, answer_payload))
 
     # One call at a time, in order, in a thread of its own, while this one reads the pipe
     # (so that the bot never waits to send): more threads cost more CPU in handing the GIL
@@ -242,11 +243,25 @@ def _serve(connection: Connection, settings: Settings, parent_pid: int) -> None:
                 break
             if not message:
                 break
-            call_id, payload = pickle.loads(message)  # noqa: S301 (from the bot, our parent)
+            call_id, payload = _unframed(message)
             threads.submit(answer, call_id, payload)
     connection.close()
     assert _services is not None
     _services.close()
+
+
+# Each message on the pipe: the call's id, then its pickled call or outcome (an answer is
+# led by one byte, 1 when it is a result and 0 when an exception). The id is read without
+# unpickling, so that a payload that cannot be read still fails only its own call.
+_ID_BYTES = 8
+
+
+def _framed(call_id: int, payload: bytes) -> bytes:
+    return call_id.to_bytes(_ID_BYTES, "little") + payload
+
+
+def _unframed(message: bytes) -> tuple[int, bytes]:
+    return int.from_bytes(message[:_ID_BYTES], "little"), message[_ID_BYTES:]
 
 
 def _exit_with(parent_pid: int) -> None:

@@ -84,17 +84,20 @@ def intake_process(settings: Settings) -> Iterator[IntakeProcess]:
     intake.shutdown()
 
 
-async def test_commands_taken_in_by_the_intake_process_each_hear_their_own_outcome(
+@pytest.fixture
+def intake_on_each_database(
     store: Store, database_url: str, redis_url: str, tmp_path: Path
+) -> Iterator[IntakeProcess]:
+    """On SQLite and on PostgreSQL (`store` migrated it)."""
+    intake = IntakeProcess(settings_on(database_url, redis_url, tmp_path))
+    yield intake
+    intake.shutdown()
+
+
+async def test_commands_taken_in_by_the_intake_process_each_hear_their_own_outcome(
+    intake_on_each_database: IntakeProcess, store: Store
 ) -> None:
-    intake_process = IntakeProcess(settings_on(database_url, redis_url, tmp_path))
-    try:
-        await take_in_through(intake_process, store)
-    finally:
-        intake_process.shutdown()
-
-
-async def take_in_through(intake_process: IntakeProcess, store: Store) -> None:
+    intake_process = intake_on_each_database
     child = intake_process.warm_up()
     assert child != os.getpid() and process_running(child)
 
@@ -158,6 +161,7 @@ def test_the_intake_process_stops_with_its_bot(intake_process: IntakeProcess) ->
     child = intake_process.warm_up()
     intake_process.shutdown()
     wait_until_gone(child, timeout=10)
+    assert not process_running(child)
 
 
 def test_the_intake_process_stops_when_its_bot_is_killed(settings: Settings) -> None:
