@@ -9,7 +9,9 @@ its job stays in the bot) run in one child process with its own database engine.
 `bot.coalescing` already makes one call per batch of commands, so a batch crosses to the
 child and back once.
 
-The child runs the calls one at a time, in the order they were made. It is started with
+The child runs the calls one at a time: first those a user's acknowledgement waits for (the
+ban check, then taking requests in), each kind in the order asked; recording status messages,
+which have been sent already, when nothing else waits. It is started with
 `spawn` (forking a process whose event loop and threads are running is unsafe) and warmed up
 before the bot takes updates. It ignores SIGINT and SIGTERM, which a terminal or a service
 manager sends to the whole group: the bot finishes the commands in hand, then stops it. When
@@ -25,11 +27,13 @@ import logging
 import multiprocessing
 import os
 import pickle
+import queue
 import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
 from functools import partial
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -64,6 +68,16 @@ INTAKE_CALLS: dict[str, Callable[[BotServices, list[Any]], Sequence[Any]]] = {
 # the acknowledgements' tail twice as long (BENCHMARKS.md).
 IN_THE_INTAKE_PROCESS = frozenset({"is_banned", "accept", "attach_status_message"})
 
+# Which of the calls waiting in the child it runs first (lowest first; the same kind in the
+# order asked). A command's acknowledgement, its status message, waits for its ban check and
+# then for its intake; recording the message, once sent, waits for nobody. In the order
+# asked, each ban check queued behind the intakes and recordings of the batches before it,
+# and that wait was most of an acknowledgement's (BENCHMARKS.md). (Publishing, made in the
+# bot, has a rank for completeness: a job waits for it.)
+CALL_RANKS = {"is_banned": 0, "accept": 1, "dispatch": 1, "attach_status_message": 2}
+# Calls that are not intake calls (the warm-up's) go first.
+FIRST_RANK = 0
+
 
 class IntakeFailed(RuntimeError):
     """What the intake process raised or returned, when that could not cross to the bot."""
@@ -86,6 +100,7 @@ class IntakeProcess(Executor):
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         future: Future[T] = Future()
+        rank = fn.rank if isinstance(fn, _IntakeCall) else FIRST_RANK
         payload = pickle.dumps(partial(fn, *args, **kwargs))
         with self._lock:
             if self._stopped:
@@ -94,7 +109,7 @@ class IntakeProcess(Executor):
                 if self._child is not None:
                     log.error("the intake process stopped; starting another")
                 self._child = _Child.start(self._settings)
-            self._child.send(next(self._ids), payload, future)
+            self._child.send(next(self._ids), rank, payload, future)
         return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -115,7 +130,22 @@ class IntakeProcess(Executor):
         """The named intake call, made in the child (picklable, as crossing needs)."""
         if name not in INTAKE_CALLS:
             raise KeyError(name)
-        return partial(_intake_call, name)
+        return _IntakeCall(name)
+
+
+@dataclass(frozen=True)
+class _IntakeCall:
+    name: str
+
+    @property
+    def rank(self) -> int:
+        return CALL_RANKS[self.name]
+
+    def __call__(self, items: list[Any]) -> list[Any]:
+        if _services is None:
+            raise RuntimeError("not in the intake process")
+        outcomes = INTAKE_CALLS[self.name](_services, items)
+        return [_sendable(one) if isinstance(one, Exception) else one for one in outcomes]
 
 
 class _Child:
@@ -142,13 +172,13 @@ class _Child:
         theirs.close()
         return cls(process, ours)
 
-    def send(self, call_id: int, payload: bytes, future: Future[Any]) -> None:
+    def send(self, call_id: int, rank: int, payload: bytes, future: Future[Any]) -> None:
         with self._pending_lock:
             if not self.alive:
                 raise IntakeProcessStopped("the intake process stopped")
             self._pending[call_id] = future
         try:
-            self._connection.send_bytes(_framed(call_id, payload))
+            self._connection.send_bytes(_framed(call_id, bytes([rank]) + payload))
         except OSError as exc:  # it died meanwhile: the reader fails the others
             with self._pending_lock:
                 self._pending.pop(call_id, None)
@@ -232,28 +262,46 @@ def _serve(connection: Connection, settings: Settings, parent_pid: int) -> None:
             ok, answer_payload = False, pickle.dumps(IntakeFailed(f"{type(exc).__name__}: {exc}"))
         connection.send_bytes(bytes([ok]) + _framed(call_id, answer_payload))
 
-    # One call at a time, in order, in a thread of its own, while this one reads the pipe
-    # (so that the bot never waits to send): more threads cost more CPU in handing the GIL
-    # over than they saved in waits, and the tail of the acknowledgements grew (BENCHMARKS.md).
-    with ThreadPoolExecutor(1, thread_name_prefix="intake") as threads:
+    # One call at a time, by rank, in a thread of its own, while this one reads the pipe (so
+    # that the bot never waits to send): more threads cost more CPU in handing the GIL over
+    # than they saved in waits, and the tail of the acknowledgements grew (BENCHMARKS.md).
+    waiting: queue.PriorityQueue[tuple[int, int, bytes | None]] = queue.PriorityQueue()
+
+    def run_in_rank_order() -> None:
         while True:
+            _, call_id, payload = waiting.get()
+            if payload is None:
+                return
             try:
-                message = connection.recv_bytes()
-            except (EOFError, OSError):
-                break
-            if not message:
-                break
-            call_id, payload = _unframed(message)
-            threads.submit(answer, call_id, payload)
+                answer(call_id, payload)
+            except OSError:  # the bot is gone; the reading below ends too
+                return
+
+    runner = threading.Thread(target=run_in_rank_order, name="intake")
+    runner.start()
+    while True:
+        try:
+            message = connection.recv_bytes()
+        except (EOFError, OSError):
+            break
+        if not message:
+            break
+        call_id, ranked = _unframed(message)
+        waiting.put((ranked[0], call_id, ranked[1:]))
+    # After every call in hand, whatever its rank: nothing is sent after the stop.
+    waiting.put((_AFTER_EVERY_RANK, 0, None))
+    runner.join()
     connection.close()
     assert _services is not None
     _services.close()
 
 
-# Each message on the pipe: the call's id, then its pickled call or outcome (an answer is
-# led by one byte, 1 when it is a result and 0 when an exception). The id is read without
-# unpickling, so that a payload that cannot be read still fails only its own call.
+# Each message on the pipe: the call's id, then its rank (one byte) and pickled call, or its
+# outcome (an answer is led by one byte, 1 when it is a result and 0 when an exception). The
+# id is read without unpickling, so that a payload that cannot be read still fails only its
+# own call.
 _ID_BYTES = 8
+_AFTER_EVERY_RANK = 256
 
 
 def _framed(call_id: int, payload: bytes) -> bytes:
@@ -269,13 +317,6 @@ def _exit_with(parent_pid: int) -> None:
         time.sleep(PARENT_CHECK_S)
     log.error("the bot process %s is gone; the intake process stops", parent_pid)
     os._exit(1)
-
-
-def _intake_call(name: str, items: list[Any]) -> list[Any]:
-    if _services is None:
-        raise RuntimeError("not in the intake process")
-    outcomes = INTAKE_CALLS[name](_services, items)
-    return [_sendable(one) if isinstance(one, Exception) else one for one in outcomes]
 
 
 def _sendable(exc: Exception) -> Exception:

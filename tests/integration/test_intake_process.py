@@ -157,6 +157,28 @@ def test_a_killed_intake_process_is_replaced_by_the_next_call(
     assert len(answers) <= 2, answers
 
 
+def test_the_intake_process_runs_first_the_calls_an_acknowledgement_waits_for(
+    intake_process: IntakeProcess,
+) -> None:
+    """A user's status message waits for their ban check, then for their intake; recording
+    a status message already sent waits for nobody. Queued together, they run in that
+    order, not in the order asked."""
+    intake_process.warm_up()
+    busy = intake_process.submit(time.sleep, 0.5)  # the next three queue behind it
+    record = intake_process.submit(IntakeProcess.call("attach_status_message"), [(999, 1)])
+    take_in = intake_process.submit(IntakeProcess.call("accept"), [(origin(7), portrait())])
+    ban_check = intake_process.submit(IntakeProcess.call("is_banned"), ["7"])
+    finished: list[str] = []
+    for name, future in (("record", record), ("take in", take_in), ("ban check", ban_check)):
+        future.add_done_callback(lambda _, name=name: finished.append(name))
+    busy.result(timeout=30)
+    assert record.result(timeout=30) == [False]  # no job 999
+    assert ban_check.result(timeout=30) == [False]
+    accepted = take_in.result(timeout=30)[0]
+    assert isinstance(accepted, Accepted) and accepted.position == 1
+    assert finished == ["ban check", "take in", "record"]
+
+
 def test_the_intake_process_stops_with_its_bot(intake_process: IntakeProcess) -> None:
     child = intake_process.warm_up()
     intake_process.shutdown()
