@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -71,6 +72,37 @@ class Standing:
 
 
 @dataclass(frozen=True)
+class _Planned:
+    """A request that passed its checks, planned and priced: what taking it in writes."""
+
+    origin: Origin
+    kind: JobKind
+    plan: GenerationPlan
+    options: dict[str, Any]
+    charge: jobs.Charge
+
+    def take_in(
+        self,
+        uow: UnitOfWork,
+        hand_over_limit: int,
+        *,
+        input_path: str | None = None,
+        commit: bool = True,
+    ) -> jobs.TakenIn:
+        return jobs.take_in(
+            uow,
+            self.origin,
+            self.kind,
+            self.plan,
+            options=self.options,
+            input_path=input_path,
+            charge=self.charge,
+            hand_over_limit=hand_over_limit,
+            commit=commit,
+        )
+
+
+@dataclass(frozen=True)
 class Accepted:
     job_id: int
     position: int
@@ -126,18 +158,47 @@ class JobIntake:
         self, requests: Sequence[tuple[Origin, ImageRequest]]
     ) -> list[Accepted | Exception]:
         """`accept` for requests without a selfie that arrived together: what their checks
-        read in one transaction, then each taken in (its own transaction, so that one
-        refused request costs no other its place). One outcome per request: what `accept`
+        read in one transaction, then all of them taken in in one more, with one commit.
+        When one fails there (its message came twice, its quota is short), that transaction
+        is rolled back and each is taken in again in its own, as `accept` does, so that one
+        refused request costs no other its place. One outcome per request: what `accept`
         returns, or what it raises."""
         with self._store.unit_of_work() as uow:
             standings = self._standings(uow, [origin for origin, _ in requests])
-        outcomes: list[Accepted | Exception] = []
-        for (origin, request), standing in zip(requests, standings, strict=True):
+        planned: list[_Planned] = []
+        refused: dict[int, Exception] = {}
+        checked = enumerate(zip(requests, standings, strict=True))
+        for index, ((origin, request), standing) in checked:
             try:
-                outcomes.append(self._accept(origin, request, None, standing))
+                planned.append(self._planned(origin, request, None, standing))
             except Exception as exc:  # raised in that request's caller alone
-                outcomes.append(exc)
-        return outcomes
+                refused[index] = exc
+        recorded = iter(self._record_together(planned))
+        return [
+            refused[index] if index in refused else next(recorded) for index in range(len(requests))
+        ]
+
+    def _record_together(self, planned: Sequence[_Planned]) -> list[Accepted | Exception]:
+        """Each planned request taken in, in one transaction (one commit, where each alone
+        would be one each: on SQLite, a write to disk each); each in its own when one of
+        them fails."""
+        if not planned:
+            return []
+        limit = self._settings.max_jobs_in_flight
+        try:
+            with self._store.unit_of_work() as uow:
+                taken = [one.take_in(uow, limit, commit=False) for one in planned]
+                uow.commit()
+        except Exception as exc:
+            log.info("%d requests taken in one by one: %s", len(planned), type(exc).__name__)
+            outcomes: list[Accepted | Exception] = []
+            for one in planned:
+                try:
+                    outcomes.append(self._record(one.origin, one.take_in))
+                except Exception as refused:  # raised in that request's caller alone
+                    outcomes.append(refused)
+            return outcomes
+        return [self._accepted(one.origin, each) for one, each in zip(planned, taken, strict=True)]
 
     def _accept(
         self,
@@ -146,6 +207,27 @@ class JobIntake:
         selfie: Image.Image | None,
         standing: Standing,
     ) -> Accepted:
+        planned = self._planned(origin, request, selfie, standing)
+        input_path = self.media.save_input(selfie) if selfie is not None else None
+        try:
+            return self._record(
+                origin,
+                partial(planned.take_in, input_path=input_path),
+                on_duplicate=lambda: self.media.forget_input(input_path),
+            )
+        except Exception:
+            # No job refers to the selfie: it must not stay on disk.
+            self.media.forget_input(input_path)
+            raise
+
+    def _planned(
+        self,
+        origin: Origin,
+        request: ImageRequest,
+        selfie: Image.Image | None,
+        standing: Standing,
+    ) -> _Planned:
+        """The request checked (raising its refusal) and planned, ready to be taken in."""
         kind = JobKind.AVATAR if request.command == Command.AVATAR else JobKind.PORTRAIT
         if (kind == JobKind.AVATAR) != (selfie is not None):
             raise ValueError("an avatar needs a selfie, and only an avatar takes one")
@@ -160,28 +242,13 @@ class JobIntake:
             defaults=self._defaults,
             rng=self._rng,
         )
-        charge = self._charge(standing, kind, plan)
-        input_path = self.media.save_input(selfie) if selfie is not None else None
-        options = {k: v for k, v in asdict(request.options).items() if v is not None}
-        try:
-            return self._record(
-                origin,
-                lambda uow, limit: jobs.take_in(
-                    uow,
-                    origin,
-                    kind,
-                    plan,
-                    options=options,
-                    input_path=input_path,
-                    charge=charge,
-                    hand_over_limit=limit,
-                ),
-                on_duplicate=lambda: self.media.forget_input(input_path),
-            )
-        except Exception:
-            # No job refers to the selfie: it must not stay on disk.
-            self.media.forget_input(input_path)
-            raise
+        return _Planned(
+            origin=origin,
+            kind=kind,
+            plan=plan,
+            options={k: v for k, v in asdict(request.options).items() if v is not None},
+            charge=self._charge(standing, kind, plan),
+        )
 
     def _standing(self, origin: Origin) -> Standing:
         """One transaction for what the checks before taking a request in read."""
@@ -497,6 +564,10 @@ class JobIntake:
                     uow, job.id, limit
                 )
                 taken = jobs.TakenIn(job.id, handed_over, jobs.queue_position(uow, job.id))
+        return self._accepted(origin, taken)
+
+    @staticmethod
+    def _accepted(origin: Origin, taken: jobs.TakenIn) -> Accepted:
         log.info("job %s accepted from %s chat %s", taken.job_id, origin.channel, origin.chat_id)
         return Accepted(job_id=taken.job_id, position=taken.position, handed_over=taken.handed_over)
 

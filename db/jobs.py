@@ -379,12 +379,14 @@ def take_in(
     parent_index: int | None = None,
     charge: Charge | None = None,
     hand_over_limit: int | None = None,
+    commit: bool = True,
 ) -> TakenIn:
     """Record an accepted request as a queued job and reserve its credits, together, in one
     transaction: marked handed over at once when its user has fewer than `hand_over_limit`
-    jobs in flight (None: held). Commits. Raises DuplicateRequest when the same message or
-    button press already made a job, and QuotaExceeded (recording nothing) when a paying
-    account is short."""
+    jobs in flight (None: held). Commits, unless `commit` is False (the caller commits
+    several requests at once). Raises DuplicateRequest when the same message or button
+    press already made a job, and QuotaExceeded (recording nothing) when a paying account
+    is short; either rolls back the whole transaction, whatever else it held."""
     # Core statements built once, on the connection, not the ORM's unit of work: this runs
     # for every request.
     session, connection, now = uow.session, uow.connection, utcnow()
@@ -431,7 +433,8 @@ def take_in(
         if charge is not None:
             ledger.reserve(connection, charge.accounts, job_id, charge.cost, charge.day)
         position = queue_position(uow, job_id)
-        uow.commit()
+        if commit:
+            uow.commit()
     except QuotaExceeded:
         session.rollback()
         raise

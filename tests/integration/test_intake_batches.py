@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from sqlalchemy import event
+
 from chitrakar.artifacts import LocalArtifactStore
 from chitrakar.config import Settings
 from chitrakar.domain import Command, CommandError, ImageRequest, JobStatus, parse_image_command
@@ -101,6 +103,49 @@ def test_requests_taken_in_together_each_hear_their_own_outcome(
     assert intake.attach_status_messages([(first.job_id, 12), (third.job_id, 34)]) == [True, False]
     with store.unit_of_work() as uow:
         assert jobs.get_job(uow, first.job_id).status_message_id == 12
+
+
+def test_requests_taken_in_together_are_committed_once(store: Store, tmp_path: Path) -> None:
+    """When none of them is refused there, a batch's requests are written in one transaction:
+    one commit (on SQLite, one write to disk) for all of them, with the places in line and
+    hand-overs that one transaction each would give."""
+    intake = intake_on(store, tmp_path, [])
+    commits: list[str] = []
+    event.listen(store.engine, "commit", lambda _: commits.append("commit"))
+    outcomes = intake.accept_many(
+        [
+            (origin("40", 1), portrait()),
+            (origin("41", 1), portrait()),
+            (origin("41", 2), portrait()),  # held: one job in flight a user
+            (origin("42", 1), portrait()),
+        ]
+    )
+    assert len(commits) == 1
+    assert all(isinstance(one, Accepted) for one in outcomes)
+    first, second, _held, third = outcomes
+    assert [one.handed_over for one in outcomes] == [True, True, False, True]  # type: ignore[union-attr]
+    assert (first.position, second.position, third.position) == (1, 2, 3)  # type: ignore[union-attr]
+    with store.unit_of_work() as uow:
+        for one in outcomes:
+            assert jobs.get_job(uow, one.job_id).status == JobStatus.QUEUED  # type: ignore[union-attr]
+        user_41 = Account("user:telegram:41", 2)
+        assert ledger.balance(uow.session, user_41, intake.quota_day()) == 0  # both reserved
+
+    # One refused in the batch's transaction (its message came twice): the others are
+    # taken in one by one, each in a transaction of its own.
+    commits.clear()
+    outcomes = intake.accept_many(
+        [
+            (origin("43", 1), portrait()),
+            (origin("40", 1), portrait()),
+            (origin("44", 1), portrait()),
+        ]
+    )
+    fourth, repeat, fifth = outcomes
+    assert isinstance(repeat, Accepted) and repeat.duplicate and repeat.job_id == first.job_id  # type: ignore[union-attr]
+    assert isinstance(fourth, Accepted) and isinstance(fifth, Accepted)
+    assert (fourth.position, fifth.position) == (4, 5)
+    assert len(commits) == 2
 
 
 def test_a_batch_the_broker_refuses_is_published_one_job_at_a_time(
