@@ -276,6 +276,8 @@ def _serve(connection: Connection, settings: Settings, parent_pid: int) -> None:
                 answer(call_id, payload)
             except OSError:  # the bot is gone; the reading below ends too
                 return
+            except Exception:  # that call's answer is lost; the calls after it are not
+                log.exception("could not answer intake call %s", call_id)
 
     runner = threading.Thread(target=run_in_rank_order, name="intake")
     runner.start()
