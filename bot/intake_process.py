@@ -253,7 +253,7 @@ def _serve(connection: Connection, settings: Settings, parent_pid: int) -> None:
         try:
             call = pickle.loads(payload)  # noqa: S301 (from the bot, our parent)
             ok, value = True, call()
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit too: the thread serves every later call
             log.error("intake call failed", exc_info=exc)
             ok, value = False, _sendable(exc)
         try:
@@ -276,8 +276,11 @@ def _serve(connection: Connection, settings: Settings, parent_pid: int) -> None:
                 answer(call_id, payload)
             except OSError:  # the bot is gone; the reading below ends too
                 return
-            except Exception:  # that call's answer is lost; the calls after it are not
+            except Exception as exc:  # its caller hears that, and the calls after it run
                 log.exception("could not answer intake call %s", call_id)
+                failed = IntakeFailed(f"its answer could not be sent: {type(exc).__name__}")
+                with contextlib.suppress(Exception):
+                    connection.send_bytes(bytes([0]) + _framed(call_id, pickle.dumps(failed)))
 
     runner = threading.Thread(target=run_in_rank_order, name="intake")
     runner.start()
@@ -321,9 +324,11 @@ def _exit_with(parent_pid: int) -> None:
     os._exit(1)
 
 
-def _sendable(exc: Exception) -> Exception:
+def _sendable(exc: BaseException) -> Exception:
     """The exception itself when it crosses to the bot intact; one that could not be read
-    there is told as an IntakeFailed with its type and text."""
+    there, or that is not an Exception, is told as an IntakeFailed with its type and text."""
+    if not isinstance(exc, Exception):
+        return IntakeFailed(f"{type(exc).__name__}: {exc}")
     try:
         pickle.loads(pickle.dumps(exc))  # noqa: S301 (made here, from this process's own)
     except Exception:

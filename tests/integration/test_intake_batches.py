@@ -8,7 +8,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 from sqlalchemy import event
+from sqlalchemy.exc import OperationalError
 
 from chitrakar.artifacts import LocalArtifactStore
 from chitrakar.config import Settings
@@ -105,10 +107,14 @@ def test_requests_taken_in_together_each_hear_their_own_outcome(
         assert jobs.get_job(uow, first.job_id).status_message_id == 12
 
 
-def test_requests_taken_in_together_are_committed_once(store: Store, tmp_path: Path) -> None:
-    """When none of them is refused there, a batch's requests are written in one transaction:
-    one commit (on SQLite, one write to disk) for all of them, with the places in line and
-    hand-overs that one transaction each would give."""
+def test_requests_taken_in_together_are_committed_once_on_sqlite(
+    store: Store, tmp_path: Path
+) -> None:
+    """On SQLite, when none of them is refused there, a batch's requests are written in one
+    transaction: one commit (one write to disk) for all of them, with the places in line and
+    hand-overs that one transaction each would give. On PostgreSQL each keeps its own (a
+    batch's row locks could deadlock with another's)."""
+    on_sqlite = store.engine.dialect.name == "sqlite"
     intake = intake_on(store, tmp_path, [])
     commits: list[str] = []
     event.listen(store.engine, "commit", lambda _: commits.append("commit"))
@@ -120,7 +126,7 @@ def test_requests_taken_in_together_are_committed_once(store: Store, tmp_path: P
             (origin("42", 1), portrait()),
         ]
     )
-    assert len(commits) == 1
+    assert len(commits) == (1 if on_sqlite else 4)
     assert all(isinstance(one, Accepted) for one in outcomes)
     first, second, _held, third = outcomes
     assert [one.handed_over for one in outcomes] == [True, True, False, True]  # type: ignore[union-attr]
@@ -146,6 +152,27 @@ def test_requests_taken_in_together_are_committed_once(store: Store, tmp_path: P
     assert isinstance(fourth, Accepted) and isinstance(fifth, Accepted)
     assert (fourth.position, fifth.position) == (4, 5)
     assert len(commits) == 2
+
+
+def test_a_batch_whose_commit_fails_fails_for_every_request(store: Store, tmp_path: Path) -> None:
+    """Whether a commit that failed was written cannot be known: its requests are not taken
+    in again (each would find itself already there, and its user would hear nothing), and
+    every caller hears of the failure."""
+    if store.engine.dialect.name != "sqlite":
+        pytest.skip("on PostgreSQL each request commits on its own")
+    intake = intake_on(store, tmp_path, [])
+    failures = iter([OperationalError("COMMIT", {}, Exception("disk I/O error"))])
+
+    def fail_once(_: object) -> None:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+
+    event.listen(store.engine, "commit", fail_once)
+    with pytest.raises(OperationalError):
+        intake.accept_many([(origin("50", 1), portrait()), (origin("51", 1), portrait())])
+    with store.unit_of_work() as uow:
+        assert jobs.active_job_ids(uow) == []
 
 
 def test_a_batch_the_broker_refuses_is_published_one_job_at_a_time(

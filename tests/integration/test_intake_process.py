@@ -216,6 +216,17 @@ def test_an_exception_that_cannot_cross_to_the_bot_is_told_as_intake_failed() ->
     assert _sendable(crossing) is crossing
     told = _sendable(NeedsTwo("a", "b"))
     assert isinstance(told, IntakeFailed) and str(told) == "NeedsTwo: a b"
+    exiting = _sendable(SystemExit(3))
+    assert isinstance(exiting, IntakeFailed) and str(exiting) == "SystemExit: 3"
+
+
+def test_a_call_that_exits_fails_alone(intake_process: IntakeProcess) -> None:
+    """A call raising SystemExit (not an Exception) is told as a failure, and the child
+    goes on answering the calls after it."""
+    child = intake_process.warm_up()
+    with pytest.raises(IntakeFailed, match="SystemExit: 3"):
+        intake_process.submit(sys.exit, 3).result(timeout=30)
+    assert intake_process.submit(os.getpid).result(timeout=30) == child
 
 
 def test_what_a_command_sends_to_the_intake_process_names_nothing_of_telegram() -> None:
