@@ -158,11 +158,11 @@ class JobIntake:
         self, requests: Sequence[tuple[Origin, ImageRequest]]
     ) -> list[Accepted | Exception]:
         """`accept` for requests without a selfie that arrived together: what their checks
-        read in one transaction, then, on SQLite, all of them taken in in one more, with one
-        commit. When one fails there (its message came twice, its quota is short), that
-        transaction is rolled back and each is taken in again in its own, as `accept` does
-        (and as on PostgreSQL), so that one refused request costs no other its place. One
-        outcome per request: what `accept` returns, or what it raises."""
+        read in one transaction, then all of them taken in in one more, with one commit.
+        When one fails there (its message came twice, its quota is short), that transaction
+        is rolled back and each is taken in again in its own, as `accept` does, so that one
+        refused request costs no other its place. One outcome per request: what `accept`
+        returns, or what it raises."""
         with self._store.unit_of_work() as uow:
             standings = self._standings(uow, [origin for origin, _ in requests])
         planned: list[_Planned] = []
@@ -179,17 +179,18 @@ class JobIntake:
         ]
 
     def _record_together(self, planned: Sequence[_Planned]) -> list[Accepted | Exception]:
-        """Each planned request taken in. On SQLite, all in one transaction (one commit,
-        where each alone is one each, and a SQLite commit is a write to disk), and each in
-        its own when one of them fails there. On PostgreSQL, each in its own: a batch would
-        hold the row locks of several users and accounts at once, not in the key order that
-        keeps two transactions from waiting on each other (`ledger.reserve`), and another
-        batch, or bot process, could then deadlock with it. SQLite has one write lock for
-        the whole database: batches there only queue."""
-        if len(planned) > 1 and self._store.engine.dialect.name == "sqlite":
+        """Each planned request taken in: all in one transaction, with one commit where each
+        alone is one each (on SQLite, a write to disk each); each in its own when one of
+        them fails there. On PostgreSQL the transaction first locks every user and account
+        its requests will lock, in key order (`jobs.lock_for_taking_in`): two batches at
+        once, in threads or bot processes, then never wait on each other in a cycle."""
+        if len(planned) > 1:
             limit = self._settings.max_jobs_in_flight
             with self._store.unit_of_work() as uow:
                 try:
+                    jobs.lock_for_taking_in(
+                        uow, [one.origin for one in planned], [one.charge for one in planned]
+                    )
                     taken = [one.take_in(uow, limit, commit=False) for one in planned]
                 except Exception as exc:  # rolled back on leaving the block
                     failure = type(exc).__name__

@@ -311,6 +311,32 @@ def _user_id_for(connection: Connection, origin: Origin) -> int:
     return int(connection.execute(_user_upsert(dialect_name(connection)), values).scalar_one())
 
 
+def lock_for_taking_in(
+    uow: UnitOfWork, origins: Sequence[Origin], charges: Sequence[Charge]
+) -> None:
+    """Before several requests are taken in in one transaction, on PostgreSQL: every row lock
+    they will take, taken now in one order (their users, then the accounts that pay, each by
+    key), the order one request takes its own in (its user, then its accounts by key). Taken
+    as each request came, two such transactions sharing a user, or a user and a group, could
+    each wait on the other. On SQLite nothing: its one write lock is the whole database's."""
+    connection = uow.connection
+    if dialect_name(connection) == "sqlite":
+        return
+    users = {(origin.channel, origin.user_external_id): origin for origin in origins}
+    for key in sorted(users):
+        _user_id_for(connection, users[key])
+    ledger.lock_accounts(
+        connection,
+        (
+            account.key
+            for charge in charges
+            if charge.cost > 0
+            for account in charge.accounts
+            if account.daily_limit is not None
+        ),
+    )
+
+
 def _user_for(session: Session, origin: Origin) -> User:
     """The user's row (see `_user_id_for`)."""
     user = session.get(User, _user_id_for(session.connection(), origin), populate_existing=True)

@@ -8,7 +8,7 @@ Functions here work inside the caller's transaction and do not commit.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from datetime import date
 from functools import cache
 from typing import Any, cast
@@ -50,6 +50,13 @@ def _account_upsert(dialect: str) -> Any:
         )
         .returning(ACCOUNTS.c.id)
     )
+
+
+def lock_accounts(connection: Connection, keys: Iterable[str]) -> None:
+    """Lock these accounts' rows (made if new) for the rest of the transaction, in key order,
+    the order `reserve` takes them in."""
+    for key in sorted(set(keys)):
+        _locked_account_id(connection, key)
 
 
 def _locked_account_id(connection: Connection, key: str) -> int:

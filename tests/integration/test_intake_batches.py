@@ -5,7 +5,11 @@ came."""
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -107,14 +111,10 @@ def test_requests_taken_in_together_each_hear_their_own_outcome(
         assert jobs.get_job(uow, first.job_id).status_message_id == 12
 
 
-def test_requests_taken_in_together_are_committed_once_on_sqlite(
-    store: Store, tmp_path: Path
-) -> None:
-    """On SQLite, when none of them is refused there, a batch's requests are written in one
-    transaction: one commit (one write to disk) for all of them, with the places in line and
-    hand-overs that one transaction each would give. On PostgreSQL each keeps its own (a
-    batch's row locks could deadlock with another's)."""
-    on_sqlite = store.engine.dialect.name == "sqlite"
+def test_requests_taken_in_together_are_committed_once(store: Store, tmp_path: Path) -> None:
+    """When none of them is refused there, a batch's requests are written in one transaction:
+    one commit (on SQLite, one write to disk) for all of them, with the places in line and
+    hand-overs that one transaction each would give."""
     intake = intake_on(store, tmp_path, [])
     commits: list[str] = []
     event.listen(store.engine, "commit", lambda _: commits.append("commit"))
@@ -126,7 +126,7 @@ def test_requests_taken_in_together_are_committed_once_on_sqlite(
             (origin("42", 1), portrait()),
         ]
     )
-    assert len(commits) == (1 if on_sqlite else 4)
+    assert len(commits) == 1
     assert all(isinstance(one, Accepted) for one in outcomes)
     first, second, _held, third = outcomes
     assert [one.handed_over for one in outcomes] == [True, True, False, True]  # type: ignore[union-attr]
@@ -158,8 +158,6 @@ def test_a_batch_whose_commit_fails_fails_for_every_request(store: Store, tmp_pa
     """Whether a commit that failed was written cannot be known: its requests are not taken
     in again (each would find itself already there, and its user would hear nothing), and
     every caller hears of the failure."""
-    if store.engine.dialect.name != "sqlite":
-        pytest.skip("on PostgreSQL each request commits on its own")
     intake = intake_on(store, tmp_path, [])
     failures = iter([OperationalError("COMMIT", {}, Exception("disk I/O error"))])
 
@@ -173,6 +171,37 @@ def test_a_batch_whose_commit_fails_fails_for_every_request(store: Store, tmp_pa
         intake.accept_many([(origin("50", 1), portrait()), (origin("51", 1), portrait())])
     with store.unit_of_work() as uow:
         assert jobs.active_job_ids(uow) == []
+
+
+def test_two_batches_sharing_users_at_once_do_not_deadlock(
+    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On PostgreSQL, each batch locks its users and accounts first, in key order. Taken as
+    the requests came, the first batch would hold user 60 and wait for 61 while the second
+    held 61 and waited for 60: PostgreSQL would break that after a second, and one batch would
+    be taken in again one by one. Each thread here pauses after its first user's lock, so
+    that the two are sure to overlap."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite's one write lock admits one writing transaction at a time")
+    intake = intake_on(store, tmp_path, [])
+    paused: set[int] = set()
+
+    def pause_after_first_user(*args: object) -> None:
+        statement = str(args[2])
+        if statement.startswith("INSERT INTO users") and threading.get_ident() not in paused:
+            paused.add(threading.get_ident())
+            time.sleep(0.3)
+
+    event.listen(store.engine, "after_cursor_execute", pause_after_first_user)
+    batches = [
+        [(origin("60", 1), portrait()), (origin("61", 1), portrait())],
+        [(origin("61", 2), portrait()), (origin("60", 2), portrait())],
+    ]
+    with caplog.at_level(logging.INFO, logger="chitrakar.services"), ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(intake.accept_many, batches))
+    assert all(isinstance(one, Accepted) for batch in outcomes for one in batch), outcomes
+    assert "accepted" in caplog.text  # the log is heard
+    assert "one by one" not in caplog.text
 
 
 def test_a_batch_the_broker_refuses_is_published_one_job_at_a_time(
