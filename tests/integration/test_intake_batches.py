@@ -190,7 +190,7 @@ def test_two_batches_sharing_users_at_once_do_not_deadlock(
         statement = str(args[2])
         if statement.startswith("INSERT INTO users") and threading.get_ident() not in paused:
             paused.add(threading.get_ident())
-            time.sleep(0.3)
+            time.sleep(1.0)  # ample for the other thread to take its first lock
 
     event.listen(store.engine, "after_cursor_execute", pause_after_first_user)
     batches = [
