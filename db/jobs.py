@@ -330,9 +330,7 @@ def lock_for_taking_in(
         (
             account.key
             for charge in charges
-            if charge.cost > 0
-            for account in charge.accounts
-            if account.daily_limit is not None
+            for account in ledger.paying(charge.accounts, charge.cost)
         ),
     )
 

@@ -52,6 +52,14 @@ def _account_upsert(dialect: str) -> Any:
     )
 
 
+def paying(accounts: Iterable[Account], cost: int) -> list[Account]:
+    """The accounts `reserve` takes `cost` from, and locks, in that order (by key): those
+    with a limit; none when it costs nothing."""
+    if cost <= 0:
+        return []
+    return sorted((a for a in accounts if a.daily_limit is not None), key=lambda a: a.key)
+
+
 def lock_accounts(connection: Connection, keys: Iterable[str]) -> None:
     """Lock these accounts' rows (made if new) for the rest of the transaction, in key order,
     the order `reserve` takes them in."""
@@ -87,8 +95,8 @@ def reserve(
 ) -> None:
     """Take `cost` credits from every limited account, or from none: raises QuotaExceeded
     (naming the first account short of credits) when any has too few left."""
-    limited = sorted((a for a in accounts if a.daily_limit is not None), key=lambda a: a.key)
-    if cost <= 0 or not limited:
+    limited = paying(accounts, cost)
+    if not limited:
         return
     ids = []
     # Locks are taken in key order, so two reservations never wait on each other in a cycle.
