@@ -22,8 +22,9 @@ with `--generator model` it calls the real pipeline.
 `--timings PATH` appends one JSON line per event, on the system-wide monotonic clock (the
 benchmark's `time.monotonic()` and the Bot API emulator's call times are on the same clock):
 `pipeline` (each pipeline call: start, end, its prompts, how many images), `classify` (each
-image's content check) and `job` (each `run_job`, the worker's whole handling of a task, with
-the job id). Writing a line takes microseconds, outside the pipeline's interval.
+content check, of a job's images together, with how many) and `job` (each `run_job`, the
+worker's whole handling of a task, with the job id). Writing a line takes microseconds,
+outside the pipeline's interval.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,16 +126,16 @@ def install(generator: str, log: TimingLog) -> None:
     patched.__set_name__(WorkerRuntime, "pipeline")
     WorkerRuntime.pipeline = patched  # type: ignore[assignment,method-assign]
 
-    classify = OutputClassifier.classify
+    classify_all = OutputClassifier.classify_all
 
-    @functools.wraps(classify)
-    def timed_classify(self: OutputClassifier, image: Image.Image) -> Any:
+    @functools.wraps(classify_all)
+    def timed_classify_all(self: OutputClassifier, images: Sequence[Image.Image]) -> Any:
         start = time.monotonic()
-        verdict = classify(self, image)
-        log.write("classify", start, time.monotonic())
-        return verdict
+        verdicts = classify_all(self, images)
+        log.write("classify", start, time.monotonic(), images=len(images))
+        return verdicts
 
-    OutputClassifier.classify = timed_classify  # type: ignore[method-assign]
+    OutputClassifier.classify_all = timed_classify_all  # type: ignore[method-assign]
 
     run_job = vars(workers.tasks)["run_job"]
 

@@ -8,6 +8,9 @@ compresses like a generated one; a flat test colour would flatter the encoder. M
 - the content check: NudeNet's own `NudeDetector.detect` against the worker's detector
   (`workers.classifier.NudeNetDetector`, same detections), on a quiet machine and with one
   core kept busy by another process (as when the bot or a second worker runs beside it);
+- the check as the worker runs it, from the generated PIL image to its verdict
+  (`OutputClassifier.classify_all`): one image, and per image of a job's four (`/avatar`'s
+  default), which go through the model in one run;
 - PNG encoding at Pillow's default level (6) and at the level results are written with
   (`chitrakar.media.PNG_COMPRESS_LEVEL`), with the file's size;
 - the check and the encoding one after the other, and overlapped as the worker runs them.
@@ -36,7 +39,7 @@ from skimage import data as photographs
 
 from bench.serving_overhead import machine
 from chitrakar.media import PNG_COMPRESS_LEVEL, png_bytes
-from workers.classifier import NudeNetDetector
+from workers.classifier import NudeNetDetector, OutputClassifier
 
 
 def _spin(stop: Any) -> None:
@@ -87,9 +90,15 @@ def figures_at(size: int, ours: NudeNetDetector, nudenets: Any, images: int, run
             png_bytes(image)
             checking.result()
 
+    classifier = OutputClassifier()
+    classifier._detector = ours
     figures: dict[str, Any] = {
         "check_nudenet_quiet": measure(lambda: nudenets.detect(bgr)),
         "check_worker_quiet": measure(lambda: ours.detect(bgr)),
+        "classify_one_image": measure(lambda: classifier.classify_all([image])),
+        "classify_per_image_of_four": round(
+            measure(lambda: classifier.classify_all([image] * 4)) / 4, 1
+        ),
     }
     with one_core_busy():
         figures["check_nudenet_one_core_busy"] = measure(lambda: nudenets.detect(bgr))

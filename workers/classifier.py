@@ -10,10 +10,12 @@ Only workers import this module: the bot process never loads the model.
 
 The detector here is NudeNet's, run faster: the same model file, the same image preparation
 (NudeNet's own) and the same filtering and non-maximum suppression, so the same detections
-(a test compares them), with two changes measured on 2 cores (BENCHMARKS.md). onnxruntime's
+(a test compares them), with changes measured on 2 cores (BENCHMARKS.md). onnxruntime's
 threads do not spin while waiting: on a worker whose cores are busy with other processes a
-spinning pool took 21 ms an image instead of 10. And NudeNet's Python loop over the model's
-2,100 candidate boxes (3.6 ms) is done by numpy.
+spinning pool took 21 ms an image instead of 10. NudeNet's Python loop over the model's 2,100
+candidate boxes (3.6 ms) is done by numpy. A generated image goes to the model from its RGB
+pixels: NudeNet expects OpenCV's BGR and swaps it back to RGB first, two copies of the image
+(3.3 ms at 1024×1024). And a job's images go through the model in one run.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import importlib
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,9 +31,12 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+Detections = list[dict[str, Any]]
+RgbArray = np.ndarray[Any, np.dtype[np.uint8]]
+
 
 class _Detector(Protocol):
-    def detect(self, image: Any) -> list[dict[str, Any]]: ...
+    def detect_rgb(self, images: Sequence[RgbArray]) -> list[Detections]: ...
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,15 @@ class OutputClassifier:
         return detector
 
     def classify(self, image: Image.Image) -> ImageVerdict:
-        detections = self._load().detect(_as_bgr(image))
+        (verdict,) = self.classify_all([image])
+        return verdict
+
+    def classify_all(self, images: Sequence[Image.Image]) -> list[ImageVerdict]:
+        """A verdict for each image, in order; the model runs once over them all."""
+        found = self._load().detect_rgb([_as_rgb(image) for image in images])
+        return [self._verdict(detections) for detections in found]
+
+    def _verdict(self, detections: Detections) -> ImageVerdict:
         found: dict[str, float] = {}
         for detection in detections:
             label, score = str(detection["class"]), float(detection["score"])
@@ -90,16 +104,14 @@ class OutputClassifier:
         )
 
 
-def _as_bgr(image: Image.Image) -> np.ndarray[Any, np.dtype[np.uint8]]:
-    """What NudeNet reads from a file: 8-bit, three channels, in OpenCV's BGR order. It takes a
-    path, encoded bytes or such an array; the array needs no temporary file and no encoding."""
-    rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    return np.ascontiguousarray(rgb[:, :, ::-1])
+def _as_rgb(image: Image.Image) -> RgbArray:
+    # One copy of the pixels: converting an image that is RGB already would make another.
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
 
 
 class NudeNetDetector:
-    """NudeNet 3.4's `NudeDetector.detect`, with a session that does not spin and numpy in
-    place of its per-candidate loop. Returns the same list of
+    """NudeNet 3.4's `NudeDetector.detect`, with a session that does not spin, numpy in place
+    of its per-candidate loop, and several images to a run. Returns the same list of
     `{"class", "score", "box": [x, y, w, h]}` for the same image."""
 
     # A 320-pixel model gains little from more threads; spinning ones take CPU from the rest.
@@ -119,18 +131,43 @@ class NudeNetDetector:
             str(model), sess_options=options, providers=["CPUExecutionProvider"]
         )
         self._input = self._session.get_inputs()[0].name
+        self._cv2: Any = importlib.import_module("cv2")
         self.resolution = 320
 
-    def detect(self, image: np.ndarray[Any, np.dtype[np.uint8]]) -> list[dict[str, Any]]:
-        blob, _, _, x_pad, y_pad, width, height = self._nudenet["_read_image"](
-            image, self.resolution
-        )
-        (output,) = self._session.run(None, {self._input: blob})
-        return self._detections(output, width + x_pad, height + y_pad, width, height)
+    def detect(self, image: np.ndarray[Any, np.dtype[np.uint8]]) -> Detections:
+        """NudeNet's `detect` for an array as OpenCV reads a file (BGR, or BGRA)."""
+        # NudeNet's first step, which turns a file's BGR into RGB (the model is fed BGR
+        # again by the blob's channel swap below).
+        (detections,) = self.detect_rgb([self._cv2.cvtColor(image, self._cv2.COLOR_RGBA2BGR)])
+        return detections
+
+    def detect_rgb(self, images: Sequence[RgbArray]) -> list[Detections]:
+        """What `detect` finds in each image, given as 8-bit RGB (height × width × 3): each is
+        padded to a square and scaled to the model's input as NudeNet does, then all of them
+        go through the model in one run (about 15% less time an image at four)."""
+        if not images:
+            return []
+        cv2 = self._cv2
+        squares = []
+        for rgb in images:
+            height, width = rgb.shape[:2]
+            side = max(width, height)
+            if side != width or side != height:  # black below or to the right
+                rgb = cv2.copyMakeBorder(
+                    rgb, 0, side - height, 0, side - width, cv2.BORDER_CONSTANT
+                )
+            squares.append(rgb)
+        size = (self.resolution, self.resolution)
+        blob = cv2.dnn.blobFromImages(squares, 1 / 255.0, size, (0, 0, 0), swapRB=True, crop=False)
+        (outputs,) = self._session.run(None, {self._input: blob})
+        return [
+            self._detections(output, square.shape[1], square.shape[0], *rgb.shape[1::-1])
+            for output, square, rgb in zip(outputs, squares, images, strict=True)
+        ]
 
     def _detections(
         self, output: Any, padded_width: int, padded_height: int, width: int, height: int
-    ) -> list[dict[str, Any]]:
+    ) -> Detections:
         rows = np.transpose(np.squeeze(output))  # one row per candidate: cx, cy, w, h, scores…
         class_scores = rows[:, 4:]
         best = class_scores.max(axis=1)
@@ -148,8 +185,9 @@ class NudeNetDetector:
         w = np.minimum(w, width - x)
         h = np.minimum(h, height - y)
         boxes = np.stack([x, y, w, h], axis=1)
-        cv2 = importlib.import_module("cv2")
-        kept = cv2.dnn.NMSBoxes(boxes.tolist(), scores.tolist(), self.NMS_SCORE, self.NMS_OVERLAP)
+        kept = self._cv2.dnn.NMSBoxes(
+            boxes.tolist(), scores.tolist(), self.NMS_SCORE, self.NMS_OVERLAP
+        )
         return [
             {
                 "class": self.labels[int(classes[i])],

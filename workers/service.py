@@ -299,7 +299,7 @@ def _finish(
             # cancellation, the chat told a photo is coming, the images encoded and stored,
             # the chat's policy read. A user waits for the longer of the two only.
             with ThreadPoolExecutor(1, thread_name_prefix=f"check-{job_id}") as checker:
-                checking = checker.submit(lambda: [runtime.classifier.classify(i) for i in images])
+                checking = checker.submit(runtime.classifier.classify_all, images)
                 watch.check(force=True)
                 delivery.uploading(job)
                 stored, pngs = _save(runtime, job, images)

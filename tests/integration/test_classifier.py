@@ -100,6 +100,54 @@ def test_the_detector_finds_what_nudenet_finds(
     assert ours.detect(image) == nudenets.detect(image)
 
 
+def test_images_checked_together_find_what_each_finds_alone(
+    detectors: tuple[NudeNetDetector, Any],
+) -> None:
+    """One run of the model over a job's images, of several sizes and modes, gives each the
+    detections NudeNet gives it alone (from the file OpenCV would read); and the verdicts
+    come back in the images' order."""
+    ours, nudenets = detectors
+    astronaut = photographs.astronaut()
+    images = [
+        Image.fromarray(astronaut),
+        Image.fromarray(np.tile(astronaut, (2, 3, 1))),  # wide: padded below
+        Image.fromarray(astronaut[:, :300]),  # narrow: padded to the right
+        Image.fromarray(photographs.coffee()),
+        Image.fromarray(photographs.camera()),  # greyscale ("L")
+        Image.fromarray(astronaut).convert("RGBA"),
+    ]
+    rgbs = [np.asarray(image.convert("RGB")) for image in images]
+    together = ours.detect_rgb(rgbs)
+    alone = [nudenets.detect(_bgr(rgb)) for rgb in rgbs]
+    assert together == alone
+    assert [len(found) for found in together] == [len(found) for found in alone]
+    assert sum(1 for found in together if found) >= 3  # faces, in several of the images
+    classifier = OutputClassifier()
+    classifier._detector = ours
+    assert classifier.classify_all(images) == [NOT_FLAGGED] * len(images)
+    assert classifier.classify_all([]) == []
+
+
+def test_verdicts_follow_their_images() -> None:
+    class ByWidth:
+        def detect_rgb(self, images: Any) -> list[list[dict[str, Any]]]:
+            return [
+                [{"class": "BUTTOCKS_EXPOSED", "score": rgb.shape[1] / 100, "box": [0, 0, 1, 1]}]
+                for rgb in images
+            ]
+
+    classifier = OutputClassifier(threshold=0.5)
+    classifier._detector = ByWidth()
+    sizes = [(60, 8), (40, 8), (90, 8)]
+    verdicts = classifier.classify_all([Image.new("RGB", size) for size in sizes])
+    assert [v.flagged for v in verdicts] == [True, False, True]
+    assert [v.labels for v in verdicts] == [
+        ("BUTTOCKS_EXPOSED:0.60",),
+        (),
+        ("BUTTOCKS_EXPOSED:0.90",),
+    ]
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_many_candidates_are_filtered_and_suppressed_as_nudenet_does(
     detectors: tuple[NudeNetDetector, Any], seed: int
@@ -132,9 +180,9 @@ class _StandIn:
         self.detections = detections
         self.seen: list[Any] = []
 
-    def detect(self, image: Any) -> list[dict[str, Any]]:
-        self.seen.append(image)
-        return self.detections
+    def detect_rgb(self, images: Any) -> list[list[dict[str, Any]]]:
+        self.seen.extend(images)
+        return [self.detections for _ in images]
 
 
 def test_exposed_labels_flag_the_image() -> None:
@@ -154,12 +202,11 @@ def test_exposed_labels_flag_the_image() -> None:
     assert verdict.flagged
     assert verdict.labels == ("FEMALE_GENITALIA_EXPOSED:0.81", "BUTTOCKS_EXPOSED:0.64")
     assert verdict.score == pytest.approx(0.81234)
-    # It was given what NudeNet reads from a file: 8-bit BGR, height x width x 3.
+    # It was given the image's pixels: 8-bit RGB, height x width x 3.
     (array,) = stand_in.seen
     assert array.shape == (30, 40, 3)
     assert array.dtype == np.uint8
-    assert array.flags["C_CONTIGUOUS"]
-    assert tuple(array[0, 0]) == (0, 0, 255)
+    assert tuple(array[0, 0]) == (255, 0, 0)
 
 
 def test_the_threshold_decides(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -33,10 +33,11 @@ class Flags:
     def __init__(self, flagged: bool) -> None:
         self.flagged = flagged
 
-    def classify(self, image: Image.Image) -> ImageVerdict:
+    def classify_all(self, images: list[Image.Image]) -> list[ImageVerdict]:
         if not self.flagged:
-            return ImageVerdict(flagged=False, labels=(), score=0.0)
-        return ImageVerdict(flagged=True, labels=("FEMALE_BREAST_EXPOSED:0.91",), score=0.91)
+            return [ImageVerdict(flagged=False, labels=(), score=0.0) for _ in images]
+        verdict = ImageVerdict(flagged=True, labels=("FEMALE_BREAST_EXPOSED:0.91",), score=0.91)
+        return [verdict for _ in images]
 
 
 def worker_for(
@@ -161,7 +162,7 @@ class WaitsForTheChatAction:
         self.emulator, self.chat_id = emulator, chat_id
         self.told_during_check: list[bool] = []
 
-    def classify(self, image: Image.Image) -> ImageVerdict:
+    def classify_all(self, images: list[Image.Image]) -> list[ImageVerdict]:
         def told() -> bool:
             actions = self.emulator.calls_to("sendChatAction", self.chat_id)
             return any(call.params.get("action") == "upload_photo" for call in actions)
@@ -170,7 +171,7 @@ class WaitsForTheChatAction:
         while not told() and time.monotonic() < deadline:
             time.sleep(0.01)
         self.told_during_check.append(told())
-        return ImageVerdict(flagged=False, labels=(), score=0.0)
+        return [ImageVerdict(flagged=False, labels=(), score=0.0) for _ in images]
 
 
 def test_the_chat_is_told_a_photo_is_coming_while_it_is_checked(
@@ -201,10 +202,11 @@ class CancelledWhileChecked:
     def __init__(self, runtime: WorkerRuntime, chat_id: int) -> None:
         self.runtime, self.chat_id = runtime, chat_id
 
-    def classify(self, image: Image.Image) -> ImageVerdict:
+    def classify_all(self, images: list[Image.Image]) -> list[ImageVerdict]:
         with self.runtime.store.unit_of_work() as uow:
             assert jobs.cancel_jobs(uow, "telegram", self.chat_id, "831")
-        return ImageVerdict(flagged=True, labels=("FEMALE_BREAST_EXPOSED:0.91",), score=0.91)
+        verdict = ImageVerdict(flagged=True, labels=("FEMALE_BREAST_EXPOSED:0.91",), score=0.91)
+        return [verdict for _ in images]
 
 
 def test_a_job_cancelled_while_checked_is_neither_sent_nor_kept_by_the_channel(
