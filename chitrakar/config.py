@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     # batch_window_ms for companions; a lone user's job never waits.
     max_batch_images: int = Field(default=8, ge=1, le=64)
     batch_window_ms: float = Field(default=20.0, ge=0.0, le=1000.0)
+    # Whether a batch's images are checked, stored and sent while the worker's next pipeline
+    # call runs. "auto": where the model runs on a GPU (on a CPU both would want the same
+    # cores).
+    finish_while_generating: Literal["auto", "on", "off"] = "auto"
     # Side of a square image in pixels; other aspect ratios keep about the same area.
     image_size: int = Field(default=512, ge=64, le=2048)
     default_steps: int = Field(default=25, ge=1, le=50)

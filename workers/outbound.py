@@ -111,7 +111,9 @@ class ChannelDeliveries:
             log.error("job %s failed and its channel %r cannot be told", job.id, job.channel)
 
     def close(self) -> None:
-        for delivery in self._made.values():
+        # Each closed once, however often this is called.
+        made, self._made = self._made, {}
+        for delivery in made.values():
             try:
                 delivery.close()
             except Exception:

@@ -92,8 +92,10 @@ class CancelWatch:
 def run_job(runtime: WorkerRuntime, job_id: int) -> None:
     """Make a job's images and deliver them; on any failure, record it and apologise.
     A job that has already ended is left alone, so a redelivered task does no harm. Queued
-    jobs that can share its pipeline call are taken along (dynamic batching). When each job
-    ends, its user's next held job (if any) is handed to the broker."""
+    jobs that can share its pipeline call are taken along (dynamic batching). The batch is
+    finished (checked, stored, sent) by the runtime's finishing lane, on a GPU while the next
+    pipeline call runs. When each job ends, its user's next held job (if any) is handed to
+    the broker."""
     alive_since = datetime.now(UTC) - timedelta(seconds=runtime.settings.worker_stale_after)
     try:
         with runtime.store.unit_of_work() as uow:
@@ -106,15 +108,38 @@ def run_job(runtime: WorkerRuntime, job_id: int) -> None:
         return
     batch = [job, *_companions(runtime, job)]
     try:
-        _run_batch(runtime, batch)
+        finishes = _run_batch(runtime, batch)
+    except BaseException:
+        _after_each(runtime, batch)
+        raise
+    runtime.finishing.run(partial(_finish_batch, runtime, batch, finishes))
+
+
+def _finish_batch(
+    runtime: WorkerRuntime, batch: list[JobView], finishes: list[Callable[[], object]]
+) -> None:
+    try:
+        if len(finishes) == 1:
+            finishes[0]()
+        elif finishes:
+            # A batch's jobs are checked, stored and sent side by side: the content check,
+            # the PNG encoding and the waits on the Bot API let go of the GIL, so that the
+            # later jobs of a batch do not wait for every earlier one.
+            with ThreadPoolExecutor(min(len(finishes), FINISHING_THREADS), "finish") as pool:
+                for done in [pool.submit(finish) for finish in finishes]:
+                    done.result()
     finally:
-        for one in batch:
-            try:
-                _drop_selfie_if_not_kept(runtime, one)
-                limit = runtime.settings.max_jobs_in_flight
-                hand_over_held(runtime.store, runtime.publish, one.id, limit)
-            except jobs.JobNotFound:
-                _forgotten(runtime, one.id)
+        _after_each(runtime, batch)
+
+
+def _after_each(runtime: WorkerRuntime, batch: list[JobView]) -> None:
+    for one in batch:
+        try:
+            _drop_selfie_if_not_kept(runtime, one)
+            limit = runtime.settings.max_jobs_in_flight
+            hand_over_held(runtime.store, runtime.publish, one.id, limit)
+        except jobs.JobNotFound:
+            _forgotten(runtime, one.id)
 
 
 def _forgotten(runtime: WorkerRuntime, job_id: int) -> None:
@@ -160,16 +185,18 @@ class _AllStopped(JobCancelled):
     """Every job of a batch was cancelled or handed back: the pipeline call ends."""
 
 
-def _run_batch(runtime: WorkerRuntime, batch: list[JobView]) -> None:
+def _run_batch(runtime: WorkerRuntime, batch: list[JobView]) -> list[Callable[[], object]]:
+    """The batch's pipeline call; what is left to do for each job it made images for (check,
+    store, send, record) is returned, for the finishing lane."""
     leader = batch[0]
     if leader.delivered:
         # Its worker stopped between sending the result and recording the end.
         log.warning("job %s was delivered already; recording its end only", leader.id)
         _record_end(runtime, leader, leader.result_paths, leader.result_checksums, None)
-        return
+        return []
     if leader.attempts > MAX_ATTEMPTS:
         _give_up(runtime, leader.id, f"gave up after {MAX_ATTEMPTS} attempts")
-        return
+        return []
     delivery = runtime.delivery
     live: list[JobView] = []
     for job in batch:
@@ -177,7 +204,7 @@ def _run_batch(runtime: WorkerRuntime, batch: list[JobView]) -> None:
         if _each(runtime, job, partial(delivery.started, job)):
             live.append(job)
     if not live:
-        return
+        return []
     watches = {job.id: CancelWatch(runtime, job.id) for job in batch}
 
     def on_progress(done: int, total: int) -> None:
@@ -207,19 +234,19 @@ def _run_batch(runtime: WorkerRuntime, batch: list[JobView]) -> None:
         else:
             images = make_batch_images(runtime, live, on_progress)
     except _AllStopped:
-        return
+        return []
     except JobCancelled as stop:
         _stopped(runtime, leader, stop)
-        return
+        return []
     except Exception as exc:
         log.exception("job(s) %s failed", [job.id for job in live])
         reason = f"{type(exc).__name__}: {exc}"
         for job in live:
             _each(runtime, job, partial(_give_up, runtime, job.id, reason), give_up=False)
-        return
+        return []
     seconds = perf_counter() - started
     # _finish fails its job itself up to the delivery; what escapes it is a record after.
-    finishes = [
+    return [
         partial(
             _each,
             runtime,
@@ -229,15 +256,6 @@ def _run_batch(runtime: WorkerRuntime, batch: list[JobView]) -> None:
         )
         for job in live
     ]
-    if len(finishes) == 1:
-        finishes[0]()
-        return
-    # A batch's jobs are checked, stored and sent side by side: the content check, the PNG
-    # encoding and the waits on the Bot API let go of the GIL, so that the later jobs of a
-    # batch do not wait for every earlier one.
-    with ThreadPoolExecutor(min(len(finishes), FINISHING_THREADS), "finish") as pool:
-        for done in [pool.submit(finish) for finish in finishes]:
-            done.result()
 
 
 def _each(

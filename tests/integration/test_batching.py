@@ -172,7 +172,8 @@ def test_a_cancelled_job_leaves_its_batch_and_the_rest_are_delivered(
         [companion] = jobs.claim_batch(uow, leader, runtime.name, 8)
     with runtime.store.unit_of_work() as uow:
         jobs.cancel_jobs(uow, "telegram", None, "931")
-    service._run_batch(runtime, [leader, companion])
+    batch = [leader, companion]
+    service._finish_batch(runtime, batch, service._run_batch(runtime, batch))
     assert deployment.view(leader_id).status == "done"
     assert deployment.view(companion_id).status == "cancelled"
     assert deployment.emulator.calls_to("sendPhoto", deployment.chats[companion_id]) == []
@@ -259,7 +260,8 @@ def test_a_job_failing_in_a_batch_fails_alone(deployment: Deployment) -> None:
         assert privacy.delete(uow.session, "telegram", "962") is not None
         uow.commit()
 
-    service._run_batch(deployment.runtime, [leader, *companions])
+    batch = [leader, *companions]
+    service._finish_batch(deployment.runtime, batch, service._run_batch(deployment.runtime, batch))
     assert deployment.view(blocked_id).status == "failed"
     assert deployment.view(fine_id).status == "done"
     assert len(emulator.calls_to("sendPhoto", deployment.chats[fine_id])) == 1

@@ -1,0 +1,189 @@
+"""Finishing behind (CHITRAKAR_FINISH_WHILE_GENERATING): a batch's images are checked, stored
+and sent on the worker's finishing lane while its next pipeline call runs; one batch at a
+time, and a stopping worker finishes the last one first. The real worker service, tiny model,
+SQLite store and Bot API emulator; the content check is a stand-in that waits on the test."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from chitrakar.domain import GenerationPlan, JobKind, JobStatus
+from db import jobs
+from db.jobs import Origin
+from db.migrate import upgrade_to_head
+from tests.support.botapi import BotApiEmulator
+from tests.support.stack import worker_settings
+from workers import runtime as runtime_module
+from workers.classifier import ImageVerdict
+from workers.runtime import WorkerRuntime
+from workers.service import run_job
+
+WAIT_S = 10.0
+NOT_FLAGGED = ImageVerdict(flagged=False, labels=(), score=0.0)
+
+
+class HeldCheck:
+    """A content check that holds each job's images until the test lets it go (or WAIT_S)."""
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+        self.entered = threading.Event()
+        self.let_go_in_time: list[bool] = []
+
+    def classify_all(self, images: list[Image.Image]) -> list[ImageVerdict]:
+        self.entered.set()
+        self.let_go_in_time.append(self.go.wait(WAIT_S))
+        return [NOT_FLAGGED for _ in images]
+
+
+class Worker:
+    def __init__(self, emulator: BotApiEmulator, runtime: WorkerRuntime) -> None:
+        self.emulator, self.runtime = emulator, runtime
+        self.chats: dict[int, int] = {}
+
+    def job(self, user_id: int, prompt: str, size: int = 64) -> int:
+        user = self.emulator.user(user_id, f"User {user_id}")
+        chat = self.emulator.private_chat(user)
+        command = self.emulator.history_message(chat, user, f"/portrait {prompt}")
+        origin = Origin(
+            "telegram", chat["id"], "private", str(user_id), "U", "en", command["message_id"]
+        )
+        plan = GenerationPlan(prompt, size, size, 2, (user_id,), 7.0)
+        with self.runtime.store.unit_of_work() as uow:
+            job_id = jobs.take_in(uow, origin, JobKind.PORTRAIT, plan).job_id
+        with self.runtime.store.unit_of_work() as uow:
+            assert jobs.claim_hand_over(uow, job_id, limit=2)
+        self.chats[job_id] = chat["id"]
+        return job_id
+
+    def status(self, job_id: int) -> JobStatus:
+        with self.runtime.store.unit_of_work() as uow:
+            view = jobs.get_job(uow, job_id)
+        assert view is not None
+        return JobStatus(view.status)
+
+    def photos(self, job_id: int) -> int:
+        return len(self.emulator.calls_to("sendPhoto", self.chats[job_id]))
+
+
+def _worker(emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, choice: str) -> Worker:
+    settings = worker_settings(
+        emulator, tmp_path, tiny_model, max_batch_images=1, finish_while_generating=choice
+    )
+    upgrade_to_head(settings.resolved_database_url)
+    return Worker(emulator, WorkerRuntime(settings, publish=lambda _job_id: None))
+
+
+@pytest.fixture
+def behind(emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path) -> Iterator[Worker]:
+    worker = _worker(emulator, tmp_path, tiny_model, "on")
+    worker.runtime.__dict__["classifier"] = HeldCheck()
+    try:
+        yield worker
+    finally:
+        worker.runtime.classifier.go.set()  # type: ignore[attr-defined]
+        worker.runtime.close()
+
+
+def _pipeline_calls(worker: Worker, monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, float]]:
+    """Each pipeline call's start and end, as they happen."""
+    calls: list[tuple[float, float]] = []
+    pipe = worker.runtime.pipeline.text2image
+    real = type(pipe).__call__
+
+    def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        start = time.monotonic()
+        try:
+            return real(self, *args, **kwargs)
+        finally:
+            calls.append((start, time.monotonic()))
+
+    monkeypatch.setattr(type(pipe), "__call__", timed)
+    return calls
+
+
+def test_the_next_pipeline_call_runs_while_a_batch_is_finished(
+    behind: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    check: HeldCheck = behind.runtime.classifier  # type: ignore[assignment]
+    calls = _pipeline_calls(behind, monkeypatch)
+    first, second = behind.job(971, "a kingfisher"), behind.job(972, "a ferry")
+
+    run_job(behind.runtime, first)
+    # The task has returned with its job still being checked: nothing sent yet.
+    assert check.entered.wait(WAIT_S)
+    assert behind.status(first) == JobStatus.RUNNING and behind.photos(first) == 0
+
+    # The next task's pipeline call runs meanwhile; its task then waits for the first job's
+    # finishing before it hands its own in (one batch on the lane at a time).
+    task = threading.Thread(target=run_job, args=(behind.runtime, second))
+    task.start()
+    deadline = time.monotonic() + WAIT_S
+    while len(calls) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(calls) == 2, "the second pipeline call waited for the first job's check"
+    time.sleep(0.3)
+    assert task.is_alive(), "a second batch was handed in while the first was finishing"
+    assert behind.photos(first) == 0
+
+    check.go.set()
+    task.join(WAIT_S)
+    assert not task.is_alive()
+    behind.runtime.finishing.wait()
+    assert [behind.status(job) for job in (first, second)] == [JobStatus.DONE] * 2
+    assert [behind.photos(job) for job in (first, second)] == [1, 1]
+    assert check.let_go_in_time == [True, True]
+
+
+def test_a_stopping_worker_finishes_the_batch_behind_first(behind: Worker) -> None:
+    check: HeldCheck = behind.runtime.classifier  # type: ignore[assignment]
+    job = behind.job(973, "a lantern")
+    run_job(behind.runtime, job)
+    assert check.entered.wait(WAIT_S)
+    assert behind.status(job) == JobStatus.RUNNING
+
+    closing = threading.Thread(target=behind.runtime.close)
+    closing.start()
+    time.sleep(0.3)
+    assert closing.is_alive(), "the worker stopped with a job still being finished"
+    check.go.set()
+    closing.join(WAIT_S)
+    assert not closing.is_alive()
+    assert behind.status(job) == JobStatus.DONE and behind.photos(job) == 1
+
+
+def test_finishing_runs_behind_only_where_the_model_is_on_a_gpu(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def lane(choice: str, device: str) -> bool:
+        monkeypatch.setattr(runtime_module, "resolve_device", lambda _: torch.device(device))
+        worker = _worker(emulator, tmp_path / f"{choice}-{device}", tiny_model, choice)
+        try:
+            return worker.runtime.finishing.behind
+        finally:
+            worker.runtime.close()
+
+    assert lane("auto", "cpu") is False  # the pipeline and the check would share the cores
+    assert lane("auto", "cuda") is True
+    assert lane("on", "cpu") is True
+    assert lane("off", "cuda") is False
+
+
+def test_inline_the_task_returns_with_its_job_sent(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path
+) -> None:
+    worker = _worker(emulator, tmp_path, tiny_model, "off")
+    try:
+        job = worker.job(974, "a conch")
+        run_job(worker.runtime, job)
+        assert worker.status(job) == JobStatus.DONE and worker.photos(job) == 1
+    finally:
+        worker.runtime.close()
