@@ -17,7 +17,11 @@ model has loaded is `LoadedPipeline.text2image` wrapped: every other attribute (
 switches, `components`) still reaches the real diffusers pipeline; with `--generator instant`
 its call returns one small PIL image per entry of the `generator` list (one seeded generator
 per image, whatever the form of `prompt`: a string, or a list for a batch of several jobs), and
-with `--generator model` it calls the real pipeline.
+with `--generator model` it calls the real pipeline. With `--generator gpu-like` the call stands
+for a pipeline running on a GPU: it sleeps `--gpu-like-ms` an image (a thread waiting on CUDA
+holds neither a core nor the GIL) and returns photographs (scikit-image's astronaut, at the
+size asked), which cost what generated images cost to check, encode and send; flat colours
+would flatter the PNG encoder.
 
 `--timings PATH` appends one JSON line per event, on the system-wide monotonic clock (the
 benchmark's `time.monotonic()` and the Bot API emulator's call times are on the same clock):
@@ -76,12 +80,35 @@ class FakeOutput:
 
 def instant_images(**kwargs: Any) -> FakeOutput:
     """A diffusers text-to-image call that takes no time: one small image per generator."""
-    generators = kwargs.get("generator")
-    count = len(generators) if isinstance(generators, list) else 1
+    count = _image_count(kwargs)
     width, height = int(kwargs.get("width") or 64), int(kwargs.get("height") or 64)
     return FakeOutput(
         [Image.new("RGB", (width, height), (37 * n % 256, 128, 200)) for n in range(count)]
     )
+
+
+def gpu_like(ms_per_image: float) -> Callable[..., FakeOutput]:
+    """A text-to-image call that takes `ms_per_image` an image without using the CPU."""
+    photos: dict[tuple[int, int], Image.Image] = {}
+
+    def call(**kwargs: Any) -> FakeOutput:
+        count = _image_count(kwargs)
+        time.sleep(ms_per_image * count / 1000)
+        size = int(kwargs.get("width") or 64), int(kwargs.get("height") or 64)
+        if size not in photos:
+            from skimage import data
+
+            photo = Image.fromarray(data.astronaut())
+            photos[size] = photo.resize(size, Image.Resampling.BILINEAR)
+        return FakeOutput([photos[size].copy() for _ in range(count)])
+
+    return call
+
+
+def _image_count(kwargs: dict[str, Any]) -> int:
+    # One seeded generator per image.
+    generators = kwargs.get("generator")
+    return len(generators) if isinstance(generators, list) else 1
 
 
 class TimedPipelineCall:
@@ -104,7 +131,7 @@ class TimedPipelineCall:
         return getattr(self._pipeline, name)
 
 
-def install(generator: str, log: TimingLog) -> None:
+def install(generator: str, log: TimingLog, gpu_like_ms: float = 0.0) -> None:
     """Patch the worker's runtime: the pipeline call once the model is loaded, and timing
     around each content check and each job."""
     from functools import cached_property
@@ -118,7 +145,8 @@ def install(generator: str, log: TimingLog) -> None:
     def pipeline(self: WorkerRuntime) -> Any:
         loaded = load(self)
         real = loaded.text2image
-        call = instant_images if generator == "instant" else real
+        calls = {"instant": instant_images, "gpu-like": gpu_like(gpu_like_ms), "model": real}
+        call = calls[generator]
         loaded.text2image = TimedPipelineCall(real, call, log)
         return loaded
 
@@ -151,11 +179,18 @@ def install(generator: str, log: TimingLog) -> None:
 
 
 def instant_worker_process(
-    generator: str, timings: Path, *, env: dict[str, str], log_dir: Path, name: str
+    generator: str,
+    timings: Path,
+    *,
+    env: dict[str, str],
+    log_dir: Path,
+    name: str,
+    gpu_like_ms: float = 0.0,
 ) -> AbstractContextManager[subprocess.Popen[bytes]]:
     """This launcher in a process group of its own until the block ends, then stopped as
     `chitrakar` processes are in the tests (SIGTERM, then SIGKILL)."""
     command = [sys.executable, str(Path(__file__).resolve()), "--generator", generator]
+    command += ["--gpu-like-ms", str(gpu_like_ms)]
     return process_group(
         [*command, "--timings", str(timings)],
         env=env,
@@ -171,13 +206,15 @@ def main() -> int:
     )
     parser.add_argument(
         "--generator",
-        choices=("instant", "model"),
+        choices=("instant", "gpu-like", "model"),
         default="instant",
-        help="instant: a fake pipeline call that returns at once; model: the real one, timed",
+        help="instant: a fake pipeline call that returns at once; gpu-like: one that waits "
+        "--gpu-like-ms an image without using the CPU; model: the real one, timed",
     )
+    parser.add_argument("--gpu-like-ms", type=float, default=200.0)
     parser.add_argument("--timings", type=Path, help="append timing events here (JSON lines)")
     args, worker_args = parser.parse_known_args()
-    install(args.generator, TimingLog(args.timings))
+    install(args.generator, TimingLog(args.timings), args.gpu_like_ms)
     return chitrakar_main(["worker", *worker_args])
 
 

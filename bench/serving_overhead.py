@@ -4,14 +4,22 @@ on loopback (Redis as the broker, SQLite or PostgreSQL as the store, the tiny mo
 
     PYTHONPATH=. .venv/bin/python bench/serving_overhead.py [--requests 30] [--users 50]
         [--waves 3] [--database sqlite|postgresql] [--phases ...] [--api-latency-ms 0]
+        [--gpu-like-ms 200] [--image-size N] [--finish-while-generating auto|on|off]
 
-Three phases, each on fresh users (each user sends one `/portrait`):
+Phases, each on fresh users (each user sends one `/portrait`); by default the first three:
 - `1-user-model`: one request at a time, the worker running the tiny model (timed exactly);
 - `1-user-instant`: one request at a time, the pipeline call replaced by an instant fake
   (bench/instant_worker.py: the real worker, only the diffusers call answers at once);
 - `50-users-instant`: waves of `--users` requests offered all at once (a wave is waited out
   before the next), the instant fake again: with the tiny model this would measure mostly
-  queueing behind other jobs' denoising.
+  queueing behind other jobs' denoising;
+- `1-user-gpu-like`, `50-users-gpu-like`: the same with a fake that stands for a GPU: it
+  waits `--gpu-like-ms` an image without using the CPU and returns photographs
+  (bench/instant_worker.py), so that the worker's finishing (content check, PNG, upload) can
+  overlap the next call as on a GPU (`--finish-while-generating on`; `auto` is off, the
+  device being the CPU). With `--image-size 1024` the PNGs weigh what SDXL's do. Under
+  overlap `added` flatters (a job's finishing hidden under the next call is subtracted as
+  that call's time): read `wave_images_per_s` and `end_to_end_ms` there.
 One worker (Celery's solo pool, as deployed: one process per GPU), one bot, two warm-up
 requests before each phase. A sequential request is sent once the previous one's job row is
 `done` (the worker records the end just after sending the photo). Progress edits every 3 s,
@@ -36,11 +44,13 @@ call for several, `CHITRAKAR_MAX_BATCH_IMAGES`), a job's own pipeline call is th
 and the time the batch's task spends storing, checking and sending the jobs before this one
 counts as its own path. Target: median added under 30 ms.
 
-Also reported: the median of each stage (offered → job row → status message → published →
-the worker's task starts → pipeline → the worker's "uploading a photo" chat action (image
-stored, checked, recorded) → photo; job row and published from the row's timestamps),
-the content check's time per image, and the worker's serving time per job (its tasks' time
-outside pipeline calls, divided by the jobs made), which bounds one worker's throughput.
+Also reported: images a second through the whole path for each wave (`wave_images_per_s`,
+from its first offer to its last photo; the median of the waves); the median of each stage
+(offered → job row → status message → published → the worker's task starts → pipeline → the
+worker's "uploading a photo" chat action (image stored, checked, recorded) → photo; job row
+and published from the row's timestamps), the content check's time per image, and the
+worker's serving time per job (its tasks' time outside pipeline calls, divided by the jobs
+made), which bounds one worker's throughput when it finishes inline.
 
 `--api-latency-ms N` answers every Bot API call the bot and worker make on a request's path
 (not getUpdates) N ms late, as Telegram's servers do across the internet (a call still counts
@@ -83,7 +93,13 @@ from tests.support.stack import (
     wait_for_jobs,
 )
 
-PHASES = ("1-user-model", "1-user-instant", "50-users-instant")
+PHASES = (
+    "1-user-model",
+    "1-user-instant",
+    "1-user-gpu-like",
+    "50-users-instant",
+    "50-users-gpu-like",
+)
 REDIS_SERVER = "redis://127.0.0.1:6379"
 # Redis databases a benchmark may claim: not 15 (tests/conftest.py flushes it), not 0.
 REDIS_DATABASES = range(14, 0, -1)
@@ -341,6 +357,7 @@ class Phase:
     name: str
     generator: str
     offers: list[Offer] = field(default_factory=list)
+    waves: list[list[Offer]] = field(default_factory=list)
     seconds: float = 0.0
     timings: Path | None = None
 
@@ -367,7 +384,12 @@ def run_phase(
     emulator = stack.emulator
     phase.timings = stack.work / f"timings-{phase.name}.jsonl"
     with instant_worker_process(
-        phase.generator, phase.timings, env=stack.env, log_dir=stack.work, name=phase.name
+        phase.generator,
+        phase.timings,
+        env=stack.env,
+        log_dir=stack.work,
+        name=phase.name,
+        gpu_like_ms=args.gpu_like_ms,
     ):
         for n in range(2):  # warm-up: model, content check, connections
             warm = offer_portrait(emulator, next_user(), f"warmup{n}{phase.name}")
@@ -391,6 +413,7 @@ def run_phase(
                 phase.offers += wave_offers
                 for offer in wave_offers:
                     emulator.wait_for("sendPhoto", in_chat(offer.chat_id), 300)
+                phase.waves.append(wave_offers)
                 time.sleep(1.0)  # the worker records the last job's end
         phase.seconds = time.monotonic() - started
         time.sleep(1.0)
@@ -423,6 +446,7 @@ def report_phase(
         "own_path_ms": summary(series.get("own_path", [])),
         "batch_size": summary(series.get("batch_size", [])),
         "worker_serving_per_job_ms": worker_serving_per_job(events),
+        "wave_images_per_s": wave_images_per_s(phase.waves, calls),
         # A job's images are checked in one run of the model: each gets its share.
         "content_check_per_image_ms": summary(
             [c.seconds * 1000 / c.info.get("images", 1) for c in events["classify"]]
@@ -437,6 +461,18 @@ def worker_serving_per_job(events: dict[str, list[Interval]]) -> float:
     made = sum(len(p.info["prompts"]) for p in events["pipeline"])
     busy = sum(j.seconds for j in events["job"]) - sum(p.seconds for p in events["pipeline"])
     return round(1000 * busy / max(made, 1), 1)
+
+
+def wave_images_per_s(waves: list[list[Offer]], calls: list[Call]) -> float | None:
+    """Images a second through the whole path, from a wave's first offer to its last photo
+    (median of the waves); one image a request."""
+    photos = first_calls(calls, "sendPhoto")
+    rates = []
+    for wave in waves:
+        ends = [photos[offer.chat_id].at for offer in wave if offer.chat_id in photos]
+        if ends:
+            rates.append(len(ends) / (max(ends) - min(offer.offered for offer in wave)))
+    return round(statistics.median(rates), 2) if rates else None
 
 
 def markdown_row(name: str, result: dict[str, Any], note: str) -> str:
@@ -476,11 +512,23 @@ def main() -> None:
         default=0.0,
         help="answer every Bot API call but getUpdates this late (Telegram's round trip)",
     )
+    parser.add_argument(
+        "--gpu-like-ms",
+        type=float,
+        default=200.0,
+        help="the gpu-like generator's time an image (200: SDXL Lightning compiled, an H100)",
+    )
+    parser.add_argument(
+        "--image-size", type=int, help="CHITRAKAR_IMAGE_SIZE (default: the tests' 64)"
+    )
+    parser.add_argument(
+        "--finish-while-generating",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="CHITRAKAR_FINISH_WHILE_GENERATING of the worker (auto: off, on a CPU)",
+    )
     args = parser.parse_args()
-    phases = [
-        Phase(name, "model" if name.endswith("model") else "instant")
-        for name in args.phases.split(",")
-    ]
+    phases = [Phase(name, name.split("-", 2)[-1]) for name in args.phases.split(",")]
     if unknown := {p.name for p in phases} - set(PHASES):
         parser.error(f"unknown phases: {', '.join(sorted(unknown))}")
 
@@ -488,6 +536,9 @@ def main() -> None:
     load_before = os.getloadavg()
     user_ids = iter(range(20_000, 10**9))
     settings = {"bot_intake_process": "true"} if args.intake_process else {}
+    settings["finish_while_generating"] = args.finish_while_generating
+    if args.image_size is not None:
+        settings["image_size"] = str(args.image_size)
     with deployment("chitrakar-overhead-", args.database, args.broker_url, **settings) as stack:
         with chitrakar_process("bot", env=stack.env, log_dir=stack.work, echo_log=False):
             wait_until_up(stack.emulator)
@@ -506,6 +557,9 @@ def main() -> None:
         "broker": broker,
         "api_latency_ms": args.api_latency_ms,
         "intake_process": args.intake_process,
+        "finish_while_generating": args.finish_while_generating,
+        "image_size": args.image_size,
+        "gpu_like_ms": args.gpu_like_ms,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "logs": work,

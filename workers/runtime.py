@@ -9,7 +9,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cached_property
 
@@ -198,17 +198,25 @@ class FinishingLane:
     def __init__(self, behind: bool) -> None:
         self._thread = ThreadPoolExecutor(1, "finishing") if behind else None
         self._last: Future[None] | None = None
+        self._last_jobs: frozenset[int] = frozenset()
 
     @property
     def behind(self) -> bool:
         return self._thread is not None
 
-    def run(self, finish: Callable[[], None]) -> None:
+    def run(self, finish: Callable[[], None], job_ids: Iterable[int]) -> None:
         if self._thread is None:
             finish()
             return
         self.wait()
+        self._last_jobs = frozenset(job_ids)
         self._last = self._thread.submit(_logged, finish)
+
+    def holds(self, job_id: int) -> bool:
+        """Whether the job is still being finished here. Its batch mates' own messages come
+        while it is: the job is this worker's, running, and must not be started again."""
+        last = self._last
+        return last is not None and not last.done() and job_id in self._last_jobs
 
     def wait(self) -> None:
         """Until the batch handed in last is finished."""

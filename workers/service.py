@@ -96,6 +96,11 @@ def run_job(runtime: WorkerRuntime, job_id: int) -> None:
     finished (checked, stored, sent) by the runtime's finishing lane, on a GPU while the next
     pipeline call runs. When each job ends, its user's next held job (if any) is handed to
     the broker."""
+    if runtime.finishing.holds(job_id):
+        # Its batch is still being finished here: the database says it runs on this worker,
+        # which start_job would take for an attempt that died with its task.
+        log.info("job %s is being finished by this worker; nothing to do", job_id)
+        return
     alive_since = datetime.now(UTC) - timedelta(seconds=runtime.settings.worker_stale_after)
     try:
         with runtime.store.unit_of_work() as uow:
@@ -112,7 +117,9 @@ def run_job(runtime: WorkerRuntime, job_id: int) -> None:
     except BaseException:
         _after_each(runtime, batch)
         raise
-    runtime.finishing.run(partial(_finish_batch, runtime, batch, finishes))
+    runtime.finishing.run(
+        partial(_finish_batch, runtime, batch, finishes), [one.id for one in batch]
+    )
 
 
 def _finish_batch(

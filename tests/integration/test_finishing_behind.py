@@ -64,19 +64,24 @@ class Worker:
         self.chats[job_id] = chat["id"]
         return job_id
 
-    def status(self, job_id: int) -> JobStatus:
+    def view(self, job_id: int) -> jobs.JobView:
         with self.runtime.store.unit_of_work() as uow:
             view = jobs.get_job(uow, job_id)
         assert view is not None
-        return JobStatus(view.status)
+        return view
+
+    def status(self, job_id: int) -> JobStatus:
+        return JobStatus(self.view(job_id).status)
 
     def photos(self, job_id: int) -> int:
         return len(self.emulator.calls_to("sendPhoto", self.chats[job_id]))
 
 
-def _worker(emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, choice: str) -> Worker:
+def _worker(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, choice: str, batch: int = 1
+) -> Worker:
     settings = worker_settings(
-        emulator, tmp_path, tiny_model, max_batch_images=1, finish_while_generating=choice
+        emulator, tmp_path, tiny_model, max_batch_images=batch, finish_while_generating=choice
     )
     upgrade_to_head(settings.resolved_database_url)
     return Worker(emulator, WorkerRuntime(settings, publish=lambda _job_id: None))
@@ -141,6 +146,39 @@ def test_the_next_pipeline_call_runs_while_a_batch_is_finished(
     assert [behind.status(job) for job in (first, second)] == [JobStatus.DONE] * 2
     assert [behind.photos(job) for job in (first, second)] == [1, 1]
     assert check.let_go_in_time == [True, True]
+
+
+def test_a_batch_mates_own_message_does_not_start_it_again_while_it_is_finished(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path
+) -> None:
+    """The database says the companion runs on this worker, which is what a job whose task
+    died looks like: its own message, arriving while the batch is still being sent, must
+    leave it to the lane."""
+    worker = _worker(emulator, tmp_path, tiny_model, "on", batch=2)
+    check = HeldCheck()
+    worker.runtime.__dict__["classifier"] = check
+    try:
+        leader, companion = worker.job(975, "a tabla"), worker.job(976, "a sitar")
+        run_job(worker.runtime, leader)
+        assert check.entered.wait(WAIT_S)
+        assert worker.view(companion).status == JobStatus.RUNNING  # batched, being checked
+
+        run_job(worker.runtime, companion)  # its own message
+        assert worker.view(companion).attempts == 1
+        assert worker.runtime.finishing.holds(companion)
+
+        check.go.set()
+        worker.runtime.finishing.wait()
+        assert not worker.runtime.finishing.holds(companion)
+        for job in (leader, companion):
+            view = worker.view(job)
+            assert (view.status, view.attempts, worker.photos(job)) == (JobStatus.DONE, 1, 1)
+        assert check.let_go_in_time == [True] * 2  # each job's own check
+        run_job(worker.runtime, companion)  # a late duplicate: it has ended
+        assert worker.photos(companion) == 1
+    finally:
+        check.go.set()
+        worker.runtime.close()
 
 
 def test_a_stopping_worker_finishes_the_batch_behind_first(behind: Worker) -> None:
