@@ -5,6 +5,7 @@ on loopback (Redis as the broker, SQLite or PostgreSQL as the store, the tiny mo
     PYTHONPATH=. .venv/bin/python bench/serving_overhead.py [--requests 30] [--users 50]
         [--waves 3] [--database sqlite|postgresql] [--phases ...] [--api-latency-ms 0]
         [--gpu-like-ms 200] [--image-size N] [--finish-while-generating auto|on|off]
+        [--uplink-mbit N]
 
 Phases, each on fresh users (each user sends one `/portrait`); by default the first three:
 - `1-user-model`: one request at a time, the worker running the tiny model (timed exactly);
@@ -55,6 +56,8 @@ made), which bounds one worker's throughput when it finishes inline.
 `--api-latency-ms N` answers every Bot API call the bot and worker make on a request's path
 (not getUpdates) N ms late, as Telegram's servers do across the internet (a call still counts
 as received when it arrives): what a deployment adds for each round trip it waits on.
+`--uplink-mbit N` takes each request's uploaded files in as over a link of N Mbit/s, each
+request on its own (a photo then counts as received once it would have come through).
 
 Prints one JSON object (milliseconds; p99 of 30 samples is their maximum), then one Markdown
 table row per phase for BENCHMARKS.md.
@@ -513,6 +516,11 @@ def main() -> None:
         help="answer every Bot API call but getUpdates this late (Telegram's round trip)",
     )
     parser.add_argument(
+        "--uplink-mbit",
+        type=float,
+        help="take each upload in as over a link of this many Mbit/s (the bot's uplink)",
+    )
+    parser.add_argument(
         "--gpu-like-ms",
         type=float,
         default=200.0,
@@ -544,6 +552,8 @@ def main() -> None:
             wait_until_up(stack.emulator)
             for method in ANSWERED_LATE:
                 stack.emulator.delay(method, args.api_latency_ms / 1000)
+            if args.uplink_mbit:
+                stack.emulator.limit_uplink(args.uplink_mbit * 1e6 / 8)
             for phase in phases:
                 run_phase(stack, phase, lambda: next(user_ids), args)
         rows = job_rows(stack.database_url)
@@ -556,6 +566,7 @@ def main() -> None:
         "database": args.database,
         "broker": broker,
         "api_latency_ms": args.api_latency_ms,
+        "uplink_mbit": args.uplink_mbit,
         "intake_process": args.intake_process,
         "finish_while_generating": args.finish_while_generating,
         "image_size": args.image_size,

@@ -120,6 +120,7 @@ class BotApiEmulator:
         self._file_ids = itertools.count(1)
         self._faults: dict[str, Fault] = {}
         self._delays: dict[str, float] = {}
+        self._uplink_bytes_per_s: float | None = None
         self.webhook: dict[str, Any] | None = None
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
@@ -441,6 +442,13 @@ class BotApiEmulator:
         with self._lock:
             self._delays[method] = seconds
 
+    def limit_uplink(self, bytes_per_s: float | None) -> None:
+        """Take each request's uploaded files in as over a link of this speed (a bot's uplink
+        to Telegram): the call is handled and recorded only once they would have come
+        through. Each request on its own; None: at loopback speed."""
+        with self._lock:
+            self._uplink_bytes_per_s = bytes_per_s
+
     def fail(
         self,
         method: str,
@@ -592,6 +600,9 @@ class BotApiEmulator:
             )
         method = request.match_info["method"]
         params, files, uploads = await self._read_request(request)
+        uplink = self._uplink_bytes_per_s
+        if uplink and files:
+            await asyncio.sleep(sum(len(data) for data in files.values()) / uplink)
         if method == "getUpdates":
             return web.json_response({"ok": True, "result": await self._get_updates(params)})
         with self._changed:

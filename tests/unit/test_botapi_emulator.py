@@ -4,6 +4,7 @@ keyboards and callback queries, documents from the bot, chat administrators, alb
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -384,3 +385,22 @@ async def test_a_fault_can_be_kept_to_one_chat(emulator: BotApiEmulator, bot: Bo
     with pytest.raises(Forbidden, match=r"(?i)blocked"):
         await bot.send_message(blocked["id"], "refused")
     assert await bot.send_message(blocked["id"], "once only")
+
+
+async def test_a_limited_uplink_takes_an_upload_in_at_its_speed(
+    emulator: BotApiEmulator, bot: Bot
+) -> None:
+    chat = emulator.private_chat(emulator.user(61, "Uma"))
+    data = b"x" * 100_000
+    emulator.limit_uplink(400_000)  # bytes a second: 0.25 s for the document
+    started = time.monotonic()
+    await bot.send_document(chat["id"], data, filename="a.bin")
+    sent = emulator.wait_for("sendDocument", timeout=5)
+    assert sent.at - started >= 0.25
+    await bot.send_message(chat["id"], "no upload, no wait")
+    assert emulator.wait_for("sendMessage", timeout=5).at - sent.at < 0.2
+    emulator.limit_uplink(None)
+    started = time.monotonic()
+    await bot.send_document(chat["id"], data, filename="b.bin")
+    [_, again] = emulator.calls_to("sendDocument", chat["id"])
+    assert again.at - started < 0.2
