@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from PIL import Image
+
 from chitrakar.domain import JobKind
 from chitrakar.styles import StyleCatalogue
 from chitrakar.texts import text
@@ -41,9 +43,9 @@ class Delivery(Protocol):
         are checked and stored. `deliver` sends nothing before this has landed."""
 
     def deliver(
-        self, job: JobView, images: Sequence[bytes], seconds: float, spoiler: bool = False
+        self, job: JobView, images: Sequence[Image.Image], seconds: float, spoiler: bool = False
     ) -> Delivered:
-        """Send the result; raises when it could not be sent."""
+        """Send the result (its images, already stored); raises when it could not be sent."""
         ...
 
     def deliver_previews(self, job: JobView, grid: Path) -> list[str]: ...
@@ -94,7 +96,7 @@ class ChannelDeliveries:
         self.channel(job.channel).uploading(job)
 
     def deliver(
-        self, job: JobView, images: Sequence[bytes], seconds: float, spoiler: bool = False
+        self, job: JobView, images: Sequence[Image.Image], seconds: float, spoiler: bool = False
     ) -> Delivered:
         return self.channel(job.channel).deliver(job, images, seconds, spoiler)
 

@@ -327,7 +327,7 @@ def _finish(
                 checking = checker.submit(runtime.classifier.classify_all, images)
                 watch.check(force=True)
                 delivery.uploading(job)
-                stored, pngs = _save(runtime, job, images)
+                stored = _save(runtime, job, images)
                 with runtime.store.unit_of_work() as uow:
                     chat = audit.chat_settings(uow, job.channel, job.chat_id)
                 verdicts = checking.result()
@@ -345,7 +345,7 @@ def _finish(
                 plan=adjust_plan(runtime.pipeline.preset, job.plan),
                 status_message_id=status_message_id,
             )
-            sent = delivery.deliver(ran, pngs, seconds, spoiler=action == ImageAction.SPOILER)
+            sent = delivery.deliver(ran, images, seconds, spoiler=action == ImageAction.SPOILER)
             file_ids, message_ids = sent.file_ids, sent.message_ids
     except JobCancelled as stop:
         _stopped(runtime, job, stop)
@@ -581,16 +581,12 @@ def _parent_result(runtime: WorkerRuntime, job: JobView) -> Image.Image:
         return image.convert("RGB")
 
 
-def _save(
-    runtime: WorkerRuntime, job: JobView, images: list[Image.Image]
-) -> tuple[list[StoredArtifact], list[bytes]]:
+def _save(runtime: WorkerRuntime, job: JobView, images: list[Image.Image]) -> list[StoredArtifact]:
     """Store each image as PNG under results/<job>/; the job row keeps keys and checksums."""
-    stored, pngs = [], []
-    for index, (image, seed) in enumerate(zip(images, job.plan.seeds, strict=True)):
-        png = png_bytes(image)
-        stored.append(runtime.artifacts.put(f"results/{job.id}/{index}-{seed}.png", png))
-        pngs.append(png)
-    return stored, pngs
+    return [
+        runtime.artifacts.put(f"results/{job.id}/{index}-{seed}.png", png_bytes(image))
+        for index, (image, seed) in enumerate(zip(images, job.plan.seeds, strict=True))
+    ]
 
 
 def _previews(runtime: WorkerRuntime, on_progress: ProgressCallback) -> Path:

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from time import monotonic
 
+from PIL import Image
+
 from chitrakar.buttons import result_buttons, stored_rows, style_buttons
 from chitrakar.config import Settings
 from chitrakar.domain import JobKind, ProgressThrottle
@@ -65,7 +67,7 @@ class WebDelivery:
         """A page shows the result as soon as its message arrives: nothing to announce."""
 
     def deliver(
-        self, job: JobView, images: Sequence[bytes], seconds: float, spoiler: bool = False
+        self, job: JobView, images: Sequence[Image.Image], seconds: float, spoiler: bool = False
     ) -> Delivered:
         """The images are already in the artifact store; the message refers to them."""
         self.stop_progress(job)

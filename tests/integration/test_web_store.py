@@ -13,6 +13,7 @@ from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
+from PIL import Image
 from sqlalchemy import func, select, update
 
 from chitrakar.artifacts import artifact_store_from_url
@@ -165,7 +166,8 @@ def test_the_worker_delivers_into_the_chat_and_removes_the_status(store: Store) 
     delivery.progress(job, 2, 4)
     with store.unit_of_work() as uow:
         assert web.messages(uow, asha.id, [status])[0].text.endswith("50%")
-    sent = delivery.deliver(job, [b"png-0", b"png-1"], 1.5, spoiler=True)
+    images = [Image.new("RGB", (8, 8)) for _ in range(2)]
+    sent = delivery.deliver(job, images, 1.5, spoiler=True)
     assert sent.file_ids == [f"{job.id}/0", f"{job.id}/1"]
     with store.unit_of_work() as uow:
         (result,) = web.messages(uow, asha.id, sent.message_ids)
