@@ -944,6 +944,17 @@ class RunningState:
     status_message_id: int | None  # recorded by the bot once sent, maybe after the job started
 
 
+def running_on(uow: UnitOfWork, job_ids: Sequence[int], worker: str) -> list[int]:
+    """Those of the jobs that still run on this worker."""
+    return list(
+        uow.session.scalars(
+            select(Job.id).where(
+                Job.id.in_(list(job_ids)), Job.status == JobStatus.RUNNING, Job.worker == worker
+            )
+        )
+    )
+
+
 def running_state(uow: UnitOfWork, job_id: int) -> RunningState | None:
     """None when the job is gone (its user had everything about them deleted)."""
     row = uow.session.execute(

@@ -235,7 +235,7 @@ def _logged(finish: Callable[[], None]) -> None:
     # with the database away) is logged, as Celery logs what escapes a task run inline.
     try:
         finish()
-    except Exception:
+    except BaseException:  # the lane's thread goes on with the next batch
         log.exception("finishing a batch failed")
 
 

@@ -97,10 +97,15 @@ def run_job(runtime: WorkerRuntime, job_id: int) -> None:
     pipeline call runs. When each job ends, its user's next held job (if any) is handed to
     the broker."""
     if runtime.finishing.holds(job_id):
-        # Its batch is still being finished here: the database says it runs on this worker,
-        # which start_job would take for an attempt that died with its task.
-        log.info("job %s is being finished by this worker; nothing to do", job_id)
-        return
+        # A batch mate's own message, while the batch is being finished here. The database
+        # says it runs on this worker, which start_job would take for an attempt that died
+        # with its task: it is the lane's. Handed back meanwhile, it is this message's once
+        # the lane has let go of it.
+        with runtime.store.unit_of_work() as uow:
+            if jobs.running_on(uow, [job_id], runtime.name):
+                log.info("job %s is being finished by this worker; nothing to do", job_id)
+                return
+        runtime.finishing.wait()
     alive_since = datetime.now(UTC) - timedelta(seconds=runtime.settings.worker_stale_after)
     try:
         with runtime.store.unit_of_work() as uow:
@@ -137,6 +142,18 @@ def _finish_batch(
                     done.result()
     finally:
         _after_each(runtime, batch)
+        _publish_left_running(runtime, batch)
+
+
+def _publish_left_running(runtime: WorkerRuntime, batch: list[JobView]) -> None:
+    """A job the batch's finishing left running (a record it could not write) is published
+    again: its message, taken while the batch was finished, found nothing to do then, and
+    start_job takes it up again on this worker (or records the end of one delivered)."""
+    with runtime.store.unit_of_work() as uow:
+        left = jobs.running_on(uow, [one.id for one in batch], runtime.name)
+    for job_id in left:
+        log.warning("job %s was left running by its batch; publishing it again", job_id)
+        runtime.publish(job_id)
 
 
 def _after_each(runtime: WorkerRuntime, batch: list[JobView]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 
 from chitrakar.domain import GenerationPlan, JobKind, JobStatus
-from db import jobs
+from db import heartbeats, jobs
 from db.jobs import Origin
 from db.migrate import upgrade_to_head
 from tests.support.botapi import BotApiEmulator
@@ -49,7 +50,7 @@ class Worker:
         self.emulator, self.runtime = emulator, runtime
         self.chats: dict[int, int] = {}
 
-    def job(self, user_id: int, prompt: str, size: int = 64) -> int:
+    def job(self, user_id: int, prompt: str, size: int = 64, handed_over: bool = True) -> int:
         user = self.emulator.user(user_id, f"User {user_id}")
         chat = self.emulator.private_chat(user)
         command = self.emulator.history_message(chat, user, f"/portrait {prompt}")
@@ -59,8 +60,9 @@ class Worker:
         plan = GenerationPlan(prompt, size, size, 2, (user_id,), 7.0)
         with self.runtime.store.unit_of_work() as uow:
             job_id = jobs.take_in(uow, origin, JobKind.PORTRAIT, plan).job_id
-        with self.runtime.store.unit_of_work() as uow:
-            assert jobs.claim_hand_over(uow, job_id, limit=2)
+        if handed_over:
+            with self.runtime.store.unit_of_work() as uow:
+                assert jobs.claim_hand_over(uow, job_id, limit=1)
         self.chats[job_id] = chat["id"]
         return job_id
 
@@ -78,13 +80,19 @@ class Worker:
 
 
 def _worker(
-    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, choice: str, batch: int = 1
+    emulator: BotApiEmulator,
+    tmp_path: Path,
+    tiny_model: Path,
+    choice: str,
+    batch: int = 1,
+    published: list[int] | None = None,
 ) -> Worker:
     settings = worker_settings(
         emulator, tmp_path, tiny_model, max_batch_images=batch, finish_while_generating=choice
     )
     upgrade_to_head(settings.resolved_database_url)
-    return Worker(emulator, WorkerRuntime(settings, publish=lambda _job_id: None))
+    publish = published.append if published is not None else lambda _job_id: None
+    return Worker(emulator, WorkerRuntime(settings, publish=publish))
 
 
 @pytest.fixture
@@ -181,21 +189,125 @@ def test_a_batch_mates_own_message_does_not_start_it_again_while_it_is_finished(
         worker.runtime.close()
 
 
-def test_a_stopping_worker_finishes_the_batch_behind_first(behind: Worker) -> None:
-    check: HeldCheck = behind.runtime.classifier  # type: ignore[assignment]
-    job = behind.job(973, "a lantern")
-    run_job(behind.runtime, job)
-    assert check.entered.wait(WAIT_S)
-    assert behind.status(job) == JobStatus.RUNNING
+def test_a_stopping_worker_finishes_the_batch_behind_first(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path
+) -> None:
+    """And only then does its heartbeat go (until then its jobs are its own), and its user's
+    held job is handed over, as when a job ends inline."""
+    published: list[int] = []
+    worker = _worker(emulator, tmp_path, tiny_model, "on", published=published)
+    check = HeldCheck()
+    worker.runtime.__dict__["classifier"] = check
+    runtime = worker.runtime
+    runtime.start_heartbeat()
+    job = worker.job(973, "a lantern")
+    held = worker.job(973, "a lantern at dawn", handed_over=False)
+    try:
+        run_job(runtime, job)
+        assert check.entered.wait(WAIT_S)
+        assert worker.status(job) == JobStatus.RUNNING
 
-    closing = threading.Thread(target=behind.runtime.close)
-    closing.start()
-    time.sleep(0.3)
-    assert closing.is_alive(), "the worker stopped with a job still being finished"
-    check.go.set()
-    closing.join(WAIT_S)
-    assert not closing.is_alive()
-    assert behind.status(job) == JobStatus.DONE and behind.photos(job) == 1
+        closing = threading.Thread(target=runtime.close)
+        closing.start()
+        time.sleep(0.3)
+        assert closing.is_alive(), "the worker stopped with a job still being finished"
+        with runtime.store.unit_of_work() as uow:
+            assert runtime.name in heartbeats.alive(uow, datetime.now(UTC) - timedelta(hours=1))
+        assert published == []
+        check.go.set()
+        closing.join(WAIT_S)
+        assert not closing.is_alive()
+        assert worker.status(job) == JobStatus.DONE and worker.photos(job) == 1
+        assert published == [held]
+        with runtime.store.unit_of_work() as uow:
+            assert heartbeats.alive(uow, datetime.now(UTC) - timedelta(hours=1)) == set()
+    finally:
+        check.go.set()
+        runtime.close()
+
+
+def test_a_batch_mate_handed_back_meanwhile_is_run_by_its_message(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reconciler took this worker for dead during the batch's pipeline call and handed
+    its jobs back: the lane sends nothing for them, and the companion's new message waits
+    for the lane to let go of it, then runs it, once."""
+    worker = _worker(emulator, tmp_path, tiny_model, "on", batch=2)
+    check = HeldCheck()
+    worker.runtime.__dict__["classifier"] = check
+    pipe = worker.runtime.pipeline.text2image
+    real = type(pipe).__call__
+    handed: list[int] = []
+
+    def then_handed_back(self: Any, *args: Any, **kwargs: Any) -> Any:
+        output = real(self, *args, **kwargs)
+        if not handed:
+            with worker.runtime.store.unit_of_work() as uow:
+                # No heartbeat was written: the worker looks dead.
+                handed.extend(jobs.hand_back_from_dead_workers(uow, set()))
+        return output
+
+    monkeypatch.setattr(type(pipe), "__call__", then_handed_back)
+    try:
+        leader, companion = worker.job(977, "a dhow"), worker.job(978, "a coracle")
+        run_job(worker.runtime, leader)
+        assert sorted(handed) == [leader, companion]
+        assert check.entered.wait(WAIT_S)
+        assert worker.runtime.finishing.holds(companion)
+
+        message = threading.Thread(target=run_job, args=(worker.runtime, companion))
+        message.start()
+        time.sleep(0.3)
+        assert message.is_alive(), "the message did not wait for the lane"
+        check.go.set()
+        message.join(WAIT_S)
+        assert not message.is_alive()
+        worker.runtime.finishing.wait()
+        view = worker.view(companion)
+        assert (view.status, view.attempts, worker.photos(companion)) == (JobStatus.DONE, 2, 1)
+        assert worker.status(leader) == JobStatus.QUEUED and worker.photos(leader) == 0
+    finally:
+        check.go.set()
+        worker.runtime.close()
+
+
+def test_a_job_its_batch_left_running_is_published_again(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its end could not be recorded after it was sent. Its own message came while the
+    batch was finished and found it the lane's; published again, it finds it delivered and
+    records the end, without sending it twice."""
+    published: list[int] = []
+    worker = _worker(emulator, tmp_path, tiny_model, "on", batch=2, published=published)
+    check = HeldCheck()
+    worker.runtime.__dict__["classifier"] = check
+    leader, companion = worker.job(979, "a veena"), worker.job(980, "a flute")
+    complete = jobs.complete_job
+
+    def fails_for_the_companion(uow: Any, job_id: int, **kwargs: Any) -> Any:
+        if job_id == companion:
+            raise RuntimeError("the record could not be written")
+        return complete(uow, job_id, **kwargs)
+
+    monkeypatch.setattr(jobs, "complete_job", fails_for_the_companion)
+    try:
+        run_job(worker.runtime, leader)
+        assert check.entered.wait(WAIT_S)
+        run_job(worker.runtime, companion)  # its message: the lane's
+        check.go.set()
+        worker.runtime.finishing.wait()
+        assert worker.status(companion) == JobStatus.RUNNING
+        assert published == [companion]
+
+        monkeypatch.undo()
+        run_job(worker.runtime, companion)  # the message published again
+        worker.runtime.finishing.wait()
+        view = worker.view(companion)
+        assert (view.status, view.attempts, worker.photos(companion)) == (JobStatus.DONE, 2, 1)
+        assert worker.status(leader) == JobStatus.DONE
+    finally:
+        check.go.set()
+        worker.runtime.close()
 
 
 def test_finishing_runs_behind_only_where_the_model_is_on_a_gpu(
