@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -47,3 +48,35 @@ def test_it_is_compressed_at_the_fastest_level() -> None:
     default = io.BytesIO()
     image.save(default, format="PNG")
     assert _zlib_header(default.getvalue())[1] >> 6 == 2
+
+
+def _image_data(png: bytes) -> bytes:
+    """The decompressed image data: each row is its filter type's byte, then its bytes."""
+    at, data = 8, b""
+    while at < len(png):
+        (length,) = struct.unpack(">I", png[at : at + 4])
+        if png[at + 4 : at + 8] == b"IDAT":
+            data += png[at + 8 : at + 8 + length]
+        at += 12 + length
+    return zlib.decompress(data)
+
+
+def test_every_row_is_filtered_up() -> None:
+    # One filter for every row, not a choice among five for each (Pillow's way, which made a
+    # 1024x1024 result take 59 ms instead of 24).
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8))
+    data = _image_data(png_bytes(image))
+    row = 1 + 80 * 3
+    assert len(data) == 48 * row
+    assert {data[i * row] for i in range(48)} == {2}  # PNG's "Up" filter
+
+
+@pytest.mark.parametrize(
+    ("mode", "stored_as"),
+    [("P", "RGB"), ("LA", "RGBA"), ("I;16", "RGB"), ("CMYK", "RGB")],
+)
+def test_other_modes_are_stored_as_rgb_or_rgba(mode: str, stored_as: str) -> None:
+    image = Image.new("RGB", (24, 16), (200, 120, 40)).convert(mode)
+    with Image.open(io.BytesIO(png_bytes(image))) as decoded:
+        assert (decoded.format, decoded.mode, decoded.size) == ("PNG", stored_as, (24, 16))
