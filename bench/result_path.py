@@ -11,8 +11,8 @@ compresses like a generated one; a flat test colour would flatter the encoder. M
 - the check as the worker runs it, from the generated PIL image to its verdict
   (`OutputClassifier.classify_all`): one image, and per image of a job's four (`/avatar`'s
   default), which go through the model in one run;
-- PNG encoding at Pillow's default level (6) and at the level results are written with
-  (`chitrakar.media.PNG_COMPRESS_LEVEL`), with the file's size;
+- PNG encoding with Pillow at its default level (6), and as results are written
+  (`chitrakar.media.png_bytes`), with the file's size;
 - the check and the encoding one after the other, and overlapped as the worker runs them.
 
 Each figure is the median over `--runs` runs of the per-image median of `--images` images.
