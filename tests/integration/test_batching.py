@@ -15,10 +15,10 @@ from PIL import Image
 
 from chitrakar.domain import GenerationPlan, JobKind, batch_key
 from db import jobs, privacy
-from db.jobs import Origin
 from db.migrate import upgrade_to_head
 from tests.support.botapi import BotApiEmulator
 from tests.support.stack import worker_settings
+from tests.support.worker import QueuedJobs
 from workers import service
 from workers.pipelines import text_to_image
 from workers.runtime import WorkerRuntime
@@ -29,32 +29,7 @@ def _plan(prompt: str, seed: int, size: int = 64, images: int = 1) -> Generation
     return GenerationPlan(prompt, size, size, 3, tuple(seed + i for i in range(images)), 7.0)
 
 
-class Deployment:
-    def __init__(self, emulator: BotApiEmulator, runtime: WorkerRuntime) -> None:
-        self.emulator, self.runtime = emulator, runtime
-        self.chats: dict[int, int] = {}
-
-    def job(self, user_id: int, plan: GenerationPlan, handed_over: bool = True) -> int:
-        user = self.emulator.user(user_id, f"User {user_id}")
-        chat = self.emulator.private_chat(user)
-        command = self.emulator.history_message(chat, user, f"/portrait {plan.prompt}")
-        origin = Origin(
-            "telegram", chat["id"], "private", str(user_id), "U", "en", command["message_id"]
-        )
-        with self.runtime.store.unit_of_work() as uow:
-            job_id = jobs.take_in(uow, origin, JobKind.PORTRAIT, plan).job_id
-        if handed_over:
-            with self.runtime.store.unit_of_work() as uow:
-                assert jobs.claim_hand_over(uow, job_id, limit=2)
-        self.chats[job_id] = chat["id"]
-        return job_id
-
-    def view(self, job_id: int) -> jobs.JobView:
-        with self.runtime.store.unit_of_work() as uow:
-            view = jobs.get_job(uow, job_id)
-        assert view is not None
-        return view
-
+class Deployment(QueuedJobs):
     def events(self, job_id: int) -> list[str]:
         from sqlalchemy import select
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from chitrakar.domain import GenerationPlan, JobKind, JobStatus
+from chitrakar.domain import GenerationPlan, JobStatus
 from db import heartbeats, jobs
-from db.jobs import Origin
 from db.migrate import upgrade_to_head
 from tests.support.botapi import BotApiEmulator
 from tests.support.stack import worker_settings
+from tests.support.worker import QueuedJobs
 from workers import runtime as runtime_module
 from workers.classifier import ImageVerdict
 from workers.runtime import WorkerRuntime
@@ -45,32 +45,10 @@ class HeldCheck:
         return [NOT_FLAGGED for _ in images]
 
 
-class Worker:
-    def __init__(self, emulator: BotApiEmulator, runtime: WorkerRuntime) -> None:
-        self.emulator, self.runtime = emulator, runtime
-        self.chats: dict[int, int] = {}
-
-    def job(self, user_id: int, prompt: str, size: int = 64, handed_over: bool = True) -> int:
-        user = self.emulator.user(user_id, f"User {user_id}")
-        chat = self.emulator.private_chat(user)
-        command = self.emulator.history_message(chat, user, f"/portrait {prompt}")
-        origin = Origin(
-            "telegram", chat["id"], "private", str(user_id), "U", "en", command["message_id"]
-        )
-        plan = GenerationPlan(prompt, size, size, 2, (user_id,), 7.0)
-        with self.runtime.store.unit_of_work() as uow:
-            job_id = jobs.take_in(uow, origin, JobKind.PORTRAIT, plan).job_id
-        if handed_over:
-            with self.runtime.store.unit_of_work() as uow:
-                assert jobs.claim_hand_over(uow, job_id, limit=1)
-        self.chats[job_id] = chat["id"]
-        return job_id
-
-    def view(self, job_id: int) -> jobs.JobView:
-        with self.runtime.store.unit_of_work() as uow:
-            view = jobs.get_job(uow, job_id)
-        assert view is not None
-        return view
+class Worker(QueuedJobs):
+    def portrait(self, user_id: int, prompt: str, handed_over: bool = True) -> int:
+        plan = GenerationPlan(prompt, 64, 64, 2, (user_id,), 7.0)
+        return self.job(user_id, plan, handed_over, limit=1)
 
     def status(self, job_id: int) -> JobStatus:
         return JobStatus(self.view(job_id).status)
@@ -128,7 +106,7 @@ def test_the_next_pipeline_call_runs_while_a_batch_is_finished(
 ) -> None:
     check: HeldCheck = behind.runtime.classifier  # type: ignore[assignment]
     calls = _pipeline_calls(behind, monkeypatch)
-    first, second = behind.job(971, "a kingfisher"), behind.job(972, "a ferry")
+    first, second = behind.portrait(971, "a kingfisher"), behind.portrait(972, "a ferry")
 
     run_job(behind.runtime, first)
     # The task has returned with its job still being checked: nothing sent yet.
@@ -166,7 +144,7 @@ def test_a_batch_mates_own_message_does_not_start_it_again_while_it_is_finished(
     check = HeldCheck()
     worker.runtime.__dict__["classifier"] = check
     try:
-        leader, companion = worker.job(975, "a tabla"), worker.job(976, "a sitar")
+        leader, companion = worker.portrait(975, "a tabla"), worker.portrait(976, "a sitar")
         run_job(worker.runtime, leader)
         assert check.entered.wait(WAIT_S)
         assert worker.view(companion).status == JobStatus.RUNNING  # batched, being checked
@@ -200,8 +178,8 @@ def test_a_stopping_worker_finishes_the_batch_behind_first(
     worker.runtime.__dict__["classifier"] = check
     runtime = worker.runtime
     runtime.start_heartbeat()
-    job = worker.job(973, "a lantern")
-    held = worker.job(973, "a lantern at dawn", handed_over=False)
+    job = worker.portrait(973, "a lantern")
+    held = worker.portrait(973, "a lantern at dawn", handed_over=False)
     try:
         run_job(runtime, job)
         assert check.entered.wait(WAIT_S)
@@ -249,7 +227,7 @@ def test_a_batch_mate_handed_back_meanwhile_is_run_by_its_message(
 
     monkeypatch.setattr(type(pipe), "__call__", then_handed_back)
     try:
-        leader, companion = worker.job(977, "a dhow"), worker.job(978, "a coracle")
+        leader, companion = worker.portrait(977, "a dhow"), worker.portrait(978, "a coracle")
         run_job(worker.runtime, leader)
         assert sorted(handed) == [leader, companion]
         assert check.entered.wait(WAIT_S)
@@ -281,7 +259,7 @@ def test_a_job_its_batch_left_running_is_published_again(
     worker = _worker(emulator, tmp_path, tiny_model, "on", batch=2, published=published)
     check = HeldCheck()
     worker.runtime.__dict__["classifier"] = check
-    leader, companion = worker.job(979, "a veena"), worker.job(980, "a flute")
+    leader, companion = worker.portrait(979, "a veena"), worker.portrait(980, "a flute")
     complete = jobs.complete_job
 
     def fails_for_the_companion(uow: Any, job_id: int, **kwargs: Any) -> Any:
@@ -332,7 +310,7 @@ def test_inline_the_task_returns_with_its_job_sent(
 ) -> None:
     worker = _worker(emulator, tmp_path, tiny_model, "off")
     try:
-        job = worker.job(974, "a conch")
+        job = worker.portrait(974, "a conch")
         run_job(worker.runtime, job)
         assert worker.status(job) == JobStatus.DONE and worker.photos(job) == 1
     finally:
