@@ -40,13 +40,14 @@ _PNG_PARAMS = [
     cv2.IMWRITE_PNG_FILTER,
     cv2.IMWRITE_PNG_FILTER_UP,
 ]
-# OpenCV's channel order for each mode it is given; any other mode is converted first.
-_TO_OPENCV = {"RGB": cv2.COLOR_RGB2BGR, "RGBA": cv2.COLOR_RGBA2BGRA, "L": None}
+# The conversion to OpenCV's channel order of each mode written as it is; any other mode is
+# converted to RGB or RGBA first.
+_TO_OPENCV = {"RGB": cv2.COLOR_RGB2BGR, "RGBA": cv2.COLOR_RGBA2BGRA, "L": None, "I;16": None}
 
 
 def png_bytes(image: Image.Image) -> bytes:
     """An image as PNG, as results, selfie crops and previews are stored (8-bit RGB, RGBA or
-    grey; other modes as RGB, or RGBA when they carry transparency)."""
+    grey, 16-bit grey; other modes as RGB, or RGBA when they carry transparency)."""
     if image.mode not in _TO_OPENCV:
         transparent = "A" in image.getbands() or "transparency" in image.info
         image = image.convert("RGBA" if transparent else "RGB")

@@ -689,33 +689,50 @@ def mark_delivered(
 def hand_back_from_dead_workers(uow: UnitOfWork, alive: set[str]) -> list[int]:
     """Running jobs whose worker stopped beating go back to the queue (their attempts kept,
     so a job that kills its workers is given up after MAX_ATTEMPTS). Commits; their ids."""
-    running = list(
-        uow.session.scalars(select(Job).where(Job.status == JobStatus.RUNNING).order_by(Job.id))
-    )
-    handed: list[int] = []
-    for job in running:
-        if job.worker in alive:
-            continue
-        # Conditional: a worker that comes back and finishes meanwhile wins.
-        moved = cast(
-            CursorResult[Any],
-            uow.session.execute(
-                update(Job)
-                .where(Job.id == job.id, Job.status == JobStatus.RUNNING, Job.worker == job.worker)
-                .values(status=JobStatus.QUEUED, published_at=utcnow())
-            ),
-        )
-        if moved.rowcount == 1:
-            uow.session.add(
-                JobEvent(
-                    job_id=job.id,
-                    status=JobStatus.QUEUED,
-                    detail=f"handed back: {job.worker} stopped",
-                )
-            )
-            handed.append(job.id)
+    running = uow.session.execute(
+        select(Job.id, Job.worker).where(Job.status == JobStatus.RUNNING).order_by(Job.id)
+    ).all()
+    handed = [
+        job_id
+        for job_id, worker in running
+        if worker not in alive and _hand_back(uow, job_id, worker, f"{worker} stopped")
+    ]
     uow.commit()
     return handed
+
+
+def hand_back_delivered(uow: UnitOfWork, job_ids: Sequence[int], worker: str) -> list[int]:
+    """Those of the jobs still running on this worker whose result was delivered go back to
+    the queue: their end could not be recorded, and the message that would record it was
+    taken while their batch was being finished. Published again, they record the end and
+    send nothing. Commits; their ids."""
+    delivered = uow.session.scalars(
+        select(Job.id).where(
+            Job.id.in_(list(job_ids)),
+            Job.status == JobStatus.RUNNING,
+            Job.worker == worker,
+            Job.delivered_at.is_not(None),
+        )
+    ).all()
+    handed = [job_id for job_id in delivered if _hand_back(uow, job_id, worker, "end unrecorded")]
+    uow.commit()
+    return handed
+
+
+def _hand_back(uow: UnitOfWork, job_id: int, worker: str | None, why: str) -> bool:
+    # Conditional: a worker that comes back and finishes meanwhile wins.
+    moved = cast(
+        CursorResult[Any],
+        uow.session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.worker == worker)
+            .values(status=JobStatus.QUEUED, published_at=utcnow())
+        ),
+    )
+    if moved.rowcount != 1:
+        return False
+    uow.session.add(JobEvent(job_id=job_id, status=JobStatus.QUEUED, detail=f"handed back: {why}"))
+    return True
 
 
 def republish_due(uow: UnitOfWork, published_before: datetime) -> list[int]:
@@ -942,17 +959,6 @@ class RunningState:
     status: JobStatus
     worker: str | None  # the worker that holds (or last held) it
     status_message_id: int | None  # recorded by the bot once sent, maybe after the job started
-
-
-def running_on(uow: UnitOfWork, job_ids: Sequence[int], worker: str) -> list[int]:
-    """Those of the jobs that still run on this worker."""
-    return list(
-        uow.session.scalars(
-            select(Job.id).where(
-                Job.id.in_(list(job_ids)), Job.status == JobStatus.RUNNING, Job.worker == worker
-            )
-        )
-    )
 
 
 def running_state(uow: UnitOfWork, job_id: int) -> RunningState | None:

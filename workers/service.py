@@ -97,15 +97,18 @@ def run_job(runtime: WorkerRuntime, job_id: int) -> None:
     pipeline call runs. When each job ends, its user's next held job (if any) is handed to
     the broker."""
     if runtime.finishing.holds(job_id):
-        # A batch mate's own message, while the batch is being finished here. The database
-        # says it runs on this worker, which start_job would take for an attempt that died
-        # with its task: it is the lane's. Handed back meanwhile, it is this message's once
-        # the lane has let go of it.
+        # A batch mate's own message, while the batch is being finished here. Running on this
+        # worker, which start_job would take for an attempt that died with its task, it is
+        # the lane's. Handed back meanwhile, it is this message's once the lane has let go of
+        # it. Ended, or running elsewhere, start_job finds nothing to do.
         with runtime.store.unit_of_work() as uow:
-            if jobs.running_on(uow, [job_id], runtime.name):
+            state = jobs.running_state(uow, job_id)
+        if state is not None and state.status == JobStatus.RUNNING:
+            if state.worker == runtime.name:
                 log.info("job %s is being finished by this worker; nothing to do", job_id)
                 return
-        runtime.finishing.wait()
+        elif state is not None and state.status == JobStatus.QUEUED:
+            runtime.finishing.wait()
     alive_since = datetime.now(UTC) - timedelta(seconds=runtime.settings.worker_stale_after)
     try:
         with runtime.store.unit_of_work() as uow:
@@ -141,19 +144,25 @@ def _finish_batch(
                 for done in [pool.submit(finish) for finish in finishes]:
                     done.result()
     finally:
-        _after_each(runtime, batch)
-        _publish_left_running(runtime, batch)
+        try:
+            _after_each(runtime, batch)
+        finally:
+            _hand_back_delivered(runtime, batch)
 
 
-def _publish_left_running(runtime: WorkerRuntime, batch: list[JobView]) -> None:
-    """A job the batch's finishing left running (a record it could not write) is published
-    again: its message, taken while the batch was finished, found nothing to do then, and
-    start_job takes it up again on this worker (or records the end of one delivered)."""
-    with runtime.store.unit_of_work() as uow:
-        left = jobs.running_on(uow, [one.id for one in batch], runtime.name)
-    for job_id in left:
-        log.warning("job %s was left running by its batch; publishing it again", job_id)
-        runtime.publish(job_id)
+def _hand_back_delivered(runtime: WorkerRuntime, batch: list[JobView]) -> None:
+    """A job delivered whose end could not be recorded is handed back and published: its
+    own message may have been taken while the batch was finished. Another try records the
+    end and sends nothing. (One not delivered is left running, as before: whether its
+    photo went out is not known, and a second one must not.)"""
+    try:
+        with runtime.store.unit_of_work() as uow:
+            handed = jobs.hand_back_delivered(uow, [one.id for one in batch], runtime.name)
+        for job_id in handed:
+            log.warning("job %s was delivered but its end not recorded; published again", job_id)
+            runtime.publish(job_id)
+    except Exception:
+        log.exception("jobs %s: could not look for ends left unrecorded", [b.id for b in batch])
 
 
 def _after_each(runtime: WorkerRuntime, batch: list[JobView]) -> None:

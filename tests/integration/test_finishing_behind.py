@@ -249,32 +249,41 @@ def test_a_batch_mate_handed_back_meanwhile_is_run_by_its_message(
         worker.runtime.close()
 
 
-def test_a_job_its_batch_left_running_is_published_again(
-    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Its end could not be recorded after it was sent. Its own message came while the
-    batch was finished and found it the lane's; published again, it finds it delivered and
-    records the end, without sending it twice."""
-    published: list[int] = []
+def _batch_of_two_behind(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, published: list[int]
+) -> tuple[Worker, HeldCheck]:
     worker = _worker(emulator, tmp_path, tiny_model, "on", batch=2, published=published)
     check = HeldCheck()
     worker.runtime.__dict__["classifier"] = check
-    leader, companion = worker.portrait(979, "a veena"), worker.portrait(980, "a flute")
-    complete = jobs.complete_job
+    return worker, check
 
-    def fails_for_the_companion(uow: Any, job_id: int, **kwargs: Any) -> Any:
-        if job_id == companion:
+
+def _failing_for(job_id: int, real: Any) -> Any:
+    def write(uow: Any, one: int, *args: Any, **kwargs: Any) -> Any:
+        if one == job_id:
             raise RuntimeError("the record could not be written")
-        return complete(uow, job_id, **kwargs)
+        return real(uow, one, *args, **kwargs)
 
-    monkeypatch.setattr(jobs, "complete_job", fails_for_the_companion)
+    return write
+
+
+def test_a_delivered_job_whose_end_was_not_recorded_is_handed_back_and_published(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its own message came while the batch was finished and found it the lane's. Handed
+    back and published again, it records its end on whichever worker takes it, and is not
+    sent twice."""
+    published: list[int] = []
+    worker, check = _batch_of_two_behind(emulator, tmp_path, tiny_model, published)
+    leader, companion = worker.portrait(979, "a veena"), worker.portrait(980, "a flute")
+    monkeypatch.setattr(jobs, "complete_job", _failing_for(companion, jobs.complete_job))
     try:
         run_job(worker.runtime, leader)
         assert check.entered.wait(WAIT_S)
         run_job(worker.runtime, companion)  # its message: the lane's
         check.go.set()
         worker.runtime.finishing.wait()
-        assert worker.status(companion) == JobStatus.RUNNING
+        assert worker.status(companion) == JobStatus.QUEUED  # not left running on this worker
         assert published == [companion]
 
         monkeypatch.undo()
@@ -283,6 +292,53 @@ def test_a_job_its_batch_left_running_is_published_again(
         view = worker.view(companion)
         assert (view.status, view.attempts, worker.photos(companion)) == (JobStatus.DONE, 2, 1)
         assert worker.status(leader) == JobStatus.DONE
+    finally:
+        check.go.set()
+        worker.runtime.close()
+
+
+def test_a_job_sent_but_not_recorded_delivered_is_never_published_again(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether its photo went out cannot be told from the database: made again, it could
+    arrive twice. It stays running, as a job left so inline does."""
+    published: list[int] = []
+    worker, check = _batch_of_two_behind(emulator, tmp_path, tiny_model, published)
+    leader, companion = worker.portrait(981, "a santoor"), worker.portrait(982, "a shehnai")
+    monkeypatch.setattr(jobs, "mark_delivered", _failing_for(companion, jobs.mark_delivered))
+    try:
+        check.go.set()
+        run_job(worker.runtime, leader)
+        worker.runtime.finishing.wait()
+        assert worker.photos(companion) == 1
+        assert worker.status(companion) == JobStatus.RUNNING
+        assert published == []
+    finally:
+        worker.runtime.close()
+
+
+def test_a_message_for_a_job_that_has_ended_does_not_wait_for_the_lane(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path
+) -> None:
+    """The companion was cancelled while its batch is being finished: its message has
+    nothing to do and must not hold the worker's next pipeline call until the lane is done."""
+    worker, check = _batch_of_two_behind(emulator, tmp_path, tiny_model, [])
+    leader, companion = worker.portrait(983, "a sarangi"), worker.portrait(984, "a mridangam")
+    try:
+        run_job(worker.runtime, leader)
+        assert check.entered.wait(WAIT_S)
+        with worker.runtime.store.unit_of_work() as uow:
+            assert jobs.cancel_jobs(uow, "telegram", worker.chats[companion], "984")
+        message = threading.Thread(target=run_job, args=(worker.runtime, companion))
+        message.start()
+        message.join(WAIT_S / 2)
+        assert not message.is_alive(), "the message waited for the lane"
+        assert worker.runtime.finishing.holds(leader)
+        check.go.set()
+        worker.runtime.finishing.wait()
+        # Cancelled after the last look, as inline: what it sent is recorded, not undone.
+        assert worker.status(companion) == JobStatus.CANCELLED
+        assert worker.photos(leader) == 1
     finally:
         check.go.set()
         worker.runtime.close()

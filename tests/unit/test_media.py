@@ -74,9 +74,18 @@ def test_every_row_is_filtered_up() -> None:
 
 @pytest.mark.parametrize(
     ("mode", "stored_as"),
-    [("P", "RGB"), ("LA", "RGBA"), ("I;16", "RGB"), ("CMYK", "RGB")],
+    [("P", "RGB"), ("LA", "RGBA"), ("CMYK", "RGB")],
 )
 def test_other_modes_are_stored_as_rgb_or_rgba(mode: str, stored_as: str) -> None:
     image = Image.new("RGB", (24, 16), (200, 120, 40)).convert(mode)
     with Image.open(io.BytesIO(png_bytes(image))) as decoded:
         assert (decoded.format, decoded.mode, decoded.size) == ("PNG", stored_as, (24, 16))
+
+
+def test_a_16_bit_grey_image_comes_back_exactly() -> None:
+    pixels = (np.arange(16 * 24, dtype=np.uint16).reshape(16, 24) * 170).astype(np.uint16)
+    image = Image.fromarray(pixels)
+    assert image.mode == "I;16"
+    with Image.open(io.BytesIO(png_bytes(image))) as decoded:
+        assert decoded.mode == "I;16"
+        assert np.array_equal(np.asarray(decoded), pixels)
