@@ -104,11 +104,17 @@ _START = (
 # Naming a job's results, on the path of every result before it is sent.
 _RECORD_RESULTS = (
     update(JOBS)
-    .where(JOBS.c.id == bindparam("job_id"), JOBS.c.status == JobStatus.RUNNING)
+    .where(
+        JOBS.c.id == bindparam("job_id"),
+        JOBS.c.status == JobStatus.RUNNING,
+        JOBS.c.worker == bindparam("worker_name"),
+    )
     .values(result_paths=bindparam("paths"), result_checksums=bindparam("checksums"))
     .returning(JOBS.c.status_message_id)
 )
-_STATUS_MESSAGE = select(JOBS.c.status_message_id).where(JOBS.c.id == bindparam("job_id"))
+_STATUS_MESSAGE = select(JOBS.c.status, JOBS.c.worker, JOBS.c.status_message_id).where(
+    JOBS.c.id == bindparam("job_id")
+)
 # Ending a job that delivered its results (every job's last write), and recording what a
 # job cancelled meanwhile delivered.
 _COMPLETE = (
@@ -274,6 +280,11 @@ class Charge:
 
 class JobNotFound(LookupError):
     pass
+
+
+class HandedBack(Exception):
+    """The job is no longer this worker's: handed back to the queue, running on another
+    worker, or ended by one."""
 
 
 class DuplicateRequest(Exception):
@@ -654,24 +665,41 @@ def queued_elsewhere(uow: UnitOfWork, exclude: Sequence[int]) -> bool:
 
 
 def record_results(
-    uow: UnitOfWork, job_id: int, result_paths: list[str], result_checksums: list[str]
+    uow: UnitOfWork,
+    job_id: int,
+    worker: str,
+    result_paths: list[str],
+    result_checksums: list[str],
 ) -> int | None:
     """Name a running job's results once they may be shown (stored, and past the content
     check), before they are sent: a channel that serves them itself (the web chat) can do so
     as soon as the message that shows them arrives. A job that sends none of them (a preview
     grid) records an empty list. Returns the job's status message, as recorded by then: the
-    bot records none after this (`attach_status_message`). Commits."""
+    bot records none after this (`attach_status_message`). Raises HandedBack when the job is
+    no longer this worker's (the reconciler took the worker for dead meanwhile): another
+    worker sends it. Commits."""
     connection = uow.connection
     recorded = connection.execute(
-        _RECORD_RESULTS, {"job_id": job_id, "paths": result_paths, "checksums": result_checksums}
+        _RECORD_RESULTS,
+        {
+            "job_id": job_id,
+            "worker_name": worker,
+            "paths": result_paths,
+            "checksums": result_checksums,
+        },
     ).first()
-    status_message_id = (
-        recorded.status_message_id
-        if recorded is not None
-        else connection.scalar(_STATUS_MESSAGE, {"job_id": job_id})
-    )
+    if recorded is not None:
+        uow.commit()
+        return cast(int | None, recorded.status_message_id)
+    found = connection.execute(_STATUS_MESSAGE, {"job_id": job_id}).first()
     uow.commit()
-    return status_message_id
+    if found is None:  # gone: its user had everything about them deleted
+        return None
+    if found.status != JobStatus.CANCELLED:
+        # Queued again, running on another worker, or ended by one.
+        raise HandedBack(job_id)
+    # Cancelled after the last look: what it sends is recorded at its end.
+    return cast(int | None, found.status_message_id)
 
 
 def mark_delivered(

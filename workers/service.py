@@ -397,9 +397,13 @@ def _finish(
 def _record_results(
     runtime: WorkerRuntime, job_id: int, stored: list[StoredArtifact]
 ) -> int | None:
-    with runtime.store.unit_of_work() as uow:
-        keys, checksums = [a.key for a in stored], [a.sha256 for a in stored]
-        return jobs.record_results(uow, job_id, keys, checksums)
+    keys, checksums = [a.key for a in stored], [a.sha256 for a in stored]
+    try:
+        with runtime.store.unit_of_work() as uow:
+            return jobs.record_results(uow, job_id, runtime.name, keys, checksums)
+    except jobs.HandedBack:
+        # Between the last look and now: the worker that has it sends it, not this one.
+        raise JobHandedBack(job_id) from None
 
 
 def _mark_delivered(

@@ -229,3 +229,44 @@ def test_a_job_cancelled_while_checked_is_neither_sent_nor_kept_by_the_channel(
     assert emulator.calls_to("sendPhoto", group["id"]) == []
     edits = emulator.calls_to("editMessageText", group["id"])
     assert [edit.params["text"] for edit in edits] == [text("en", "status.running")]
+
+
+class HandedBackWhileChecked:
+    """Passes every image; meanwhile the reconciler takes the worker for dead (it wrote no
+    heartbeat) and hands its job back to the queue."""
+
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.runtime = runtime
+        self.handed: list[int] = []
+
+    def classify_all(self, images: list[Image.Image]) -> list[ImageVerdict]:
+        with self.runtime.store.unit_of_work() as uow:
+            self.handed += jobs.hand_back_from_dead_workers(uow, set())
+        return [ImageVerdict(flagged=False, labels=(), score=0.0) for _ in images]
+
+
+def test_a_job_handed_back_while_checked_is_sent_once_by_its_next_run(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path
+) -> None:
+    """Its last look came before the check: the results record finds it no longer this
+    worker's, so this run sends nothing (another worker would send it too); the run its new
+    message starts sends it, once."""
+    group = emulator.group_chat(-834)
+    runtime = worker_for(emulator, tmp_path, tiny_model, None)
+    check = HandedBackWhileChecked(runtime)
+    runtime.__dict__["classifier"] = check
+    try:
+        portrait_in(emulator, runtime, group)
+        [job] = jobs_in_chat(runtime.settings.resolved_database_url, group["id"])
+        assert check.handed == [job.id]
+        assert job.status == JobStatus.QUEUED
+        assert emulator.calls_to("sendPhoto", group["id"]) == []
+        assert_channel_keeps_nothing(runtime)
+
+        runtime.__dict__["classifier"] = Flags(flagged=False)
+        run_job(runtime, job.id)
+    finally:
+        runtime.close()
+    [job] = jobs_in_chat(runtime.settings.resolved_database_url, group["id"])
+    assert (job.status, job.attempts) == (JobStatus.DONE, 2)
+    assert len(emulator.calls_to("sendPhoto", group["id"])) == 1

@@ -198,7 +198,7 @@ def test_the_results_record_tells_the_worker_which_message_to_remove(
     with runtime.store.unit_of_work() as uow:
         assert jobs.start_job(uow, job_id, runtime.name) is not None
     with runtime.store.unit_of_work() as uow:
-        assert jobs.record_results(uow, job_id, ["results/a.png"], ["00"]) is None
+        assert jobs.record_results(uow, job_id, runtime.name, ["results/a.png"], ["00"]) is None
     # Recorded after the results: the bot must remove it itself.
     assert _attach(runtime, job_id, status["message_id"]) is False
 
@@ -207,7 +207,7 @@ def test_the_results_record_tells_the_worker_which_message_to_remove(
         assert jobs.start_job(uow, other_id, runtime.name) is not None
     assert _attach(runtime, other_id, other_status["message_id"]) is True
     with runtime.store.unit_of_work() as uow:
-        recorded = jobs.record_results(uow, other_id, ["results/b.png"], ["00"])
+        recorded = jobs.record_results(uow, other_id, runtime.name, ["results/b.png"], ["00"])
     assert recorded == other_status["message_id"]
 
 
