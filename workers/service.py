@@ -103,11 +103,11 @@ def run_job(runtime: WorkerRuntime, job_id: int) -> None:
         # it. Ended, or running elsewhere, start_job finds nothing to do.
         with runtime.store.unit_of_work() as uow:
             state = jobs.running_state(uow, job_id)
-        if state is not None and state.status == JobStatus.RUNNING:
-            if state.worker == runtime.name:
-                log.info("job %s is being finished by this worker; nothing to do", job_id)
-                return
-        elif state is not None and state.status == JobStatus.QUEUED:
+        status, worker = (state.status, state.worker) if state is not None else (None, None)
+        if (status, worker) == (JobStatus.RUNNING, runtime.name):
+            log.info("job %s is being finished by this worker; nothing to do", job_id)
+            return
+        if status == JobStatus.QUEUED:
             runtime.finishing.wait()
     alive_since = datetime.now(UTC) - timedelta(seconds=runtime.settings.worker_stale_after)
     try:
