@@ -18,7 +18,7 @@ from pathlib import Path
 from threading import Event
 from typing import TYPE_CHECKING, TypeVar
 
-from chitrakar.config import Settings, load_settings
+from chitrakar.config import Settings, SettingsError, load_settings
 from chitrakar.process import configure_logging
 
 if TYPE_CHECKING:
@@ -210,7 +210,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from chitrakar.process import freeze_start_up_objects
     from chitrakar.queue import publish_generate
     from workers.celery_app import app
-    from workers.pipelines import ModelNotFound
+    from workers.pipelines import DeviceUnavailable, ModelNotFound
     from workers.service import requeue_unfinished
     from workers.tasks import runtime
 
@@ -218,7 +218,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     # waits for it.
     try:
         runtime().warm_up()
-    except (ModelNotFound, PresetError) as exc:
+    except (ModelNotFound, PresetError, DeviceUnavailable) as exc:
         raise SystemExit(f"The worker cannot start: {exc}") from None
     runtime().delivery.connect_all()
     runtime().start_heartbeat()
@@ -421,9 +421,12 @@ def _die_with_parent() -> None:
 
 
 def cmd_make_tiny(settings: Settings, args: argparse.Namespace) -> int:
-    from workers.tiny import make_tiny
+    from workers.tiny import CannotWriteModel, make_tiny
 
-    path = make_tiny(Path(args.path), seed=args.seed)
+    try:
+        path = make_tiny(Path(args.path), seed=args.seed)
+    except CannotWriteModel as exc:
+        raise SystemExit(str(exc)) from None
     print(f"tiny Stable Diffusion pipeline written to {path}")
     return 0
 
@@ -440,12 +443,13 @@ def cmd_make_random(settings: Settings, args: argparse.Namespace) -> int:
     import torch
 
     from workers.random_models import make_random
+    from workers.tiny import CannotWriteModel
 
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
     try:
         path = make_random(args.arch, Path(args.path), dtype[args.dtype], seed=args.seed)
-    except OSError as exc:
-        raise SystemExit(f"cannot write the model: {exc}") from None
+    except CannotWriteModel as exc:
+        raise SystemExit(str(exc)) from None
     print(f"random {args.arch} pipeline at full size written to {path} (its images are noise)")
     return 0
 
@@ -463,7 +467,9 @@ def cmd_presets(settings: Settings, _: argparse.Namespace) -> int:
     except (PresetError, RuntimeError) as exc:
         raise SystemExit(str(exc)) from None
     facts = device_facts(device)
-    print(f"Presets on this machine ({device}); the worker would use: {chosen}\n")
+    chosen_runs = not unmet_needs(catalogue.presets[chosen], facts)
+    verdict = "the worker would use" if chosen_runs else "the worker would refuse to start with"
+    print(f"Presets on this machine ({device}); {verdict}: {chosen}\n")
     width = max(map(len, catalogue.presets))
     for name, preset in sorted(catalogue.presets.items()):
         reasons = unmet_needs(preset, facts)
@@ -471,7 +477,7 @@ def cmd_presets(settings: Settings, _: argparse.Namespace) -> int:
         print(f"{mark}{name:<{width}} {preset.description}")
         for reason in reasons:
             print(f"{'':{width + 2}} cannot run here: {reason}")
-    return 0
+    return 0 if chosen_runs else 1
 
 
 def _at_least_one(text: str) -> int:
@@ -496,6 +502,17 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def _cannot_write(path: Path) -> str | None:
+    """Why a file could not be written (or appended to) at `path`, or None."""
+    if path.is_dir():
+        return f"{path} is a folder, not a file"
+    if not path.parent.is_dir():
+        return f"cannot write {path}: {path.parent} is not a folder"
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        return f"cannot write {path}: permission denied"
+    return None
+
+
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     import json
     from dataclasses import replace
@@ -504,11 +521,17 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     from chitrakar.presets import PresetError
     from workers.benchmark import BatchFigures, BenchReport, format_report, record, run_bench
     from workers.pipelines import ModelNotFound, load_configured, resolve_device
-    from workers.random_models import random_arch
+    from workers.tiny import made_arch
 
     source = args.model or settings.model
     if source is None:
         raise SystemExit("cannot benchmark: give --model (a diffusers folder or hub id)")
+    table = Path(args.table) if args.table else BUILTIN_MEASUREMENTS
+    outputs = [args.json] + ([args.record, table] if args.record else [])
+    # Found now rather than after loading, compiling and the first timed batch.
+    for output in filter(None, outputs):
+        if (problem := _cannot_write(Path(output))) is not None:
+            raise SystemExit(f"cannot benchmark: {problem}")
     # No store, broker or chat: only the model, loaded as the worker loads it.
     settings = settings.model_copy(
         update={"model": source, "preset": args.preset or settings.preset}
@@ -517,8 +540,7 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         loaded = load_configured(settings, source, resolve_device(settings.device))
     except (ModelNotFound, PresetError, RuntimeError) as exc:
         raise SystemExit(f"cannot benchmark: {exc}") from None
-    label = args.label or (random_arch(Path(source)) if Path(source).is_dir() else None) or source
-    table = Path(args.table) if args.table else BUILTIN_MEASUREMENTS
+    label = args.label or (made_arch(Path(source)) if Path(source).is_dir() else None) or source
 
     def keep(report: BenchReport, figures: BatchFigures) -> None:
         # Each batch size as it is done: a run stopped part way keeps what it measured.
@@ -572,31 +594,37 @@ def cmd_plan(settings: Settings, args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         raise SystemExit(str(exc)) from None
     print(format_plan(report))
-    return 0 if report.presets else 1
+    # A script can ask "does anything fit?" of the exit status.
+    return 0 if report.fitting else 1
 
 
 def cmd_tco(settings: Settings, args: argparse.Namespace) -> int:
-    from chitrakar.capacity import measured_on
+    from chitrakar.capacity import measured_throughput
     from chitrakar.tco import CostInputs, cost_report, format_report, plot_tco
 
+    if args.plot is not None and Path(args.plot).suffix.lower() != ".png":
+        raise SystemExit(f"--plot writes a PNG: give a path ending in .png, not {args.plot!r}")
     throughput = args.images_per_second
+    measurement_options = [
+        f"--{name}" for name in ("model", "preset", "device", "size", "table") if vars(args)[name]
+    ]
+    if throughput is not None and measurement_options:
+        raise SystemExit(
+            f"give --images-per-second or a measurement ({', '.join(measurement_options)}), "
+            "not both"
+        )
     if throughput is None:
         if not (args.model and args.preset):
             raise SystemExit(
                 "give --images-per-second, or --model and --preset to use a measurement"
             )
-        rows = [
-            row
-            for row in _measurements(args)
-            if row.model.lower() == args.model.lower()
-            and row.preset == args.preset
-            and measured_on(row, args.device)
-            and (args.size is None or (row.width, row.height) == (args.size, args.size))
-        ]
-        if not rows:
-            at = f" at {args.size}x{args.size}" if args.size else ""
-            raise SystemExit(f"no measurement of {args.model} with preset {args.preset}{at} found")
-        best = max(rows, key=lambda row: row.images_per_second)
+        size = (args.size, args.size) if args.size else None
+        try:
+            best = measured_throughput(
+                _measurements(args), args.model, args.preset, args.device, size
+            )
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
         throughput = best.images_per_second
         print(
             f"throughput: {throughput:.3f} images/s, {best.model} {best.preset} at batch "
@@ -619,11 +647,15 @@ def cmd_tco(settings: Settings, args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
-    print(format_report(cost_report(inputs)))
-    if args.plot:
+    try:
+        report = cost_report(inputs)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    print(format_report(report))
+    if args.plot is not None:
         try:
             print(f"plot written to {plot_tco(inputs, Path(args.plot))}")
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise SystemExit(f"cannot write the plot: {exc}") from None
     return 0
 
@@ -719,9 +751,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=_at_least_one, default=5, help="timed calls per batch size")
     bench.add_argument("--json", help="write the JSON report here (default: standard output)")
     bench.add_argument(
-        "--record", metavar="BENCHMARKS_MD", help="append a row per batch size to this file"
+        "--record",
+        metavar="BENCHMARKS_MD",
+        help="append a row per batch size to this file, and to --table",
     )
-    bench.add_argument("--table", help="the measured table to append to (with --record)")
+    bench.add_argument(
+        "--table",
+        help="the measured table --record appends to (default: the packaged "
+        "chitrakar/measurements.jsonl, which plan and tco read)",
+    )
     bench.set_defaults(func=cmd_bench)
 
     plan = sub.add_parser("plan", help="which presets fit a GPU's memory, from measured tables")
@@ -779,7 +817,11 @@ def main(argv: list[str] | None = None) -> int:
     # python-telegram-bot's coming default: durations (such as a 429's retry_after) as timedelta.
     os.environ.setdefault("PTB_TIMEDELTA", "true")
     args = build_parser().parse_args(argv)
-    settings = load_settings()
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"chitrakar: {exc}", file=sys.stderr)
+        return 2
     configure_logging(settings)
     result: int = args.func(settings, args)
     return result

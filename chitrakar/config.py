@@ -7,16 +7,17 @@ from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+ENV_PREFIX = "CHITRAKAR_"
 TELEGRAM_API_URL = "https://api.telegram.org/bot"
 TELEGRAM_FILE_URL = "https://api.telegram.org/file/bot"
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="CHITRAKAR_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore"
     )
 
     telegram_token: SecretStr | None = None
@@ -214,5 +215,19 @@ class Settings(BaseSettings):
         return f"http://{host}:{self.web_port}"
 
 
+class SettingsError(ValueError):
+    """A setting in the environment or .env is invalid; the message names each one."""
+
+
 def load_settings() -> Settings:
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:
+        # One line a setting, named as the operator wrote it. The value is left out: it may
+        # be a token or a password.
+        problems = []
+        for error in exc.errors(include_url=False):
+            name = ENV_PREFIX + "_".join(str(part) for part in error["loc"]).upper()
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(message if message.startswith(name) else f"{name}: {message}")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)) from None

@@ -77,6 +77,11 @@ class CostInputs:
                 raise ValueError(f"{name} must be a number, zero or more")
         if not _finite(self.utilisation, minimum_exclusive=0) or self.utilisation > 1:
             raise ValueError("utilisation must be above 0 and at most 1")
+        if self.idle_watts > self.power_watts:
+            raise ValueError(
+                f"idle_watts ({self.idle_watts:g}) must not exceed power_watts at load "
+                f"({self.power_watts:g})"
+            )
         if not isinstance(self.currency, str) or not self.currency.strip():
             raise ValueError("currency must be a non-empty label")
 
@@ -149,8 +154,14 @@ def break_even_utilisation(inputs: CostInputs) -> float | None:
     return u if 0 < u <= 1 else None
 
 
+# Beyond this no figure is a cost or a rate anyone has: the inputs are mistyped (or overflow).
+LARGEST_FIGURE = 1e15
+
+
 def cost_report(inputs: CostInputs) -> CostReport:
-    """The costs of `inputs`, following the arithmetic in the module's docstring."""
+    """The costs of `inputs`, following the arithmetic in the module's docstring. Raises
+    ValueError when a figure comes out infinite or beyond `LARGEST_FIGURE`, each input being
+    in range on its own (1e300 images a second, or a price amortised over 1e-300 months)."""
     u = inputs.utilisation
     hardware = _hardware_per_hour(inputs)
     energy = (
@@ -163,6 +174,17 @@ def cost_report(inputs: CostInputs) -> CostReport:
     images_per_hour = inputs.images_per_second * SECONDS_PER_HOUR * u
     api = None if inputs.api_price_per_image is None else inputs.api_price_per_image * 1000
     even = break_even_utilisation(inputs)
+    figures = {
+        "hardware per hour": hardware,
+        "energy per hour": energy,
+        "other costs per hour": other,
+        "images per hour": images_per_hour,
+        "cost per 1,000 images": per_hour / images_per_hour * 1000 if images_per_hour else math.inf,
+        "API per 1,000 images": api or 0.0,
+    }
+    for name, value in figures.items():
+        if not math.isfinite(value) or abs(value) > LARGEST_FIGURE:
+            raise ValueError(f"{name} comes out at {value:.3g}: check the inputs' units")
     return CostReport(
         inputs=inputs,
         owned=inputs.hourly_rent is None,

@@ -37,6 +37,10 @@ class ModelNotFound(RuntimeError):
     pass
 
 
+class DeviceUnavailable(RuntimeError):
+    """CHITRAKAR_DEVICE names a device this machine does not have."""
+
+
 def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         if torch.cuda.is_available():
@@ -46,10 +50,10 @@ def resolve_device(requested: str) -> torch.device:
         return torch.device("cpu")
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"CHITRAKAR_DEVICE={requested}, but torch sees no CUDA device")
+            raise DeviceUnavailable(f"CHITRAKAR_DEVICE={requested}, but torch sees no CUDA device")
         device = torch.device(requested)
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise RuntimeError(
+            raise DeviceUnavailable(
                 f"CHITRAKAR_DEVICE={requested}, but torch sees {torch.cuda.device_count()} GPU(s)"
             )
         if device.index is not None:

@@ -15,9 +15,6 @@ and `<|endoftext|>` = 49407), so every token id fits the real embedding table.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,7 +36,7 @@ from transformers import (
     CLIPTokenizer,
 )
 
-from workers.tiny import _BOS, _EOS, _byte_alphabet
+from workers.tiny import _BOS, _EOS, _byte_alphabet, write_model_folder
 
 Arch = Literal["sd15", "sdxl"]
 
@@ -338,44 +335,18 @@ def build_random(arch: Arch, dtype: torch.dtype = torch.float16, seed: int = 0) 
     )
 
 
-# Written into every folder make_random makes: {"arch": ..., "seed": ...}.
-RANDOM_MARKER = "chitrakar-random.json"
-
-
-def random_arch(folder: Path) -> str | None:
-    """The architecture of a folder make_random wrote, or None for any other model."""
-    marker = folder / RANDOM_MARKER
-    if not marker.is_file():
-        return None
-    arch: str = json.loads(marker.read_text())["arch"]
-    return arch
-
-
 def make_random(arch: Arch, path: Path, dtype: torch.dtype = torch.float16, seed: int = 0) -> Path:
     """Write the full-size random pipeline of `arch` to `path` (a diffusers folder that
-    `AutoPipelineForText2Image.from_pretrained` loads) and return it. SD 1.5 takes about
-    2.1 GB on disk in fp16 (20 s on 2 CPU cores), SDXL 6.9 GB (50 s, 7.3 GB peak RSS)."""
-    path = path.expanduser().resolve()
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and random_arch(path) is None:
-        # Replaced only if it is empty or a random model itself: never someone's files.
-        raise FileExistsError(f"{path} exists and is not a model make-random wrote")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pipe = build_random(arch, dtype=dtype, seed=seed)
-    # Written beside the target and renamed, so a reader never sees half a model.
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}-") as tmp:
-        folder = Path(tmp) / "model"
+    `AutoPipelineForText2Image.from_pretrained` loads; see `write_model_folder`) and return
+    it. SD 1.5 takes about 2.1 GB on disk in fp16 (20 s on 2 CPU cores), SDXL 6.9 GB (50 s,
+    7.3 GB peak RSS)."""
+
+    def save(folder: Path) -> None:
+        pipe = build_random(arch, dtype=dtype, seed=seed)
         pipe.save_pretrained(str(folder), safe_serialization=True)
         del pipe
         for name in ("tokenizer", "tokenizer_2"):
             if (folder / name).is_dir():
                 write_clip_vocab_files(folder / name)
-        # What `chitrakar bench` names the model by; and readable by a worker running as
-        # another user (safetensors writes its files owner-only).
-        (folder / RANDOM_MARKER).write_text(json.dumps({"arch": arch, "seed": seed}) + "\n")
-        for file in folder.rglob("*"):
-            if file.is_file():
-                file.chmod(0o644)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(folder, path)
-    return path
+
+    return write_model_folder(path, arch, seed, save)

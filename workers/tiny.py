@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -128,18 +129,62 @@ def build_tiny_pipeline(seed: int = 0, workdir: Path | None = None) -> StableDif
     )
 
 
-def make_tiny(path: Path, seed: int = 0) -> Path:
-    """Write the tiny pipeline to `path` (a diffusers folder) and return it."""
+# Written into every folder make-tiny and make-random write: {"arch": ..., "seed": ...}.
+MODEL_MARKER = "chitrakar-random.json"
+
+
+class CannotWriteModel(Exception):
+    """The model folder cannot be written there; the message says why, for the user."""
+
+
+def made_arch(folder: Path) -> str | None:
+    """The architecture ("tiny", "sd15", "sdxl") of a folder make-tiny or make-random wrote,
+    or None for any other folder, or one whose marker cannot be read."""
+    try:
+        arch = json.loads((folder / MODEL_MARKER).read_text())["arch"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return arch if isinstance(arch, str) else None
+
+
+def write_model_folder(path: Path, arch: str, seed: int, save: Callable[[Path], None]) -> Path:
+    """Have `save` write a model into a new folder, mark it as ours and move it to `path`,
+    which may be missing, empty or a model we wrote before (replaced): never someone's files.
+    Where `path` cannot be written, that is found before `save` runs (a full-size model takes
+    a minute to build). Returns the resolved path; raises CannotWriteModel."""
     path = path.expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Built beside the target and renamed, so a reader never sees half a model.
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}-") as tmp:
-        pipe = build_tiny_pipeline(seed=seed, workdir=Path(tmp) / "src")
-        pipe.save_pretrained(str(Path(tmp) / "model"))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(Path(tmp) / "model", path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and made_arch(path) is None:
+        raise CannotWriteModel(
+            f"{path} exists and is not a model chitrakar wrote: give a new or empty folder"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written beside the target and renamed, so a reader never sees half a model.
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}-") as tmp:
+            folder = Path(tmp) / "model"
+            save(folder)
+            (folder / MODEL_MARKER).write_text(json.dumps({"arch": arch, "seed": seed}) + "\n")
+            # Readable by a worker running as another user (safetensors writes owner-only).
+            for file in folder.rglob("*"):
+                if file.is_file():
+                    file.chmod(0o644)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(folder, path)
+    except OSError as exc:
+        raise CannotWriteModel(f"cannot write the model to {path}: {exc.strerror or exc}") from exc
     return path
+
+
+def make_tiny(path: Path, seed: int = 0) -> Path:
+    """Write the tiny pipeline to `path` (a diffusers folder; see `write_model_folder`) and
+    return it."""
+
+    def save(folder: Path) -> None:
+        pipe = build_tiny_pipeline(seed=seed, workdir=folder.with_name("src"))
+        pipe.save_pretrained(str(folder))
+
+    return write_model_folder(path, "tiny", seed, save)
 
 
 def make_tiny_lora(

@@ -10,6 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+import torch
 from PIL import Image
 
 from chitrakar.capacity import Measurement, append_measurement, load_measurements
@@ -138,12 +140,63 @@ def test_a_preset_the_machine_cannot_run_is_refused_in_one_line(
     assert "Traceback" not in result.stderr
 
 
+def test_bench_refuses_an_output_it_cannot_write_before_loading_the_model(
+    tmp_path: Path,
+) -> None:
+    # The model does not exist either: the output is checked first, not after a load, a
+    # compile and a timed batch.
+    result = run_chitrakar(
+        "bench", "--model", str(tmp_path / "no-model"), "--size", "64",
+        "--record", str(tmp_path / "missing" / "BENCHMARKS.md"), "--table", str(tmp_path / "m"),
+        env=_env(tmp_path, CHITRAKAR_DEVICE="cpu"), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1
+    # The last line: torch's own warnings may come before it.
+    assert result.stderr.splitlines()[-1] == (
+        f"cannot benchmark: cannot write {tmp_path}/missing/BENCHMARKS.md: "
+        f"{tmp_path}/missing is not a folder"
+    )
+
+
 def test_presets_lists_what_this_machine_can_run(tmp_path: Path) -> None:
     result = run_chitrakar("presets", env=_env(tmp_path, CHITRAKAR_DEVICE="cpu"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "the worker would use: cpu" in result.stdout
     assert "✗ fp8" in result.stdout and "float8 needs an NVIDIA GPU" in result.stdout
     assert "  fast " in result.stdout
+    # The preset configured is one this machine cannot run: said at the top, and exit 1.
+    fp8 = run_chitrakar(
+        "presets", env=_env(tmp_path, CHITRAKAR_DEVICE="cpu", CHITRAKAR_PRESET="fp8"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert fp8.returncode == 1
+    assert "the worker would refuse to start with: fp8" in fp8.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has the GPU asked for")
+def test_a_worker_asked_for_a_gpu_it_does_not_have_says_so_in_one_line(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    env = _env(tmp_path, CHITRAKAR_DEVICE="cuda", CHITRAKAR_MODEL=str(tiny_model))
+    assert run_chitrakar("db", "upgrade", env=env, cwd=tmp_path).returncode == 0
+    result = run_chitrakar("worker", env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        "The worker cannot start: CHITRAKAR_DEVICE=cuda, but torch sees no CUDA device"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_make_tiny_never_replaces_someones_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "precious"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("important")
+    result = run_chitrakar("model", "make-tiny", str(folder), env=_env(tmp_path), cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"{folder} exists and is not a model chitrakar wrote: give a new or empty folder"
+    )
+    assert [p.name for p in folder.iterdir()] == ["thesis.txt"]
 
 
 def test_plan_for_an_8_gib_gpu_from_the_packaged_table(tmp_path: Path) -> None:
@@ -175,6 +228,12 @@ def test_plan_for_an_8_gib_gpu_from_the_packaged_table(tmp_path: Path) -> None:
         "plan", "--gpu-mem", "lots", "--model", "sdxl", env=_env(tmp_path), cwd=tmp_path
     )
     assert bad.returncode == 1 and "lots" in bad.stderr and "Traceback" not in bad.stderr
+    # Nothing fits a 4 GiB card (SDXL's least is about 5 GiB): said, and exit 1 for scripts.
+    small = run_chitrakar(
+        "plan", "--gpu-mem", "4GiB", "--model", "sdxl", env=_env(tmp_path), cwd=tmp_path
+    )
+    assert small.returncode == 1 and "sdxl on 4.0 GiB" in small.stdout
+    assert not re.search(r"^\S+\s+yes\s", small.stdout, re.MULTILINE)
 
 
 def test_tco_reports_and_plots(tmp_path: Path) -> None:
@@ -197,6 +256,33 @@ def test_tco_reports_and_plots(tmp_path: Path) -> None:
         "--utilisation", "0.6", env=_env(tmp_path), cwd=tmp_path,
     )  # fmt: skip
     assert both.returncode == 1 and "Traceback" not in both.stderr
+    costs = ("--hourly-rent", "2", "--power-watts", "700", "--electricity-price", "8")
+    costs += ("--utilisation", "0.5")
+    refusals = {
+        # A throughput given and a measurement asked for: which one counts is not guessed.
+        ("--images-per-second", "0.5", "--model", "sdxl", "--preset", "fast"): (
+            "give --images-per-second or a measurement (--model, --preset), not both"
+        ),
+        ("--images-per-second", "0.5", "--plot", str(tmp_path / "tco.pdf")): (
+            f"--plot writes a PNG: give a path ending in .png, not '{tmp_path}/tco.pdf'"
+        ),
+        ("--images-per-second", "0.5", "--idle-watts", "900"): (
+            "idle_watts (900) must not exceed power_watts at load (700)"
+        ),
+        ("--images-per-second", "1e308"): "images per hour comes out at inf",
+        # The packaged table has SDXL `fast` from two A100s: the cost is for one of them.
+        ("--model", "sdxl", "--preset", "fast"): "was measured on 2 devices",
+    }
+    for args, message in refusals.items():
+        refused = run_chitrakar("tco", *args, *costs, env=_env(tmp_path), cwd=tmp_path)
+        assert refused.returncode == 1, args
+        assert message in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+    chosen = run_chitrakar(
+        "tco", "--model", "sdxl", "--preset", "fast", "--device", "A100 80GB", *costs,
+        env=_env(tmp_path), cwd=tmp_path,
+    )  # fmt: skip
+    assert chosen.returncode == 0, chosen.stderr
+    assert "steps on NVIDIA A100 80GB" in chosen.stdout
 
 
 def test_tco_takes_the_throughput_measured_at_the_size_asked_for(tmp_path: Path) -> None:

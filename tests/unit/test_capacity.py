@@ -19,6 +19,7 @@ from chitrakar.capacity import (
     format_plan,
     load_measurements,
     measured_on,
+    measured_throughput,
     parse_memory,
     plan,
 )
@@ -93,7 +94,7 @@ def test_the_packaged_table_plans_without_error() -> None:
         ("500MB", 500 * 10**6),
         ("64k", 64 * 1024),
         ("1TiB", 2**40),
-        ("1048576", 1048576),
+        ("1048576b", 1048576),
         ("4096 B", 4096),
         ("  16 GiB  ", 16 * GIB),
     ],
@@ -111,10 +112,13 @@ def test_parse_memory_reads_the_usual_spellings(text: str, expected: int) -> Non
         ("8 XB", "cannot read"),
         ("8 GiB please", "cannot read"),
         ("8,5GiB", "cannot read"),
-        ("0", "more than zero"),
         ("0GiB", "more than zero"),
         ("-1GiB", "more than zero"),
-        ("0.5", "whole number of bytes"),
+        ("0.5B", "whole number of bytes"),
+        # A number alone is a GPU's gibibytes far more often than bytes: it is refused.
+        ("8", "'8' has no unit: write e.g. 8GiB, 8GB or 8B"),
+        ("0", "no unit"),
+        ("24.5", "no unit"),
     ],
 )
 def test_parse_memory_refuses_garbage_zero_and_negative(text: str, message: str) -> None:
@@ -439,3 +443,53 @@ def test_measured_on_matches_part_of_the_device_name_in_any_case(
     device: str | None, expected: bool
 ) -> None:
     assert measured_on(row(device="NVIDIA H100 80GB HBM3"), device) is expected
+
+
+# --- the throughput a cost is worked from ---
+
+
+def test_the_fastest_row_of_the_model_and_preset_on_the_one_device() -> None:
+    rows = [
+        row("fast", batch=1, seconds_per_call=2.0),
+        row("fast", batch=4, seconds_per_call=6.0),  # 0.67 images a second, the best
+        row("fast", size=512, seconds_per_call=0.5),
+        row("fp16", seconds_per_call=0.1),
+        row("fast", model="sd15", seconds_per_call=0.1),
+    ]
+    assert measured_throughput(rows, "SDXL", "fast", size=(1024, 1024)) == rows[1]
+    assert measured_throughput(rows, "sdxl", "fast", device=" h100 ") == rows[2]
+
+
+def test_rows_from_several_devices_must_be_narrowed_to_one() -> None:
+    # The same preset at 0.39 images a second on an A100 and 0.005 on a CPU: a cost worked
+    # from the fastest would price the CPU at the A100's speed.
+    rows = [
+        row("cpu", device="NVIDIA A100 80GB", seconds_per_call=2.5),
+        row("cpu", device="NVIDIA A100 40GB", seconds_per_call=2.6),
+        row("cpu", device="cpu", seconds_per_call=200.0),
+    ]
+    with pytest.raises(ValueError) as refused:
+        measured_throughput(rows, "sdxl", "cpu")
+    assert str(refused.value) == (
+        "sdxl with preset cpu was measured on 3 devices (NVIDIA A100 40GB; NVIDIA A100 80GB; "
+        "cpu): choose the one the prices are for with --device, e.g. --device 'cpu'"
+    )
+    with pytest.raises(ValueError, match="measured on 2 devices"):
+        measured_throughput(rows, "sdxl", "cpu", device="A100")
+    assert measured_throughput(rows, "sdxl", "cpu", device="a100 40gb") == rows[1]
+    assert measured_throughput(rows, "sdxl", "cpu", device="cpu") == rows[2]
+
+
+def test_no_row_blank_device_and_the_packaged_table() -> None:
+    rows = [row("fast")]
+    with pytest.raises(ValueError, match="no measurement of sdxl with preset fast at 768x768"):
+        measured_throughput(rows, "sdxl", "fast", size=(768, 768))
+    with pytest.raises(ValueError, match="on a device named like 'T4'"):
+        measured_throughput(rows, "sdxl", "fast", device="T4")
+    with pytest.raises(ValueError, match="the device name is empty"):
+        measured_throughput(rows, "sdxl", "fast", device=" ")
+    # The README's example: SDXL `fast` was measured on two A100s.
+    with pytest.raises(ValueError, match="measured on 2 devices"):
+        measured_throughput(load_measurements(), "sdxl", "fast")
+    chosen = measured_throughput(load_measurements(), "sdxl", "fast", device="A100 80GB")
+    assert chosen.device == "NVIDIA A100 80GB"

@@ -156,6 +156,30 @@ def test_inputs_out_of_range_are_refused(field: str, value: Any) -> None:
         replace(OWNED, **{field: value})
 
 
+def test_idle_power_above_the_power_at_load_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"idle_watts \(800\) must not exceed power_watts"):
+        replace(RENTED, idle_watts=800)
+    assert cost_report(replace(RENTED, idle_watts=700)).energy_per_hour == pytest.approx(0.105)
+
+
+@pytest.mark.parametrize(
+    ("changes", "figure"),
+    [
+        ({"images_per_second": 1e308}, "images per hour comes out at inf"),
+        ({"images_per_second": 1e-300}, "cost per 1,000 images comes out at"),
+        ({"amortisation_months": 1e-300}, "hardware per hour comes out at"),
+        ({"hardware_price": 1e300}, "hardware per hour comes out at"),
+        ({"api_price_per_image": 1e300}, "API per 1,000 images comes out at"),
+    ],
+)
+def test_inputs_in_range_one_by_one_but_not_together_are_refused(
+    changes: dict[str, Any], figure: str
+) -> None:
+    # Each input is a positive finite number; what they make is not a cost anyone has.
+    with pytest.raises(ValueError, match=figure):
+        cost_report(replace(OWNED, **changes))
+
+
 def test_a_fully_busy_gpu_and_free_power_are_allowed() -> None:
     r = cost_report(replace(OWNED, utilisation=1, electricity_price_per_kwh=0))
     # 1.141553 an hour / 1,800 images x 1000 = 0.634196
