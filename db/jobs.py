@@ -13,6 +13,7 @@ from sqlalchemy import (
     BindParameter,
     Select,
     Table,
+    and_,
     bindparam,
     func,
     insert,
@@ -74,7 +75,9 @@ _DEFAULT_STYLES = select(USERS.c.external_id, USERS.c.default_style).where(
 )
 # Starting a job (the worker's first write for each): from queued, or again from running
 # (its task delivered again after its worker died), unless a worker alive since
-# :alive_since holds it.
+# :alive_since holds it. On this worker itself, a job left running is taken up (a batch
+# mate claimed by a task that failed before making it) unless its results were recorded and
+# their delivery was not: whether its photo went out is not known, and it must not go twice.
 _START = (
     update(JOBS)
     .where(
@@ -83,7 +86,10 @@ _START = (
         or_(
             JOBS.c.status != JobStatus.RUNNING,
             JOBS.c.worker.is_(None),
-            JOBS.c.worker == bindparam("worker_name"),
+            and_(
+                JOBS.c.worker == bindparam("worker_name"),
+                or_(JOBS.c.result_paths.is_(None), JOBS.c.delivered_at.is_not(None)),
+            ),
             JOBS.c.worker.not_in(heartbeats.alive_names(bindparam("alive_since"))),
         ),
     )

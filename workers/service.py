@@ -19,7 +19,7 @@ from PIL import Image
 from sqlalchemy.exc import OperationalError
 
 from chitrakar.artifacts import ArtifactMissing, StoredArtifact
-from chitrakar.domain import MAX_ATTEMPTS, JobKind, JobStatus, batch_key
+from chitrakar.domain import ACTIVE_STATUSES, MAX_ATTEMPTS, JobKind, JobStatus, batch_key
 from chitrakar.media import png_bytes
 from chitrakar.presets import adjust_plan
 from chitrakar.safety import ContentPolicy, ImageAction, decide
@@ -119,11 +119,22 @@ def run_job(runtime: WorkerRuntime, job_id: int) -> None:
     if job is None:
         log.info("job %s has ended or runs on a live worker; nothing to do", job_id)
         return
-    batch = [job, *_companions(runtime, job)]
+    try:
+        companions = _companions(runtime, job)
+    except Exception:
+        # The database away while companions were claimed: the job goes on alone rather
+        # than stay running with nobody making it. One claimed meanwhile is started by its
+        # own message (start_job takes up a job left running on this worker, unmade).
+        log.exception("job %s: could not look for jobs to batch with it", job_id)
+        companions = []
+    batch = [job, *companions]
     try:
         finishes = _run_batch(runtime, batch)
     except BaseException:
-        _after_each(runtime, batch)
+        try:
+            _after_each(runtime, batch)
+        finally:
+            _hand_back_delivered(runtime, batch)
         raise
     runtime.finishing.run(
         partial(_finish_batch, runtime, batch, finishes), [one.id for one in batch]
@@ -633,10 +644,15 @@ def _previews(runtime: WorkerRuntime, on_progress: ProgressCallback) -> Path:
 
 def _drop_selfie_if_not_kept(runtime: WorkerRuntime, job: JobView) -> None:
     """With CHITRAKAR_INPUT_RETENTION_HOURS=0 a selfie crop goes as soon as its job ends;
-    otherwise the hourly retention sweep removes it when due."""
+    otherwise the hourly retention sweep removes it when due. A job still queued or running
+    (handed back to another worker meanwhile, or left running) keeps it for that attempt."""
     if job.kind != JobKind.AVATAR or job.input_path is None:
         return
     if runtime.settings.input_retention_hours > 0:
+        return
+    with runtime.store.unit_of_work() as uow:
+        state = jobs.running_state(uow, job.id)
+    if state is not None and state.status in ACTIVE_STATUSES:
         return
     runtime.media.forget_input(job.input_path)
     with runtime.store.unit_of_work() as uow:
@@ -644,8 +660,11 @@ def _drop_selfie_if_not_kept(runtime: WorkerRuntime, job: JobView) -> None:
 
 
 def _give_up(runtime: WorkerRuntime, job_id: int, reason: str) -> None:
-    with runtime.store.unit_of_work() as uow:
-        failed = jobs.fail_job(uow, job_id, reason)
+    def fail() -> JobView | None:
+        with runtime.store.unit_of_work() as uow:
+            return jobs.fail_job(uow, job_id, reason)
+
+    failed = _with_retries(fail, f"job {job_id} failed")
     if failed is None:
         return
     if failed.kind == JobKind.AVATAR and failed.parent_job_id is None:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
+from sqlalchemy.exc import OperationalError
 
 from chitrakar.domain import GenerationPlan, JobStatus
 from db import heartbeats, jobs
@@ -306,6 +307,7 @@ def test_a_job_sent_but_not_recorded_delivered_is_never_published_again(
     worker, check = _batch_of_two_behind(emulator, tmp_path, tiny_model, published)
     leader, companion = worker.portrait(981, "a santoor"), worker.portrait(982, "a shehnai")
     monkeypatch.setattr(jobs, "mark_delivered", _failing_for(companion, jobs.mark_delivered))
+    worker.runtime.start_heartbeat()  # alive: its jobs are not another worker's to take
     try:
         check.go.set()
         run_job(worker.runtime, leader)
@@ -313,6 +315,40 @@ def test_a_job_sent_but_not_recorded_delivered_is_never_published_again(
         assert worker.photos(companion) == 1
         assert worker.status(companion) == JobStatus.RUNNING
         assert published == []
+        # Its own message, after the lane has let go of it: not made and sent again.
+        run_job(worker.runtime, companion)
+        worker.runtime.finishing.wait()
+        assert worker.photos(companion) == 1
+        view = worker.view(companion)
+        assert (view.status, view.attempts) == (JobStatus.RUNNING, 1)
+    finally:
+        worker.runtime.close()
+
+
+def test_a_batch_whose_companions_cannot_be_claimed_runs_its_leader_alone(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database fails while companions are claimed (after the claim was written, the
+    worst case): the leader is made and sent alone instead of staying running with nobody
+    making it, and the companion claimed meanwhile is made by its own message."""
+    worker = _worker(emulator, tmp_path, tiny_model, "off", batch=2)
+    worker.runtime.__dict__["classifier"] = HeldCheck()
+    worker.runtime.classifier.go.set()  # type: ignore[attr-defined]
+    real = jobs.claim_batch
+
+    def claimed_then_failed(*args: Any, **kwargs: Any) -> Any:
+        real(*args, **kwargs)
+        raise OperationalError("UPDATE jobs", {}, Exception("the connection was lost"))
+
+    monkeypatch.setattr(jobs, "claim_batch", claimed_then_failed)
+    worker.runtime.start_heartbeat()  # alive: a job left running is its own to take up
+    try:
+        leader, companion = worker.portrait(985, "a tabla"), worker.portrait(986, "a sitar")
+        run_job(worker.runtime, leader)
+        assert (worker.status(leader), worker.photos(leader)) == (JobStatus.DONE, 1)
+        assert worker.status(companion) == JobStatus.RUNNING  # claimed, not made
+        run_job(worker.runtime, companion)
+        assert (worker.status(companion), worker.photos(companion)) == (JobStatus.DONE, 1)
     finally:
         worker.runtime.close()
 

@@ -21,6 +21,7 @@ from db.models import Job
 from db.session import Store
 from tests.support.botapi import BotApiEmulator
 from tests.support.stack import jobs_in_chat, worker_settings
+from workers.classifier import ImageVerdict
 from workers.runtime import WorkerRuntime
 from workers.service import run_job
 
@@ -93,42 +94,74 @@ def test_the_sweep_removes_what_is_due_and_nothing_else(store: Store, tmp_path: 
     store.dispose()
 
 
-def test_with_no_input_retention_the_selfie_goes_with_its_job(
-    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path
-) -> None:
-    settings = worker_settings(
-        emulator,
-        tmp_path,
-        tiny_model,
-        image_size=64,
-        default_steps=2,
-    )
+def _avatar(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, user_id: int
+) -> tuple[WorkerRuntime, int, int, str]:
+    """A worker with no input retention (the default) and an avatar job taken in for it:
+    the runtime, the job, its chat and its selfie crop."""
+    settings = worker_settings(emulator, tmp_path, tiny_model, image_size=64, default_steps=2)
     assert settings.input_retention_hours == 0  # the default
     upgrade_to_head(settings.resolved_database_url)
-    user = emulator.user(821, "Tara")
+    user = emulator.user(user_id, "Tara")
     chat = emulator.private_chat(user)
     command = emulator.history_message(chat, user, "/avatar anime --n 2")
     runtime = WorkerRuntime(settings, publish=lambda _job_id: None)
     intake = JobIntake(
         settings, runtime.store, lambda _: None, runtime.catalogue, runtime.media, runtime.artifacts
     )
-    who = Origin("telegram", chat["id"], "private", "821", "Tara", "en", command["message_id"])
+    who = Origin(
+        "telegram", chat["id"], "private", str(user_id), "Tara", "en", command["message_id"]
+    )
     request = parse_image_command(Command.AVATAR, "anime --n 2")
     accepted = intake.accept(who, request, Image.new("RGB", (64, 64), "tan"))
     [job] = jobs_in_chat(settings.resolved_database_url, chat["id"])
-    selfie = job.input_path
-    assert selfie is not None and Path(selfie).exists()
+    assert job.input_path is not None and Path(job.input_path).exists()
+    return runtime, accepted.job_id, chat["id"], job.input_path
+
+
+def test_with_no_input_retention_the_selfie_goes_with_its_job(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path
+) -> None:
+    runtime, job_id, chat_id, selfie = _avatar(emulator, tmp_path, tiny_model, 821)
     try:
-        run_job(runtime, accepted.job_id)
+        run_job(runtime, job_id)
     finally:
         runtime.close()
 
-    [job] = jobs_in_chat(settings.resolved_database_url, chat["id"])
+    [job] = jobs_in_chat(runtime.settings.resolved_database_url, chat_id)
     assert job.status == "done" and job.input_path is None
     assert not Path(selfie).exists()
-    [buttons] = emulator.calls_to("sendMessage", chat["id"])
+    [buttons] = emulator.calls_to("sendMessage", chat_id)
     data = [
         b["callback_data"] for row in buttons.params["reply_markup"]["inline_keyboard"] for b in row
     ]
     assert f"a:{job.id}" not in data  # no 🔄 Again: the selfie is gone
     assert f"p:{job.id}:0" in data
+
+
+class HandedBackWhileChecked:
+    """A content check during which the reconciler takes the worker for dead (a long pause)
+    and hands its job back to the queue."""
+
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.runtime = runtime
+
+    def classify_all(self, images: list[Image.Image]) -> list[ImageVerdict]:
+        with self.runtime.store.unit_of_work() as uow:
+            assert jobs.hand_back_from_dead_workers(uow, set())  # no heartbeat: "dead"
+        return [ImageVerdict(flagged=False, labels=(), score=0.0) for _ in images]
+
+
+def test_a_selfie_stays_for_the_next_attempt_of_a_job_handed_back(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path
+) -> None:
+    runtime, job_id, chat_id, selfie = _avatar(emulator, tmp_path, tiny_model, 822)
+    runtime.__dict__["classifier"] = HandedBackWhileChecked(runtime)
+    try:
+        run_job(runtime, job_id)  # stops quietly: the job is another worker's now
+    finally:
+        runtime.close()
+    [job] = jobs_in_chat(runtime.settings.resolved_database_url, chat_id)
+    assert job.status == "queued" and job.input_path == selfie
+    assert Path(selfie).exists()  # the next attempt makes the avatars from it
+    assert emulator.calls_to("sendPhoto", chat_id) == []

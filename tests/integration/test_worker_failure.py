@@ -4,8 +4,10 @@ apology on their status message. The real worker service, model and Bot API call
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from chitrakar.domain import GenerationPlan, JobKind
 from chitrakar.texts import text
@@ -18,9 +20,18 @@ from workers.runtime import WorkerRuntime
 from workers.service import run_job
 
 
-@pytest.mark.parametrize("status_deleted", [False, True], ids=["on-status", "status-deleted"])
+@pytest.mark.parametrize(
+    ("status_deleted", "database_blinks"),
+    [(False, False), (True, False), (False, True)],
+    ids=["on-status", "status-deleted", "database-blinks"],
+)
 def test_a_pipeline_error_is_recorded_and_apologised_for(
-    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, status_deleted: bool
+    emulator: BotApiEmulator,
+    tmp_path: Path,
+    tiny_model: Path,
+    status_deleted: bool,
+    database_blinks: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings = worker_settings(
         emulator,
@@ -42,6 +53,18 @@ def test_a_pipeline_error_is_recorded_and_apologised_for(
 
     if status_deleted:
         emulator.delete_by_user(chat["id"], status["message_id"])
+    if database_blinks:
+        # The failure's record meets a database away for a moment: written on a retry, not
+        # left running with no one to end it.
+        real, calls = jobs.fail_job, []
+
+        def away_once(*args: Any, **kwargs: Any) -> Any:
+            calls.append(args)
+            if len(calls) == 1:
+                raise OperationalError("UPDATE jobs", {}, Exception("the connection was lost"))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(jobs, "fail_job", away_once)
     try:
         run_job(runtime, job_id)
     finally:
