@@ -179,11 +179,14 @@ def load_presets(override: Path | None = None) -> PresetCatalogue:
 def adjust_plan(preset: Preset | None, plan: GenerationPlan) -> GenerationPlan:
     """A job's plan as this preset runs it: few-step presets fix the steps and guidance (a
     4-step model given 25 steps is slower and no better). img2img runs steps × strength of
-    them, so it keeps at least one."""
-    if preset is None or (preset.steps is None and preset.guidance_scale is None):
-        return plan
-    steps = preset.steps or plan.steps
+    them, rounded down, so under any preset it keeps at least one (a variation of a 1-step
+    portrait, at strength 0.55, would otherwise run none and make no image)."""
+    steps, guidance = plan.steps, plan.guidance_scale
+    if preset is not None:
+        steps = preset.steps or steps
+        guidance = guidance if preset.guidance_scale is None else preset.guidance_scale
     if plan.strength:
         steps = max(steps, math.ceil(1 / plan.strength))
-    guidance = plan.guidance_scale if preset.guidance_scale is None else preset.guidance_scale
+    if (steps, guidance) == (plan.steps, plan.guidance_scale):
+        return plan
     return replace(plan, steps=steps, guidance_scale=guidance)

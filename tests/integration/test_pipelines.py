@@ -68,6 +68,18 @@ def test_img2img_keeps_the_start_image_and_reports_its_own_steps(loaded: LoadedP
     assert loaded.image2image.unet is loaded.text2image.unet
 
 
+def test_img2img_of_a_one_step_plan_still_makes_its_images(loaded: LoadedPipeline) -> None:
+    """A variation of a `/portrait --steps 1` (strength 0.55) and an upscale of a 3-step one
+    (0.3): steps × strength rounds down to none, which made no image at all."""
+    start = Image.new("RGB", (64, 64), (200, 40, 40))
+    seen: list[tuple[int, int]] = []
+    variation = replace(PLAN, seeds=(1, 2), steps=1, strength=0.55)
+    images = image_to_image(loaded, variation, start, lambda d, t: seen.append((d, t)))
+    assert [image.size for image in images] == [(64, 64)] * 2 and seen == [(1, 1)]
+    (big,) = upscale(loaded, replace(PLAN, width=128, height=128, steps=3, strength=0.3), start, 64)
+    assert big.size == (128, 128)
+
+
 def test_img2img_needs_a_strength(loaded: LoadedPipeline) -> None:
     with pytest.raises(ValueError, match="strength"):
         image_to_image(loaded, PLAN, Image.new("RGB", (64, 64)))

@@ -3,6 +3,7 @@ needs from the hardware, and how a few-step preset changes a job's plan."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,14 @@ def test_img2img_keeps_at_least_one_step() -> None:
     upscale = GenerationPlan("x", 1024, 1024, 25, (1,), 7.0, strength=0.35)
     # 1 step × 0.35 would be no step at all: ceil(1 / 0.35) = 3 steps, of which 1 runs.
     assert adjust_plan(turbo, upscale).steps == 3
+    # Under a preset that fixes nothing, or none, too: a variation of a `--steps 1`
+    # portrait (strength 0.55) runs int(2 × 0.55) = 1 step; `--steps 3` upscaled at 0.3, 1.
+    variation = replace(upscale, steps=1, strength=0.55)
+    for preset in (load_presets().presets["fast"], None):
+        assert adjust_plan(preset, variation).steps == 2
+        assert adjust_plan(preset, replace(upscale, steps=3, strength=0.3)).steps == 4
+    enough = replace(upscale, steps=3, strength=0.5)
+    assert adjust_plan(None, enough) is enough
 
 
 def test_other_presets_leave_the_plan_alone() -> None:
