@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -517,20 +518,21 @@ def make_images_within_memory(
     runtime: WorkerRuntime, job: JobView, on_progress: ProgressCallback
 ) -> list[Image.Image]:
     """The job's images; when they do not fit the GPU's memory together, once more one image
-    at a time with the VAE decoding in slices (each image keeps its seed, so the result is
-    the same), and then a clear failure."""
+    at a time with the VAE decoding in slices and tiles (each image keeps its seed), and then
+    a clear failure."""
     try:
         return make_images(runtime, job, on_progress)
     except torch.OutOfMemoryError:
         log.warning("job %s ran out of GPU memory; trying one image at a time", job.id)
-    _free_gpu_memory(runtime)
+    _free_gpu_memory()
     images: list[Image.Image] = []
     try:
-        for seed in job.plan.seeds:
-            single = replace(job, plan=replace(job.plan, seeds=(seed,)))
-            images += make_images(runtime, single, on_progress)
+        with _vae_in_tiles(runtime):
+            for seed in job.plan.seeds:
+                single = replace(job, plan=replace(job.plan, seeds=(seed,)))
+                images += make_images(runtime, single, on_progress)
     except torch.OutOfMemoryError as exc:
-        _free_gpu_memory(runtime)
+        _free_gpu_memory()
         raise GpuOutOfMemory(
             f"out of GPU memory even one image at a time ({job.plan.width}×{job.plan.height}, "
             f"{job.plan.steps} steps)"
@@ -538,15 +540,28 @@ def make_images_within_memory(
     return images
 
 
-def _free_gpu_memory(runtime: WorkerRuntime) -> None:
+def _free_gpu_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    # Decoding the latents in slices and tiles needs far less memory at the same quality
-    # (every view of the model shares this VAE).
+
+
+@contextmanager
+def _vae_in_tiles(runtime: WorkerRuntime) -> Iterator[None]:
+    """The VAE decoding in slices and tiles, which needs far less memory, for a retry only:
+    tiles change the pixels of an image larger than a tile (a seam may show), so the jobs
+    after it decode whole again, unless the preset itself slices and tiles. Every view of
+    the model shares this VAE."""
     vae = getattr(runtime.pipeline.text2image, "vae", None)
-    for switch in ("enable_slicing", "enable_tiling"):
-        if hasattr(vae, switch):
-            getattr(vae, switch)()
+    switches = [
+        name for name in ("slicing", "tiling") if getattr(vae, f"use_{name}", True) is False
+    ]
+    for name in switches:
+        getattr(vae, f"enable_{name}")()
+    try:
+        yield
+    finally:
+        for name in switches:
+            getattr(vae, f"disable_{name}")()
 
 
 def make_batch_images(
@@ -570,7 +585,7 @@ def make_batch_images(
         images = None
     if images is None:
         # Outside the except block: its traceback would keep the failed call's tensors alive.
-        _free_gpu_memory(runtime)
+        _free_gpu_memory()
         return {job.id: make_images_within_memory(runtime, job, on_progress) for job in list(batch)}
     made, start = {}, 0
     for job in members:
