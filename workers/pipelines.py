@@ -173,6 +173,15 @@ def use_lora(loaded: LoadedPipeline, path: str | None, scale: float) -> bool:
             return False
         _fuse_qkv(loaded, False)
         return True
+    if loaded.preset is not None and loaded.preset.compiled:
+        # No slot: the catalogue had no LoRA that could be read when the worker started.
+        # As a named adapter, this one would compile the UNet again at every switch.
+        log.warning(
+            "LoRA %s was not known when the compiled worker started: generating without it; "
+            "restart the worker to take it",
+            path,
+        )
+        return False
     name = loaded.loras.get(path)
     if name is None:
         if not Path(path).is_file():

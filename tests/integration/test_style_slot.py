@@ -152,6 +152,21 @@ def test_a_lora_the_slot_cannot_switch_is_refused_at_start(
     assert "cannot read the style LoRA" in caplog.text and "broken.safetensors" in caplog.text
 
 
+def test_a_compiled_model_without_a_slot_runs_a_late_lora_without_it(
+    tiny_model: Path, loras: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """No catalogue LoRA could be read at start, so there is no slot: a LoRA that appears
+    later would, as a named adapter, compile the UNet again at every switch."""
+    compiled = Preset(name="c", description="", compile="default")
+    loaded = load_pipeline(str(tiny_model), CPU, torch.float32, compiled)
+    assert loaded.style_slot is None
+    with caplog.at_level(logging.WARNING, logger="workers.pipelines"):
+        assert use_lora(loaded, str(loras["late"]), 1.0) is False
+    assert "was not known when the compiled worker started" in caplog.text
+    assert "restart the worker to take it" in caplog.text
+    assert loaded.loras == {} and not getattr(loaded.text2image.unet, "peft_config", None)
+
+
 def test_a_compiled_worker_switches_styles_without_compiling_again(
     emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, loras: dict[str, Path]
 ) -> None:
