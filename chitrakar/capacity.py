@@ -43,6 +43,7 @@ PRESETS: Mapping[str, str] = {
     "low-vram": "fp16 + VAE slicing and tiling + model CPU offload",
     "min-vram": "fp16 + VAE slicing and tiling + sequential CPU offload",
     "lcm": "few steps: LCM scheduler and LoRA",
+    "lcm-checkpoint": "few steps: a distilled LCM checkpoint, its guidance embedded",
     "lightning": "few steps: SDXL-Lightning or Hyper-SD",
     "lightning-compiled": "lightning in bf16 + fused QKV + channels_last + torch.compile (default)",
     "turbo": "one step: SDXL-Turbo or SD-Turbo",

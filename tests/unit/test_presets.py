@@ -62,6 +62,8 @@ def test_every_preset_the_gpu_benchmark_runs_is_defined_and_can_run_on_an_h100()
         ("auto", "some/model", "cuda", "gpu"),
         (None, None, "mps", "gpu"),
         (None, "stabilityai/sdxl-turbo", "cuda", "turbo"),  # the model's own preset
+        # Its guidance goes into the UNet as an embedding of guidance - 1: never 1.0 (0).
+        (None, "SimianLuo/LCM_Dreamshaper_v7", "cuda", "lcm-checkpoint"),
         ("fast", "stabilityai/sdxl-turbo", "cuda", "fast"),  # the operator's choice wins
         ("int8", None, "cpu", "int8"),
     ],
@@ -200,3 +202,13 @@ def test_other_presets_leave_the_plan_alone() -> None:
     assert adjust_plan(None, PLAN) is PLAN
     steps_only = Preset(name="s", description="s", steps=8)
     assert adjust_plan(steps_only, PLAN).guidance_scale == 7.0
+
+
+def test_an_lcm_checkpoint_is_guided_as_it_was_distilled() -> None:
+    presets = load_presets().presets
+    lora, checkpoint = presets["lcm"], presets["lcm-checkpoint"]
+    # An LCM LoRA runs without classifier-free guidance (1.0); a distilled checkpoint's
+    # pipeline embeds w = guidance - 1, and was distilled for w well above 0 (diffusers'
+    # example for LCM_Dreamshaper_v7: 8.0).
+    assert (lora.scheduler, lora.steps, lora.guidance_scale) == ("lcm", 4, 1.0)
+    assert (checkpoint.scheduler, checkpoint.steps, checkpoint.guidance_scale) == ("lcm", 4, 8.0)
