@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from functools import cached_property
 
 from PIL import Image
@@ -96,21 +97,24 @@ class WorkerRuntime:
         return [str(style.lora) for style in styles if style.lora is not None]
 
     def warm_up(self) -> None:
-        """Load the model and, for a compiled preset, compile it before the first user waits:
-        a short generation at each size jobs take without an --ar of their own (a plain
-        command's square and each style's; every new size compiles again), of one image and,
-        when jobs are batched, of two (from the second batch size on, torch.compile makes
-        the batch dimension dynamic, so no later batch size compiles again)."""
+        """Load the model and the avatars' identity stage and, for a compiled preset, compile
+        them before the first user waits: a short generation, and a short avatar, at each
+        size jobs take without an --ar of their own (a plain command's square and each
+        style's; every new size compiles again), of one image and of two (from the second
+        batch size on, torch.compile makes the batch dimension dynamic, so no later batch
+        size, such as an avatar's four images, compiles again)."""
         loaded, size = self.pipeline, self.settings.image_size
+        # An IP-Adapter replaces the UNet's attention processors: loaded before compiling,
+        # or every graph compiled here would be compiled again inside the first job.
+        identity = self.identity
         sizes = usual_sizes(self.catalogue, size)
-        counts = (1, 2) if self.settings.max_batch_images > 1 else (1,)
         # With style LoRAs in a compiled UNet's slot, the UNet runs with the slot on and off:
         # both are compiled now (any LoRA of the slot will do; the weights are not guarded).
         slot = loaded.style_slot
         styles = [None, next(iter(slot.files))] if slot is not None else [None]
 
         def generate() -> None:
-            for (width, height), style, count in itertools.product(sizes, styles, counts):
+            for (width, height), style, count in itertools.product(sizes, styles, (1, 2)):
                 use_lora(loaded, style, 1.0)
                 plan = GenerationPlan(
                     prompt="warm-up",
@@ -120,7 +124,10 @@ class WorkerRuntime:
                     seeds=tuple(range(count)),
                     guidance_scale=self.settings.guidance_scale,
                 )
-                text_to_image(loaded, plan)
+                text_to_image(loaded, plan, **identity.without_face(loaded))
+                # An avatar: img2img, and with an IP-Adapter its face branch (other graphs).
+                face = Image.new("RGB", (width, height))
+                identity.avatars(loaded, replace(plan, strength=0.5), face, None)
             use_lora(loaded, None, 1.0)
 
         assert loaded.preset is not None

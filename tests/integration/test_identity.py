@@ -14,6 +14,8 @@ from PIL import Image
 
 from chitrakar.config import Settings
 from chitrakar.domain import GenerationPlan
+from tests.support.botapi import BotApiEmulator
+from tests.support.stack import worker_settings
 from workers.identity import (
     IdentityStage,
     ImageToImageIdentity,
@@ -27,6 +29,7 @@ from workers.pipelines import (
     text_to_image,
     upscale,
 )
+from workers.runtime import WorkerRuntime
 from workers.tiny import make_tiny_ip_adapter
 
 WEIGHTS = "ip-adapter_sd15.safetensors"
@@ -166,3 +169,23 @@ def test_an_adapter_that_loads_but_does_not_work_falls_back_and_is_unloaded(
     monkeypatch.undo()
     plan = replace(PLAN, seeds=(1,), steps=2)
     assert not differ(text_to_image(loaded, plan)[0], text_to_image(plain, plan)[0])
+
+
+def test_the_worker_loads_the_adapter_at_warm_up_not_in_the_first_job(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, adapter: Path
+) -> None:
+    """Loading it replaces the UNet's attention processors (and, under a compiled preset,
+    would make every graph warm-up compiled compile again inside the first job)."""
+    settings = worker_settings(
+        emulator, tmp_path, tiny_model, identity_adapter=adapter, identity_adapter_weights=WEIGHTS
+    )
+    runtime = WorkerRuntime(settings, publish=lambda _job_id: None)
+    try:
+        runtime.warm_up()
+        assert isinstance(runtime.__dict__.get("identity"), IPAdapterIdentity)
+        processors = {
+            type(p).__name__ for p in runtime.pipeline.text2image.unet.attn_processors.values()
+        }
+        assert any("IPAdapter" in name for name in processors), processors
+    finally:
+        runtime.close()

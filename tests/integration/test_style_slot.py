@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from chitrakar.domain import GenerationPlan
@@ -224,6 +225,12 @@ def test_a_compiled_worker_switches_styles_without_compiling_again(
                 pixels = _pixels(loaded, None if key == "none" else loras[key], scale)
                 # Compiled kernels may round differently from eager ones.
                 assert np.abs(pixels - reference[key, scale]).max() <= 2, (key, scale)
+            # An avatar of four images (img2img), though jobs are not batched here: warm-up
+            # made the batch dimension dynamic, so it compiles nothing either.
+            use_lora(loaded, str(loras["ink"]), 1.0)
+            plan = GenerationPlan("ink of a face", 64, 64, 2, (1, 2, 3, 4), 7.0, strength=0.6)
+            face = Image.new("RGB", (64, 64), "tan")
+            assert len(runtime.identity.avatars(loaded, plan, face, None)) == 4
     finally:
         runtime.close()
 
