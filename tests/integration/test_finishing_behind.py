@@ -325,6 +325,31 @@ def test_a_job_sent_but_not_recorded_delivered_is_never_published_again(
         worker.runtime.close()
 
 
+def test_a_delivered_job_whose_end_fails_again_in_its_own_task_is_handed_back(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its task only has the end to record, and that fails: the error escapes the task, and
+    the job goes back to the queue to be recorded by another try, not left running on a live
+    worker with nothing to rescue it. Nothing is sent again."""
+    published: list[int] = []
+    worker = _worker(emulator, tmp_path, tiny_model, "off", published=published)
+    job = worker.portrait(987, "a harmonium")
+    alive_since = datetime.now(UTC) - timedelta(minutes=1)
+    with worker.runtime.store.unit_of_work() as uow:
+        assert jobs.start_job(uow, job, worker.runtime.name, alive_since) is not None
+    with worker.runtime.store.unit_of_work() as uow:
+        jobs.mark_delivered(uow, job, worker.chats[job], ["file-1"], [41])
+        uow.commit()
+    monkeypatch.setattr(jobs, "complete_job", _failing_for(job, jobs.complete_job))
+    worker.runtime.start_heartbeat()
+    try:
+        with pytest.raises(RuntimeError, match="the record could not be written"):
+            run_job(worker.runtime, job)
+        assert (worker.status(job), published, worker.photos(job)) == (JobStatus.QUEUED, [job], 0)
+    finally:
+        worker.runtime.close()
+
+
 def test_a_batch_whose_companions_cannot_be_claimed_runs_its_leader_alone(
     emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
