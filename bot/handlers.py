@@ -18,6 +18,7 @@ from telegram import (
 )
 from telegram.constants import ChatType, FileSizeLimit, MessageLimit
 from telegram.error import BadRequest, Forbidden, TelegramError
+from telegram.ext import ApplicationHandlerStop
 
 from bot.bootstrap import CHANNEL
 from bot.context import BotContext, actor_of, is_group_admin, language_of, origin_of
@@ -537,10 +538,14 @@ async def _send_pick(
 
 
 async def on_error(update: object, context: BotContext) -> None:
-    """Log with context and tell the user; never leave them with silence or a stack trace."""
+    """Log with context and tell the user; never leave them with silence or a stack trace.
+    The update then goes no further: python-telegram-bot would otherwise hand it to the
+    next group's handlers, so a ban check that failed (group -1) would be followed by the
+    command it was to guard, and a second answer."""
     log.error("error while handling update %s", update, exc_info=context.error)
     if isinstance(update, Update) and update.effective_message:
         try:
             await update.effective_message.reply_text(text(language_of(update), "error.unexpected"))
         except TelegramError:
             log.warning("could not send the error reply")
+    raise ApplicationHandlerStop

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import create_engine, select
+from sqlalchemy import text as sql
 
 from chitrakar.texts import text
 from db.models import AuditEvent
@@ -127,6 +128,33 @@ def test_a_banned_user_gets_one_short_reply_and_nothing_else(stack: Stack) -> No
     assert jobs_in_chat(database_url, chat["id"]) == []
     say(emulator, emulator.private_chat(admin), admin, f"/unban {user['id']}")
     assert say(emulator, chat, user, "/portrait a fort") == text("en", "status.queued", position=1)
+
+
+def test_a_ban_check_that_fails_is_one_apology_and_no_job(stack: Stack) -> None:
+    """The database cannot say whether the user is banned: one apology, and the command it
+    was to guard does not run (it used to, after the apology: a banned user got through)."""
+    emulator, database_url = stack
+    user = emulator.user(next(_fresh_ids), "Unlucky")
+    chat = emulator.private_chat(user)
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as connection:  # bans live on the users table
+            connection.execute(sql("ALTER TABLE users RENAME TO users_away"))
+        try:
+            message = emulator.send_text(chat, user, "/portrait a fort")
+            first = emulator.wait_for("sendMessage", answer_to(message), timeout=60)
+            assert first.params["text"] == text("en", "error.unexpected")
+            # The guarded command would answer (or fail) at once after the apology.
+            time.sleep(2.0)
+        finally:
+            with engine.begin() as connection:
+                connection.execute(sql("ALTER TABLE users_away RENAME TO users"))
+    finally:
+        engine.dispose()
+    assert [call.params["text"] for call in emulator.calls_to("sendMessage", chat["id"])] == [
+        text("en", "error.unexpected")
+    ]
+    assert jobs_in_chat(database_url, chat["id"]) == []
 
 
 def test_pause_tells_users_and_resume_lets_them_in(stack: Stack) -> None:
