@@ -619,13 +619,21 @@ class JobIntake:
     def _publish_one(self, job_id: int) -> bool:
         """Publish a job; when the broker refuses it, mark it failed. False when it failed
         here (the caller tells its user); True when it was published, or had already ended
-        (a copy published before got through, or its user cancelled it)."""
+        (a copy published before got through, or its user cancelled it), or when not even
+        its failure could be recorded: it stays queued, and the reconciler publishes it
+        again after CHITRAKAR_REPUBLISH_AFTER (its user waits; the rest of the batch does
+        not fail with it)."""
         try:
             self._publish(job_id)
         except Exception as exc:
             log.exception("job %s could not be published", job_id)
-            with self._store.unit_of_work() as uow:
-                failed = jobs.fail_job(uow, job_id, f"not queued: {type(exc).__name__}: {exc}")
+            try:
+                with self._store.unit_of_work() as uow:
+                    why = f"not queued: {type(exc).__name__}: {exc}"
+                    failed = jobs.fail_job(uow, job_id, why)
+            except Exception:
+                log.exception("job %s could not be recorded as failed; left queued", job_id)
+                return True
             return failed is None
         return True
 

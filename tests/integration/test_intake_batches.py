@@ -223,6 +223,29 @@ def test_a_batch_the_broker_refuses_is_published_one_job_at_a_time(
         assert ledger.balance(uow.session, Account("user:telegram:31", 2), intake.quota_day()) == 2
 
 
+def test_a_refused_job_whose_failure_cannot_be_recorded_fails_no_other_job(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker refuses one job and the database its failure: the jobs after it are still
+    published, and it stays queued, handed over, for the reconciler to publish again."""
+    published: list[list[int]] = []
+    requests = [(origin(user, 1), portrait()) for user in ("40", "41", "42")]
+    accepted = intake_on(store, tmp_path, []).accept_many(requests)
+    assert all(isinstance(one, Accepted) for one in accepted)
+    refused = accepted[1].job_id  # type: ignore[union-attr]
+    intake = intake_on(store, tmp_path, published, refuse_batches=True, refuse_job=refused)
+
+    def database_away(*args: object, **kwargs: object) -> None:
+        raise OperationalError("UPDATE jobs", {}, Exception("the connection was lost"))
+
+    monkeypatch.setattr(jobs, "fail_job", database_away)
+    assert intake.dispatch_many(accepted) == [True, True, True]  # type: ignore[arg-type]
+    assert published == [[accepted[0].job_id], [accepted[2].job_id]]  # type: ignore[union-attr]
+    with store.unit_of_work() as uow:
+        job = jobs.get_job(uow, refused)
+        assert job is not None and job.status == JobStatus.QUEUED
+
+
 def test_a_job_the_broker_refuses_is_failed_and_refunded(store: Store, tmp_path: Path) -> None:
     intake = intake_on(store, tmp_path, [], refuse=True)
     accepted = intake.accept_many([(origin("5", 1), portrait()), (origin("6", 1), portrait())])
