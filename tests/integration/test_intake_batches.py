@@ -204,19 +204,29 @@ def test_two_batches_sharing_users_at_once_do_not_deadlock(
     assert "one by one" not in caplog.text
 
 
+def _second_refused(
+    store: Store, tmp_path: Path, users: Sequence[str], published: list[list[int]]
+) -> tuple[list[Accepted], JobIntake]:
+    """A portrait from each user, taken in; and an intake whose broker refuses every batch,
+    and the second job even alone."""
+    outcomes = intake_on(store, tmp_path, []).accept_many(
+        [(origin(user, 1), portrait()) for user in users]
+    )
+    accepted = [one for one in outcomes if isinstance(one, Accepted)]
+    assert len(accepted) == len(users)
+    refused = accepted[1].job_id
+    return accepted, intake_on(store, tmp_path, published, refuse_batches=True, refuse_job=refused)
+
+
 def test_a_batch_the_broker_refuses_is_published_one_job_at_a_time(
     store: Store, tmp_path: Path
 ) -> None:
     """A batch is sent once; when it fails, each job is published on its own (with the broker
     client's retries), and only a job the broker still refuses is failed and refunded."""
     published: list[list[int]] = []
-    requests = [(origin(user, 1), portrait()) for user in ("30", "31", "32")]
-    accepted = intake_on(store, tmp_path, []).accept_many(requests)
-    assert all(isinstance(one, Accepted) for one in accepted)
-    refused = accepted[1].job_id  # type: ignore[union-attr]
-    intake = intake_on(store, tmp_path, published, refuse_batches=True, refuse_job=refused)
-    assert intake.dispatch_many(accepted) == [True, False, True]  # type: ignore[arg-type]
-    assert published == [[accepted[0].job_id], [accepted[2].job_id]]  # type: ignore[union-attr]
+    accepted, intake = _second_refused(store, tmp_path, ("30", "31", "32"), published)
+    assert intake.dispatch_many(accepted) == [True, False, True]
+    assert published == [[accepted[0].job_id], [accepted[2].job_id]]
     with store.unit_of_work() as uow:
         statuses = [jobs.get_job(uow, one.job_id).status for one in accepted]  # type: ignore[union-attr]
         assert statuses == [JobStatus.QUEUED, JobStatus.FAILED, JobStatus.QUEUED]
@@ -229,18 +239,15 @@ def test_a_refused_job_whose_failure_cannot_be_recorded_fails_no_other_job(
     """The broker refuses one job and the database its failure: the jobs after it are still
     published, and it stays queued, handed over, for the reconciler to publish again."""
     published: list[list[int]] = []
-    requests = [(origin(user, 1), portrait()) for user in ("40", "41", "42")]
-    accepted = intake_on(store, tmp_path, []).accept_many(requests)
-    assert all(isinstance(one, Accepted) for one in accepted)
-    refused = accepted[1].job_id  # type: ignore[union-attr]
-    intake = intake_on(store, tmp_path, published, refuse_batches=True, refuse_job=refused)
+    accepted, intake = _second_refused(store, tmp_path, ("40", "41", "42"), published)
+    refused = accepted[1].job_id
 
     def database_away(*args: object, **kwargs: object) -> None:
         raise OperationalError("UPDATE jobs", {}, Exception("the connection was lost"))
 
     monkeypatch.setattr(jobs, "fail_job", database_away)
-    assert intake.dispatch_many(accepted) == [True, True, True]  # type: ignore[arg-type]
-    assert published == [[accepted[0].job_id], [accepted[2].job_id]]  # type: ignore[union-attr]
+    assert intake.dispatch_many(accepted) == [True, True, True]
+    assert published == [[accepted[0].job_id], [accepted[2].job_id]]
     with store.unit_of_work() as uow:
         job = jobs.get_job(uow, refused)
         assert job is not None and job.status == JobStatus.QUEUED
