@@ -102,8 +102,16 @@ def run_job(runtime: WorkerRuntime, job_id: int) -> None:
         # worker, which start_job would take for an attempt that died with its task, it is
         # the lane's. Handed back meanwhile, it is this message's once the lane has let go of
         # it. Ended, or running elsewhere, start_job finds nothing to do.
-        with runtime.store.unit_of_work() as uow:
-            state = jobs.running_state(uow, job_id)
+        try:
+            with runtime.store.unit_of_work() as uow:
+                state = jobs.running_state(uow, job_id)
+        except OperationalError:
+            # The database away for a moment: once the lane has let go of the job, start_job
+            # finds whether there is anything left to do (dropping the message would leave
+            # a job handed back meanwhile to the reconciler's next republish, minutes away).
+            log.warning("could not look at job %s; waiting for its batch to be finished", job_id)
+            runtime.finishing.wait()
+            state = None
         status, worker = (state.status, state.worker) if state is not None else (None, None)
         if (status, worker) == (JobStatus.RUNNING, runtime.name):
             log.info("job %s is being finished by this worker; nothing to do", job_id)

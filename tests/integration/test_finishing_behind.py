@@ -325,6 +325,40 @@ def test_a_job_sent_but_not_recorded_delivered_is_never_published_again(
         worker.runtime.close()
 
 
+def test_a_batch_mates_message_that_cannot_look_at_its_job_waits_for_the_lane(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database does not answer the message's first look: it waits for the lane to let
+    go of the job, then finds it done; nothing is lost, made or sent twice."""
+    worker, check = _batch_of_two_behind(emulator, tmp_path, tiny_model, [])
+    leader, companion = worker.portrait(988, "a nadaswaram"), worker.portrait(989, "a ghatam")
+    real, looks = jobs.running_state, []
+
+    def away_once(uow: Any, job_id: int) -> Any:
+        looks.append(job_id)
+        if len(looks) == 1:
+            raise OperationalError("SELECT jobs", {}, Exception("the connection was lost"))
+        return real(uow, job_id)
+
+    try:
+        run_job(worker.runtime, leader)
+        assert check.entered.wait(WAIT_S)
+        monkeypatch.setattr(jobs, "running_state", away_once)
+        message = threading.Thread(target=run_job, args=(worker.runtime, companion))
+        message.start()
+        time.sleep(0.3)
+        assert message.is_alive(), "the message did not wait for the lane"
+        check.go.set()
+        message.join(WAIT_S)
+        assert not message.is_alive()
+        assert looks[0] == companion
+        view = worker.view(companion)
+        assert (view.status, view.attempts, worker.photos(companion)) == (JobStatus.DONE, 1, 1)
+    finally:
+        check.go.set()
+        worker.runtime.close()
+
+
 def test_a_delivered_job_whose_end_fails_again_in_its_own_task_is_handed_back(
     emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
