@@ -140,10 +140,7 @@ def run_job(runtime: WorkerRuntime, job_id: int) -> None:
     try:
         finishes = _run_batch(runtime, batch)
     except BaseException:
-        try:
-            _after_each(runtime, batch)
-        finally:
-            _hand_back_delivered(runtime, batch)
+        _end_batch(runtime, batch)
         raise
     runtime.finishing.run(
         partial(_finish_batch, runtime, batch, finishes), [one.id for one in batch]
@@ -164,10 +161,16 @@ def _finish_batch(
                 for done in [pool.submit(finish) for finish in finishes]:
                     done.result()
     finally:
-        try:
-            _after_each(runtime, batch)
-        finally:
-            _hand_back_delivered(runtime, batch)
+        _end_batch(runtime, batch)
+
+
+def _end_batch(runtime: WorkerRuntime, batch: list[JobView]) -> None:
+    """What follows a batch however it went: each job's selfie and its user's held jobs,
+    then the delivered jobs whose end could not be recorded."""
+    try:
+        _after_each(runtime, batch)
+    finally:
+        _hand_back_delivered(runtime, batch)
 
 
 def _hand_back_delivered(runtime: WorkerRuntime, batch: list[JobView]) -> None:

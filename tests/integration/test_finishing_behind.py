@@ -234,13 +234,7 @@ def test_a_batch_mate_handed_back_meanwhile_is_run_by_its_message(
         assert check.entered.wait(WAIT_S)
         assert worker.runtime.finishing.holds(companion)
 
-        message = threading.Thread(target=run_job, args=(worker.runtime, companion))
-        message.start()
-        time.sleep(0.3)
-        assert message.is_alive(), "the message did not wait for the lane"
-        check.go.set()
-        message.join(WAIT_S)
-        assert not message.is_alive()
+        _run_after_the_lane(worker, check, companion)
         worker.runtime.finishing.wait()
         view = worker.view(companion)
         assert (view.status, view.attempts, worker.photos(companion)) == (JobStatus.DONE, 2, 1)
@@ -257,6 +251,18 @@ def _batch_of_two_behind(
     check = HeldCheck()
     worker.runtime.__dict__["classifier"] = check
     return worker, check
+
+
+def _run_after_the_lane(worker: Worker, check: HeldCheck, job_id: int) -> None:
+    """Run the job's own message in a thread named "message" while the lane holds its batch:
+    it must wait for the lane, and end once the check lets the batch go."""
+    message = threading.Thread(target=run_job, args=(worker.runtime, job_id), name="message")
+    message.start()
+    time.sleep(0.3)
+    assert message.is_alive(), "the message did not wait for the lane"
+    check.go.set()
+    message.join(WAIT_S)
+    assert not message.is_alive()
 
 
 def _failing_for(job_id: int, real: Any) -> Any:
@@ -345,13 +351,7 @@ def test_a_batch_mates_message_that_cannot_look_at_its_job_waits_for_the_lane(
         run_job(worker.runtime, leader)
         assert check.entered.wait(WAIT_S)
         monkeypatch.setattr(jobs, "running_state", away_once)
-        message = threading.Thread(target=run_job, args=(worker.runtime, companion), name="message")
-        message.start()
-        time.sleep(0.3)
-        assert message.is_alive(), "the message did not wait for the lane"
-        check.go.set()
-        message.join(WAIT_S)
-        assert not message.is_alive()
+        _run_after_the_lane(worker, check, companion)
         assert failed == [companion]
         view = worker.view(companion)
         assert (view.status, view.attempts, worker.photos(companion)) == (JobStatus.DONE, 1, 1)
