@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -16,7 +17,7 @@ from telegram.ext import Application, CallbackContext, ExtBot
 from bot.bootstrap import CHANNEL, BotServices
 from bot.coalescing import Coalesced
 from bot.intake_process import IN_THE_INTAKE_PROCESS, INTAKE_CALLS, IntakeProcess
-from chitrakar.domain import ImageRequest
+from chitrakar.domain import CommandError, ImageRequest
 from chitrakar.moderation import Actor
 from chitrakar.services import Accepted
 from chitrakar.texts import pick_language
@@ -34,6 +35,7 @@ class TogetherCalls:
 
     is_banned: Coalesced[str, bool]
     accept: Coalesced[tuple[Origin, ImageRequest], Accepted]
+    accept_again: Coalesced[tuple[Origin, ImageRequest], Accepted]
     dispatch: Coalesced[Accepted, bool]
     attach_status_message: Coalesced[tuple[int, int], bool]
 
@@ -49,9 +51,26 @@ class TogetherCalls:
         return cls(
             is_banned=made("is_banned"),
             accept=made("accept"),
+            accept_again=made("accept_again"),
             dispatch=made("dispatch"),
             attach_status_message=made("attach_status_message"),
         )
+
+
+async def taken_in(take_in: Callable[[bool], Awaitable[Accepted]]) -> Accepted:
+    """A request taken in by `take_in(asked_before)`, asked once more when the first asking
+    failed other than by a refusal (a CommandError, its user's to hear). Whether that asking
+    wrote the job cannot be known: the intake process may have died with it in hand, or a
+    commit's answer been lost. Asked again, the intake answers a job it finds for the
+    request, waiting and unanswered, which nobody else would answer before the reconciler
+    (CHITRAKAR_REPUBLISH_AFTER) ran it for a user told that it had failed."""
+    try:
+        return await take_in(False)
+    except CommandError:
+        raise
+    except Exception:
+        log.warning("a request's intake failed; asking once more", exc_info=True)
+    return await take_in(True)
 
 
 class BotContext(CallbackContext[ExtBot[None], dict[Any, Any], dict[Any, Any], dict[Any, Any]]):

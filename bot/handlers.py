@@ -21,7 +21,14 @@ from telegram.error import BadRequest, Forbidden, TelegramError
 from telegram.ext import ApplicationHandlerStop
 
 from bot.bootstrap import CHANNEL
-from bot.context import BotContext, actor_of, is_group_admin, language_of, origin_of
+from bot.context import (
+    BotContext,
+    actor_of,
+    is_group_admin,
+    language_of,
+    origin_of,
+    taken_in,
+)
 from chitrakar import replies
 from chitrakar.buttons import (
     Action,
@@ -100,7 +107,10 @@ async def portrait(update: Update, context: BotContext) -> None:
     language = language_of(update)
     try:
         request = parse_image_command(Command.PORTRAIT, command_arguments(message))
-        accepted = await context.calls.accept((origin_of(update, language), request))
+        asked = (origin_of(update, language), request)
+        accepted = await taken_in(
+            lambda again: (context.calls.accept_again if again else context.calls.accept)(asked)
+        )
     except CommandError as exc:
         steps = context.services.settings.default_steps
         await message.reply_text(replies.command_error(language, steps, Command.PORTRAIT, exc))
@@ -195,8 +205,9 @@ async def avatar(update: Update, context: BotContext) -> None:
         request = parse_image_command(Command.AVATAR, command_arguments(message))
         data = await _download(context, *photo)
         selfie = await asyncio.to_thread(prepare_selfie, data, context.services.settings.image_size)
-        accepted = await asyncio.to_thread(
-            intake.accept, origin_of(update, language), request, selfie
+        origin = origin_of(update, language)
+        accepted = await taken_in(
+            lambda again: asyncio.to_thread(intake.accept, origin, request, selfie, again)
         )
     except CommandError as exc:
         steps = context.services.settings.default_steps
@@ -501,7 +512,9 @@ async def on_button(update: Update, context: BotContext) -> None:
         if press.action == Action.RESEND:
             await _resend(update, context, origin, press, is_admin)
             return
-        accepted = await asyncio.to_thread(intake.accept_press, origin, press, is_admin)
+        accepted = await taken_in(
+            lambda again: asyncio.to_thread(intake.accept_press, origin, press, is_admin, again)
+        )
     except CommandError as exc:  # a refused press, or credits short
         await _answer(update, text(language, exc.key, **exc.params), alert=True)
         return

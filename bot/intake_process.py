@@ -59,6 +59,10 @@ T = TypeVar("T")
 INTAKE_CALLS: dict[str, Callable[[BotServices, list[Any]], Sequence[Any]]] = {
     "is_banned": lambda services, user_ids: services.moderation.are_banned(CHANNEL, user_ids),
     "accept": lambda services, requests: services.intake.accept_many(requests),
+    # Asked again after "accept" failed other than by refusing (bot.context.taken_in).
+    "accept_again": lambda services, requests: services.intake.accept_many(
+        requests, asked_before=True
+    ),
     "dispatch": lambda services, accepted: services.intake.dispatch_many(accepted),
     "attach_status_message": lambda services, sent: services.intake.attach_status_messages(sent),
 }
@@ -66,7 +70,7 @@ INTAKE_CALLS: dict[str, Callable[[BotServices, list[Any]], Sequence[Any]]] = {
 # The calls made in the child: the ban check and the writes. Publishing stays in the bot's
 # threads: with it, the child (one call at a time) was the busier process of the two, and
 # the acknowledgements' tail twice as long (BENCHMARKS.md).
-IN_THE_INTAKE_PROCESS = frozenset({"is_banned", "accept", "attach_status_message"})
+IN_THE_INTAKE_PROCESS = frozenset({"is_banned", "accept", "accept_again", "attach_status_message"})
 
 # Which of the calls waiting in the child it runs first (lowest first; the same kind in the
 # order asked). A command's acknowledgement, its status message, waits for its ban check and
@@ -74,7 +78,13 @@ IN_THE_INTAKE_PROCESS = frozenset({"is_banned", "accept", "attach_status_message
 # asked, each ban check queued behind the intakes and recordings of the batches before it,
 # and that wait was most of an acknowledgement's (BENCHMARKS.md). (Publishing, made in the
 # bot, has a rank for completeness: a job waits for it.)
-CALL_RANKS = {"is_banned": 0, "accept": 1, "dispatch": 1, "attach_status_message": 2}
+CALL_RANKS = {
+    "is_banned": 0,
+    "accept": 1,
+    "accept_again": 1,
+    "dispatch": 1,
+    "attach_status_message": 2,
+}
 # Calls that are not intake calls (the warm-up's) go first.
 FIRST_RANK = 0
 

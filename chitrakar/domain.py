@@ -326,9 +326,17 @@ ACTIVE_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
 UNANSWERED_ABANDONED_AFTER_S = 30.0
 
 
-def was_abandoned(status: JobStatus, answered: bool, age_seconds: float) -> bool:
+def was_abandoned(
+    status: JobStatus, answered: bool, age_seconds: float, asked_before: bool = False
+) -> bool:
+    """Whether a request's job, found when the request comes again, is to be answered and
+    handed over now: nobody answered it and it waits, and either its bot stopped midway or
+    the request is asked again by the bot that asked first and never heard back (its intake
+    failed after writing the job, or died with it in hand)."""
     return (
-        status == JobStatus.QUEUED and not answered and age_seconds > UNANSWERED_ABANDONED_AFTER_S
+        status == JobStatus.QUEUED
+        and not answered
+        and (asked_before or age_seconds > UNANSWERED_ABANDONED_AFTER_S)
     )
 
 

@@ -148,14 +148,21 @@ class JobIntake:
         )
 
     def accept(
-        self, origin: Origin, request: ImageRequest, selfie: Image.Image | None = None
+        self,
+        origin: Origin,
+        request: ImageRequest,
+        selfie: Image.Image | None = None,
+        asked_before: bool = False,
     ) -> Accepted:
         """Plan the request (CommandError for a style the catalogue lacks), then write the
-        job row (the source of truth) before anything is published."""
-        return self._accept(origin, request, selfie, self._standing(origin))
+        job row (the source of truth) before anything is published. `asked_before`: the
+        caller asked for this request already and heard nothing back (an error other than a
+        refusal), so a job it finds for the request, waiting and unanswered, is its own to
+        answer (domain.was_abandoned)."""
+        return self._accept(origin, request, selfie, self._standing(origin), asked_before)
 
     def accept_many(
-        self, requests: Sequence[tuple[Origin, ImageRequest]]
+        self, requests: Sequence[tuple[Origin, ImageRequest]], asked_before: bool = False
     ) -> list[Accepted | Exception]:
         """`accept` for requests without a selfie that arrived together: what their checks
         read in one transaction, then all of them taken in in one more, with one commit.
@@ -173,12 +180,14 @@ class JobIntake:
                 planned.append(self._planned(origin, request, None, standing))
             except Exception as exc:  # raised in that request's caller alone
                 refused[index] = exc
-        recorded = iter(self._record_together(planned))
+        recorded = iter(self._record_together(planned, asked_before))
         return [
             refused[index] if index in refused else next(recorded) for index in range(len(requests))
         ]
 
-    def _record_together(self, planned: Sequence[_Planned]) -> list[Accepted | Exception]:
+    def _record_together(
+        self, planned: Sequence[_Planned], asked_before: bool
+    ) -> list[Accepted | Exception]:
         """Each planned request taken in: all in one transaction, with one commit where each
         alone is one each (on SQLite, a write to disk each); each in its own when one of
         them fails there. On PostgreSQL the transaction first locks every user and account
@@ -206,7 +215,7 @@ class JobIntake:
         outcomes: list[Accepted | Exception] = []
         for one in planned:
             try:
-                outcomes.append(self._record(one.origin, one.take_in))
+                outcomes.append(self._record(one.origin, one.take_in, asked_before=asked_before))
             except Exception as refused:  # raised in that request's caller alone
                 outcomes.append(refused)
         return outcomes
@@ -217,6 +226,7 @@ class JobIntake:
         request: ImageRequest,
         selfie: Image.Image | None,
         standing: Standing,
+        asked_before: bool,
     ) -> Accepted:
         planned = self._planned(origin, request, selfie, standing)
         input_path = self.media.save_input(selfie) if selfie is not None else None
@@ -225,6 +235,7 @@ class JobIntake:
                 origin,
                 partial(planned.take_in, input_path=input_path),
                 on_duplicate=lambda: self.media.forget_input(input_path),
+                asked_before=asked_before,
             )
         except Exception:
             # No job refers to the selfie: it must not stay on disk.
@@ -339,9 +350,16 @@ class JobIntake:
         except ArtifactMissing:
             raise ButtonRefused("button.result_gone") from None
 
-    def accept_press(self, origin: Origin, press: ButtonPress, presser_is_admin: bool) -> Accepted:
+    def accept_press(
+        self,
+        origin: Origin,
+        press: ButtonPress,
+        presser_is_admin: bool,
+        asked_before: bool = False,
+    ) -> Accepted:
         """A job from a button under a result: Again, a variation or an upscale. The press's
-        own id (in the origin's trigger) makes a repeated callback find the same job."""
+        own id (in the origin's trigger) makes a repeated callback find the same job;
+        `asked_before` as for `accept`."""
         parent = self._pressable(origin, press, presser_is_admin)
         standing = self._standing(origin)
         # What the group's admins switched off since applies to presses too.
@@ -382,6 +400,7 @@ class JobIntake:
                 charge=charge,
                 hand_over_limit=limit,
             ),
+            asked_before=asked_before,
         )
 
     def _require_result(self, job: JobView, index: int) -> None:
@@ -543,6 +562,7 @@ class JobIntake:
         origin: Origin,
         take_in: Callable[[UnitOfWork, int], jobs.TakenIn],
         on_duplicate: Callable[[], None] | None = None,
+        asked_before: bool = False,
     ) -> Accepted:
         limit = self._settings.max_jobs_in_flight
         with self._store.unit_of_work() as uow:
@@ -557,10 +577,12 @@ class JobIntake:
                 if on_duplicate is not None:
                     on_duplicate()
                 job = duplicate.job
-                # Taken in long ago but never answered (the bot stopped in between): answer
-                # and publish it now. Otherwise the first delivery of the update has it.
+                # Taken in long ago but never answered (the bot stopped in between), or
+                # asked again by a caller that heard nothing: answer and publish it now.
+                # Otherwise the first delivery of the update has it.
                 age = (datetime.now(UTC) - job.created_at).total_seconds()
-                if not was_abandoned(job.status, job.status_message_id is not None, age):
+                answered = job.status_message_id is not None
+                if not was_abandoned(job.status, answered, age, asked_before):
                     log.info(
                         "%s in chat %s repeated; job %s has it",
                         origin.request_key,

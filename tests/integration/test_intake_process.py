@@ -20,7 +20,7 @@ import pytest
 from telegram import Bot, Update
 
 from bot.coalescing import Coalesced
-from bot.context import origin_of
+from bot.context import origin_of, taken_in
 from bot.intake_process import (
     PARENT_CHECK_S,
     IntakeFailed,
@@ -155,6 +155,39 @@ def test_a_killed_intake_process_is_replaced_by_the_next_call(
     second = answers[-1]
     assert isinstance(second, int) and second != first and process_running(second), answers
     assert len(answers) <= 2, answers
+
+
+async def test_a_request_whose_intake_process_died_with_it_in_hand_is_asked_again(
+    intake_process: IntakeProcess, settings: Settings
+) -> None:
+    """The child wrote the job and died before answering (here the job is written first, and
+    the child killed with the call in hand): the bot asks again, in the next child, and
+    answers and hands over the job that was written, rather than telling its user that it
+    failed while the reconciler runs it ten minutes later."""
+    from bot.bootstrap import bootstrap
+
+    services = bootstrap(settings)
+    try:
+        written = services.intake.accept(origin(5), portrait())  # ... the answer was lost
+    finally:
+        services.close()
+    child = intake_process.warm_up()
+    intake_process.submit(time.sleep, 30)  # the call waits in the child's hands
+    accept = Coalesced(IntakeProcess.call("accept"), executor=intake_process)
+    accept_again = Coalesced(IntakeProcess.call("accept_again"), executor=intake_process)
+    asking = asyncio.create_task(
+        taken_in(lambda again: (accept_again if again else accept)((origin(5), portrait())))
+    )
+    await asyncio.sleep(0.5)  # handed to the child: the event loop's turns, no thread
+    assert not asking.done()
+    os.kill(child, signal.SIGKILL)
+    accepted = await asyncio.wait_for(asking, timeout=60)
+    assert (accepted.job_id, accepted.duplicate, accepted.handed_over) == (
+        written.job_id,
+        False,
+        True,
+    )
+    assert intake_process.warm_up() not in (child, os.getpid())
 
 
 def test_the_intake_process_runs_first_the_calls_an_acknowledgement_waits_for(

@@ -366,6 +366,50 @@ def test_a_repeat_of_a_request_never_answered_is_answered_and_published(
     store.dispose()
 
 
+def test_a_request_asked_again_after_its_intake_failed_is_answered_once_and_charged_once(
+    store: Store, tmp_path: Path
+) -> None:
+    """The bot asked, the job was written, and the answer never came back (the intake process
+    died with it in hand): asked again, in a batch with a request not yet written, both are
+    answered and published, the first's job not made twice nor charged twice."""
+    from chitrakar.artifacts import LocalArtifactStore
+    from chitrakar.config import Settings
+    from chitrakar.media import MediaStore
+    from chitrakar.services import Accepted, JobIntake
+    from chitrakar.styles import load_catalogue
+
+    published: list[int] = []
+    settings = Settings(
+        image_size=64, default_steps=4, data_dir=tmp_path, daily_quota=5, max_jobs_in_flight=2
+    )
+    intake = JobIntake(
+        settings,
+        store,
+        published.append,
+        load_catalogue(),
+        MediaStore(settings.media_dir),
+        LocalArtifactStore(tmp_path),
+    )
+    req, _ = request()
+    written = intake.accept(origin(message_id=1), req)  # ... and its answer was lost
+    before = intake.quota_status(origin()).user_left
+    again, new = intake.accept_many(
+        [(origin(message_id=1), req), (origin(message_id=2), req)], asked_before=True
+    )
+    assert isinstance(again, Accepted) and isinstance(new, Accepted)
+    assert (again.job_id, again.duplicate, again.handed_over) == (written.job_id, False, True)
+    assert new.job_id != written.job_id and not new.duplicate
+    assert intake.quota_status(origin()).user_left == before - 1  # the new one's credit alone
+    assert intake.dispatch_many([again, new]) == [True, True]
+    assert published == [written.job_id, new.job_id]
+
+    # Once answered, it is somebody's: asked again, it is a duplicate.
+    intake.attach_status_message(written.job_id, 99)
+    [answered] = intake.accept_many([(origin(message_id=1), req)], asked_before=True)
+    assert isinstance(answered, Accepted) and answered.duplicate
+    store.dispose()
+
+
 def test_the_id_of_a_deleted_job_is_never_given_again(store: Store) -> None:
     """After /forget deletes someone's newest job, an old button or a worker holding its id
     must not reach a new job of someone else."""

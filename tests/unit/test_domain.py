@@ -54,3 +54,12 @@ def test_only_an_old_unanswered_queued_job_counts_as_abandoned() -> None:
     assert not was_abandoned(JobStatus.QUEUED, answered=False, age_seconds=1)
     assert not was_abandoned(JobStatus.QUEUED, answered=True, age_seconds=old)
     assert not was_abandoned(JobStatus.RUNNING, answered=False, age_seconds=old)
+
+
+def test_a_request_asked_again_by_its_own_bot_answers_its_new_unanswered_job() -> None:
+    """The bot asks again when its intake failed after writing the job: nobody else will
+    answer that job, however new it is; one answered or started is still somebody's."""
+    assert was_abandoned(JobStatus.QUEUED, answered=False, age_seconds=0, asked_before=True)
+    assert not was_abandoned(JobStatus.QUEUED, answered=True, age_seconds=0, asked_before=True)
+    assert not was_abandoned(JobStatus.RUNNING, answered=False, age_seconds=0, asked_before=True)
+    assert not was_abandoned(JobStatus.DONE, answered=False, age_seconds=0, asked_before=True)
