@@ -753,6 +753,30 @@ def hand_back_delivered(uow: UnitOfWork, job_ids: Sequence[int], worker: str) ->
     return handed
 
 
+def hand_back_unseen_claims(
+    uow: UnitOfWork, worker: str, claimed_since: datetime, kept: Sequence[int]
+) -> list[int]:
+    """Jobs this worker started since `claimed_since` and is not making (not in `kept`), unmade,
+    go back to the queue: claimed for a batch whose claims' outcome was lost (the database
+    went away meanwhile). Nobody else would take them up: their own messages find them
+    running on a live worker. A worker runs one task at a time, so every job started on it
+    since its leader was claimed for that leader. Commits; their ids."""
+    unseen = uow.session.scalars(
+        select(Job.id).where(
+            Job.status == JobStatus.RUNNING,
+            Job.worker == worker,
+            Job.started_at >= claimed_since,
+            Job.result_paths.is_(None),
+            Job.delivered_at.is_(None),
+            Job.id.not_in(list(kept)),
+        )
+    ).all()
+    why = "its batch lost track of it"
+    handed = [job_id for job_id in unseen if _hand_back(uow, job_id, worker, why)]
+    uow.commit()
+    return handed
+
+
 def _hand_back(uow: UnitOfWork, job_id: int, worker: str | None, why: str) -> bool:
     # Conditional: a worker that comes back and finishes meanwhile wins.
     moved = cast(

@@ -128,15 +128,7 @@ def run_job(runtime: WorkerRuntime, job_id: int) -> None:
     if job is None:
         log.info("job %s has ended or runs on a live worker; nothing to do", job_id)
         return
-    try:
-        companions = _companions(runtime, job)
-    except Exception:
-        # The database away while companions were claimed: the job goes on alone rather
-        # than stay running with nobody making it. One claimed meanwhile is started by its
-        # own message (start_job takes up a job left running on this worker, unmade).
-        log.exception("job %s: could not look for jobs to batch with it", job_id)
-        companions = []
-    batch = [job, *companions]
+    batch = [job, *_companions(runtime, job)]
     try:
         finishes = _run_batch(runtime, batch)
     except BaseException:
@@ -207,20 +199,35 @@ def _forgotten(runtime: WorkerRuntime, job_id: int) -> None:
 def _companions(runtime: WorkerRuntime, leader: JobView) -> list[JobView]:
     """Queued jobs to draw in one call with the leader. Those already waiting are taken at
     once; when other jobs wait too (the worker is busy), it waits `batch_window_ms` once
-    more for companions still arriving. A lone user's job never waits."""
-    settings = runtime.settings
+    more for companions still arriving. A lone user's job never waits. When the database
+    goes away meanwhile, the batch goes on with the claims known to be committed; the others
+    are handed back (`_hand_back_unseen_claims`)."""
     # Only first attempts batch: a job that killed a worker runs alone next time.
     if leader.delivered or leader.attempts != 1:
         return []
     if batch_key(leader.kind, leader.plan) is None:
         return []
+    found: list[JobView] = []
+    try:
+        _claim_companions(runtime, leader, found)
+    except Exception:
+        log.exception("job %s: could not look for jobs to batch with it", leader.id)
+        _hand_back_unseen_claims(runtime, leader, found)
+    if found:
+        log.info("job %s batched with %s", leader.id, [job.id for job in found])
+    return found
+
+
+def _claim_companions(runtime: WorkerRuntime, leader: JobView, found: list[JobView]) -> None:
+    """Adds to `found` the companions of each claim as soon as it is committed."""
+    settings = runtime.settings
     limit = settings.max_batch_images
     with runtime.store.unit_of_work() as uow:
         # A lone user's job (nothing else handed over and waiting) claims nothing: one
         # read instead of a claim's transaction.
         if not jobs.queued_elsewhere(uow, [leader.id]):
-            return []
-        found = jobs.claim_batch(uow, leader, runtime.name, limit)
+            return
+        found += jobs.claim_batch(uow, leader, runtime.name, limit)
         room = limit // len(leader.plan.seeds) - 1 - len(found)
         # In the same session: whether the worker is busy, so worth waiting for more.
         busy = (
@@ -232,9 +239,31 @@ def _companions(runtime: WorkerRuntime, leader: JobView) -> list[JobView]:
         time.sleep(settings.batch_window_ms / 1000)
         with runtime.store.unit_of_work() as uow:
             found += jobs.claim_batch(uow, leader, runtime.name, limit, [job.id for job in found])
-    if found:
-        log.info("job %s batched with %s", leader.id, [job.id for job in found])
-    return found
+
+
+def _hand_back_unseen_claims(runtime: WorkerRuntime, leader: JobView, found: list[JobView]) -> None:
+    """A claim whose commit failed may have been written all the same: its jobs run on this
+    worker, which does not make them, and their own messages, on another worker, would find
+    them running on a live one and do nothing. They go back to the queue and are published
+    again (a copy that finds its job started or ended does nothing)."""
+    claimed_since = leader.started_at
+    assert claimed_since is not None  # start_job set it
+    kept = [leader.id, *(job.id for job in found)]
+
+    def hand_back() -> list[int]:
+        with runtime.store.unit_of_work() as uow:
+            return jobs.hand_back_unseen_claims(uow, runtime.name, claimed_since, kept)
+
+    try:
+        handed = _with_retries(hand_back, f"job {leader.id}'s unseen claims were handed back")
+        for job_id in handed:
+            log.warning(
+                "job %s, claimed for job %s's batch unseen, published again", job_id, leader.id
+            )
+            runtime.publish(job_id)
+    except Exception:
+        # Left running, or queued for the reconciler's next republish.
+        log.exception("job %s: claims of its batch may be left unmade", leader.id)
 
 
 class _AllStopped(JobCancelled):

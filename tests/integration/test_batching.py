@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from chitrakar.domain import GenerationPlan, JobKind, batch_key
+from chitrakar.domain import GenerationPlan, JobKind, JobStatus, batch_key
 from db import jobs, privacy
 from db.migrate import upgrade_to_head
 from tests.support.botapi import BotApiEmulator
@@ -274,3 +274,36 @@ def test_under_a_few_step_preset_the_caption_tells_the_steps_that_ran(
     assert "· 4 steps ·" in photo.params["caption"]
     # What the job asked for stays on its record: Again asks for the same.
     assert deployment.view(job_id).plan.steps == 3
+
+
+def test_claims_a_batch_lost_track_of_go_back_to_the_queue(deployment: Deployment) -> None:
+    """Only the jobs this worker started since the leader, unmade and not in the batch, are
+    handed back: not the batch's own, not an earlier batch's, not another worker's."""
+    runtime = deployment.runtime
+    earlier, leader_id, elsewhere, kept, unseen = (
+        deployment.job(960 + n, _plan(f"a kite {n}", n)) for n in range(5)
+    )
+
+    def start(job_id: int, worker: str = runtime.name) -> jobs.JobView:
+        with runtime.store.unit_of_work() as uow:
+            started = jobs.start_job(uow, job_id, worker)
+        assert started is not None
+        return started
+
+    start(earlier)
+    leader = start(leader_id)
+    start(elsewhere, "other-worker")
+    start(kept)
+    start(unseen)
+    assert leader.started_at is not None
+    with runtime.store.unit_of_work() as uow:
+        handed = jobs.hand_back_unseen_claims(
+            uow, runtime.name, leader.started_at, [leader_id, kept]
+        )
+    assert handed == [unseen]
+    with runtime.store.unit_of_work() as uow:
+        states = {job_id: jobs.get_job(uow, job_id).status for job_id in deployment.chats}
+    assert states[unseen] == JobStatus.QUEUED
+    assert {states[job_id] for job_id in (earlier, leader_id, elsewhere, kept)} == {
+        JobStatus.RUNNING
+    }

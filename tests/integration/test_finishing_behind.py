@@ -390,8 +390,11 @@ def test_a_batch_whose_companions_cannot_be_claimed_runs_its_leader_alone(
 ) -> None:
     """The database fails while companions are claimed (after the claim was written, the
     worst case): the leader is made and sent alone instead of staying running with nobody
-    making it, and the companion claimed meanwhile is made by its own message."""
-    worker = _worker(emulator, tmp_path, tiny_model, "off", batch=2)
+    making it, and the companion claimed unseen is handed back and published again. Left
+    running on this live worker, its own message, taken by another worker, would have done
+    nothing, and the job stayed running for good."""
+    published: list[int] = []
+    worker = _worker(emulator, tmp_path, tiny_model, "off", batch=2, published=published)
     worker.runtime.__dict__["classifier"] = HeldCheck()
     worker.runtime.classifier.go.set()  # type: ignore[attr-defined]
     real = jobs.claim_batch
@@ -401,12 +404,16 @@ def test_a_batch_whose_companions_cannot_be_claimed_runs_its_leader_alone(
         raise OperationalError("UPDATE jobs", {}, Exception("the connection was lost"))
 
     monkeypatch.setattr(jobs, "claim_batch", claimed_then_failed)
-    worker.runtime.start_heartbeat()  # alive: a job left running is its own to take up
+    worker.runtime.start_heartbeat()
     try:
+        held = worker.portrait(987, "a veena")
+        with worker.runtime.store.unit_of_work() as uow:  # another batch's, left unmade
+            jobs.start_job(uow, held, worker.runtime.name, datetime.now(UTC))
         leader, companion = worker.portrait(985, "a tabla"), worker.portrait(986, "a sitar")
         run_job(worker.runtime, leader)
         assert (worker.status(leader), worker.photos(leader)) == (JobStatus.DONE, 1)
-        assert worker.status(companion) == JobStatus.RUNNING  # claimed, not made
+        assert (worker.status(companion), published) == (JobStatus.QUEUED, [companion])
+        assert worker.status(held) == JobStatus.RUNNING  # started before the leader: not its
         run_job(worker.runtime, companion)
         assert (worker.status(companion), worker.photos(companion)) == (JobStatus.DONE, 1)
     finally:
