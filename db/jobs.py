@@ -683,7 +683,8 @@ def record_results(
     grid) records an empty list. Returns the job's status message, as recorded by then: the
     bot records none after this (`attach_status_message`). Raises HandedBack when the job is
     no longer this worker's (the reconciler took the worker for dead meanwhile): another
-    worker sends it. Commits."""
+    worker sends it; JobNotFound when it is gone (its user had everything about them
+    deleted): nothing of it may be sent. Commits."""
     connection = uow.connection
     recorded = connection.execute(
         _RECORD_RESULTS,
@@ -699,8 +700,8 @@ def record_results(
         return cast(int | None, recorded.status_message_id)
     found = connection.execute(_STATUS_MESSAGE, {"job_id": job_id}).first()
     uow.commit()
-    if found is None:  # gone: its user had everything about them deleted
-        return None
+    if found is None:
+        raise JobNotFound(job_id)
     if found.status != JobStatus.CANCELLED:
         # Queued again, running on another worker, or ended by one.
         raise HandedBack(job_id)

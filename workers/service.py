@@ -428,6 +428,8 @@ def _finish(
     except JobCancelled as stop:
         _stopped(runtime, job, stop)
         return
+    except jobs.JobNotFound:
+        raise  # its user's data deleted meanwhile: its caller deletes what was stored
     except Exception as exc:
         log.exception("job %s failed", job_id)
         _give_up(runtime, job_id, f"{type(exc).__name__}: {exc}")

@@ -18,7 +18,7 @@ from PIL import Image
 from sqlalchemy.exc import OperationalError
 
 from chitrakar.domain import GenerationPlan, JobStatus
-from db import heartbeats, jobs
+from db import heartbeats, jobs, privacy
 from db.migrate import upgrade_to_head
 from tests.support.botapi import BotApiEmulator
 from tests.support.stack import worker_settings
@@ -473,4 +473,30 @@ def test_inline_the_task_returns_with_its_job_sent(
         run_job(worker.runtime, job)
         assert worker.status(job) == JobStatus.DONE and worker.photos(job) == 1
     finally:
+        worker.runtime.close()
+
+
+def test_a_job_whose_user_is_forgotten_while_it_is_checked_sends_and_keeps_nothing(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path
+) -> None:
+    """/forget confirmed after the job's last look for a cancellation, while its images are
+    checked and stored: nothing of it reaches the chat, and what was stored is deleted."""
+    worker = _worker(emulator, tmp_path, tiny_model, "off")
+    check = HeldCheck()
+    worker.runtime.__dict__["classifier"] = check
+    try:
+        job = worker.portrait(975, "a shehnai")
+        task = threading.Thread(target=run_job, args=(worker.runtime, job))
+        task.start()
+        assert check.entered.wait(WAIT_S)
+        with worker.runtime.store.unit_of_work() as uow:
+            assert privacy.delete(uow.session, "telegram", "975") is not None
+            uow.commit()
+        check.go.set()
+        task.join(WAIT_S)
+        assert not task.is_alive()
+        assert worker.photos(job) == 0
+        assert worker.runtime.artifacts.keys(f"results/{job}/") == []
+    finally:
+        check.go.set()
         worker.runtime.close()
