@@ -88,7 +88,7 @@ def bootstrap(settings: Settings) -> BotServices:
     return BotServices(
         settings=settings,
         intake=intake,
-        privacy=PrivacyService(store, artifacts, media),
+        privacy=PrivacyService(store, artifacts, media, settings.zone),
         moderation=Moderation(settings, store, artifacts),
         store=store,
         celery=celery,

@@ -13,11 +13,14 @@ import logging
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from chitrakar.artifacts import ArtifactMissing, ArtifactStore
 from chitrakar.media import MediaStore
+from chitrakar.quota import quota_day
 from db import privacy
 from db.privacy import UserRecord
 from db.session import Store
@@ -47,10 +50,14 @@ def _json(value: Any) -> bytes:
 
 
 class PrivacyService:
-    def __init__(self, store: Store, artifacts: ArtifactStore, media: MediaStore) -> None:
+    def __init__(
+        self, store: Store, artifacts: ArtifactStore, media: MediaStore, zone: ZoneInfo
+    ) -> None:
+        """`zone`: the deployment's, whose midnight starts a quota day."""
         self._store = store
         self._artifacts = artifacts
         self._media = media
+        self._zone = zone
 
     def export_zip(self, channel: str, external_id: str, readme: str) -> bytes | None:
         """Everything stored about a user as a ZIP, or None when nothing is:
@@ -122,9 +129,11 @@ class PrivacyService:
         If deleting a file fails, the rows are gone already: the failure is logged and the
         rest are still deleted; the retention sweep removes such orphans later. Rows of other
         users are left alone (a job of theirs made from this user's result keeps no parent).
+        A limit an admin set on them, and what they used today, stay (`privacy.delete`).
         """
+        today = quota_day(datetime.now(UTC), self._zone)
         with self._store.unit_of_work() as uow:
-            record = privacy.delete(uow.session, channel, external_id)
+            record = privacy.delete(uow.session, channel, external_id, today)
             uow.commit()
         if record is None:
             return ForgetReport()

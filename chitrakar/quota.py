@@ -27,8 +27,11 @@ def job_cost(kind: JobKind, plan: GenerationPlan, base_size: int) -> int:
     return len(plan.seeds) * max(1, area) * steps
 
 
+USER_ACCOUNT_PREFIX = "user:"
+
+
 def user_account(channel: str, external_id: str) -> str:
-    return f"user:{channel}:{external_id}"
+    return f"{USER_ACCOUNT_PREFIX}{channel}:{external_id}"
 
 
 def group_account(channel: str, chat_id: int) -> str:

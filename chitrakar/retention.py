@@ -1,7 +1,8 @@
 """Retention: results are deleted CHITRAKAR_RETENTION_DAYS after their job ended, selfie crops
 CHITRAKAR_INPUT_RETENTION_HOURS after the last job that used them (0: as soon as it ends),
 and result files no job refers to any more (left by a failed deletion) are removed; web chat
-messages go with the results (they hold the prompts), with expired sign-ins. Run
+messages go with the results (they hold the prompts), with expired sign-ins; what a user
+since forgotten used on a day goes once the day is over (db.privacy.delete). Run
 hourly by Celery beat (`retention_sweep`), or by hand with `chitrakar retention sweep`."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from datetime import datetime, timedelta
 from chitrakar.artifacts import ArtifactStore
 from chitrakar.config import Settings
 from chitrakar.media import MediaStore
+from chitrakar.quota import quota_day
 from db import retention, web
 from db.session import Store
 
@@ -30,6 +32,7 @@ class SweepReport:
     inputs: int = 0  # selfie crops deleted
     orphans: int = 0  # result files of jobs that no longer exist
     web_messages: int = 0  # web chat messages older than the retention period
+    carried: int = 0  # what forgotten users used on days now over
 
 
 def sweep(
@@ -69,9 +72,15 @@ def sweep(
         messages = web.forget_messages_before(uow, now - timedelta(days=settings.retention_days))
         web.end_expired(uow, now)
         web.prune_changes(uow, now - WEB_CHANGES_KEPT)
+    with store.unit_of_work() as uow:
+        carried = retention.forget_carried_before(uow, quota_day(now, settings.zone))
 
     report = SweepReport(
-        results=len(due), inputs=len(inputs), orphans=len(orphans), web_messages=messages
+        results=len(due),
+        inputs=len(inputs),
+        orphans=len(orphans),
+        web_messages=messages,
+        carried=carried,
     )
     if report != SweepReport():
         log.info("retention sweep: %s", report)

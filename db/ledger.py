@@ -22,6 +22,8 @@ from db.models import LedgerEntry, utcnow
 from db.session import dialect_name, insert_in
 
 GRANT, RESERVE, COMMIT, REFUND = "grant", "reserve", "commit", "refund"
+# What a user since forgotten used on a day, kept with no job (db.privacy.delete).
+CARRIED = "carried"
 
 # The tables, for Core statements on the path of every request.
 ACCOUNTS = cast(Table, AccountRow.__table__)

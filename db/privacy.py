@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import Select, or_, select, update
+from sqlalchemy import Select, func, or_, select, update
 from sqlalchemy import delete as sql_delete
 from sqlalchemy.orm import Session
 
-from chitrakar.domain import JobKind
+from chitrakar.domain import ACTIVE_STATUSES, JobKind
 from chitrakar.quota import user_account
-from db import web
+from db import ledger, web
 from db.models import Account, Job, JobEvent, LedgerEntry, Report, ResultMessage, User
 
 
@@ -98,6 +98,32 @@ def _jobs_of(user_id: int | None) -> Select[Any]:
 
 def _ledger_filter(user_id: int | None, account_id: int | None) -> Any:
     return or_(LedgerEntry.account_id == account_id, LedgerEntry.job_id.in_(_jobs_of(user_id)))
+
+
+CARRIED_NOTE = "used on this day by a user since forgotten"
+
+
+def _used_on(
+    session: Session, user_id: int | None, account_id: int | None, day: date
+) -> dict[int, int]:
+    """By account, the sum of the day's entries that are the user's: their account's, and
+    their jobs' on a group's. The reserves of their jobs still waiting or running are left
+    out: those jobs are deleted, never made. Only sums that are not zero."""
+    unmade = select(Job.id).where(Job.user_id == user_id, Job.status.in_(ACTIVE_STATUSES))
+    sums = session.execute(
+        select(LedgerEntry.account_id, func.sum(LedgerEntry.amount))
+        .where(
+            _ledger_filter(user_id, account_id),
+            LedgerEntry.day == day,
+            or_(LedgerEntry.job_id.is_(None), LedgerEntry.job_id.not_in(unmade)),
+        )
+        .group_by(LedgerEntry.account_id)
+    )
+    return {used_by: int(total) for used_by, total in sums if total}
+
+
+def _limited(session: Session, account_id: int) -> bool:
+    return session.scalar(select(Account.daily_limit).where(Account.id == account_id)) is not None
 
 
 def _dedupe(values: list[str]) -> list[str]:
@@ -181,10 +207,15 @@ def _own_inputs(session: Session, user_id: int | None, paths: list[str]) -> list
     return [path for path in paths if path not in others]
 
 
-def delete(session: Session, channel: str, external_id: str) -> UserRecord | None:
+def delete(session: Session, channel: str, external_id: str, day: date) -> UserRecord | None:
     """Delete every row about a user, after collecting them; returns the record (so that the
     caller can delete the files it names once the deletion is committed), or None when
     nothing is stored about them. Does not commit.
+
+    Two things stay, so that forgetting is no way around a limit: a limit an admin set on
+    the user's credits (their account row, as a ban stays), and the credits they used on
+    `day`, the quota day under way (one entry with no job, on their account and on each
+    group's; `carried_entries_due` finds them once the day is over).
 
     Rows of other users are never deleted: a job of someone else made from one of this user's
     results (an admin's variation in a group) stays, with no parent."""
@@ -195,6 +226,7 @@ def delete(session: Session, channel: str, external_id: str) -> UserRecord | Non
     user_id = _user_id(session, channel, external_id)
     account_id = _account_id(session, channel, external_id)
     their_jobs = _jobs_of(user_id)
+    used_today = _used_on(session, user_id, account_id, day)
 
     # Jobs that start from one of theirs (their own follow-ups, or another user's) lose the
     # reference, so that their jobs can go.
@@ -239,7 +271,17 @@ def delete(session: Session, channel: str, external_id: str) -> UserRecord | Non
     chat = web.chat_of(external_id) if channel == web.CHANNEL else None
     if chat is not None:
         web.forget_chat(session, chat)
-    if account_id is not None:
+    for used_by, amount in used_today.items():
+        session.add(
+            LedgerEntry(
+                account_id=used_by, kind=ledger.CARRIED, amount=amount, day=day, note=CARRIED_NOTE
+            )
+        )
+    if (
+        account_id is not None
+        and account_id not in used_today
+        and not _limited(session, account_id)
+    ):
         session.execute(
             sql_delete(Account)
             .where(Account.id == account_id)

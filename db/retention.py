@@ -1,14 +1,18 @@
 """What the retention rules remove, found in the database. The caller deletes the files and
-then records it here; nothing about a job's history (its row, events, ledger) is removed."""
+then records it here; nothing about a job's history (its row, events, ledger) is removed.
+What a forgotten user used on a day goes once the day is over."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import CursorResult, delete, exists, select
 
 from chitrakar.domain import ACTIVE_STATUSES, JobKind
-from db.models import Job, JobEvent
+from chitrakar.quota import USER_ACCOUNT_PREFIX
+from db import ledger
+from db.models import Account, Job, JobEvent, LedgerEntry
 from db.session import UnitOfWork
 
 
@@ -64,6 +68,37 @@ def forget_input(uow: UnitOfWork, path: str) -> None:
     for job in uow.session.scalars(select(Job).where(Job.input_path == path)):
         job.input_path = None
     uow.commit()
+
+
+def forget_carried_before(uow: UnitOfWork, day: date) -> int:
+    """Delete what forgotten users used on days before `day` (kept only while it counts
+    against a limit: db.privacy.delete), and a user's account left with no entry and no
+    limit (a group's stays, as its settings do). Commits; how many entries went."""
+    carried = LedgerEntry.kind == ledger.CARRIED
+    accounts = list(
+        uow.session.scalars(
+            select(LedgerEntry.account_id).where(carried, LedgerEntry.day < day).distinct()
+        )
+    )
+    gone = cast(
+        CursorResult[Any],
+        uow.session.execute(
+            delete(LedgerEntry).where(carried, LedgerEntry.day < day),
+            execution_options={"synchronize_session": False},
+        ),
+    ).rowcount
+    uow.session.execute(
+        delete(Account)
+        .where(
+            Account.id.in_(accounts),
+            Account.key.startswith(USER_ACCOUNT_PREFIX),
+            Account.daily_limit.is_(None),
+            ~exists().where(LedgerEntry.account_id == Account.id),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    uow.commit()
+    return gone
 
 
 def existing_job_ids(uow: UnitOfWork, job_ids: list[int]) -> set[int]:

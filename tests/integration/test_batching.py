@@ -5,6 +5,7 @@ worker service, tiny model, store (SQLite and PostgreSQL) and Bot API emulator."
 from __future__ import annotations
 
 import io
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -232,7 +233,7 @@ def test_a_job_failing_in_a_batch_fails_alone(deployment: Deployment) -> None:
     leader, companions = _claim(deployment, blocked_id)
     assert len(companions) == 2
     with deployment.runtime.store.unit_of_work() as uow:
-        assert privacy.delete(uow.session, "telegram", "962") is not None
+        assert privacy.delete(uow.session, "telegram", "962", date.today()) is not None
         uow.commit()
 
     batch = [leader, *companions]

@@ -208,7 +208,7 @@ def test_a_job_whose_user_is_forgotten_while_it_runs_stops_cleanly(
     )
     who = Origin("telegram", chat["id"], "private", "812", "Ravi", "en", command["message_id"])
     accepted = intake.accept(who, parse_image_command(Command.PORTRAIT, "a quiet lake"))
-    privacy = PrivacyService(runtime.store, runtime.artifacts, runtime.media)
+    privacy = PrivacyService(runtime.store, runtime.artifacts, runtime.media, settings.zone)
     monkeypatch.setattr(service, "CANCEL_CHECK_INTERVAL_S", 0.0)
     real_progress = runtime.delivery.progress
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -490,7 +490,7 @@ def test_a_job_whose_user_is_forgotten_while_it_is_checked_sends_and_keeps_nothi
         task.start()
         assert check.entered.wait(WAIT_S)
         with worker.runtime.store.unit_of_work() as uow:
-            assert privacy.delete(uow.session, "telegram", "975") is not None
+            assert privacy.delete(uow.session, "telegram", "975", date.today()) is not None
             uow.commit()
         check.go.set()
         task.join(WAIT_S)

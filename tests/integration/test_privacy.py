@@ -8,9 +8,10 @@ import io
 import json
 import zipfile
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from PIL import Image
@@ -20,8 +21,8 @@ from chitrakar.artifacts import LocalArtifactStore
 from chitrakar.domain import GenerationPlan, JobKind
 from chitrakar.media import MediaStore
 from chitrakar.privacy import ForgetReport, PrivacyService
-from chitrakar.quota import Account
-from db import jobs, ledger
+from chitrakar.quota import Account, quota_day
+from db import jobs, ledger, retention
 from db.jobs import Charge, Origin
 from db.migrate import upgrade_to_head
 from db.models import Account as AccountRow
@@ -29,6 +30,7 @@ from db.models import Base, Job, LedgerEntry, User
 from db.session import Store
 
 DAY = date(2026, 11, 26)
+ZONE = ZoneInfo("Asia/Kolkata")
 GROUP = -100
 A, B = "42", "43"
 A_KEY, B_KEY, GROUP_KEY = "user:telegram:42", "user:telegram:43", "group:telegram:-100"
@@ -130,7 +132,7 @@ def world(database_url: str, tmp_path: Path) -> World:
     store = Store(database_url)
     artifacts = LocalArtifactStore(tmp_path / "artifacts")
     media = MediaStore(tmp_path / "media")
-    w = World(store, artifacts, media, PrivacyService(store, artifacts, media), tmp_path)
+    w = World(store, artifacts, media, PrivacyService(store, artifacts, media, ZONE), tmp_path)
 
     a_group = w.job(A, "a tea stall at dusk", images=2)
     w.job(A, "a kite over the river", chat_id=42, outcome="failed")
@@ -377,4 +379,65 @@ def test_an_account_without_a_user_row_is_exported_and_forgotten(world: World) -
             uow.session.scalar(select(func.count()).where(AccountRow.key == "user:telegram:77"))
             == 0
         )
+    world.store.dispose()
+
+
+def test_forgetting_keeps_an_admins_limit_and_what_was_used_today(world: World) -> None:
+    """/forget is no way around a limit: the user's account keeps the limit an admin set,
+    and their account and the group's keep, as one entry each with no job, what they used
+    today. Their jobs still waiting give their credits back: those are deleted, never made."""
+    today = quota_day(datetime.now(UTC), ZONE)
+    key = "user:telegram:88"
+    charge = Charge((Account(key, 10), Account(GROUP_KEY, 50)), 2, today)
+    plan = GenerationPlan("a boat race", 64, 64, 4, (1,), 7.0)
+    with world.store.unit_of_work() as uow:
+        ledger.set_account_limit(uow.session, key, 10)  # an admin's /setquota
+        ledger.grant(uow.session, key, 1, today)
+        uow.commit()
+    for outcome in ("done", "failed", "running"):
+        with world.store.unit_of_work() as uow:
+            job_id = jobs.take_in(
+                uow, world.origin("88", GROUP), JobKind.PORTRAIT, plan, charge=charge
+            ).job_id
+            jobs.start_job(uow, job_id, "worker-1")
+            if outcome == "done":
+                jobs.complete_job(
+                    uow,
+                    job_id,
+                    result_paths=["results/x.png"],
+                    result_file_ids=["file-x"],
+                    generation_seconds=1.0,
+                )
+            elif outcome == "failed":
+                jobs.fail_job(uow, job_id, "RuntimeError: out of memory")
+
+    def left(account: Account) -> int | None:
+        with world.store.unit_of_work() as uow:
+            return ledger.balance(uow.session, account, today)
+
+    assert (left(Account(key, 10)), left(Account(GROUP_KEY, 50))) == (10 + 1 - 4, 50 - 4)
+
+    world.service.forget("telegram", "88")
+
+    # The running job's 2 credits came back; the done job's stay spent, and the grant given.
+    assert (left(Account(key, 10)), left(Account(GROUP_KEY, 50))) == (10 + 1 - 2, 50 - 2)
+    with world.store.unit_of_work() as uow:
+        assert ledger.account_limit(uow.session, key) == 10
+        assert uow.session.scalar(select(User.id).where(User.external_id == "88")) is None
+    kept = [(k, kind, amount, job) for k, kind, amount, job in entries_of(world.store, key)]
+    assert kept == [(key, ledger.CARRIED, -1, None)]
+    carried = [e for e in entries_of(world.store, GROUP_KEY) if e[1] == ledger.CARRIED]
+    assert carried == [(GROUP_KEY, ledger.CARRIED, -2, None)]
+
+    # Kept while the day counts; once it is over, the retention sweep deletes them, and the
+    # account when nothing else holds it (the group's stays).
+    with world.store.unit_of_work() as uow:
+        assert retention.forget_carried_before(uow, today) == 0
+        ledger.set_account_limit(uow.session, key, None)  # the admin lifted the limit
+        uow.commit()
+    with world.store.unit_of_work() as uow:
+        assert retention.forget_carried_before(uow, today + timedelta(days=1)) == 2
+        keys = set(uow.session.scalars(select(AccountRow.key)))
+    assert key not in keys and GROUP_KEY in keys
+    assert not [e for e in entries_of(world.store, GROUP_KEY) if e[1] == ledger.CARRIED]
     world.store.dispose()

@@ -7,6 +7,7 @@ worker service, tiny model, store (SQLite and PostgreSQL) and Bot API emulator."
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +221,6 @@ def test_a_job_that_ended_or_is_gone_leaves_its_status_message_to_the_bot(
     assert _attach(runtime, job_id, status["message_id"]) is False
     gone_id, gone_status = _job(emulator, runtime, 1208)
     with runtime.store.unit_of_work() as uow:
-        assert privacy.delete(uow.session, "telegram", "1208") is not None
+        assert privacy.delete(uow.session, "telegram", "1208", date.today()) is not None
         uow.commit()
     assert _attach(runtime, gone_id, gone_status["message_id"]) is False

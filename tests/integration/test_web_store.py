@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from PIL import Image
 from sqlalchemy import func, select, update
@@ -221,7 +222,10 @@ def test_export_holds_the_chat_and_forget_deletes_it(store: Store, tmp_path: Pat
         web.post(uow, asha.id, from_bot=False, text="/help")
         web.post(uow, ravi.id, from_bot=False, text="/portrait ravi's secret")
     privacy = PrivacyService(
-        store, artifact_store_from_url(None, tmp_path), MediaStore(tmp_path / "media")
+        store,
+        artifact_store_from_url(None, tmp_path),
+        MediaStore(tmp_path / "media"),
+        ZoneInfo("UTC"),
     )
     # Only messages so far (no job, no credits): still theirs to export and to forget.
     archive = privacy.export_zip(web.CHANNEL, str(asha.id), "readme")
