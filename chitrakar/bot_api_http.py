@@ -22,7 +22,9 @@ its URL), and an `https://` proxy URL is used rather than skipped with a warning
 
 from __future__ import annotations
 
+import json
 import urllib.request
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -34,6 +36,8 @@ from telegram.request import BaseRequest, RequestData
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 # Connections kept to the Bot API; python-telegram-bot's default for its own client.
 DEFAULT_POOL_SIZE = 256
+# How much of an error page a NetworkError quotes.
+QUOTED_PAGE_CHARS = 200
 
 
 class AiohttpRequest(BaseRequest):
@@ -122,11 +126,20 @@ class AiohttpRequest(BaseRequest):
                 allow_redirects=False,
                 proxy=self._proxy_for(url),
             ) as answer:
-                return answer.status, await answer.read()
+                status, payload = answer.status, await answer.read()
         except TimeoutError as exc:  # aiohttp's own timeouts are TimeoutErrors too
             raise TimedOut from exc
         except aiohttp.ClientError as exc:
             raise NetworkError(f"aiohttp.{type(exc).__name__}: {exc}") from exc
+        if status >= HTTPStatus.INTERNAL_SERVER_ERROR and not _is_json(payload):
+            # A proxy's error page (a 502 or 504 from nginx in front of the Bot API), not
+            # Telegram's answer. python-telegram-bot before 22.2 parses the body before it
+            # looks at the status and raises a bare TelegramError, which callers take for a
+            # refusal; later versions raise a NetworkError but log the page as an error with a
+            # traceback. A NetworkError from here is retried like any 5xx.
+            page = payload[:QUOTED_PAGE_CHARS].decode("utf-8", "replace")
+            raise NetworkError(f"the Bot API answered {status} with a non-JSON body: {page!r}")
+        return status, payload
 
     def _proxy_for(self, url: str) -> str | None:
         """The proxy `HTTP_PROXY` or `HTTPS_PROXY` names for the URL's scheme; None when there
@@ -142,3 +155,11 @@ class AiohttpRequest(BaseRequest):
     def _chosen(given: Any, default: float | None) -> float | None:
         """A timeout passed to this call, or this client's own when it was left out."""
         return default if isinstance(given, type(BaseRequest.DEFAULT_NONE)) else given
+
+
+def _is_json(payload: bytes) -> bool:
+    try:
+        json.loads(payload)
+    except ValueError:  # UnicodeDecodeError included
+        return False
+    return True

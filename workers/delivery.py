@@ -29,7 +29,7 @@ from telegram import (
     ReplyParameters,
 )
 from telegram.constants import ChatAction
-from telegram.error import BadRequest, NetworkError, RetryAfter, TelegramError
+from telegram.error import BadRequest, ChatMigrated, NetworkError, RetryAfter, TelegramError
 
 from chitrakar.bot_api_http import AiohttpRequest
 from chitrakar.buttons import labelled, result_buttons, style_buttons
@@ -45,12 +45,14 @@ T = TypeVar("T")
 
 CHANNEL = "telegram"
 
-# Read and write timeouts of one upload; a delivery with its retries gets the longer deadline.
+# Read and write timeouts of one upload.
 UPLOAD_TIMEOUT_S = 60.0
+# The longest a result's send may take, its waits on flood limits and server errors included.
+# A 429 is waited out (the full `retry_after`) for as long as this allows.
 DELIVERY_DEADLINE_S = 600.0
-# How often a send is retried after Telegram's "429 Too Many Requests", and the longest wait.
-FLOOD_RETRIES = 3
-MAX_RETRY_AFTER_S = 120.0
+# What follows a sent result (an album's buttons, the status message's removal) gets this long
+# of its own: the user has the images by then, so no wait after them may undo the delivery.
+FOLLOW_UP_DEADLINE_S = 60.0
 # The waits before each new try after a 5xx or a network error.
 SERVER_ERROR_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0)
 # sendPhoto refuses uploads over 10 MB; a photo is sent at the first quality that fits.
@@ -77,8 +79,10 @@ class BackgroundLoop:
         try:
             return future.result(timeout)
         except TimeoutError:
-            future.cancel()
-            raise
+            if future.cancel():
+                raise
+            # It ended just as the time ran out: what it sent stands.
+            return future.result()
 
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -124,38 +128,34 @@ def _seconds(value: float | timedelta) -> float:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 
-async def _quietly(coro: Coroutine[Any, Any, Any]) -> None:
-    """Await a call whose failure must not fail the job (status edits, chat actions)."""
-    try:
-        await coro
-    except TelegramError as exc:
-        log.warning("Bot API call failed, carrying on: %s", exc)
+class FloodWaitPastDeadline(TelegramError):
+    """Telegram asks a chat to wait longer than the send has left."""
 
 
-async def _respecting_flood_limits(send: Callable[[], Awaitable[T]]) -> T:
-    """Send, and after a 429 wait as long as Telegram asks and send again; after a 5xx or a
-    network error wait a little longer each time and send again. A refusal (400, 403) is
-    final. (A send that timed out after Telegram took it may arrive twice: a result is never
-    dropped, and rarely duplicated.)"""
-    flood_waits = 0
-    for backoff in (*SERVER_ERROR_BACKOFF_S, None):
-        try:
-            return await send()
-        except RetryAfter as exc:
-            flood_waits += 1
-            if flood_waits >= FLOOD_RETRIES:
-                raise
-            wait = min(_seconds(exc.retry_after), MAX_RETRY_AFTER_S)
-            log.warning("Telegram asked to wait %.0f s (attempt %d)", wait, flood_waits)
-        except BadRequest:
-            raise
-        except NetworkError as exc:  # 5xx, a dropped connection, a timeout
-            if backoff is None:
-                raise
-            wait = backoff
-            log.warning("Bot API unreachable (%s); sending again in %.0f s", exc, wait)
-        await asyncio.sleep(wait)
-    raise AssertionError("unreachable")
+class FloodLimits:
+    """Until when each chat is under Telegram's flood limit, from the last 429 that named it.
+    Written on the delivery loop, read by the worker's threads as well."""
+
+    def __init__(self) -> None:
+        self._until: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    def note(self, chat_id: int, retry_after: float) -> None:
+        with self._lock:
+            until = monotonic() + retry_after
+            self._until[chat_id] = max(until, self._until.get(chat_id, until))
+
+    def wait_left(self, chat_id: int) -> float:
+        """Seconds until the chat may be sent to again; 0 when it may now."""
+        with self._lock:
+            until = self._until.get(chat_id)
+            if until is None:
+                return 0.0
+            left = until - monotonic()
+            if left > 0:
+                return left
+            del self._until[chat_id]
+            return 0.0
 
 
 class TelegramDelivery:
@@ -184,6 +184,9 @@ class TelegramDelivery:
         self._edits: dict[int, Future[None]] = {}
         # Per job being checked and stored: its "uploading a photo" action on the way.
         self._uploading: dict[int, Future[None]] = {}
+        self._flood = FloodLimits()
+        # Groups that became supergroups, by their old chat id: the new one.
+        self._migrated: dict[int, int] = {}
 
     def close(self) -> None:
         try:
@@ -197,24 +200,125 @@ class TelegramDelivery:
             return None
         return ReplyParameters(job.request_message_id, allow_sending_without_reply=True)
 
+    def _where(self, job: JobView) -> tuple[int, ReplyParameters | None]:
+        """The chat the job's messages go to, and what they reply to. A group that became a
+        supergroup gets them under its new id, replying to nothing: message ids do not carry
+        over."""
+        moved_to = self._migrated.get(job.chat_id)
+        if moved_to is not None:
+            return moved_to, None
+        return job.chat_id, self._reply_to(job)
+
+    def _moved(self, job: JobView, chat_id: int, new_chat_id: int) -> None:
+        log.warning(
+            "job %s: chat %s became supergroup %s; its messages go there",
+            job.id,
+            chat_id,
+            new_chat_id,
+        )
+        self._migrated[chat_id] = new_chat_id
+
+    async def _quietly(
+        self, job: JobView, what: str, call: Awaitable[Any], chat_id: int | None = None
+    ) -> None:
+        """Await a call whose failure must not fail the job (status edits, chat actions, what
+        follows a sent result). A 429 puts the chat's edits off until it is over."""
+        chat_id = job.chat_id if chat_id is None else chat_id
+        try:
+            await call
+        except RetryAfter as exc:
+            self._flood.note(chat_id, _seconds(exc.retry_after))
+            log.warning(
+                "job %s: %s in chat %s hit a flood limit, skipped: %s", job.id, what, chat_id, exc
+            )
+        except ChatMigrated as exc:
+            self._moved(job, chat_id, exc.new_chat_id)
+        except TelegramError as exc:
+            log.warning("job %s: %s in chat %s failed, carrying on: %s", job.id, what, chat_id, exc)
+
+    async def _respecting_limits(
+        self, chat_id: int, send: Callable[[], Awaitable[T]], deadline: float, what: str
+    ) -> T:
+        """Send once the chat is out of its flood limit; after a 429, wait as long as Telegram
+        asks and send again, for as long as the deadline allows; after a 5xx or a network
+        error, wait a little longer each time and send again. A refusal (400, 403) is final.
+        (A send that timed out after Telegram took it may arrive twice: a result is never
+        dropped, and rarely duplicated.)"""
+        backoffs = iter(SERVER_ERROR_BACKOFF_S)
+        while True:
+            wait = self._flood.wait_left(chat_id)
+            if wait > 0:
+                if monotonic() + wait > deadline:
+                    raise FloodWaitPastDeadline(
+                        f"{what}: chat {chat_id} must wait {wait:.0f} s, past the deadline"
+                    )
+                await asyncio.sleep(wait)
+            try:
+                return await send()
+            except RetryAfter as exc:
+                retry_after = _seconds(exc.retry_after)
+                self._flood.note(chat_id, retry_after)
+                log.warning(
+                    "%s: Telegram asked chat %s to wait %.0f s; sending again then",
+                    what,
+                    chat_id,
+                    retry_after,
+                )
+            except BadRequest:
+                raise
+            except NetworkError as exc:  # 5xx, a dropped connection, a timeout
+                backoff = next(backoffs, None)
+                if backoff is None or monotonic() + backoff > deadline:
+                    raise
+                log.warning(
+                    "%s: Bot API unreachable (%s); sending again in %.0f s", what, exc, backoff
+                )
+                await asyncio.sleep(backoff)
+
+    async def _send(
+        self,
+        job: JobView,
+        what: str,
+        send: Callable[[int, ReplyParameters | None], Awaitable[T]],
+        deadline: float,
+    ) -> T:
+        """Send one of the job's messages to its chat (see `_respecting_limits`); to the
+        supergroup its group became, when Telegram says it has."""
+        chat_id, reply = self._where(job)
+        try:
+            return await self._respecting_limits(
+                chat_id, lambda: send(chat_id, reply), deadline, what
+            )
+        except ChatMigrated as exc:
+            self._moved(job, chat_id, exc.new_chat_id)
+            new_chat_id = exc.new_chat_id
+        return await self._respecting_limits(
+            new_chat_id, lambda: send(new_chat_id, None), deadline, what
+        )
+
     def _edit_status(self, job: JobView, key: str, **params: Any) -> None:
-        """Edit the job's status message without waiting. Dropped while throttled or while the
-        previous edit is still on its way: only the latest state is worth showing."""
-        if job.status_message_id is None:
+        """Edit the job's status message without waiting. Dropped while throttled, while the
+        chat is under a flood limit, or while the previous edit is still on its way: only the
+        latest state is worth showing."""
+        if job.status_message_id is None or job.chat_id in self._migrated:
             return
         previous = self._edits.get(job.id)
         if previous is not None and not previous.done():
+            return
+        if self._flood.wait_left(job.chat_id) > 0:
             return
         throttle = self._throttles.setdefault(job.id, ProgressThrottle(self._progress_interval))
         if not throttle.allow(monotonic()):
             return
         self._edits[job.id] = self._loop.submit(
-            _quietly(
+            self._quietly(
+                job,
+                "a status edit",
                 self._bot.edit_message_text(
                     text(job.language, key, **params),
                     chat_id=job.chat_id,
                     message_id=job.status_message_id,
-                )
+                ),
             )
         )
 
@@ -239,91 +343,127 @@ class TelegramDelivery:
     def progress(self, job: JobView, done: int, total: int) -> None:
         self._edit_status(job, "status.progress", percent=round(100 * done / max(total, 1)))
 
+    async def _upload_action(self, job: JobView) -> None:
+        """Show "sending a photo", unless the chat is under a flood limit: the action would
+        be refused, and the result waits for the limit anyway."""
+        chat_id, _ = self._where(job)
+        if self._flood.wait_left(chat_id) > 0:
+            return
+        action = self._bot.send_chat_action(chat_id, ChatAction.UPLOAD_PHOTO)
+        await self._quietly(job, "the upload action", action, chat_id)
+
     def uploading(self, job: JobView) -> None:
         # Sent while the images are checked and stored, so that its round trip (100 ms or
         # more across the internet) is not one more wait before the photo.
-        self._uploading[job.id] = self._loop.submit(
-            _quietly(self._bot.send_chat_action(job.chat_id, ChatAction.UPLOAD_PHOTO))
-        )
+        self._uploading[job.id] = self._loop.submit(self._upload_action(job))
 
     def deliver(
         self, job: JobView, images: Sequence[Image.Image], seconds: float, spoiler: bool = False
     ) -> Delivered:
         """Send the images as a reply to the request (under a spoiler when asked) and remove
-        the status message. Raises when the images could not be sent."""
+        the status message. Raises when the images could not be sent; once they are, nothing
+        after them (an album's buttons, the status message's removal) fails the delivery."""
         # Encoded here, in the worker's thread: the loop carries every job's Bot API calls.
         photos = [_as_photo(image) for image in images]
-        announced = self._uploading.pop(job.id, None)
-        self._settle(job)
-        return self._loop.run(
-            self._deliver(job, photos, seconds, spoiler, announced), DELIVERY_DEADLINE_S
-        )
-
-    async def _deliver(
-        self,
-        job: JobView,
-        photos: Sequence[bytes],
-        seconds: float,
-        spoiler: bool,
-        announced: Future[None] | None,
-    ) -> Delivered:
         captions = [result_caption(self._catalogue, job, seed, seconds) for seed in job.plan.seeds]
         rows = result_buttons(job.id, job.kind, len(photos), selfie_kept=self._selfies_kept)
         keyboard = _keyboard(job.language, rows)
-        # The chat action lands first: arriving after the photo, a client would show "sending
-        # a photo" under it for 5 s.
-        if announced is None:
-            await _quietly(self._bot.send_chat_action(job.chat_id, ChatAction.UPLOAD_PHOTO))
-        else:
-            await asyncio.wrap_future(announced)
-        if len(photos) == 1:
-            sent = [
-                await _respecting_flood_limits(
-                    lambda: self._bot.send_photo(
-                        job.chat_id,
-                        photos[0],
-                        caption=captions[0],
-                        has_spoiler=spoiler,
-                        reply_parameters=self._reply_to(job),
-                        reply_markup=keyboard,
-                        **_UPLOAD_TIMEOUTS,
-                    )
-                )
-            ]
-        else:
-            sent = list(
-                await _respecting_flood_limits(
-                    lambda: self._bot.send_media_group(
-                        job.chat_id,
-                        [
-                            InputMediaPhoto(photo, caption=caption, has_spoiler=spoiler)
-                            for photo, caption in zip(photos, captions, strict=True)
-                        ],
-                        reply_parameters=self._reply_to(job),
-                        **_UPLOAD_TIMEOUTS,
-                    )
-                )
-            )
-            # An album carries no buttons: they come in a message of their own, under it. The
-            # images have arrived by now: failing to add the buttons does not fail the job.
-            key = "button.avatar_album" if job.kind == JobKind.AVATAR else "button.album"
-            await _quietly(
-                _respecting_flood_limits(
-                    lambda: self._bot.send_message(
-                        job.chat_id,
-                        text(job.language, key, count=len(photos)),
-                        reply_parameters=ReplyParameters(
-                            sent[0].message_id, allow_sending_without_reply=True
-                        ),
-                        reply_markup=keyboard,
-                    )
-                )
-            )
-        await self._remove_status(job)
+        announced = self._uploading.pop(job.id, None)
+        self._settle(job)
+        deadline = monotonic() + DELIVERY_DEADLINE_S
+        sent = self._loop.run(
+            self._send_result(job, photos, captions, keyboard, spoiler, announced, deadline),
+            DELIVERY_DEADLINE_S,
+        )
+        self._follow_up(job, lambda until: self._after_result(job, sent, keyboard, until))
         return Delivered(
             file_ids=[_largest_photo_id(message) for message in sent],
             message_ids=[message.message_id for message in sent],
         )
+
+    async def _send_result(
+        self,
+        job: JobView,
+        photos: Sequence[bytes],
+        captions: Sequence[str],
+        keyboard: InlineKeyboardMarkup,
+        spoiler: bool,
+        announced: Future[None] | None,
+        deadline: float,
+    ) -> list[Message]:
+        # The chat action lands first: arriving after the photo, a client would show "sending
+        # a photo" under it for 5 s.
+        if announced is None:
+            await self._upload_action(job)
+        else:
+            await asyncio.wrap_future(announced)
+        what = f"job {job.id}'s result"
+        if len(photos) == 1:
+            photo = await self._send(
+                job,
+                what,
+                lambda chat_id, reply: self._bot.send_photo(
+                    chat_id,
+                    photos[0],
+                    caption=captions[0],
+                    has_spoiler=spoiler,
+                    reply_parameters=reply,
+                    reply_markup=keyboard,
+                    **_UPLOAD_TIMEOUTS,
+                ),
+                deadline,
+            )
+            return [photo]
+        album = await self._send(
+            job,
+            what,
+            lambda chat_id, reply: self._bot.send_media_group(
+                chat_id,
+                [
+                    InputMediaPhoto(photo, caption=caption, has_spoiler=spoiler)
+                    for photo, caption in zip(photos, captions, strict=True)
+                ],
+                reply_parameters=reply,
+                **_UPLOAD_TIMEOUTS,
+            ),
+            deadline,
+        )
+        return list(album)
+
+    def _follow_up(self, job: JobView, steps: Callable[[float], Coroutine[Any, Any, None]]) -> None:
+        """Run what follows a sent result within its own time. Neither a failure nor a wait
+        past that time is raised: the result is in the chat, so the job was delivered."""
+        try:
+            self._loop.run(steps(monotonic() + FOLLOW_UP_DEADLINE_S), FOLLOW_UP_DEADLINE_S)
+        except Exception:
+            log.warning(
+                "job %s: its result was sent; what follows it was not done in %.0f s",
+                job.id,
+                FOLLOW_UP_DEADLINE_S,
+                exc_info=True,
+            )
+
+    async def _after_result(
+        self, job: JobView, sent: Sequence[Message], keyboard: InlineKeyboardMarkup, deadline: float
+    ) -> None:
+        if len(sent) > 1:
+            # An album carries no buttons: they come in a message of their own, under it (in
+            # the chat it went to).
+            key = "button.avatar_album" if job.kind == JobKind.AVATAR else "button.album"
+            chat_id, first = sent[0].chat_id, sent[0].message_id
+            buttons = self._respecting_limits(
+                chat_id,
+                lambda: self._bot.send_message(
+                    chat_id,
+                    text(job.language, key, count=len(sent)),
+                    reply_parameters=ReplyParameters(first, allow_sending_without_reply=True),
+                    reply_markup=keyboard,
+                ),
+                deadline,
+                f"job {job.id}'s album buttons",
+            )
+            await self._quietly(job, "the album's buttons", buttons, chat_id)
+        await self._remove_status(job, deadline)
 
     def blocked(self, job: JobView) -> None:
         """Tell the user their images were held back by the content check (credits back)."""
@@ -332,50 +472,75 @@ class TelegramDelivery:
     def _notify(self, job: JobView, notice: str) -> None:
         """Put a final word on the job's status message, or else send it as a reply."""
         self._settle(job)
+        deadline = monotonic() + DELIVERY_DEADLINE_S
         try:
-            self._loop.run(self._replace_status(job, notice), DELIVERY_DEADLINE_S)
+            self._loop.run(self._replace_status(job, notice, deadline), DELIVERY_DEADLINE_S)
         except Exception:
             log.exception("could not tell chat %s about job %s", job.chat_id, job.id)
 
-    async def _replace_status(self, job: JobView, notice: str) -> None:
-        if job.status_message_id is not None:
+    async def _replace_status(self, job: JobView, notice: str, deadline: float) -> None:
+        """The notice on the status message, once the chat's flood limit allows. Sent as a
+        reply instead only when the edit is refused (the user deleted the status message) or
+        the group became a supergroup."""
+        message_id = job.status_message_id
+        if message_id is not None and job.chat_id not in self._migrated:
             try:
-                await self._bot.edit_message_text(
-                    notice, chat_id=job.chat_id, message_id=job.status_message_id
+                await self._respecting_limits(
+                    job.chat_id,
+                    lambda: self._bot.edit_message_text(
+                        notice, chat_id=job.chat_id, message_id=message_id
+                    ),
+                    deadline,
+                    f"job {job.id}'s notice",
                 )
                 return
-            except TelegramError as exc:
-                # The user may have deleted the status message: reply instead.
-                log.warning("could not edit the status message of job %s: %s", job.id, exc)
-        await _respecting_flood_limits(
-            lambda: self._bot.send_message(
-                job.chat_id, notice, reply_parameters=self._reply_to(job)
-            )
+            except BadRequest as exc:
+                log.warning("job %s: could not edit its status message (%s); replying", job.id, exc)
+            except ChatMigrated as exc:
+                self._moved(job, job.chat_id, exc.new_chat_id)
+        await self._send(
+            job,
+            f"job {job.id}'s notice",
+            lambda chat_id, reply: self._bot.send_message(chat_id, notice, reply_parameters=reply),
+            deadline,
         )
 
-    async def _remove_status(self, job: JobView) -> None:
-        if job.status_message_id is not None:
-            await _quietly(self._bot.delete_message(job.chat_id, job.status_message_id))
+    async def _remove_status(self, job: JobView, deadline: float) -> None:
+        # A migrated group's status message stays in the old group, which takes no more calls.
+        message_id = job.status_message_id
+        if message_id is None or job.chat_id in self._migrated:
+            return
+        removal = self._respecting_limits(
+            job.chat_id,
+            lambda: self._bot.delete_message(job.chat_id, message_id),
+            deadline,
+            f"job {job.id}'s status removal",
+        )
+        await self._quietly(job, "the status message's removal", removal)
 
     def deliver_previews(self, job: JobView, grid: Path) -> list[str]:
         """Send the style grid with a button per style."""
         self._settle(job)
         photo = grid.read_bytes()
-        return self._loop.run(self._deliver_previews(job, photo), DELIVERY_DEADLINE_S)
-
-    async def _deliver_previews(self, job: JobView, photo: bytes) -> list[str]:
         keyboard = _keyboard(job.language, style_buttons(self._catalogue, job.language))
-        sent = await _respecting_flood_limits(
-            lambda: self._bot.send_photo(
-                job.chat_id,
-                photo,
-                caption=text(job.language, "styles.grid_caption"),
-                reply_parameters=self._reply_to(job),
-                reply_markup=keyboard,
-                **_UPLOAD_TIMEOUTS,
-            )
+        caption = text(job.language, "styles.grid_caption")
+        sent = self._loop.run(
+            self._send(
+                job,
+                f"job {job.id}'s style grid",
+                lambda chat_id, reply: self._bot.send_photo(
+                    chat_id,
+                    photo,
+                    caption=caption,
+                    reply_parameters=reply,
+                    reply_markup=keyboard,
+                    **_UPLOAD_TIMEOUTS,
+                ),
+                monotonic() + DELIVERY_DEADLINE_S,
+            ),
+            DELIVERY_DEADLINE_S,
         )
-        await self._remove_status(job)
+        self._follow_up(job, lambda until: self._remove_status(job, until))
         return [_largest_photo_id(sent)]
 
     def apologise(self, job: JobView) -> None:
