@@ -14,14 +14,14 @@ from telegram.error import TelegramError
 from telegram.ext import ApplicationHandlerStop
 
 from bot.bootstrap import CHANNEL
-from bot.context import BotContext, actor_of, language_of
-from bot.handlers import command_arguments, keyboard
+from bot.context import BotContext, actor_of, language_of, sender_of
+from bot.handlers import command_arguments, command_of, keyboard
 from chitrakar import replies
 from chitrakar.admin_commands import admin_reply
 from chitrakar.buttons import Action, Button, ButtonPress, review_buttons
 from chitrakar.domain import Command, CommandError
 from chitrakar.moderation import Actor
-from chitrakar.permissions import Permission, may
+from chitrakar.permissions import Permission, may, refusal_for
 from chitrakar.texts import DEFAULT_LANGUAGE, text
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,33 @@ BANNED_REPLY_EVERY_S = 300.0
 SWITCHABLE_COMMANDS = ("portrait", "avatar")
 GROUP_QUOTA_CHOICES = ("off", "10", "20", "50", "100")
 POLICIES = ("default", "block", "spoiler", "allow")
+# Commands of this bot (another bot's in the same group are none of its business).
+KNOWN_COMMANDS = frozenset(Command)
 DECISION_NAMES = {
     "dismissed": "report.decision_dismissed",
     "deleted": "report.decision_deleted",
     "banned": "report.decision_banned",
 }
+
+
+async def sender_gate(update: Update, context: BotContext) -> None:
+    """Before the ban gate: a command sent on behalf of a chat (as a channel, a linked
+    channel's automatic forward) is refused, as there is no person to ban, charge or own its
+    result; an anonymous admin may change the group's settings, nothing else."""
+    message = update.message
+    if message is None:
+        return
+    command = command_of(message, context.bot.username)
+    if command is None or command not in KNOWN_COMMANDS:
+        return
+    refusal = refusal_for(sender_of(update), command)
+    if refusal is None:
+        return
+    try:
+        await message.reply_text(text(language_of(update), refusal))
+    except TelegramError as exc:
+        log.info("could not refuse a command sent on behalf of a chat: %s", exc)
+    raise ApplicationHandlerStop
 
 
 async def ban_gate(update: Update, context: BotContext) -> None:
@@ -76,33 +98,42 @@ async def _reply(message: Message, update: Update, key: str, **params: object) -
     await message.reply_text(text(language_of(update), key, **params))
 
 
-def _target_and_rest(message: Message) -> tuple[str | None, list[str]]:
-    """The user a command is about (a reply's author, or the first word) and the rest."""
-    # An id given wins over a reply (in a forum topic every message "replies" to the topic).
-    target, words = replies.admin_target(command_arguments(message).split())
-    if target is not None:
-        return target, words
+def _replied_to(message: Message) -> Message | None:
+    """The message a command replies to; None for none, or for a forum topic's first
+    message (in a topic, every message "replies" to it)."""
     replied = message.reply_to_message
-    if (
-        replied is not None
-        and replied.forum_topic_created is None
-        and replied.from_user is not None
-        and not replied.from_user.is_bot
-    ):
-        return str(replied.from_user.id), words
-    return None, words
+    if replied is None or replied.forum_topic_created is not None:
+        return None
+    return replied
+
+
+def _on_behalf_of_chat(message: Message) -> bool:
+    """Sent as a channel or the group, or forwarded from the linked channel: Telegram names
+    no person as its author."""
+    return message.sender_chat is not None or bool(message.is_automatic_forward)
+
+
+def _author(message: Message) -> str | None:
+    """The person who wrote a message; None for a bot's, or one sent on behalf of a chat."""
+    user = message.from_user
+    if user is None or user.is_bot or _on_behalf_of_chat(message):
+        return None
+    return str(user.id)
 
 
 async def admin_command(update: Update, context: BotContext) -> None:
-    """A bot admin's command (/ban, /grant, /stats…): the target is an id given first, or the
-    author of the message replied to."""
+    """A bot admin's command (/ban, /grant, /stats…): the target is the author of the
+    message replied to (every word then an argument), else an id given first."""
     message = update.effective_message
     if message is None or message.text is None:
         return
     command = Command(message.text.split(maxsplit=1)[0][1:].split("@")[0].lower())
     actor = await actor_of(update, context)
     language = language_of(update)
-    target, rest = _target_and_rest(message)
+    replied = _replied_to(message)
+    author = _author(replied) if replied is not None else None
+    target, rest = replies.admin_target(command_arguments(message).split(), author)
+    author_unknown = replied is not None and _on_behalf_of_chat(replied)
     services = context.services
     try:
         reply = await asyncio.to_thread(
@@ -113,6 +144,7 @@ async def admin_command(update: Update, context: BotContext) -> None:
                 target,
                 rest,
                 command_arguments(message),
+                author_unknown=author_unknown,
                 moderation=services.moderation,
                 intake=services.intake,
                 settings=services.settings,
@@ -301,14 +333,19 @@ async def report(update: Update, context: BotContext) -> None:
     actor = await actor_of(update, context)
     moderation = context.services.moderation
     try:
-        report_id, job = await asyncio.to_thread(moderation.report, actor, replied.message_id)
+        opened, job = await asyncio.to_thread(moderation.report, actor, replied.message_id)
     except CommandError as exc:
         await _reply(message, update, exc.key, **exc.params)
         return
+    report_id = opened.id
     admins = sorted(context.services.settings.bot_admins)
     if not admins:
         log.warning("report %s has no one to go to: CHITRAKAR_ADMIN_IDS is empty", report_id)
         await _reply(message, update, "report.no_reviewers")
+        return
+    if not opened.created:
+        # The reporter's open report on it was found again: its cards went out already.
+        await _reply(message, update, "report.already_sent")
         return
     await _reply(message, update, "report.sent")
     for admin_id in admins:

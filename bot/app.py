@@ -63,7 +63,9 @@ def build_application(settings: Settings, services: BotServices | None = None) -
     )
     application.bot_data["services"] = services
     application.bot_data["calls"] = TogetherCalls.of(services)
-    # Before everything else: a banned user's commands and presses go no further.
+    # Before everything else: commands sent on behalf of a chat (as a channel), then a banned
+    # user's commands and presses, go no further; every entry path below is behind them.
+    application.add_handler(TypeHandler(Update, admin.sender_gate), group=-2)
     application.add_handler(TypeHandler(Update, admin.ban_gate), group=-1)
     # New messages only: editing a sent command must not queue a second job.
     new_messages = filters.UpdateType.MESSAGE

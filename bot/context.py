@@ -19,6 +19,7 @@ from bot.coalescing import Coalesced
 from bot.intake_process import IN_THE_INTAKE_PROCESS, INTAKE_CALLS, IntakeProcess
 from chitrakar.domain import CommandError, ImageRequest
 from chitrakar.moderation import Actor
+from chitrakar.permissions import Sender, sender_kind
 from chitrakar.services import Accepted
 from chitrakar.texts import pick_language
 from db.jobs import Origin
@@ -143,9 +144,27 @@ async def is_group_admin(context: BotContext, chat_id: int, user_id: int) -> boo
     return answer
 
 
+def sender_of(update: Update) -> Sender:
+    """Who sent a new message: a person, or someone on behalf of a chat. A button press is
+    always a person's."""
+    message = update.message
+    if message is None:
+        return Sender.PERSON
+    sender_chat = message.sender_chat
+    return sender_kind(
+        message.chat_id,
+        sender_chat.id if sender_chat is not None else None,
+        bool(message.is_automatic_forward),
+    )
+
+
 async def actor_of(update: Update, context: BotContext) -> Actor:
     chat, user = update.effective_chat, update.effective_user
     assert chat is not None and user is not None
-    group_admin = chat.type != ChatType.PRIVATE and await is_group_admin(context, chat.id, user.id)
+    # Posting as the group itself is for its admins only: Telegram vouches for them.
+    group_admin = chat.type != ChatType.PRIVATE and (
+        sender_of(update) == Sender.ANONYMOUS_ADMIN
+        or await is_group_admin(context, chat.id, user.id)
+    )
     role = context.services.moderation.role_of(str(user.id), group_admin)
     return Actor(channel=CHANNEL, user_id=str(user.id), role=role, chat_id=chat.id)

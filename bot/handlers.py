@@ -66,12 +66,16 @@ def command_arguments(message: Message) -> str:
     return body[first.offset + len(entities[first]) :].strip()
 
 
-def _caption_addressed_elsewhere(message: Message, bot_username: str) -> bool:
-    """`/avatar@other_bot` in a caption is for another bot (CommandHandler checks this for
-    texts, but captions come through a message filter)."""
-    command = (message.caption or "").split(maxsplit=1)[0]
-    _, at, username = command.partition("@")
-    return bool(at) and username.lower() != bot_username.lower()
+def command_of(message: Message, bot_username: str) -> str | None:
+    """The command a text or caption starts with (`/avatar` or `/avatar@bot`), lower case,
+    without the slash; None when it starts with none, or names another bot."""
+    body = message.text if message.text is not None else message.caption or ""
+    if not body.startswith("/"):
+        return None
+    command, at, username = body.split(maxsplit=1)[0][1:].partition("@")
+    if at and username.lower() != bot_username.lower():
+        return None
+    return command.lower()
 
 
 def keyboard(language: str, rows: list[list[Button]]) -> InlineKeyboardMarkup:
@@ -190,13 +194,21 @@ async def avatar(update: Update, context: BotContext) -> None:
     if message is None:
         return
     language = language_of(update)
-    if message.text is None and _caption_addressed_elsewhere(message, context.bot.username):
+    # `/avatar@other_bot` in a caption is for another bot (CommandHandler checks this for
+    # texts, but captions come through a message filter).
+    if message.text is None and command_of(message, context.bot.username) is None:
         return
     replied = message.reply_to_message
     if any(m is not None and (m.animation or m.video or m.video_note) for m in (message, replied)):
         await message.reply_text(text(language, "photo.animated"))
         return
-    photo = _photo_in(message) or _photo_in(replied)
+    photo = _photo_in(message)
+    if photo is None and replied is not None:
+        photo = _photo_in(replied)
+        # Only one's own face: another's would be kept outside their /export and /forget.
+        if photo is not None and not _same_sender(message, replied):
+            await message.reply_text(text(language, "avatar.not_your_photo"))
+            return
     if photo is None:
         await message.reply_text(text(language, "avatar.how"))
         return
@@ -214,6 +226,16 @@ async def avatar(update: Update, context: BotContext) -> None:
         await message.reply_text(replies.command_error(language, steps, Command.AVATAR, exc))
         return
     await _announce_and_dispatch(message, accepted, language, context)
+
+
+def _same_sender(message: Message, other: Message) -> bool:
+    """Both sent by one person as themselves (a post as a channel names no person)."""
+    return (
+        message.from_user is not None
+        and other.from_user is not None
+        and message.from_user.id == other.from_user.id
+        and other.sender_chat is None
+    )
 
 
 async def _download(context: BotContext, file_id: str, declared_size: int | None) -> bytes:
@@ -259,7 +281,11 @@ async def styles(update: Update, context: BotContext) -> None:
         return
     listing = replies.styles_listing(language, catalogue, MessageLimit.MAX_TEXT_LENGTH)
     await message.reply_text(listing, reply_markup=markup)
-    accepted = await asyncio.to_thread(intake.request_previews, origin_of(update, language))
+    try:
+        accepted = await asyncio.to_thread(intake.request_previews, origin_of(update, language))
+    except CommandError as exc:  # paused, say: the listing stands, the previews wait
+        await message.reply_text(text(language, exc.key, **exc.params))
+        return
     if accepted is not None and not accepted.duplicate:
         await message.reply_text(text(language, "styles.previews_coming"))
         await _announce_and_dispatch(message, accepted, language, context)

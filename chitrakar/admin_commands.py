@@ -36,30 +36,35 @@ def admin_reply(
     rest: list[str],
     words: str,
     *,
+    author_unknown: bool = False,
     moderation: Moderation,
     intake: JobIntake,
     settings: Settings,
 ) -> str:
-    """`target` and `rest`: the user the command is about and the words after them; `words`:
-    everything after the command (a /pause message)."""
+    """`target` and `rest`: the user the command is about and its arguments
+    (`replies.admin_target`); `words`: everything after the command (a /pause message);
+    `author_unknown`: it replies to a message sent on behalf of a chat, which names no user."""
+
+    def usage(permission: Permission, action: str, key: str) -> str:
+        moderation.check(actor, permission, action)
+        # "Reply to their message" is what the admin did: say why that found no one.
+        return text(language, "admin.author_unknown" if author_unknown and not target else key)
+
     if command in (Command.BAN, Command.UNBAN):
         banned = command == Command.BAN
         if target is None:
-            moderation.check(actor, Permission.BAN, "ban")
-            return text(language, "admin.usage_ban")
+            return usage(Permission.BAN, "ban", "admin.usage_ban")
         moderation.ban(actor, target, banned, " ".join(rest) or None)
         return text(language, "admin.banned" if banned else "admin.unbanned", user=target)
     if command == Command.GRANT:
         if target is None or len(rest) != 1 or not rest[0].isdecimal():
-            moderation.check(actor, Permission.GRANT, "grant")
-            return text(language, "admin.usage_grant")
+            return usage(Permission.GRANT, "grant", "admin.usage_grant")
         moderation.grant(actor, target, int(rest[0]))
         return text(language, "admin.granted", user=target, credits=int(rest[0]))
     if command == Command.SET_QUOTA:
         valid = len(rest) == 1 and (rest[0].isdecimal() or rest[0].lower() == "default")
         if target is None or not valid:
-            moderation.check(actor, Permission.SET_QUOTA, "set_quota")
-            return text(language, "admin.usage_setquota")
+            return usage(Permission.SET_QUOTA, "set_quota", "admin.usage_setquota")
         credits = None if rest[0].lower() == "default" else int(rest[0])
         moderation.set_quota(actor, target, credits)
         if credits is None:

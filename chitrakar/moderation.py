@@ -17,7 +17,7 @@ from chitrakar.domain import CommandError
 from chitrakar.permissions import Permission, Role, may, role_of
 from chitrakar.quota import group_account, next_reset, quota_day, user_account
 from db import audit, jobs, ledger, retention, stats
-from db.audit import AuditEntry, ChatSettingsView, ReportView
+from db.audit import AuditEntry, ChatSettingsView, OpenedReport, ReportView
 from db.jobs import JobView
 from db.session import Store
 from db.stats import QueueEntry, Stats
@@ -218,19 +218,18 @@ class Moderation:
         )
         return view
 
-    def report(self, actor: Actor, replied_message_id: int) -> tuple[int, JobView]:
-        """A member flags the result a message carries. Raises CommandError when the message
-        carries none."""
+    def report(self, actor: Actor, replied_message_id: int) -> tuple[OpenedReport, JobView]:
+        """A member flags the result a message carries (a repeat finds their open report,
+        `created` False). Raises CommandError when the message carries none."""
         self.check(actor, Permission.REPORT, "report")
         with self._store.unit_of_work() as uow:
             job = jobs.job_for_message(uow, actor.chat_id, replied_message_id)
-            report_id = (
-                audit.open_report(uow, job.id, actor.user_id, actor.chat_id) if job else None
-            )
-        if job is None or report_id is None:
+            opened = audit.open_report(uow, job.id, actor.user_id, actor.chat_id) if job else None
+        if job is None or opened is None:
             raise CommandError("report.not_a_result")
-        self._record(actor, "report", target=f"job:{job.id}", detail={"report": report_id})
-        return report_id, job
+        if opened.created:
+            self._record(actor, "report", target=f"job:{job.id}", detail={"report": opened.id})
+        return opened, job
 
     def review(self, actor: Actor, report_id: int, decision: str) -> Review | None:
         """A bot admin decides: dismiss, delete the result, or ban its requester. None when

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from enum import StrEnum
 
+from chitrakar.domain import Command
+
 
 class Role(StrEnum):
     BOT_ADMIN = "bot_admin"  # named in CHITRAKAR_ADMIN_IDS
@@ -47,3 +49,37 @@ def may(role: Role, permission: Permission, *, banned: bool = False) -> bool:
     if banned and role != Role.BOT_ADMIN:
         return False
     return permission in GRANTS[role]
+
+
+class Sender(StrEnum):
+    """Who a message is from, as far as Telegram says."""
+
+    PERSON = "person"  # a user, as themselves
+    ANONYMOUS_ADMIN = "anonymous_admin"  # one of the group's admins, posting as the group
+    CHAT = "chat"  # posted as a channel, or a linked channel's post forwarded automatically
+
+
+def sender_kind(chat_id: int, sender_chat_id: int | None, automatic_forward: bool) -> Sender:
+    """A message sent on behalf of a chat names no person: its `from` is a stand-in user that
+    everyone posting that way shares (Channel_Bot, GroupAnonymousBot, 777000), so bans,
+    credits and ownership cannot apply to it."""
+    if automatic_forward:
+        return Sender.CHAT
+    if sender_chat_id is None:
+        return Sender.PERSON
+    return Sender.ANONYMOUS_ADMIN if sender_chat_id == chat_id else Sender.CHAT
+
+
+# What an anonymous admin may send: being one of the group's admins is all Telegram says of
+# them, and all these need. Anything else would act as the one stand-in user of every
+# anonymous admin of every group (one quota, one history).
+ANONYMOUS_ADMIN_COMMANDS = frozenset({Command.SETTINGS, Command.GROUP_QUOTA})
+
+
+def refusal_for(sender: Sender, command: str) -> str | None:
+    """The text key that refuses a command for who sent it; None when it may run."""
+    if sender == Sender.PERSON:
+        return None
+    if sender == Sender.ANONYMOUS_ADMIN:
+        return None if command in ANONYMOUS_ADMIN_COMMANDS else "moderation.sent_anonymously"
+    return "moderation.sent_as_chat"

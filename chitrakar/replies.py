@@ -202,9 +202,14 @@ def audit_reply(language: str, events: list[AuditEntry], zone: tzinfo) -> str:
     return "\n".join([text(language, "admin.audit_header"), *lines])
 
 
-def admin_target(words: list[str]) -> tuple[str | None, list[str]]:
-    """The user an admin command names by id as its first word, and the words after it;
-    (None, words) when it names none (a channel may then find the user another way)."""
+def admin_target(
+    words: list[str], replied_author: str | None = None
+) -> tuple[str | None, list[str]]:
+    """The user an admin command is about, and its arguments: the author of the message it
+    replies to, with every word an argument (`/grant 20` as a reply); else the id its first
+    word gives, and the words after it; (None, words) when it names none."""
+    if replied_author is not None:
+        return replied_author, words
     if words and words[0].isdecimal():
         return words[0], words[1:]
     return None, words

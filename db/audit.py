@@ -339,10 +339,17 @@ class ReportView:
         )
 
 
-def open_report(uow: UnitOfWork, job_id: int, reporter: str, chat_id: int) -> int | None:
-    """Record a member's report on a job's result; returns its id, or None when the job does
-    not exist. A reporter's report on a job that is still open is returned again rather than
-    made twice (a decided one is not: a new report opens). Commits."""
+@dataclass(frozen=True)
+class OpenedReport:
+    id: int
+    # False: the reporter's report on the job, still open, found again (its admins told).
+    created: bool
+
+
+def open_report(uow: UnitOfWork, job_id: int, reporter: str, chat_id: int) -> OpenedReport | None:
+    """Record a member's report on a job's result; None when the job does not exist. A
+    reporter's report on a job that is still open is returned again rather than made twice
+    (a decided one is not: a new report opens). Commits."""
     session = uow.session
     # Locks the job's row (PostgreSQL) or takes the write lock (SQLite), so two taps at once
     # find one another's report rather than both adding one.
@@ -361,7 +368,7 @@ def open_report(uow: UnitOfWork, job_id: int, reporter: str, chat_id: int) -> in
     )
     if existing is not None:
         uow.commit()
-        return existing
+        return OpenedReport(existing, created=False)
     report = Report(
         job_id=job_id, reporter=reporter, chat_id=chat_id, status=REPORT_OPEN, at=utcnow()
     )
@@ -369,7 +376,7 @@ def open_report(uow: UnitOfWork, job_id: int, reporter: str, chat_id: int) -> in
     session.flush()
     report_id = report.id
     uow.commit()
-    return report_id
+    return OpenedReport(report_id, created=True)
 
 
 def decide_report(

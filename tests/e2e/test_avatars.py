@@ -194,6 +194,20 @@ def test_a_reply_to_a_photo_and_an_uncompressed_heic_file(stack: Stack) -> None:
     ]
 
 
+def test_an_avatar_is_made_only_from_ones_own_photo(stack: Stack) -> None:
+    """Bob's /avatar as a reply to Alice's selfie would keep her face outside her /export and
+    /forget: refused."""
+    emulator, database_url = stack
+    alice, bob = (emulator.user(next(_fresh_ids), name) for name in ("Alice", "Bob"))
+    group = emulator.group_chat(-250_000 - next(_fresh_ids))
+    photo = emulator.send_photo(group, alice, encoded(selfie()))
+    command = emulator.send_text(group, bob, "/avatar anime", reply_to=photo)
+    assert emulator.wait_for("sendMessage", answer_to(command), 60).params["text"] == text(
+        "en", "avatar.not_your_photo"
+    )
+    assert jobs_in_chat(database_url, group["id"]) == []
+
+
 def _two_faces() -> Image.Image:
     face = selfie().crop((120, 0, 320, 260))
     canvas = Image.new("RGB", (600, 400), "white")

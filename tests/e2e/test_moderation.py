@@ -53,6 +53,18 @@ def say(emulator: BotApiEmulator, chat: dict[str, Any], user: dict[str, Any], wo
     return str(emulator.wait_for("sendMessage", answer_to(message), timeout=60).params["text"])
 
 
+def say_replying(
+    emulator: BotApiEmulator,
+    chat: dict[str, Any],
+    user: dict[str, Any],
+    words: str,
+    reply_to: dict[str, Any],
+) -> str:
+    """`say`, as a reply to `reply_to`."""
+    message = emulator.send_text(chat, user, words, reply_to=reply_to)
+    return str(emulator.wait_for("sendMessage", answer_to(message), timeout=60).params["text"])
+
+
 def audit_events(database_url: str) -> list[AuditEvent]:
     store = Store(database_url)
     try:
@@ -163,9 +175,18 @@ def test_pause_tells_users_and_resume_lets_them_in(stack: Stack) -> None:
     user = emulator.user(next(_fresh_ids), "Patient")
     chat = emulator.private_chat(user)
     say(emulator, emulator.private_chat(admin), admin, "/pause GPU maintenance until 6 pm")
-    assert say(emulator, chat, user, "/portrait a fort") == text(
-        "en", "service.paused", notice="GPU maintenance until 6 pm"
+    paused_notice = text("en", "service.paused", notice="GPU maintenance until 6 pm")
+    assert say(emulator, chat, user, "/portrait a fort") == paused_notice
+    assert jobs_in_chat(database_url, chat["id"]) == []
+    # /styles lists the catalogue, then says why no previews are being made.
+    styles = emulator.send_text(chat, user, "/styles")
+    emulator.wait_for(
+        "sendMessage",
+        lambda c: answer_to(styles)(c) and c.params["text"] == paused_notice,
+        timeout=30,
     )
+    sent = [c.params["text"] for c in emulator.calls_to("sendMessage", chat["id"])]
+    assert text("en", "error.unexpected") not in sent
     assert jobs_in_chat(database_url, chat["id"]) == []
     say(emulator, emulator.private_chat(admin), admin, "/resume")
     assert say(emulator, chat, user, "/portrait a fort").startswith("Queued.")
@@ -255,6 +276,12 @@ def test_report_reaches_the_admins_and_their_buttons_work(stack: Stack) -> None:
     ]
     report_id = data[0].split(":")[1]
     assert data == [f"w:{report_id}:d", f"w:{report_id}:x", f"w:{report_id}:b"]
+    # Reporting again finds the open report: the reporter is told, the admins not again.
+    assert say_replying(emulator, group, reporter, "/report", photo.result) == text(
+        "en", "report.already_sent"
+    )
+    time.sleep(1.0)  # a second card would follow the reply
+    assert len(emulator.calls_to("sendPhoto", admin_chat["id"])) == 1
 
     # Only a bot admin may decide; the admin deletes the result from the group.
     refused = emulator.press(card.result, reporter, f"w:{report_id}:x", check_button=True)
@@ -272,3 +299,63 @@ def test_report_reaches_the_admins_and_their_buttons_work(stack: Stack) -> None:
     assert emulator.wait_for_answer(again).params["text"] == text("en", "report.already_decided")
     actions = [e.action for e in audit_events(database_url)]
     assert "report" in actions and "review_deleted" in actions
+
+
+def test_admin_commands_as_a_reply_are_about_its_author_and_take_every_word(
+    stack: Stack,
+) -> None:
+    emulator, database_url = stack
+    admin = emulator.user(ADMIN_ID, "Admin")
+    member = emulator.user(next(_fresh_ids), "Member")
+    group = emulator.group_chat(-600_000 - next(_fresh_ids))
+    said = emulator.send_text(group, member, "hello everyone")
+    user = str(member["id"])
+
+    def reply(words: str) -> str:
+        return say_replying(emulator, group, admin, words, said)
+
+    assert reply("/grant 20") == text("en", "admin.granted", user=user, credits=20)
+    assert reply("/setquota 5") == text("en", "admin.quota_set", user=user, credits=5)
+    assert reply("/setquota default") == text("en", "admin.quota_reset", user=user)
+    assert reply("/ban 3 strikes") == text("en", "admin.banned", user=user)
+    ban = [e for e in audit_events(database_url) if e.action == "ban"][-1]
+    assert (ban.target, ban.reason) == (f"user:{user}", "3 strikes")
+    assert reply("/unban") == text("en", "admin.unbanned", user=user)
+    assert reply("/grant") == text("en", "admin.usage_grant")
+
+
+def test_commands_sent_on_behalf_of_a_chat(stack: Stack) -> None:
+    """Posted as a channel or forwarded from the linked one, a command names no person (its
+    sender is a stand-in user everyone posting that way shares): refused. An anonymous admin,
+    posting as the group itself, is one of its admins: the group's settings work."""
+    emulator, database_url = stack
+    admin = emulator.user(ADMIN_ID, "Admin")
+    group = emulator.group_chat(-700_000 - next(_fresh_ids))
+    channel = {"id": -1_000_000_000_000 - next(_fresh_ids), "type": "channel", "title": "News"}
+    as_channel = text("en", "moderation.sent_as_chat")
+
+    def said_by(sent: dict[str, Any]) -> str:
+        call = emulator.wait_for("sendMessage", answer_to(sent), timeout=60)
+        return str(call.params["text"])
+
+    post = emulator.send_as_chat(group, channel, "/portrait a fort")
+    assert said_by(post) == as_channel
+    photo = b"a selfie, as far as the refusal cares"
+    assert said_by(emulator.send_as_chat(group, channel, "/avatar anime", photo=photo)) == (
+        as_channel
+    )
+    forwarded = emulator.send_as_chat(group, channel, "/portrait a lake", automatic_forward=True)
+    assert said_by(forwarded) == as_channel
+    # Its author cannot be banned by a reply: Telegram does not say who they are.
+    assert say_replying(emulator, group, admin, "/ban", post) == text("en", "admin.author_unknown")
+
+    assert said_by(emulator.send_as_chat(group, group, "/settings")).startswith(
+        text("en", "settings.header", commands="", styles="", policy="", spoilers="", quota="")[:20]
+    )
+    assert said_by(emulator.send_as_chat(group, group, "/groupquota 10")) == text(
+        "en", "quota.group_set", limit=10
+    )
+    assert said_by(emulator.send_as_chat(group, group, "/portrait a fort")) == text(
+        "en", "moderation.sent_anonymously"
+    )
+    assert jobs_in_chat(database_url, group["id"]) == []

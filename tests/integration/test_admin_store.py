@@ -263,12 +263,15 @@ def test_reports_are_opened_once_and_decided_once(store: Store) -> None:
     job_id = new_job(store, 1, "5", "Ravi")
     with store.unit_of_work() as uow:
         assert audit.open_report(uow, job_id + 1000, "8", -100) is None
-        report_id = audit.open_report(uow, job_id, "8", -100)
-        assert report_id is not None
-        # The same member tapping again finds their report; another member makes their own.
-        assert audit.open_report(uow, job_id, "8", -100) == report_id
-        other = audit.open_report(uow, job_id, "9", -100)
-        assert other is not None and other != report_id
+        first = audit.open_report(uow, job_id, "8", -100)
+        assert first is not None and first.created
+        report_id = first.id
+        # The same member tapping again finds their report, and is told it is not new (its
+        # admins were told already); another member makes their own.
+        assert audit.open_report(uow, job_id, "8", -100) == audit.OpenedReport(report_id, False)
+        second = audit.open_report(uow, job_id, "9", -100)
+        assert second is not None and second.created and second.id != report_id
+        other = second.id
     with store.unit_of_work() as uow:
         opened = audit.get_report(uow, report_id)
     assert opened is not None
@@ -297,7 +300,8 @@ def test_reports_are_opened_once_and_decided_once(store: Store) -> None:
         assert again is not None and (again.status, again.decided_by) == ("dismissed", "100")
         # Once decided, the same member's new report is a new one.
         reopened = audit.open_report(uow, job_id, "8", -100)
-        assert reopened not in (None, report_id, other)
+        assert reopened is not None and reopened.created
+        assert reopened.id not in (report_id, other)
 
 
 def test_a_report_tapped_twice_at_once_is_made_once_and_decided_once(store: Store) -> None:
@@ -305,7 +309,8 @@ def test_a_report_tapped_twice_at_once_is_made_once_and_decided_once(store: Stor
 
     def report(_: int) -> int | None:
         with store.unit_of_work() as uow:
-            return audit.open_report(uow, job_id, "8", -100)
+            opened = audit.open_report(uow, job_id, "8", -100)
+            return opened.id if opened is not None else None
 
     with ThreadPoolExecutor(6) as pool:
         ids = set(pool.map(report, range(6)))

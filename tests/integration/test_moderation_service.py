@@ -89,8 +89,11 @@ def test_a_reported_result_deleted_cannot_be_sent_again(world) -> None:  # type:
     intake, moderation, store, _ = world
     job_id = _done_job(intake, store, "8")
     member = Actor("telegram", "5", Role.MEMBER, -100)
-    report_id, job = moderation.report(member, 55)
-    assert job.id == job_id
+    opened, job = moderation.report(member, 55)
+    assert job.id == job_id and opened.created
+    report_id = opened.id
+    again, _job = moderation.report(member, 55)  # a repeat finds the open report
+    assert (again.id, again.created) == (report_id, False)
     with pytest.raises(CommandError):
         moderation.review(member, report_id, "deleted")  # members may not decide
     review = moderation.review(admin(), report_id, "deleted")
@@ -109,8 +112,8 @@ def test_a_reported_result_deleted_cannot_be_sent_again(world) -> None:  # type:
 def test_a_review_never_bans_a_bot_admin(world) -> None:  # type: ignore[no-untyped-def]
     intake, moderation, store, _ = world
     _done_job(intake, store, ADMIN)
-    report_id, _job = moderation.report(Actor("telegram", "5", Role.MEMBER, -100), 55)
-    assert moderation.review(admin(), report_id, "banned") is not None
+    opened, _job = moderation.report(Actor("telegram", "5", Role.MEMBER, -100), 55)
+    assert moderation.review(admin(), opened.id, "banned") is not None
     assert not moderation.is_banned("telegram", ADMIN)
     store.dispose()
 

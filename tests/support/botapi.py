@@ -89,6 +89,7 @@ class Fault:
     retry_after: int | None
     times: int
     chat_id: int | None = None  # only calls to this chat fail
+    html: bool = False  # answered with a web page, not Telegram's JSON
 
 
 class BotApiEmulator:
@@ -119,6 +120,8 @@ class BotApiEmulator:
         self._message_ids: dict[int, itertools.count[int]] = {}
         self._file_ids = itertools.count(1)
         self._faults: dict[str, Fault] = {}
+        # Groups that became supergroups: old chat id -> new chat id.
+        self._migrations: dict[int, int] = {}
         self._delays: dict[str, float] = {}
         self._uplink_bytes_per_s: float | None = None
         self.webhook: dict[str, Any] | None = None
@@ -297,6 +300,41 @@ class BotApiEmulator:
             self._push_update({"message": message})
             return message
 
+    def send_as_chat(
+        self,
+        chat: dict[str, Any],
+        sender_chat: dict[str, Any],
+        text: str,
+        *,
+        photo: bytes | None = None,
+        automatic_forward: bool = False,
+    ) -> dict[str, Any]:
+        """A message sent on behalf of `sender_chat`, as Telegram delivers it: `text`, or a
+        `photo` captioned `text`. `sender_chat` the group itself: an anonymous admin's, from
+        GroupAnonymousBot; a channel: a post as that channel, from Channel_Bot, or with
+        `automatic_forward` the linked channel's post forwarded, from Telegram (777000)."""
+        if automatic_forward:
+            sender = {"id": 777000, "is_bot": False, "first_name": "Telegram"}
+        elif sender_chat["id"] == chat["id"]:
+            sender = {"id": 1087968824, "is_bot": True, "first_name": "Group"}
+            sender["username"] = "GroupAnonymousBot"
+        else:
+            sender = {"id": 136817688, "is_bot": True, "first_name": "Channel"}
+            sender["username"] = "Channel_Bot"
+        with self._lock:
+            if photo is None:
+                fields: dict[str, Any] = {"text": text}
+                if text.startswith("/"):
+                    fields["entities"] = self._command_entities(text)
+            else:
+                fields = {"photo": self._user_photo(photo, None), **self._caption_fields(text)}
+            fields["sender_chat"] = sender_chat
+            if automatic_forward:
+                fields["is_automatic_forward"] = True
+            message = self._user_message(chat, sender, None, None, fields)
+            self._push_update({"message": message})
+            return message
+
     def press(
         self,
         message: dict[str, Any],
@@ -457,11 +495,18 @@ class BotApiEmulator:
         retry_after: int | None = None,
         times: int = 1,
         chat_id: int | None = None,
+        html: bool = False,
     ) -> None:
         """Make the next `times` calls to `method` (in chat `chat_id`, when given) fail as
-        Telegram would."""
+        Telegram would; with `html`, as a proxy in front of it would (nginx's error page)."""
         with self._lock:
-            self._faults[method] = Fault(status, description, retry_after, times, chat_id)
+            self._faults[method] = Fault(status, description, retry_after, times, chat_id, html)
+
+    def migrate(self, chat_id: int, new_chat_id: int) -> None:
+        """The group becomes a supergroup with a new id: from now on every call naming the old
+        id is refused with 400 and `migrate_to_chat_id`, as Telegram does."""
+        with self._lock:
+            self._migrations[chat_id] = new_chat_id
 
     # -- internals ------------------------------------------------------------------------
 
@@ -615,6 +660,14 @@ class BotApiEmulator:
                     del self._faults[method]
                 self.calls.append(Call(method, params, files, result=fault))
                 self._changed.notify_all()
+                if fault.html:
+                    title = f"{fault.status} {fault.description}"
+                    page = f"<html><head><title>{title}</title></head><body><h1>{title}</h1>"
+                    return web.Response(
+                        status=fault.status,
+                        text=f"{page}<hr>nginx</body></html>",
+                        content_type="text/html",
+                    )
                 body: dict[str, Any] = {
                     "ok": False,
                     "error_code": fault.status,
@@ -623,6 +676,20 @@ class BotApiEmulator:
                 if fault.retry_after is not None:
                     body["parameters"] = {"retry_after": fault.retry_after}
                 return web.json_response(body, status=fault.status)
+            moved_to = self._migrations.get(_int_or_none(params.get("chat_id")) or 0)
+            if moved_to is not None:
+                refusal = ApiError(400, "Bad Request: group chat was upgraded to a supergroup chat")
+                self.calls.append(Call(method, params, files, result=refusal))
+                self._changed.notify_all()
+                return web.json_response(
+                    {
+                        "ok": False,
+                        "error_code": refusal.status,
+                        "description": refusal.description,
+                        "parameters": {"migrate_to_chat_id": moved_to},
+                    },
+                    status=refusal.status,
+                )
             handler = getattr(self, f"_api_{method}", None)
             if handler is None:
                 self.calls.append(Call(method, params, files))
@@ -1034,3 +1101,10 @@ class ApiError(Exception):
 
 async def _noop() -> None:
     return None
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
