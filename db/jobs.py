@@ -713,8 +713,16 @@ def mark_delivered(
     uow: UnitOfWork, job_id: int, chat_id: int, file_ids: list[str], message_ids: list[int]
 ) -> None:
     """The chat has the result: recorded at once, so that a redelivered task (its worker
-    died before recording the end) does not send it again. Commits."""
+    died before recording the end) does not send it again. A result sent to another chat
+    than the job's (its group became a supergroup) moves the job there, so that its buttons
+    and /report work where it is. Commits."""
     job = _load(uow.session, job_id)
+    if chat_id != job.chat_id:
+        # The old chat's message ids mean nothing in the new one, and its triggers would
+        # clash with the new chat's own ("message:<id>" counts from 1 again).
+        job.trigger = f"migrated:{job.chat_id}:{job.trigger}"
+        job.chat_id = chat_id
+        job.request_message_id = job.status_message_id = None
     job.delivered_at = utcnow()
     job.result_file_ids = file_ids
     # A reply to any of these messages (/report) finds the job.

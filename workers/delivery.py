@@ -15,6 +15,7 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import Future
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from time import monotonic
 from typing import Any, TypeVar
@@ -53,6 +54,12 @@ DELIVERY_DEADLINE_S = 600.0
 # What follows a sent result (an album's buttons, the status message's removal) gets this long
 # of its own: the user has the images by then, so no wait after them may undo the delivery.
 FOLLOW_UP_DEADLINE_S = 60.0
+# A final notice (an apology, a blocked result) waits out a flood limit this long at most: a
+# batch's notices must not hold its worker for the length of a delivery each.
+NOTICE_DEADLINE_S = 120.0
+# No wait starts that would end past a deadline, but the send after the last wait needs the
+# time of one upload (writing, then reading the answer) on top.
+SEND_TIME_S = 2 * UPLOAD_TIMEOUT_S
 # The waits before each new try after a 5xx or a network error.
 SERVER_ERROR_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0)
 # sendPhoto refuses uploads over 10 MB; a photo is sent at the first quality that fits.
@@ -360,9 +367,9 @@ class TelegramDelivery:
     def deliver(
         self, job: JobView, images: Sequence[Image.Image], seconds: float, spoiler: bool = False
     ) -> Delivered:
-        """Send the images as a reply to the request (under a spoiler when asked) and remove
-        the status message. Raises when the images could not be sent; once they are, nothing
-        after them (an album's buttons, the status message's removal) fails the delivery."""
+        """Send the images as a reply to the request (under a spoiler when asked). Raises when
+        they could not be sent. What follows them (an album's buttons, the status message's
+        removal) is the returned `follow_up`, which never fails the delivery."""
         # Encoded here, in the worker's thread: the loop carries every job's Bot API calls.
         photos = [_as_photo(image) for image in images]
         captions = [result_caption(self._catalogue, job, seed, seconds) for seed in job.plan.seeds]
@@ -373,12 +380,16 @@ class TelegramDelivery:
         deadline = monotonic() + DELIVERY_DEADLINE_S
         sent = self._loop.run(
             self._send_result(job, photos, captions, keyboard, spoiler, announced, deadline),
-            DELIVERY_DEADLINE_S,
+            DELIVERY_DEADLINE_S + SEND_TIME_S,
         )
-        self._follow_up(job, lambda until: self._after_result(job, sent, keyboard, until))
+        went_to = sent[0].chat_id
         return Delivered(
             file_ids=[_largest_photo_id(message) for message in sent],
             message_ids=[message.message_id for message in sent],
+            chat_id=went_to if went_to != job.chat_id else None,
+            follow_up=partial(
+                self._follow_up, job, lambda until: self._after_result(job, sent, keyboard, until)
+            ),
         )
 
     async def _send_result(
@@ -434,7 +445,9 @@ class TelegramDelivery:
         """Run what follows a sent result within its own time. Neither a failure nor a wait
         past that time is raised: the result is in the chat, so the job was delivered."""
         try:
-            self._loop.run(steps(monotonic() + FOLLOW_UP_DEADLINE_S), FOLLOW_UP_DEADLINE_S)
+            self._loop.run(
+                steps(monotonic() + FOLLOW_UP_DEADLINE_S), FOLLOW_UP_DEADLINE_S + SEND_TIME_S
+            )
         except Exception:
             log.warning(
                 "job %s: its result was sent; what follows it was not done in %.0f s",
@@ -472,9 +485,11 @@ class TelegramDelivery:
     def _notify(self, job: JobView, notice: str) -> None:
         """Put a final word on the job's status message, or else send it as a reply."""
         self._settle(job)
-        deadline = monotonic() + DELIVERY_DEADLINE_S
+        deadline = monotonic() + NOTICE_DEADLINE_S
         try:
-            self._loop.run(self._replace_status(job, notice, deadline), DELIVERY_DEADLINE_S)
+            self._loop.run(
+                self._replace_status(job, notice, deadline), NOTICE_DEADLINE_S + SEND_TIME_S
+            )
         except Exception:
             log.exception("could not tell chat %s about job %s", job.chat_id, job.id)
 
@@ -538,7 +553,7 @@ class TelegramDelivery:
                 ),
                 monotonic() + DELIVERY_DEADLINE_S,
             ),
-            DELIVERY_DEADLINE_S,
+            DELIVERY_DEADLINE_S + SEND_TIME_S,
         )
         self._follow_up(job, lambda until: self._remove_status(job, until))
         return [_largest_photo_id(sent)]

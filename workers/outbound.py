@@ -20,6 +20,10 @@ from db.jobs import JobView
 log = logging.getLogger(__name__)
 
 
+def _nothing() -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Delivered:
     """What the channel knows the sent images by (Telegram's file ids; the web chat's image
@@ -27,6 +31,12 @@ class Delivered:
 
     file_ids: list[str]
     message_ids: list[int]
+    # The chat they went to, when not the job's (a group that became a supergroup).
+    chat_id: int | None = None
+    # What follows the sent images (an album's buttons, removing the status message), for
+    # the caller to run once the delivery is recorded: a worker that dies before it records
+    # the delivery sends the images again. Never raises.
+    follow_up: Callable[[], None] = _nothing
 
 
 class Delivery(Protocol):
@@ -45,7 +55,8 @@ class Delivery(Protocol):
     def deliver(
         self, job: JobView, images: Sequence[Image.Image], seconds: float, spoiler: bool = False
     ) -> Delivered:
-        """Send the result (its images, already stored); raises when it could not be sent."""
+        """Send the result (its images, already stored); raises when it could not be sent.
+        The caller records the delivery, then runs the returned `follow_up`."""
         ...
 
     def deliver_previews(self, job: JobView, grid: Path) -> list[str]: ...

@@ -29,6 +29,7 @@ from db import audit, heartbeats, jobs, retention
 from db.audit import ChatSettingsView
 from db.jobs import JobView
 from workers.classifier import ImageVerdict
+from workers.outbound import Delivered
 from workers.pipelines import (
     ProgressCallback,
     image_to_image,
@@ -386,7 +387,6 @@ def _finish(
     was delivered and ended. A failure here fails this job alone, not its batch."""
     job_id, delivery = job.id, runtime.delivery
     stored: list[StoredArtifact] = []
-    message_ids: list[int] = []
     try:
         if grid is not None:
             # No results to name, but the status message to remove is the one recorded now.
@@ -394,7 +394,7 @@ def _finish(
                 lambda: _record_results(runtime, job_id, []), f"job {job_id} results"
             )
             job = replace(job, status_message_id=status_message_id)
-            file_ids = delivery.deliver_previews(job, grid)
+            sent = Delivered(file_ids=delivery.deliver_previews(job, grid), message_ids=[])
         else:
             assert images is not None
             # The content check runs while the rest that does not need its verdict is done
@@ -424,7 +424,6 @@ def _finish(
                 status_message_id=status_message_id,
             )
             sent = delivery.deliver(ran, images, seconds, spoiler=action == ImageAction.SPOILER)
-            file_ids, message_ids = sent.file_ids, sent.message_ids
     except JobCancelled as stop:
         _stopped(runtime, job, stop)
         return
@@ -438,14 +437,16 @@ def _finish(
         # Whatever ended it (sent, blocked, failed, or its user's data gone meanwhile), the
         # channel keeps nothing about the job's progress or upload.
         delivery.stop_progress(job)
-    # Recorded at once: a task delivered again after this sends nothing twice.
-    _with_retries(
-        lambda: _mark_delivered(runtime, job, file_ids, message_ids), f"job {job_id} delivered"
-    )
-    job = replace(job, result_file_ids=tuple(file_ids))
-    keys, checksums = [a.key for a in stored], [a.sha256 for a in stored]
-    _record_end(runtime, job, keys, checksums, seconds)
-    log.info("job %s done: %d image(s) in %.2f s", job_id, len(file_ids), seconds)
+    try:
+        # Recorded at once: a task delivered again after this sends nothing twice.
+        _with_retries(lambda: _mark_delivered(runtime, job, sent), f"job {job_id} delivered")
+        job = replace(job, result_file_ids=tuple(sent.file_ids))
+        keys, checksums = [a.key for a in stored], [a.sha256 for a in stored]
+        _record_end(runtime, job, keys, checksums, seconds)
+    finally:
+        # The images are in the chat however the records went: an album's buttons go too.
+        sent.follow_up()
+    log.info("job %s done: %d image(s) in %.2f s", job_id, len(sent.file_ids), seconds)
 
 
 def _record_results(
@@ -460,11 +461,10 @@ def _record_results(
         raise JobHandedBack(job_id) from None
 
 
-def _mark_delivered(
-    runtime: WorkerRuntime, job: JobView, file_ids: list[str], message_ids: list[int]
-) -> None:
+def _mark_delivered(runtime: WorkerRuntime, job: JobView, sent: Delivered) -> None:
+    chat_id = job.chat_id if sent.chat_id is None else sent.chat_id
     with runtime.store.unit_of_work() as uow:
-        jobs.mark_delivered(uow, job.id, job.chat_id, file_ids, message_ids)
+        jobs.mark_delivered(uow, job.id, chat_id, sent.file_ids, sent.message_ids)
 
 
 def _record_end(
