@@ -763,18 +763,24 @@ def hand_back_delivered(uow: UnitOfWork, job_ids: Sequence[int], worker: str) ->
 
 
 def hand_back_unseen_claims(
-    uow: UnitOfWork, worker: str, claimed_since: datetime, kept: Sequence[int]
+    uow: UnitOfWork,
+    worker: str,
+    claimed_since: datetime,
+    claimed_until: datetime,
+    kept: Sequence[int],
 ) -> list[int]:
-    """Jobs this worker started since `claimed_since` and is not making (not in `kept`), unmade,
-    go back to the queue: claimed for a batch whose claims' outcome was lost (the database
-    went away meanwhile). Nobody else would take them up: their own messages find them
-    running on a live worker. A worker runs one task at a time, so every job started on it
-    since its leader was claimed for that leader. Commits; their ids."""
+    """Jobs this worker started between `claimed_since` and `claimed_until` and is not
+    making (not in `kept`), unmade, go back to the queue: claimed for a batch whose claims'
+    outcome was lost (the database went away meanwhile). Nobody else would take them up:
+    their own messages find them running on a live worker. A worker runs one task at a
+    time, so every job started on it while its leader claimed was claimed for that leader.
+    Commits; their ids."""
     unseen = uow.session.scalars(
         select(Job.id).where(
             Job.status == JobStatus.RUNNING,
             Job.worker == worker,
             Job.started_at >= claimed_since,
+            Job.started_at <= claimed_until,
             Job.result_paths.is_(None),
             Job.delivered_at.is_(None),
             Job.id.not_in(list(kept)),

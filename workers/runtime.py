@@ -11,7 +11,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from datetime import datetime
 from functools import cached_property
 
 from PIL import Image
@@ -44,6 +45,17 @@ from workers.web_delivery import WebDelivery
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ClaimsToHandBack:
+    """The jobs this worker started from `since` to `until`, but not those `kept`: claimed
+    for a batch whose claims' outcome was lost."""
+
+    leader_id: int
+    since: datetime
+    until: datetime
+    kept: tuple[int, ...]
+
+
 class WorkerRuntime:
     def __init__(self, settings: Settings, publish: Callable[[int], None]) -> None:
         self.settings = settings
@@ -57,6 +69,9 @@ class WorkerRuntime:
             settings.artifact_store, settings.resolved_data_dir
         )
         self._heartbeat: Heartbeat | None = None
+        # Batches whose claims could not be handed back (workers.service): tried again at
+        # the start of each task until they are.
+        self.claims_to_hand_back: list[ClaimsToHandBack] = []
 
     @cached_property
     def delivery(self) -> ChannelDeliveries:

@@ -28,6 +28,7 @@ from chitrakar.services import hand_over_all_held, hand_over_held
 from db import audit, heartbeats, jobs, retention
 from db.audit import ChatSettingsView
 from db.jobs import JobView
+from db.models import utcnow
 from workers.classifier import ImageVerdict
 from workers.outbound import Delivered
 from workers.pipelines import (
@@ -38,7 +39,7 @@ from workers.pipelines import (
     use_lora,
 )
 from workers.previews import make_preview_grid
-from workers.runtime import WorkerRuntime
+from workers.runtime import ClaimsToHandBack, WorkerRuntime
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,8 @@ def run_job(runtime: WorkerRuntime, job_id: int) -> None:
             return
         if status == JobStatus.QUEUED:
             runtime.finishing.wait()
+    if runtime.claims_to_hand_back:
+        _hand_back_claims_left(runtime)
     alive_since = datetime.now(UTC) - timedelta(seconds=runtime.settings.worker_stale_after)
     try:
         with runtime.store.unit_of_work() as uow:
@@ -246,25 +249,44 @@ def _hand_back_unseen_claims(runtime: WorkerRuntime, leader: JobView, found: lis
     """A claim whose commit failed may have been written all the same: its jobs run on this
     worker, which does not make them, and their own messages, on another worker, would find
     them running on a live one and do nothing. They go back to the queue and are published
-    again (a copy that finds its job started or ended does nothing)."""
-    claimed_since = leader.started_at
-    assert claimed_since is not None  # start_job set it
-    kept = [leader.id, *(job.id for job in found)]
-
-    def hand_back() -> list[int]:
-        with runtime.store.unit_of_work() as uow:
-            return jobs.hand_back_unseen_claims(uow, runtime.name, claimed_since, kept)
-
+    again (a copy that finds its job started or ended does nothing). When even that fails
+    (a long outage), the next tasks try again."""
+    assert leader.started_at is not None  # start_job set it
+    claims = ClaimsToHandBack(
+        leader.id, leader.started_at, utcnow(), (leader.id, *(job.id for job in found))
+    )
     try:
-        handed = _with_retries(hand_back, f"job {leader.id}'s unseen claims were handed back")
-        for job_id in handed:
-            log.warning(
-                "job %s, claimed for job %s's batch unseen, published again", job_id, leader.id
-            )
-            runtime.publish(job_id)
+        _with_retries(partial(_hand_back, runtime, claims), f"job {leader.id}'s claims")
     except Exception:
-        # Left running, or queued for the reconciler's next republish.
-        log.exception("job %s: claims of its batch may be left unmade", leader.id)
+        log.exception(
+            "job %s: claims of its batch left unmade; the next task tries again", leader.id
+        )
+        runtime.claims_to_hand_back.append(claims)
+
+
+def _hand_back_claims_left(runtime: WorkerRuntime) -> None:
+    for claims in list(runtime.claims_to_hand_back):
+        try:
+            _hand_back(runtime, claims)
+        except Exception:
+            log.warning("job %s: claims of its batch still not handed back", claims.leader_id)
+            return
+        runtime.claims_to_hand_back.remove(claims)
+
+
+def _hand_back(runtime: WorkerRuntime, claims: ClaimsToHandBack) -> None:
+    with runtime.store.unit_of_work() as uow:
+        handed = jobs.hand_back_unseen_claims(
+            uow, runtime.name, claims.since, claims.until, claims.kept
+        )
+    for job_id in handed:
+        log.warning(
+            "job %s, claimed for job %s's batch unseen, published again", job_id, claims.leader_id
+        )
+        try:
+            runtime.publish(job_id)
+        except Exception:  # it is queued: the reconciler publishes it again
+            log.exception("job %s could not be published; left to the reconciler", job_id)
 
 
 class _AllStopped(JobCancelled):

@@ -17,6 +17,7 @@ from PIL import Image
 from chitrakar.domain import GenerationPlan, JobKind, JobStatus, batch_key
 from db import jobs, privacy
 from db.migrate import upgrade_to_head
+from db.models import utcnow
 from tests.support.botapi import BotApiEmulator
 from tests.support.stack import worker_settings
 from tests.support.worker import QueuedJobs
@@ -278,11 +279,12 @@ def test_under_a_few_step_preset_the_caption_tells_the_steps_that_ran(
 
 
 def test_claims_a_batch_lost_track_of_go_back_to_the_queue(deployment: Deployment) -> None:
-    """Only the jobs this worker started since the leader, unmade and not in the batch, are
-    handed back: not the batch's own, not an earlier batch's, not another worker's."""
+    """Only the jobs this worker started while the leader claimed, unmade and not in the
+    batch, are handed back: not the batch's own, not an earlier or a later batch's, not
+    another worker's."""
     runtime = deployment.runtime
-    earlier, leader_id, elsewhere, kept, unseen = (
-        deployment.job(960 + n, _plan(f"a kite {n}", n)) for n in range(5)
+    earlier, leader_id, elsewhere, kept, unseen, later = (
+        deployment.job(960 + n, _plan(f"a kite {n}", n)) for n in range(6)
     )
 
     def start(job_id: int, worker: str = runtime.name) -> jobs.JobView:
@@ -296,15 +298,17 @@ def test_claims_a_batch_lost_track_of_go_back_to_the_queue(deployment: Deploymen
     start(elsewhere, "other-worker")
     start(kept)
     start(unseen)
+    claims_ended = utcnow()
+    start(later)
     assert leader.started_at is not None
     with runtime.store.unit_of_work() as uow:
         handed = jobs.hand_back_unseen_claims(
-            uow, runtime.name, leader.started_at, [leader_id, kept]
+            uow, runtime.name, leader.started_at, claims_ended, [leader_id, kept]
         )
     assert handed == [unseen]
     with runtime.store.unit_of_work() as uow:
         states = {job_id: jobs.get_job(uow, job_id).status for job_id in deployment.chats}
     assert states[unseen] == JobStatus.QUEUED
-    assert {states[job_id] for job_id in (earlier, leader_id, elsewhere, kept)} == {
+    assert {states[job_id] for job_id in (earlier, leader_id, elsewhere, kept, later)} == {
         JobStatus.RUNNING
     }

@@ -24,6 +24,7 @@ from tests.support.botapi import BotApiEmulator
 from tests.support.stack import worker_settings
 from tests.support.worker import QueuedJobs
 from workers import runtime as runtime_module
+from workers import service
 from workers.classifier import ImageVerdict
 from workers.runtime import WorkerRuntime
 from workers.service import run_job
@@ -416,6 +417,49 @@ def test_a_batch_whose_companions_cannot_be_claimed_runs_its_leader_alone(
         assert worker.status(held) == JobStatus.RUNNING  # started before the leader: not its
         run_job(worker.runtime, companion)
         assert (worker.status(companion), worker.photos(companion)) == (JobStatus.DONE, 1)
+    finally:
+        worker.runtime.close()
+
+
+def test_claims_that_cannot_be_handed_back_are_handed_back_by_the_next_task(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long outage: the claim's answer is lost and handing it back fails too. The next
+    task, once the database is back, hands it back before anything else."""
+    published: list[int] = []
+    worker = _worker(emulator, tmp_path, tiny_model, "off", batch=2, published=published)
+    worker.runtime.__dict__["classifier"] = HeldCheck()
+    worker.runtime.classifier.go.set()  # type: ignore[attr-defined]
+    real_claim, real_hand_back = jobs.claim_batch, jobs.hand_back_unseen_claims
+    lost = OperationalError("UPDATE jobs", {}, Exception("the connection was lost"))
+
+    def claimed_then_failed(*args: Any, **kwargs: Any) -> Any:
+        real_claim(*args, **kwargs)
+        raise lost
+
+    def database_away(*args: Any, **kwargs: Any) -> Any:
+        raise lost
+
+    monkeypatch.setattr(service, "RECORD_RETRY_WAITS_S", ())
+    monkeypatch.setattr(jobs, "claim_batch", claimed_then_failed)
+    monkeypatch.setattr(jobs, "hand_back_unseen_claims", database_away)
+    worker.runtime.start_heartbeat()
+    try:
+        leader, companion = worker.portrait(988, "a flute"), worker.portrait(989, "a harp")
+        run_job(worker.runtime, leader)
+        assert (worker.status(leader), worker.status(companion)) == (
+            JobStatus.DONE,
+            JobStatus.RUNNING,
+        )
+        assert published == []
+
+        monkeypatch.setattr(jobs, "claim_batch", real_claim)
+        monkeypatch.setattr(jobs, "hand_back_unseen_claims", real_hand_back)
+        next_one = worker.portrait(990, "a drum")
+        run_job(worker.runtime, next_one)
+        assert published == [companion] and worker.status(companion) == JobStatus.QUEUED
+        assert worker.runtime.claims_to_hand_back == []
+        assert worker.status(next_one) == JobStatus.DONE
     finally:
         worker.runtime.close()
 
