@@ -95,7 +95,10 @@ async def ban_gate(update: Update, context: BotContext) -> None:
 
 
 async def _reply(message: Message, update: Update, key: str, **params: object) -> None:
-    await message.reply_text(text(language_of(update), key, **params))
+    # Sent even when the command was deleted meanwhile (as the status messages are).
+    await message.reply_text(
+        text(language_of(update), key, **params), allow_sending_without_reply=True
+    )
 
 
 def _replied_to(message: Message) -> Message | None:
@@ -123,7 +126,8 @@ def _author(message: Message) -> str | None:
 
 async def admin_command(update: Update, context: BotContext) -> None:
     """A bot admin's command (/ban, /grant, /stats…): the target is the author of the
-    message replied to (every word then an argument), else an id given first."""
+    message replied to (every word then an argument, but an id: `replies.admin_target`),
+    else an id given first."""
     message = update.effective_message
     if message is None or message.text is None:
         return
@@ -132,7 +136,8 @@ async def admin_command(update: Update, context: BotContext) -> None:
     language = language_of(update)
     replied = _replied_to(message)
     author = _author(replied) if replied is not None else None
-    target, rest = replies.admin_target(command_arguments(message).split(), author)
+    words = command_arguments(message).split()
+    target, rest = replies.admin_target(words, author)
     author_unknown = replied is not None and _on_behalf_of_chat(replied)
     services = context.services
     try:
@@ -145,6 +150,7 @@ async def admin_command(update: Update, context: BotContext) -> None:
                 rest,
                 command_arguments(message),
                 author_unknown=author_unknown,
+                target_ambiguous=replies.ambiguous_target(words, author),
                 moderation=services.moderation,
                 intake=services.intake,
                 settings=services.settings,
@@ -347,7 +353,8 @@ async def report(update: Update, context: BotContext) -> None:
         # The reporter's open report on it was found again: its cards went out already.
         await _reply(message, update, "report.already_sent")
         return
-    await _reply(message, update, "report.sent")
+    # The cards first: once the report is open, a repeated /report sends none, so a failed
+    # answer to the reporter must not keep them from the admins.
     for admin_id in admins:
         card = text(
             DEFAULT_LANGUAGE,
@@ -370,6 +377,11 @@ async def report(update: Update, context: BotContext) -> None:
         except TelegramError as exc:
             # An admin who never opened a chat with the bot cannot be written to.
             log.warning("could not send report %s to admin %s: %s", report_id, admin_id, exc)
+    try:
+        await _reply(message, update, "report.sent")
+    except TelegramError as exc:
+        # The report went to the admins: no "something went wrong" for it.
+        log.info("could not tell the reporter of report %s it was sent: %s", report_id, exc)
 
 
 async def _review(update: Update, context: BotContext, actor: Actor, press: ButtonPress) -> None:

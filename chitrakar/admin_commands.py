@@ -37,16 +37,21 @@ def admin_reply(
     words: str,
     *,
     author_unknown: bool = False,
+    target_ambiguous: bool = False,
     moderation: Moderation,
     intake: JobIntake,
     settings: Settings,
 ) -> str:
     """`target` and `rest`: the user the command is about and its arguments
     (`replies.admin_target`); `words`: everything after the command (a /pause message);
-    `author_unknown`: it replies to a message sent on behalf of a chat, which names no user."""
+    `author_unknown`: it replies to a message sent on behalf of a chat, which names no user;
+    `target_ambiguous`: it replies to one user's message and gives another's id first
+    (`replies.ambiguous_target`)."""
 
     def usage(permission: Permission, action: str, key: str) -> str:
         moderation.check(actor, permission, action)
+        if target_ambiguous and not target:
+            return text(language, "admin.target_ambiguous")
         # "Reply to their message" is what the admin did: say why that found no one.
         return text(language, "admin.author_unknown" if author_unknown and not target else key)
 

@@ -202,13 +202,40 @@ def audit_reply(language: str, events: list[AuditEntry], zone: tzinfo) -> str:
     return "\n".join([text(language, "admin.audit_header"), *lines])
 
 
+# A Telegram user id has at least this many digits; a shorter number is an argument (credits,
+# a reason), even as the first word.
+USER_ID_MIN_DIGITS = 5
+
+
+def _names_author(word: str, replied_author: str) -> bool:
+    return word.isdecimal() and replied_author.isdecimal() and int(word) == int(replied_author)
+
+
+def ambiguous_target(words: list[str], replied_author: str | None) -> bool:
+    """Whether a command sent as a reply gives, first, another user's id: which of the two it
+    is about cannot be told, so it names no one (`admin_target`)."""
+    return (
+        replied_author is not None
+        and bool(words)
+        and words[0].isdecimal()
+        and len(words[0]) >= USER_ID_MIN_DIGITS
+        and not _names_author(words[0], replied_author)
+    )
+
+
 def admin_target(
     words: list[str], replied_author: str | None = None
 ) -> tuple[str | None, list[str]]:
     """The user an admin command is about, and its arguments: the author of the message it
-    replies to, with every word an argument (`/grant 20` as a reply); else the id its first
-    word gives, and the words after it; (None, words) when it names none."""
+    replies to, with every word an argument (`/grant 20` as a reply) but a first word that
+    is the author's id (said twice); none when that first word is another user's id
+    (`ambiguous_target`); else the id its first word gives, and the words after it;
+    (None, words) when it names none."""
     if replied_author is not None:
+        if words and _names_author(words[0], replied_author):
+            return replied_author, words[1:]
+        if ambiguous_target(words, replied_author):
+            return None, words
         return replied_author, words
     if words and words[0].isdecimal():
         return words[0], words[1:]

@@ -52,6 +52,19 @@ log = logging.getLogger(__name__)
 HISTORY_PAGE_SIZE = 5
 
 
+def _replace_lost_input(uow: UnitOfWork, job: JobView, input_path: str) -> bool:
+    """Point a queued job whose input file is gone at `input_path`, the same request's
+    input saved again; commits. False (nothing written) when its input is there, or it is
+    no longer queued: the caller deletes the new file."""
+    lost = job.input_path
+    if job.status != JobStatus.QUEUED or lost is None or Path(lost).exists():
+        return False
+    if not jobs.replace_queued_input(uow, job.id, lost, input_path):
+        return False
+    log.info("job %s had lost its input %s; it takes %s", job.id, lost, input_path)
+    return True
+
+
 @dataclass(frozen=True)
 class QuotaStatus:
     user_left: int
@@ -230,16 +243,28 @@ class JobIntake:
     ) -> Accepted:
         planned = self._planned(origin, request, selfie, standing)
         input_path = self.media.save_input(selfie) if selfie is not None else None
+        kept = False
+
+        def on_duplicate(uow: UnitOfWork, job: JobView) -> None:
+            nonlocal kept
+            # The first asking failed after writing the job, and deleted its selfie: the
+            # job takes this one instead, or its worker would find no input.
+            if asked_before and input_path is not None:
+                kept = _replace_lost_input(uow, job, input_path)
+            if not kept:
+                self.media.forget_input(input_path)
+
         try:
             return self._record(
                 origin,
                 partial(planned.take_in, input_path=input_path),
-                on_duplicate=lambda: self.media.forget_input(input_path),
+                on_duplicate=on_duplicate,
                 asked_before=asked_before,
             )
         except Exception:
-            # No job refers to the selfie: it must not stay on disk.
-            self.media.forget_input(input_path)
+            # No job refers to the selfie (unless one took it): it must not stay on disk.
+            if not kept:
+                self.media.forget_input(input_path)
             raise
 
     def _planned(
@@ -561,7 +586,7 @@ class JobIntake:
         self,
         origin: Origin,
         take_in: Callable[[UnitOfWork, int], jobs.TakenIn],
-        on_duplicate: Callable[[], None] | None = None,
+        on_duplicate: Callable[[UnitOfWork, JobView], None] | None = None,
         asked_before: bool = False,
     ) -> Accepted:
         limit = self._settings.max_jobs_in_flight
@@ -574,9 +599,9 @@ class JobIntake:
                 short.params["resets"] = f"{resets:%H:%M} {self._settings.timezone}"
                 raise
             except jobs.DuplicateRequest as duplicate:
-                if on_duplicate is not None:
-                    on_duplicate()
                 job = duplicate.job
+                if on_duplicate is not None:
+                    on_duplicate(uow, job)
                 # Taken in long ago but never answered (the bot stopped in between), or
                 # asked again by a caller that heard nothing: answer and publish it now.
                 # Otherwise the first delivery of the update has it.

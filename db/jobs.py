@@ -709,6 +709,21 @@ def record_results(
     return cast(int | None, found.status_message_id)
 
 
+def replace_queued_input(uow: UnitOfWork, job_id: int, lost: str, replacement: str) -> bool:
+    """Point a job still queued with input `lost` at `replacement`; whether it did (a worker
+    may have started it, or another asking replaced it, meanwhile). Commits."""
+    replaced = cast(
+        CursorResult[Any],
+        uow.session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.input_path == lost, Job.status == JobStatus.QUEUED)
+            .values(input_path=replacement)
+        ),
+    )
+    uow.commit()
+    return replaced.rowcount == 1
+
+
 def mark_delivered(
     uow: UnitOfWork, job_id: int, chat_id: int, file_ids: list[str], message_ids: list[int]
 ) -> None:

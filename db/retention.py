@@ -87,16 +87,29 @@ def forget_carried_before(uow: UnitOfWork, day: date) -> int:
             execution_options={"synchronize_session": False},
         ),
     ).rowcount
-    uow.session.execute(
-        delete(Account)
-        .where(
-            Account.id.in_(accounts),
-            Account.key.startswith(USER_ACCOUNT_PREFIX),
-            Account.daily_limit.is_(None),
-            ~exists().where(LedgerEntry.account_id == Account.id),
+    unused = ~exists().where(LedgerEntry.account_id == Account.id)
+    # Locked first, skipping a row a returning user's reserve holds: a DELETE that waited on
+    # it would, under READ COMMITTED, not see the entry it adds, and fail the foreign key.
+    # Once locked, no entry can be added to them; the DELETE, a new statement, sees every
+    # entry added before. (SQLite has no row locks: its writers take turns.)
+    doomed = list(
+        uow.session.scalars(
+            select(Account.id)
+            .where(
+                Account.id.in_(accounts),
+                Account.key.startswith(USER_ACCOUNT_PREFIX),
+                Account.daily_limit.is_(None),
+                unused,
+            )
+            .with_for_update(skip_locked=True)
         )
-        .execution_options(synchronize_session=False)
     )
+    if doomed:
+        uow.session.execute(
+            delete(Account)
+            .where(Account.id.in_(doomed), unused)
+            .execution_options(synchronize_session=False)
+        )
     uow.commit()
     return gone
 

@@ -301,6 +301,38 @@ def test_report_reaches_the_admins_and_their_buttons_work(stack: Stack) -> None:
     assert "report" in actions and "review_deleted" in actions
 
 
+def test_a_report_whose_answer_fails_still_reaches_the_admins(stack: Stack) -> None:
+    """The reporter's answer fails (a flood wait): the report is open, so a repeated /report
+    sends no card; the admins must have had theirs all the same."""
+    emulator, database_url = stack
+    admin_chat = emulator.private_chat(emulator.user(ADMIN_ID, "Admin"))
+    asker, reporter = (emulator.user(next(_fresh_ids), n) for n in ("Asker", "Watcher"))
+    group = emulator.group_chat(-500_000 - next(_fresh_ids))
+    emulator.send_text(group, asker, "/portrait a night market")
+    photo = emulator.wait_for(
+        "sendPhoto",
+        lambda c: c.params.get("chat_id") == group["id"] and isinstance(c.result, dict),
+        timeout=120,
+    )
+    wait_done(database_url, group["id"], 1)
+
+    def card_about_it(call: Call) -> bool:
+        about = f"in chat {group['id']}\n" in str(call.params.get("caption") or "")
+        return call.params.get("chat_id") == admin_chat["id"] and about
+
+    emulator.fail(
+        "sendMessage", 429, "Too Many Requests: retry after 5", retry_after=5, chat_id=group["id"]
+    )
+    emulator.send_text(group, reporter, "/report", reply_to=photo.result)
+    emulator.wait_for("sendPhoto", card_about_it, timeout=30)
+    assert say_replying(emulator, group, reporter, "/report", photo.result) == text(
+        "en", "report.already_sent"
+    )
+    assert (
+        len([c for c in emulator.calls_to("sendPhoto", admin_chat["id"]) if card_about_it(c)]) == 1
+    )
+
+
 def test_admin_commands_as_a_reply_are_about_its_author_and_take_every_word(
     stack: Stack,
 ) -> None:
@@ -322,6 +354,11 @@ def test_admin_commands_as_a_reply_are_about_its_author_and_take_every_word(
     assert (ban.target, ban.reason) == (f"user:{user}", "3 strikes")
     assert reply("/unban") == text("en", "admin.unbanned", user=user)
     assert reply("/grant") == text("en", "admin.usage_grant")
+    # Another user's id as well: which of the two is meant cannot be told, so neither.
+    assert reply("/ban 777777 spam") == text("en", "admin.target_ambiguous")
+    assert not [e for e in audit_events(database_url) if e.target == "user:777777"]
+    # Its author's own id is only said twice.
+    assert reply(f"/grant {user} 2") == text("en", "admin.granted", user=user, credits=2)
 
 
 def test_commands_sent_on_behalf_of_a_chat(stack: Stack) -> None:

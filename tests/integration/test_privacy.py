@@ -441,3 +441,63 @@ def test_forgetting_keeps_an_admins_limit_and_what_was_used_today(world: World) 
     assert key not in keys and GROUP_KEY in keys
     assert not [e for e in entries_of(world.store, GROUP_KEY) if e[1] == ledger.CARRIED]
     world.store.dispose()
+
+
+def test_the_sweep_leaves_an_account_a_returning_user_is_reserving_on(postgres_url: str) -> None:
+    """The sweep deletes a forgotten user's account once their carried entries go; when
+    they come back meanwhile, their reserve holds the account's row and adds an entry.
+    A DELETE that waited for that row would not see the entry (READ COMMITTED) and fail
+    the foreign key; the sweep must leave the account, and the reserve stand."""
+    import threading
+    import time
+
+    from sqlalchemy import text as sql
+
+    upgrade_to_head(postgres_url)
+    store = Store(postgres_url)
+    today = date(2025, 3, 2)
+    key = "user:telegram:77"
+    with store.unit_of_work() as uow:
+        account = AccountRow(key=key, lock_version=0)
+        uow.session.add(account)
+        uow.session.flush()
+        uow.session.add(
+            LedgerEntry(account_id=account.id, kind=ledger.CARRIED, amount=-1, day=today)
+        )
+        uow.commit()
+
+    swept: list[int | BaseException] = []
+
+    def sweep() -> None:
+        try:
+            with store.unit_of_work() as uow:
+                swept.append(retention.forget_carried_before(uow, today + timedelta(days=1)))
+        except BaseException as exc:
+            swept.append(exc)
+
+    origin = Origin("telegram", 77, "private", "77", "Ravi", "en", 1)
+    plan = GenerationPlan("a kite festival", 64, 64, 4, (1,), 7.0)
+    charge = Charge((Account(key, 10),), 2, today + timedelta(days=1))
+    with store.unit_of_work() as returning:
+        jobs.take_in(returning, origin, JobKind.PORTRAIT, plan, charge=charge, commit=False)
+        sweeper = threading.Thread(target=sweep)
+        sweeper.start()
+        # Until the sweep is done, or waits for the reserve's lock.
+        deadline = time.monotonic() + 10
+        with store.engine.connect() as watcher:
+            while sweeper.is_alive() and time.monotonic() < deadline:
+                waiting = watcher.scalar(
+                    sql(
+                        "select count(*) from pg_stat_activity"
+                        " where datname = current_database() and wait_event_type = 'Lock'"
+                    )
+                )
+                watcher.rollback()  # pg_stat_activity is read once a transaction
+                if waiting:
+                    break
+                time.sleep(0.05)
+        returning.commit()
+    sweeper.join(30)
+    assert swept == [1]  # the carried entry went, and nothing failed
+    assert [(k, kind) for k, kind, _, _ in entries_of(store, key)] == [(key, ledger.RESERVE)]
+    store.dispose()

@@ -410,6 +410,72 @@ def test_a_request_asked_again_after_its_intake_failed_is_answered_once_and_char
     store.dispose()
 
 
+def test_an_avatar_asked_again_after_its_intake_failed_takes_the_new_selfie(
+    store: Store, tmp_path: Path
+) -> None:
+    """The avatar's job was written, but its intake failed (the connection dropped after
+    COMMIT) and deleted the selfie: asked again, the job takes the new selfie, not the
+    deleted one its worker would fail on. Asked by anyone else, it stays a duplicate."""
+    from PIL import Image
+
+    from chitrakar.artifacts import LocalArtifactStore
+    from chitrakar.config import Settings
+    from chitrakar.domain import parse_image_command
+    from chitrakar.media import MediaStore
+    from chitrakar.services import JobIntake
+    from chitrakar.styles import load_catalogue
+
+    settings = Settings(
+        image_size=64, default_steps=4, data_dir=tmp_path, daily_quota=5, max_jobs_in_flight=2
+    )
+    published: list[int] = []
+    intake = JobIntake(
+        settings,
+        store,
+        published.append,
+        load_catalogue(),
+        MediaStore(settings.media_dir),
+        LocalArtifactStore(tmp_path),
+    )
+    req = parse_image_command(Command.AVATAR, "anime")
+
+    def input_of(job_id: int) -> str | None:
+        with store.unit_of_work() as uow:
+            view = jobs.get_job(uow, job_id)
+            assert view is not None
+            return view.input_path
+
+    def inputs() -> set[Path]:
+        return set((settings.media_dir / "inputs").iterdir())
+
+    written = intake.accept(origin(message_id=1), req, Image.new("RGB", (64, 64), "tan"))
+    first = input_of(written.job_id)
+    assert first is not None
+    Path(first).unlink()  # what the failed first asking's intake did
+
+    # Asked by another delivery of the update: a duplicate; its selfie is deleted.
+    repeated = intake.accept(origin(message_id=1), req, Image.new("RGB", (64, 64), "tan"))
+    assert (repeated.job_id, repeated.duplicate) == (written.job_id, True)
+    assert input_of(written.job_id) == first and inputs() == set()
+
+    # Asked again by the bot that asked first: the job takes the new selfie, and is answered.
+    again = intake.accept(
+        origin(message_id=1), req, Image.new("RGB", (64, 64), "olive"), asked_before=True
+    )
+    assert (again.job_id, again.duplicate) == (written.job_id, False)
+    second = input_of(written.job_id)
+    assert second is not None and second != first
+    assert inputs() == {Path(second)}
+
+    # Its selfie there, asked again once more: that selfie is kept, the new one deleted.
+    once_more = intake.accept(
+        origin(message_id=1), req, Image.new("RGB", (64, 64), "teal"), asked_before=True
+    )
+    assert once_more.job_id == written.job_id
+    assert input_of(written.job_id) == second and inputs() == {Path(second)}
+    store.dispose()
+
+
 def test_the_id_of_a_deleted_job_is_never_given_again(store: Store) -> None:
     """After /forget deletes someone's newest job, an old button or a worker holding its id
     must not reach a new job of someone else."""

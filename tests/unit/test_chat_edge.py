@@ -10,7 +10,11 @@ from telegram import Chat, Message
 
 from bot.handlers import command_of
 from chitrakar import replies
-from chitrakar.permissions import Sender, refusal_for, sender_kind
+from chitrakar.admin_commands import admin_reply
+from chitrakar.domain import Command
+from chitrakar.moderation import Actor
+from chitrakar.permissions import Role, Sender, refusal_for, sender_kind
+from chitrakar.texts import text
 
 GROUP, CHANNEL = -100_200, -100_300
 
@@ -52,12 +56,54 @@ def test_an_anonymous_admin_may_change_the_groups_settings_only() -> None:
         (["3", "strikes"], ("42", ["3", "strikes"])),  # /ban 3 strikes
         (["default"], ("42", ["default"])),
         ([], ("42", [])),
+        (["1234", "spam"], ("42", ["1234", "spam"])),  # too short for a user id
+        (["42", "20"], ("42", ["20"])),  # /grant <their id> 20: said twice
+        (["0042"], ("42", [])),
     ],
 )
 def test_an_admin_command_as_a_reply_is_about_its_author_and_every_word_an_argument(
     words: list[str], expected: tuple[str | None, list[str]]
 ) -> None:
     assert replies.admin_target(words, replied_author="42") == expected
+    assert not replies.ambiguous_target(words, replied_author="42")
+
+
+@pytest.mark.parametrize(
+    "words",
+    [["12345"], ["12345", "spam"], ["987654321", "20"]],
+)
+def test_an_admin_command_as_a_reply_that_gives_another_users_id_names_no_one(
+    words: list[str],
+) -> None:
+    """`/ban 12345` as a reply to someone else: neither is banned, and the admin is told why."""
+    assert replies.admin_target(words, replied_author="55555") == (None, words)
+    assert replies.ambiguous_target(words, replied_author="55555")
+    assert replies.admin_target(["55555", *words[1:]], "55555") == ("55555", words[1:])
+    # Without a reply, the id is the target, as before.
+    assert replies.admin_target(words) == (words[0], words[1:])
+    assert not replies.ambiguous_target(words, None)
+
+
+@pytest.mark.parametrize("command", [Command.BAN, Command.UNBAN, Command.GRANT, Command.SET_QUOTA])
+def test_an_admin_is_told_to_reply_or_give_an_id_not_both(command: Command) -> None:
+    class Permitting:
+        def check(self, actor: Actor, permission: object, action: str) -> None:
+            pass
+
+    actor = Actor("telegram", "9001", Role.BOT_ADMIN, -100_200)
+    reply = admin_reply(
+        command,
+        actor,
+        "hi",
+        None,
+        ["12345"],
+        "12345",
+        target_ambiguous=True,
+        moderation=Permitting(),  # type: ignore[arg-type]
+        intake=None,  # type: ignore[arg-type]
+        settings=None,  # type: ignore[arg-type]
+    )
+    assert reply == text("hi", "admin.target_ambiguous")
 
 
 @pytest.mark.parametrize(
