@@ -14,14 +14,14 @@ from telegram.error import TelegramError
 from telegram.ext import ApplicationHandlerStop
 
 from bot.bootstrap import CHANNEL
-from bot.context import BotContext, actor_of, language_of, sender_of
+from bot.context import BotContext, actor_of, language_of, sender_of, sender_of_message
 from bot.handlers import command_arguments, command_of, keyboard
 from chitrakar import replies
 from chitrakar.admin_commands import admin_reply
 from chitrakar.buttons import Action, Button, ButtonPress, review_buttons
 from chitrakar.domain import Command, CommandError
 from chitrakar.moderation import Actor
-from chitrakar.permissions import Permission, may, refusal_for
+from chitrakar.permissions import Permission, Sender, may, refusal_for
 from chitrakar.texts import DEFAULT_LANGUAGE, text
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def _replied_to(message: Message) -> Message | None:
 def _on_behalf_of_chat(message: Message) -> bool:
     """Sent as a channel or the group, or forwarded from the linked channel: Telegram names
     no person as its author."""
-    return message.sender_chat is not None or bool(message.is_automatic_forward)
+    return sender_of_message(message) != Sender.PERSON
 
 
 def _author(message: Message) -> str | None:

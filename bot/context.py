@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from telegram import Update
+from telegram import Message, Update
 from telegram.constants import ChatType
 from telegram.error import TelegramError
 from telegram.ext import Application, CallbackContext, ExtBot
@@ -145,11 +145,12 @@ async def is_group_admin(context: BotContext, chat_id: int, user_id: int) -> boo
 
 
 def sender_of(update: Update) -> Sender:
-    """Who sent a new message: a person, or someone on behalf of a chat. A button press is
-    always a person's."""
-    message = update.message
-    if message is None:
-        return Sender.PERSON
+    """Who sent a new message (`sender_of_message`); a button press is always a person's."""
+    return sender_of_message(update.message) if update.message is not None else Sender.PERSON
+
+
+def sender_of_message(message: Message) -> Sender:
+    """Who sent a message: a person, or someone on behalf of a chat."""
     sender_chat = message.sender_chat
     return sender_kind(
         message.chat_id,

@@ -27,6 +27,7 @@ from bot.context import (
     is_group_admin,
     language_of,
     origin_of,
+    sender_of_message,
     taken_in,
 )
 from chitrakar import replies
@@ -41,7 +42,7 @@ from chitrakar.buttons import (
     style_buttons,
 )
 from chitrakar.domain import Command, CommandError, option_limits, parse_image_command
-from chitrakar.permissions import Permission
+from chitrakar.permissions import Permission, Sender
 from chitrakar.photos import MAX_DOWNLOAD_BYTES, check_declared_size, prepare_selfie
 from chitrakar.services import Accepted
 from chitrakar.texts import text
@@ -229,12 +230,12 @@ async def avatar(update: Update, context: BotContext) -> None:
 
 
 def _same_sender(message: Message, other: Message) -> bool:
-    """Both sent by one person as themselves (a post as a channel names no person)."""
+    """Both sent by one person as themselves (a post on behalf of a chat names no person)."""
     return (
         message.from_user is not None
         and other.from_user is not None
         and message.from_user.id == other.from_user.id
-        and other.sender_chat is None
+        and sender_of_message(other) == Sender.PERSON
     )
 
 
