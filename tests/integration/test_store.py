@@ -12,6 +12,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import func, select
 
+from chitrakar.artifacts import LocalArtifactStore
+from chitrakar.config import Settings
 from chitrakar.domain import (
     UNANSWERED_ABANDONED_AFTER_S,
     Command,
@@ -22,7 +24,10 @@ from chitrakar.domain import (
     JobKind,
     JobStatus,
 )
+from chitrakar.media import MediaStore
 from chitrakar.planning import Defaults, plan_request
+from chitrakar.services import JobIntake
+from chitrakar.styles import load_catalogue
 from db import jobs
 from db.jobs import Origin
 from db.migrate import schema_is_current, upgrade_to_head
@@ -324,26 +329,32 @@ def test_migration_0002_keeps_the_oldest_job_of_a_repeated_message(database_url:
     store.dispose()
 
 
-def test_a_repeat_of_a_request_never_answered_is_answered_and_published(
-    store: Store, tmp_path: Path
-) -> None:
-    """The bot stopped after recording a job but before answering and publishing it; when
-    Telegram offers the update again, the job is answered and published then."""
-    from chitrakar.artifacts import LocalArtifactStore
-    from chitrakar.config import Settings
-    from chitrakar.media import MediaStore
-    from chitrakar.services import JobIntake
-    from chitrakar.styles import load_catalogue
-
-    published: list[int] = []
-    settings = Settings(image_size=64, default_steps=4, data_dir=tmp_path)
-    intake = JobIntake(
+def job_intake(store: Store, settings: Settings, published: list[int]) -> JobIntake:
+    """The bot's intake on this store; what it publishes is appended to `published`."""
+    return JobIntake(
         settings,
         store,
         published.append,
         load_catalogue(),
         MediaStore(settings.media_dir),
-        LocalArtifactStore(tmp_path),
+        LocalArtifactStore(settings.resolved_data_dir),
+    )
+
+
+def two_in_flight(data_dir: Path) -> Settings:
+    return Settings(
+        image_size=64, default_steps=4, data_dir=data_dir, daily_quota=5, max_jobs_in_flight=2
+    )
+
+
+def test_a_repeat_of_a_request_never_answered_is_answered_and_published(
+    store: Store, tmp_path: Path
+) -> None:
+    """The bot stopped after recording a job but before answering and publishing it; when
+    Telegram offers the update again, the job is answered and published then."""
+    published: list[int] = []
+    intake = job_intake(
+        store, Settings(image_size=64, default_steps=4, data_dir=tmp_path), published
     )
     req, _ = request()
     first = intake.accept(origin(), req)  # ... and the process stopped here
@@ -372,24 +383,10 @@ def test_a_request_asked_again_after_its_intake_failed_is_answered_once_and_char
     """The bot asked, the job was written, and the answer never came back (the intake process
     died with it in hand): asked again, in a batch with a request not yet written, both are
     answered and published, the first's job not made twice nor charged twice."""
-    from chitrakar.artifacts import LocalArtifactStore
-    from chitrakar.config import Settings
-    from chitrakar.media import MediaStore
-    from chitrakar.services import Accepted, JobIntake
-    from chitrakar.styles import load_catalogue
+    from chitrakar.services import Accepted
 
     published: list[int] = []
-    settings = Settings(
-        image_size=64, default_steps=4, data_dir=tmp_path, daily_quota=5, max_jobs_in_flight=2
-    )
-    intake = JobIntake(
-        settings,
-        store,
-        published.append,
-        load_catalogue(),
-        MediaStore(settings.media_dir),
-        LocalArtifactStore(tmp_path),
-    )
+    intake = job_intake(store, two_in_flight(tmp_path), published)
     req, _ = request()
     written = intake.accept(origin(message_id=1), req)  # ... and its answer was lost
     before = intake.quota_status(origin()).user_left
@@ -418,25 +415,11 @@ def test_an_avatar_asked_again_after_its_intake_failed_takes_the_new_selfie(
     deleted one its worker would fail on. Asked by anyone else, it stays a duplicate."""
     from PIL import Image
 
-    from chitrakar.artifacts import LocalArtifactStore
-    from chitrakar.config import Settings
     from chitrakar.domain import parse_image_command
-    from chitrakar.media import MediaStore
-    from chitrakar.services import JobIntake
-    from chitrakar.styles import load_catalogue
 
-    settings = Settings(
-        image_size=64, default_steps=4, data_dir=tmp_path, daily_quota=5, max_jobs_in_flight=2
-    )
+    settings = two_in_flight(tmp_path)
     published: list[int] = []
-    intake = JobIntake(
-        settings,
-        store,
-        published.append,
-        load_catalogue(),
-        MediaStore(settings.media_dir),
-        LocalArtifactStore(tmp_path),
-    )
+    intake = job_intake(store, settings, published)
     req = parse_image_command(Command.AVATAR, "anime")
 
     def input_of(job_id: int) -> str | None:
