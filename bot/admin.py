@@ -61,6 +61,21 @@ async def sender_gate(update: Update, context: BotContext) -> None:
     raise ApplicationHandlerStop
 
 
+async def chat_migrated(update: Update, context: BotContext) -> None:
+    """A group became a supergroup: Telegram says so in the old chat (`migrate_to_chat_id`)
+    and in the new one (`migrate_from_chat_id`); either moves its settings, once."""
+    message = update.effective_message
+    if message is None:
+        return
+    if message.migrate_to_chat_id is not None:
+        old, new = message.chat_id, message.migrate_to_chat_id
+    elif message.migrate_from_chat_id is not None:
+        old, new = message.migrate_from_chat_id, message.chat_id
+    else:
+        return
+    await asyncio.to_thread(context.services.moderation.chat_moved, CHANNEL, old, new)
+
+
 async def ban_gate(update: Update, context: BotContext) -> None:
     """Before any handler: a banned user's commands and presses get one short answer and go
     no further. Plain chat messages are ignored as before."""

@@ -174,6 +174,22 @@ class Moderation:
             audit.set_flag(uow, PAUSED_FLAG, message, actor.user_id)
         self._record(actor, "pause" if message is not None else "resume", reason=message)
 
+    def chat_moved(self, channel: str, old_chat_id: int, new_chat_id: int) -> None:
+        """Telegram says a group became a supergroup: its settings and credits follow it."""
+        with self._store.unit_of_work() as uow:
+            if not audit.move_chat(uow, channel, old_chat_id, new_chat_id):
+                return  # told twice (once in each chat), or nothing to move
+            audit.record(
+                uow,
+                channel=channel,
+                actor="system",
+                actor_role="system",
+                action="chat_moved",
+                target=f"chat:{new_chat_id}",
+                chat_id=old_chat_id,
+            )
+        log.info("chat %s became %s; its settings and credits moved", old_chat_id, new_chat_id)
+
     def chat_settings(self, channel: str, chat_id: int) -> ChatSettingsView:
         with self._store.unit_of_work() as uow:
             return audit.chat_settings(uow, channel, chat_id)

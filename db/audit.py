@@ -17,7 +17,17 @@ from typing import Any, Final, cast
 from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.engine import CursorResult
 
-from db.models import AuditEvent, ChatSettings, Job, Report, ServiceFlag, User, utcnow
+from chitrakar.quota import group_account
+from db.models import (
+    Account,
+    AuditEvent,
+    ChatSettings,
+    Job,
+    Report,
+    ServiceFlag,
+    User,
+    utcnow,
+)
 from db.session import UnitOfWork, dialect_insert
 
 # What happens to a flagged image in a chat (ChatSettings.content_policy).
@@ -344,6 +354,35 @@ class OpenedReport:
     id: int
     # False: the reporter's report on the job, still open, found again (its admins told).
     created: bool
+
+
+def move_chat(uow: UnitOfWork, channel: str, old_chat_id: int, new_chat_id: int) -> bool:
+    """A group became a supergroup (Telegram gives it a new id): its settings and its
+    account (its admins' daily limit and the credits used today) go with it, unless the new
+    chat has its own already. Whether anything moved. Commits."""
+    moved = False
+    settings_of_new = select(ChatSettings.id).where(
+        ChatSettings.channel == channel, ChatSettings.chat_id == new_chat_id
+    )
+    if uow.session.scalar(settings_of_new) is None:
+        settings = cast(
+            CursorResult[Any],
+            uow.session.execute(
+                update(ChatSettings)
+                .where(ChatSettings.channel == channel, ChatSettings.chat_id == old_chat_id)
+                .values(chat_id=new_chat_id)
+            ),
+        )
+        moved = settings.rowcount == 1
+    old_key, new_key = group_account(channel, old_chat_id), group_account(channel, new_chat_id)
+    if uow.session.scalar(select(Account.id).where(Account.key == new_key)) is None:
+        account = cast(
+            CursorResult[Any],
+            uow.session.execute(update(Account).where(Account.key == old_key).values(key=new_key)),
+        )
+        moved = moved or account.rowcount == 1
+    uow.commit()
+    return moved
 
 
 def open_report(uow: UnitOfWork, job_id: int, reporter: str, chat_id: int) -> OpenedReport | None:

@@ -213,7 +213,7 @@ def test_a_blocked_prompt_queues_and_charges_nothing(stack: Stack, prompt: str) 
 
 
 def test_group_settings_apply_in_that_group_only(stack: Stack) -> None:
-    emulator, _ = stack
+    emulator, database_url = stack
     group_admin = emulator.user(next(_fresh_ids), "Host")
     member = emulator.user(next(_fresh_ids), "Guest")
     group = emulator.group_chat(-400_000 - next(_fresh_ids))
@@ -249,6 +249,16 @@ def test_group_settings_apply_in_that_group_only(stack: Stack) -> None:
     )
     # Another group is not affected.
     assert say(emulator, other, member, "/portrait a fort --style anime").startswith("Queued.")
+
+    # The group becomes a supergroup (a new chat id): its settings go with it.
+    supergroup = emulator.migrate(group["id"], group["id"] - 1_000_000_000_000, by=group_admin)
+    deadline = time.monotonic() + 30
+    while audit_events(database_url)[-1].action != "chat_moved":
+        assert time.monotonic() < deadline, "the bot did not move the group's settings"
+        time.sleep(0.1)
+    assert say(emulator, supergroup, member, "/portrait a fort") == text(
+        "en", "settings.command_off", command="portrait"
+    )
 
 
 def test_report_reaches_the_admins_and_their_buttons_work(stack: Stack) -> None:

@@ -482,3 +482,35 @@ def test_percentiles_are_nearest_rank() -> None:
     values = [float(n) for n in range(1, 21)]
     assert (stats.percentile(values, 50), stats.percentile(values, 95)) == (10.0, 19.0)
     assert stats.percentile(values, 100) == 20.0
+
+
+def test_a_group_that_became_a_supergroup_keeps_its_settings_and_credits(store: Store) -> None:
+    from datetime import date
+
+    from chitrakar.quota import Account, group_account
+    from db import ledger
+
+    day = date(2026, 11, 28)
+    old, new, taken = -400, -1_000_000_000_400, -500
+    with store.unit_of_work() as uow:
+        audit.update_chat_settings(uow, "telegram", old, toggle_command="portrait")
+        audit.update_chat_settings(uow, "telegram", taken, toggle_command="avatar")
+        ledger.set_account_limit(uow.session, group_account("telegram", old), 20)
+        ledger.grant(uow.session, group_account("telegram", old), -3, day)  # used today
+        uow.commit()
+
+    with store.unit_of_work() as uow:
+        assert audit.move_chat(uow, "telegram", old, new)
+    with store.unit_of_work() as uow:
+        assert audit.chat_settings(uow, "telegram", new).disabled_commands == {"portrait"}
+        assert ledger.account_limit(uow.session, group_account("telegram", new)) == 20
+        left = ledger.balance(uow.session, Account(group_account("telegram", new), 20), day)
+        assert left == 17
+        assert not audit.move_chat(uow, "telegram", old, new)  # told again: nothing left
+
+    # A chat that has settings of its own keeps them.
+    with store.unit_of_work() as uow:
+        audit.update_chat_settings(uow, "telegram", -600, toggle_command="styles")
+        audit.move_chat(uow, "telegram", -600, taken)
+    with store.unit_of_work() as uow:
+        assert audit.chat_settings(uow, "telegram", taken).disabled_commands == {"avatar"}

@@ -502,11 +502,23 @@ class BotApiEmulator:
         with self._lock:
             self._faults[method] = Fault(status, description, retry_after, times, chat_id, html)
 
-    def migrate(self, chat_id: int, new_chat_id: int) -> None:
+    def migrate(
+        self, chat_id: int, new_chat_id: int, by: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """The group becomes a supergroup with a new id: from now on every call naming the old
-        id is refused with 400 and `migrate_to_chat_id`, as Telegram does."""
+        id is refused with 400 and `migrate_to_chat_id`, as Telegram does. With `by` (the
+        admin who caused it), the bot is told as Telegram tells it: a service message in each
+        chat. Returns the new chat."""
+        supergroup = {"id": new_chat_id, "type": "supergroup", "title": "Chai supergroup"}
         with self._lock:
             self._migrations[chat_id] = new_chat_id
+            if by is not None:
+                old = {"id": chat_id, "type": "group", "title": "Chai group"}
+                told = self._new_message(old, sender=by, migrate_to_chat_id=new_chat_id)
+                self._push_update({"message": told})
+                told = self._new_message(supergroup, sender=by, migrate_from_chat_id=chat_id)
+                self._push_update({"message": told})
+        return supergroup
 
     # -- internals ------------------------------------------------------------------------
 
