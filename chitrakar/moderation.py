@@ -175,9 +175,12 @@ class Moderation:
         self._record(actor, "pause" if message is not None else "resume", reason=message)
 
     def chat_moved(self, channel: str, old_chat_id: int, new_chat_id: int) -> None:
-        """Telegram says a group became a supergroup: its settings and credits follow it."""
+        """Telegram says a group became a supergroup: its settings, credits and jobs follow it."""
         with self._store.unit_of_work() as uow:
-            if not audit.move_chat(uow, channel, old_chat_id, new_chat_id):
+            moved_jobs = jobs.move_to_chat(uow, channel, old_chat_id, new_chat_id)
+            # Committed with the jobs.
+            moved = audit.move_chat(uow, channel, old_chat_id, new_chat_id)
+            if not (moved or moved_jobs):
                 return  # told twice (once in each chat), or nothing to move
             audit.record(
                 uow,
@@ -187,8 +190,14 @@ class Moderation:
                 action="chat_moved",
                 target=f"chat:{new_chat_id}",
                 chat_id=old_chat_id,
+                detail={"jobs": moved_jobs},
             )
-        log.info("chat %s became %s; its settings and credits moved", old_chat_id, new_chat_id)
+        log.info(
+            "chat %s became %s: its settings, credits and %d job(s) moved",
+            old_chat_id,
+            new_chat_id,
+            moved_jobs,
+        )
 
     def chat_settings(self, channel: str, chat_id: int) -> ChatSettingsView:
         with self._store.unit_of_work() as uow:

@@ -17,6 +17,7 @@ from sqlalchemy import (
     bindparam,
     func,
     insert,
+    literal,
     or_,
     select,
     update,
@@ -724,6 +725,34 @@ def replace_queued_input(uow: UnitOfWork, job_id: int, lost: str, replacement: s
     return replaced.rowcount == 1
 
 
+def move_to_chat(
+    uow: UnitOfWork, channel: str, old_chat_id: int, new_chat_id: int, job_id: int | None = None
+) -> int:
+    """Move a chat's jobs (or one of them) to the id its group has as a supergroup, so that
+    /cancel, /history, their buttons and /report find them there. The old chat's message ids
+    mean nothing in the new one, and its triggers would clash with the new chat's own
+    ("message:<id>" counts from 1 again). How many moved; does not commit."""
+    moved = cast(
+        CursorResult[Any],
+        uow.session.execute(
+            update(Job)
+            .where(
+                Job.channel == channel,
+                Job.chat_id == old_chat_id,
+                *([Job.id == job_id] if job_id is not None else []),
+            )
+            .values(
+                chat_id=new_chat_id,
+                trigger=literal(f"migrated:{old_chat_id}:") + Job.trigger,
+                request_message_id=None,
+                status_message_id=None,
+            )
+            .execution_options(synchronize_session=False)
+        ),
+    )
+    return moved.rowcount
+
+
 def mark_delivered(
     uow: UnitOfWork, job_id: int, chat_id: int, file_ids: list[str], message_ids: list[int]
 ) -> None:
@@ -733,11 +762,8 @@ def mark_delivered(
     and /report work where it is. Commits."""
     job = _load(uow.session, job_id)
     if chat_id != job.chat_id:
-        # The old chat's message ids mean nothing in the new one, and its triggers would
-        # clash with the new chat's own ("message:<id>" counts from 1 again).
-        job.trigger = f"migrated:{job.chat_id}:{job.trigger}"
-        job.chat_id = chat_id
-        job.request_message_id = job.status_message_id = None
+        move_to_chat(uow, job.channel, job.chat_id, chat_id, job_id=job_id)
+        uow.session.refresh(job)
     job.delivered_at = utcnow()
     job.result_file_ids = file_ids
     # A reply to any of these messages (/report) finds the job.

@@ -514,3 +514,22 @@ def test_a_group_that_became_a_supergroup_keeps_its_settings_and_credits(store: 
         audit.move_chat(uow, "telegram", -600, taken)
     with store.unit_of_work() as uow:
         assert audit.chat_settings(uow, "telegram", taken).disabled_commands == {"avatar"}
+
+
+def test_a_supergroups_jobs_move_with_it_without_clashing_with_its_own(store: Store) -> None:
+    """Jobs of the old group (queued, held or done) move to the new id, so that /cancel and
+    /history find them there; the new chat's message ids count from 1 again, so a command
+    there with the id of an old one is a new request, not a repeat."""
+    old, new = -401, -1_000_000_000_401
+    with store.unit_of_work() as uow:
+        before = jobs.take_in(uow, origin(5, chat_id=old), JobKind.PORTRAIT, plan()).job_id
+    with store.unit_of_work() as uow:
+        assert jobs.move_to_chat(uow, "telegram", old, new) == 1
+        uow.commit()
+    with store.unit_of_work() as uow:
+        after = jobs.take_in(uow, origin(5, chat_id=new), JobKind.PORTRAIT, plan()).job_id
+    assert after != before
+    with store.unit_of_work() as uow:
+        moved = jobs.get_job(uow, before)
+        assert moved is not None
+        assert (moved.chat_id, moved.request_message_id) == (new, None)
