@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
+from aiohttp.web_log import AccessLogger
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
 from sqlalchemy import text as sql
 
 from bot.bootstrap import READINESS_TIMEOUT_S, BotServices, bootstrap
@@ -25,6 +28,31 @@ log = logging.getLogger(__name__)
 # The largest request body: a photo for /avatar (Telegram's own download limit, 20 MB) with
 # the form around it. Each route may take less (a webhook update: 1 MB).
 MAX_REQUEST_BYTES = 21 * 1024 * 1024
+
+
+# The web chat's sign-in links: the path's last part is the secret (bot.web.server).
+SIGN_IN_PREFIX = "/signin/"
+
+
+class AccessLog(AccessLogger):
+    """aiohttp's access log, without the secret of a sign-in link: an invitation stays
+    valid until it is used, and whoever reads the logs must not be able to use it first."""
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        if request.path.startswith(SIGN_IN_PREFIX):
+            # A request whose body was read cannot be cloned: the line is told another path.
+            request = cast(BaseRequest, _ShownAs(request, f"{SIGN_IN_PREFIX}(secret)"))
+        super().log(request, response, time)
+
+
+class _ShownAs:
+    """A request as the access log sees it, with another path."""
+
+    def __init__(self, request: BaseRequest, path: str) -> None:
+        self._request, self.path, self.path_qs = request, path, path
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._request, name)
 
 
 def build_http_app(
@@ -89,7 +117,7 @@ async def serve(settings: Settings) -> None:
         from bot.app import build_application
 
         telegram = build_application(settings, services)
-    runner = web.AppRunner(build_http_app(settings, services, telegram))
+    runner = web.AppRunner(build_http_app(settings, services, telegram), access_log_class=AccessLog)
     freeze_start_up_objects()
     try:
         await asyncio.to_thread(services.warm_up)

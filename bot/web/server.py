@@ -25,6 +25,7 @@ import jinja2
 from aiohttp import web
 
 from bot.bootstrap import BotServices
+from bot.server import SIGN_IN_PREFIX
 from bot.web.chat import MAX_LINE_CHARS, WebChat
 from bot.web.feed import ChangeFeed
 from chitrakar.artifacts import ArtifactMissing
@@ -100,8 +101,8 @@ class WebChatRoutes:
         app.on_shutdown.append(self._stop)
         router = app.router
         router.add_get("/", self.page)
-        router.add_get("/signin/{token}", self.sign_in_page)
-        router.add_post("/signin/{token}", self.sign_in)
+        router.add_get(f"{SIGN_IN_PREFIX}{{token}}", self.sign_in_page)
+        router.add_post(f"{SIGN_IN_PREFIX}{{token}}", self.sign_in)
         router.add_post("/signout", self.sign_out)
         router.add_post("/send", self.send)
         router.add_post("/press", self.press)

@@ -115,6 +115,13 @@ def test_a_sign_in_link_signs_in_once_with_a_safe_cookie(stack: WebStack) -> Non
         assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/" in cookie
         assert browser.get(f"{stack.base}/").status_code == 200
         # Used: a second browser cannot sign in with it.
+    # The access log shows the requests, not the link's secret (logs are read by others).
+    log = stack.data_dir / "run.log"
+    deadline = time.monotonic() + 10
+    while '"POST /signin/(secret) HTTP/1.1" 303' not in log.read_text():
+        assert time.monotonic() < deadline, "no access log line for the sign-in"
+        time.sleep(0.1)
+    assert link.rsplit("/", 1)[1] not in log.read_text()
     with httpx.Client(timeout=30) as other:
         other.get(link)
         again = other.post(link, data={"nonce": other.cookies["chitrakar_signin"]})
