@@ -253,19 +253,41 @@ class WebChat:
         self, account: AccountView, origin: Origin, accepted: Accepted
     ) -> None:
         """A status message (the worker edits it with progress), recorded before the job
-        goes to the queue, then the job to the queue."""
+        goes to the queue, then the job to the queue. The job goes even when its status
+        message cannot be posted or recorded: its result still comes, where the user would
+        otherwise be told it failed while it waited, charged, for the reconciler."""
         if accepted.duplicate:
             return
         language, intake = origin.language, self._services.intake
-        status = self._say(
-            account,
-            text(language, "status.queued", position=accepted.position),
-            origin.request_message_id,
-        )
-        intake.attach_status_message(accepted.job_id, status)
+        status: int | None = None
+        try:
+            status = self._say(
+                account,
+                text(language, "status.queued", position=accepted.position),
+                origin.request_message_id,
+            )
+            intake.attach_status_message(accepted.job_id, status)
+        except Exception:
+            log.exception(
+                "web chat %s: job %s goes without a status message", account.id, accepted.job_id
+            )
+            if status is not None:  # posted, not recorded: no worker would remove it
+                self._forget_message(account, status)
+            status = None
         if not intake.dispatch(accepted):
+            failure = text(language, "error.queue_unavailable")
+            if status is None:
+                self._say(account, failure, origin.request_message_id)
+                return
             with self._services.store.unit_of_work() as uow:
-                web.edit(uow, account.id, status, text=text(language, "error.queue_unavailable"))
+                web.edit(uow, account.id, status, text=failure)
+
+    def _forget_message(self, account: AccountView, message_id: int) -> None:
+        try:
+            with self._services.store.unit_of_work() as uow:
+                web.edit(uow, account.id, message_id, deleted=True)
+        except Exception:
+            log.exception("web chat %s: message %s left behind", account.id, message_id)
 
     def _styles(self, account: AccountView, origin: Origin) -> None:
         language, intake = origin.language, self._services.intake

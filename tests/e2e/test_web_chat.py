@@ -195,6 +195,31 @@ def test_a_portrait_comes_back_with_buttons_and_only_its_owner_sees_it(
     assert counts(stack) == before
 
 
+def test_a_job_whose_status_message_cannot_be_recorded_still_comes(stack: WebStack) -> None:
+    """The database refuses to record the status message (here a trigger; in life a lock
+    timeout, a dropped connection): the job, already taken in and charged, goes to the
+    queue all the same and its result comes, with no "something went wrong"."""
+    store = Store(stack.database_url)
+    refuse = (
+        "CREATE TRIGGER refuse_status_message BEFORE UPDATE OF status_message_id ON jobs "
+        "WHEN NEW.status_message_id IS NOT NULL BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    )
+    with store.engine.begin() as connection:
+        connection.exec_driver_sql(refuse)
+    nila = WebUser(stack, "nila")
+    try:
+        assert nila.send("/portrait a paper boat in the rain").status_code == 200
+        asked = nila.wait_for(lambda m: not m.from_bot and m.text.startswith("/portrait a paper"))
+        nila.wait_for(lambda m: m.from_bot and bool(m.images) and m.reply_to == asked.id)
+        said = [m.text for m in nila.messages() if m.from_bot and m.reply_to == asked.id]
+        assert text("en", "error.unexpected") not in said
+    finally:
+        nila.close()
+        with store.engine.begin() as connection:
+            connection.exec_driver_sql("DROP TRIGGER refuse_status_message")
+        store.dispose()
+
+
 def test_buttons_make_one_job_per_press_and_variations_arrive(asha: WebUser) -> None:
     asha.send("/portrait a lighthouse at dawn --seed 3")
     result = asha.wait_for(
