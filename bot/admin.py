@@ -14,7 +14,7 @@ from telegram.error import TelegramError
 from telegram.ext import ApplicationHandlerStop
 
 from bot.bootstrap import CHANNEL
-from bot.context import BotContext, actor_of, language_of, sender_of, sender_of_message
+from bot.context import BotContext, actor_of, language_of, sender_of_message
 from bot.handlers import command_arguments, command_of, keyboard
 from chitrakar import replies
 from chitrakar.admin_commands import admin_reply
@@ -46,12 +46,13 @@ async def sender_gate(update: Update, context: BotContext) -> None:
     channel's automatic forward) is refused, as there is no person to ban, charge or own its
     result; an anonymous admin may change the group's settings, nothing else."""
     message = update.message
-    if message is None:
+    # A person's message (nearly every update) goes on without its command being read.
+    if message is None or (sender := sender_of_message(message)) == Sender.PERSON:
         return
     command = command_of(message, context.bot.username)
     if command is None or command not in KNOWN_COMMANDS:
         return
-    refusal = refusal_for(sender_of(update), command)
+    refusal = refusal_for(sender, command)
     if refusal is None:
         return
     try:
@@ -146,7 +147,10 @@ async def admin_command(update: Update, context: BotContext) -> None:
     message = update.effective_message
     if message is None or message.text is None:
         return
-    command = Command(message.text.split(maxsplit=1)[0][1:].split("@")[0].lower())
+    named = command_of(message, context.bot.username)
+    if named is None:  # CommandHandler routed it here: never
+        return
+    command = Command(named)
     actor = await actor_of(update, context)
     language = language_of(update)
     replied = _replied_to(message)
@@ -165,7 +169,8 @@ async def admin_command(update: Update, context: BotContext) -> None:
                 rest,
                 command_arguments(message),
                 author_unknown=author_unknown,
-                target_ambiguous=replies.ambiguous_target(words, author),
+                # Replying, only another user's id first leaves it without a target.
+                target_ambiguous=author is not None and target is None,
                 moderation=services.moderation,
                 intake=services.intake,
                 settings=services.settings,

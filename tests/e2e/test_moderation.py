@@ -261,19 +261,27 @@ def test_group_settings_apply_in_that_group_only(stack: Stack) -> None:
     )
 
 
-def test_report_reaches_the_admins_and_their_buttons_work(stack: Stack) -> None:
+def a_result_in_a_group(stack: Stack, command: str) -> tuple[dict[str, Any], dict[str, Any], Call]:
+    """A new group where a member's command has been answered with a photo, its job done;
+    the group, another member (who may report it) and the photo's sendPhoto call."""
     emulator, database_url = stack
-    admin = emulator.user(ADMIN_ID, "Admin")
-    admin_chat = emulator.private_chat(admin)
     asker, reporter = (emulator.user(next(_fresh_ids), n) for n in ("Asker", "Watcher"))
     group = emulator.group_chat(-500_000 - next(_fresh_ids))
-    emulator.send_text(group, asker, "/portrait a festival crowd")
+    emulator.send_text(group, asker, command)
     photo = emulator.wait_for(
         "sendPhoto",
         lambda c: c.params.get("chat_id") == group["id"] and isinstance(c.result, dict),
         timeout=120,
     )
     wait_done(database_url, group["id"], 1)
+    return group, reporter, photo
+
+
+def test_report_reaches_the_admins_and_their_buttons_work(stack: Stack) -> None:
+    emulator, database_url = stack
+    admin = emulator.user(ADMIN_ID, "Admin")
+    admin_chat = emulator.private_chat(admin)
+    group, reporter, photo = a_result_in_a_group(stack, "/portrait a festival crowd")
 
     reply = emulator.send_text(group, reporter, "/report", reply_to=photo.result)
     thanks = emulator.wait_for("sendMessage", answer_to(reply), timeout=30)
@@ -314,17 +322,9 @@ def test_report_reaches_the_admins_and_their_buttons_work(stack: Stack) -> None:
 def test_a_report_whose_answer_fails_still_reaches_the_admins(stack: Stack) -> None:
     """The reporter's answer fails (a flood wait): the report is open, so a repeated /report
     sends no card; the admins must have had theirs all the same."""
-    emulator, database_url = stack
+    emulator, _ = stack
     admin_chat = emulator.private_chat(emulator.user(ADMIN_ID, "Admin"))
-    asker, reporter = (emulator.user(next(_fresh_ids), n) for n in ("Asker", "Watcher"))
-    group = emulator.group_chat(-500_000 - next(_fresh_ids))
-    emulator.send_text(group, asker, "/portrait a night market")
-    photo = emulator.wait_for(
-        "sendPhoto",
-        lambda c: c.params.get("chat_id") == group["id"] and isinstance(c.result, dict),
-        timeout=120,
-    )
-    wait_done(database_url, group["id"], 1)
+    group, reporter, photo = a_result_in_a_group(stack, "/portrait a night market")
 
     def card_about_it(call: Call) -> bool:
         about = f"in chat {group['id']}\n" in str(call.params.get("caption") or "")
