@@ -308,6 +308,9 @@ def test_history_export_and_forget(stack: WebStack) -> None:
             lambda m: m.from_bot and m.images == [{"job": result.images[0]["job"], "index": 0}]
         )
         assert again.reply_to == page.id
+        shown = user.http.get("/")
+        assert shown.status_code == 200
+        assert f'src="/images/{result.images[0]["job"]}/0"' in shown.text
 
         archive = user.http.get("/export")
         assert archive.status_code == 200
@@ -489,6 +492,9 @@ def test_styles_list_then_preview_grid_then_a_default_style(stack: WebStack) -> 
         grid = user.wait_for(
             lambda m: m.from_bot and bool(m.images) and "grid" in m.images[0], timeout=240
         )
+        # The chat's page shows it (a message without a caption renders too).
+        page = user.http.get("/")
+        assert page.status_code == 200 and f'src="/grids/{grid.images[0]["grid"]}"' in page.text
         served = user.http.get(f"/grids/{grid.images[0]['grid']}")
         assert served.status_code == 200 and served.headers["content-type"] == "image/jpeg"
         # Percent-encoded, so that the client does not resolve it away before sending.
