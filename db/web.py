@@ -223,16 +223,21 @@ def end_expired(uow: UnitOfWork, now: datetime) -> int:
 _FEED_LOCK = 0x57454243
 
 
-def _changed(uow: UnitOfWork, chat_id: int, message_id: int) -> None:
+# The message id of a change that says "the whole chat was deleted" (/forget): open pages
+# start again from nothing. Messages' ids start at 1.
+CLEARED = 0
+
+
+def _changed(session: Session, chat_id: int, message_id: int) -> None:
     """Append to the chat's feed. A page reads its chat's changes after the last id it saw,
     so ids must become visible in order within a chat: on PostgreSQL, where a later id can
     commit first, writers of one chat take turns until commit (SQLite has one writer)."""
-    if uow.session.get_bind().dialect.name == "postgresql":
-        uow.session.execute(
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
             sql("SELECT pg_advisory_xact_lock(:space, :chat)"),
             {"space": _FEED_LOCK, "chat": chat_id},
         )
-    uow.session.add(WebChange(chat_id=chat_id, message_id=message_id))
+    session.add(WebChange(chat_id=chat_id, message_id=message_id))
 
 
 def post(
@@ -260,7 +265,7 @@ def post(
     )
     uow.session.add(row)
     uow.session.flush()
-    _changed(uow, chat_id, row.id)
+    _changed(uow.session, chat_id, row.id)
     uow.commit()
     return row.id
 
@@ -298,7 +303,7 @@ def edit(
     changed = uow.session.execute(query.values(**values)).rowcount  # type: ignore[attr-defined]
     if changed != 1:
         return False
-    _changed(uow, chat_id, message_id)
+    _changed(uow.session, chat_id, message_id)
     uow.commit()
     return True
 
@@ -369,9 +374,12 @@ def transcript(session: Session, chat_id: int) -> list[dict[str, Any]]:
 
 
 def forget_chat(session: Session, chat_id: int) -> int:
-    """Delete a chat's messages and their changes (/forget); the caller commits."""
+    """Delete a chat's messages and their changes (/forget), leaving one change that tells
+    the chat's open pages (other tabs, other devices) to drop what they show; the caller
+    commits."""
     session.execute(delete(WebChange).where(WebChange.chat_id == chat_id))
     result = session.execute(delete(WebMessage).where(WebMessage.chat_id == chat_id))
+    _changed(session, chat_id, CLEARED)
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 

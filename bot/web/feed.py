@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
+from dataclasses import dataclass, field
 
 from db import web
 from db.session import Store
@@ -23,6 +24,16 @@ POLL_INTERVAL_S = 0.25
 # Changes of different chats may commit out of id order (PostgreSQL): each poll reads again
 # this many ids below the last it saw, and wakes pages for those it had not seen.
 LOOKBACK_IDS = 500
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a page has to show since its last change: the messages as they are now, or
+    (`cleared`) that the chat was deleted and the page must start again."""
+
+    last: int
+    messages: list[web.MessageView] = field(default_factory=list)
+    cleared: bool = False
 
 
 class ChangeFeed:
@@ -90,12 +101,15 @@ class ChangeFeed:
             if not waiting:
                 del self._waiting[chat_id]
 
-    def changes(self, chat_id: int, after: int) -> tuple[int, list[web.MessageView]]:
+    def changes(self, chat_id: int, after: int) -> Changes:
         """The chat's messages changed after change `after` (each once, as it is now), and
         the last change id read. Blocking."""
         with self._store.unit_of_work() as uow:
             changes = web.changes_after(uow, after, chat_id)
             if not changes:
-                return after, []
-            ids = sorted({message for _, _, message in changes})
-            return changes[-1][0], web.messages(uow, chat_id, ids)
+                return Changes(after, [])
+            ids = {message for _, _, message in changes}
+            last = changes[-1][0]
+            if web.CLEARED in ids:
+                return Changes(last, [], cleared=True)
+            return Changes(last, web.messages(uow, chat_id, sorted(ids)))

@@ -9,6 +9,8 @@ without reloading and shows new messages, and the forms work without it too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -16,10 +18,12 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import jinja2
 from aiohttp import web
@@ -70,8 +74,50 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
 }
 
-SESSION = "chitrakar.session"
+# Requests that do work (a line sent, a button pressed) one account may have in progress at
+# once. A page sends one line at a time, and may press a button meanwhile; more is a script or
+# a flood, refused before its body is read.
+CALLS_PER_ACCOUNT = 2
+# Event streams one account may hold open at once: a tab each.
+STREAMS_PER_ACCOUNT = 8
+# How long a page refused a stream waits before it asks again, and a page whose stream
+# dropped (the browser's own retry).
+STREAM_REFUSED_RETRY_MS = 30_000
+STREAM_RETRY_MS = 3_000
+# Threads for the web chat's blocking work (database, decoding photos, finding faces): a pool
+# of its own, so that however busy the web chat is, Telegram's handlers keep theirs.
+WEB_CHAT_THREADS = 4
+
+SESSION: web.RequestKey[SessionView | None] = web.RequestKey("chitrakar.session")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class StreamsFull(Exception):
+    """An account holds as many event streams open as it may."""
+
+
+class PerAccountLimit:
+    """How many requests of one kind each account has in progress, up to a limit (in this
+    process: each bot process counts its own)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: Counter[int] = Counter()
+
+    @contextlib.contextmanager
+    def held(self, account_id: int, refusal: Callable[[], Exception]) -> Iterator[None]:
+        """One more for this account while the block runs; `refusal()` raised at the limit."""
+        if self._held[account_id] >= self.limit:
+            raise refusal()
+        self._held[account_id] += 1
+        try:
+            yield
+        finally:
+            self._held[account_id] -= 1
+            if not self._held[account_id]:
+                del self._held[account_id]
 
 
 class WebChatRoutes:
@@ -80,6 +126,9 @@ class WebChatRoutes:
         self._settings = services.settings
         self._chat = WebChat(services)
         self._feed = ChangeFeed(services.store)
+        self.threads = ThreadPoolExecutor(WEB_CHAT_THREADS, thread_name_prefix="web-chat")
+        self._calls = PerAccountLimit(CALLS_PER_ACCOUNT)
+        self._streams = PerAccountLimit(STREAMS_PER_ACCOUNT)
         self._secure = self._settings.public_web_url.startswith("https://")
         # Browsers keep a Secure cookie only over https; "__Host-" pins it to this host.
         self._cookie = "__Host-chitrakar" if self._secure else "chitrakar_session"
@@ -99,6 +148,7 @@ class WebChatRoutes:
         app.middlewares.append(self._middleware)
         app.on_startup.append(self._start)
         app.on_shutdown.append(self._stop)
+        app.on_cleanup.append(self._close)
         router = app.router
         router.add_get("/", self.page)
         router.add_get(f"{SIGN_IN_PREFIX}{{token}}", self.sign_in_page)
@@ -118,6 +168,18 @@ class WebChatRoutes:
     async def _stop(self, _: web.Application) -> None:
         await self._feed.stop()
 
+    async def _close(self, _: web.Application) -> None:
+        # After the last request: the calls still running end before the process does.
+        await asyncio.to_thread(self.threads.shutdown)
+
+    async def _blocking(self, call: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run a blocking call on the web chat's threads."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.threads, functools.partial(call, *args, **kwargs))
+
+    def _busy(self, request: web.Request) -> Callable[[], Exception]:
+        return lambda: web.HTTPTooManyRequests(text=text(self._language(request), "web.busy"))
+
     # -- who is asking ----------------------------------------------------------------
 
     @web.middleware
@@ -125,7 +187,7 @@ class WebChatRoutes:
         secret = request.cookies.get(self._cookie)
         session = None
         if secret:
-            session = await asyncio.to_thread(self._session_of, secret)
+            session = await self._blocking(self._session_of, secret)
         request[SESSION] = session
         try:
             response = await handler(request)
@@ -149,7 +211,7 @@ class WebChatRoutes:
         return pick_language(accepted.split(",")[0].split(";")[0].strip() or None)
 
     def _signed_in(self, request: web.Request) -> SessionView:
-        session: SessionView | None = request[SESSION]
+        session = request[SESSION]
         if session is None:
             raise web.HTTPUnauthorized(text=text(self._language(request), "web.signed_out"))
         return session
@@ -173,10 +235,10 @@ class WebChatRoutes:
 
     async def page(self, request: web.Request) -> web.Response:
         language = self._language(request)
-        session: SessionView | None = request[SESSION]
+        session = request[SESSION]
         if session is None:
             return self._render("welcome.html", language, status=401)
-        after, messages = await asyncio.to_thread(self._opening, session.account.id)
+        after, messages = await self._blocking(self._opening, session.account.id)
         return self._render(
             "chat.html",
             language,
@@ -236,7 +298,7 @@ class WebChatRoutes:
         # Double submit: only the page this server gave this browser can sign it in.
         if not cookie or not hmac.compare_digest(cookie.encode(), given.encode()):
             raise web.HTTPForbidden(text=text(language, "web.forbidden"))
-        redeemed = await asyncio.to_thread(self._redeem, request.match_info["token"])
+        redeemed = await self._blocking(self._redeem, request.match_info["token"])
         if redeemed is None:
             return self._render("link_invalid.html", language, status=410)
         account, secret = redeemed
@@ -266,7 +328,7 @@ class WebChatRoutes:
         form = await request.post()
         self._check_csrf(request, session, str(form.get("csrf", "")))
         secret = request.cookies.get(self._cookie, "")
-        await asyncio.to_thread(self._end_session, secret)
+        await self._blocking(self._end_session, secret)
         response = web.HTTPSeeOther("/")
         # A "__Host-" cookie is replaced only by one that is Secure too.
         response.set_cookie(
@@ -289,6 +351,10 @@ class WebChatRoutes:
     async def send(self, request: web.Request) -> web.StreamResponse:
         """A line typed, perhaps with a photo (for /avatar)."""
         session = self._signed_in(request)
+        with self._calls.held(session.account.id, self._busy(request)):
+            return await self._send(request, session)
+
+    async def _send(self, request: web.Request, session: SessionView) -> web.StreamResponse:
         language = self._language(request)
         # Over the server's body limit aiohttp refuses with 413 before anything is kept.
         form = await request.post()
@@ -316,11 +382,15 @@ class WebChatRoutes:
                 photo = photo or data or None
         if not line.strip() and photo is None:
             return self._done(request, {})
-        await asyncio.to_thread(self._chat.take_line, session.account, language, line, photo)
+        await self._blocking(self._chat.take_line, session.account, language, line, photo)
         return self._done(request, {})
 
     async def press(self, request: web.Request) -> web.StreamResponse:
         session = self._signed_in(request)
+        with self._calls.held(session.account.id, self._busy(request)):
+            return await self._press(request, session)
+
+    async def _press(self, request: web.Request, session: SessionView) -> web.StreamResponse:
         language = self._language(request)
         _small_body(request)
         form = await request.post()
@@ -328,7 +398,7 @@ class WebChatRoutes:
         under = _row_id(str(form.get("under", "")))
         press_id = str(form.get("press", ""))
         fetched = request.headers.get(FETCH_HEADER) == "fetch"
-        answer = await asyncio.to_thread(
+        answer = await self._blocking(
             self._chat.press,
             session.account,
             language,
@@ -352,11 +422,14 @@ class WebChatRoutes:
     async def events(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: each changed message of the chat, rendered, as it changes."""
         session = self._signed_in(request)
-        language = self._language(request)
-        chat = session.account.id
-        start = request.headers.get("Last-Event-ID") or request.query.get("after", "0")
-        after = _row_id(start) or 0
-        secret = request.cookies.get(self._cookie, "")
+        try:
+            with self._streams.held(session.account.id, StreamsFull):
+                return await self._follow(request, session)
+        except StreamsFull:
+            return await self._refuse_stream(request)
+
+    @staticmethod
+    def _event_stream() -> web.StreamResponse:
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -365,19 +438,55 @@ class WebChatRoutes:
             }
         )
         response.headers.update(SECURITY_HEADERS)
+        return response
+
+    async def _refuse_stream(self, request: web.Request) -> web.StreamResponse:
+        """A stream over the account's limit: the page shows why, and its browser asks again
+        after a while (when a tab may have been closed)."""
+        response = self._event_stream()
+        await response.prepare(request)
+        notice = json.dumps(
+            {
+                "text": text(
+                    self._language(request),
+                    "web.too_many_tabs",
+                    seconds=STREAM_REFUSED_RETRY_MS // 1000,
+                )
+            }
+        )
+        event = f"retry: {STREAM_REFUSED_RETRY_MS}\nevent: notice\ndata: {notice}\n\n"
+        with contextlib.suppress(ConnectionResetError):
+            await response.write(event.encode())
+        return response
+
+    async def _follow(self, request: web.Request, session: SessionView) -> web.StreamResponse:
+        language = self._language(request)
+        chat = session.account.id
+        start = request.headers.get("Last-Event-ID") or request.query.get("after", "0")
+        after = _row_id(start) or 0
+        secret = request.cookies.get(self._cookie, "")
+        response = self._event_stream()
         await response.prepare(request)
         woken = self._feed.subscribe(chat)
         checked = time.monotonic()
         try:
+            # A browser refused a stream before waits long to reconnect: no longer.
+            await response.write(f"retry: {STREAM_RETRY_MS}\n\n".encode())
             while not self._feed.closing.is_set():
                 if time.monotonic() - checked > SESSION_RECHECK_S:
                     # Signed out (here or on another device) or expired: the stream ends.
-                    if await asyncio.to_thread(self._session_of, secret) is None:
+                    if await self._blocking(self._session_of, secret) is None:
                         break
                     checked = time.monotonic()
                 woken.clear()
-                last, changed = await asyncio.to_thread(self._feed.changes, chat, after)
-                for number, message in enumerate(changed, start=1):
+                changes = await self._blocking(self._feed.changes, chat, after)
+                if changes.cleared:
+                    # /forget, perhaps in another tab: the page starts again from nothing.
+                    await response.write(
+                        f"id: {changes.last}\nevent: cleared\ndata: {{}}\n\n".encode()
+                    )
+                    break
+                for number, message in enumerate(changes.messages, start=1):
                     payload = json.dumps(
                         {
                             "id": message.id,
@@ -386,9 +495,10 @@ class WebChatRoutes:
                         }
                     )
                     # The id on the last of a batch: a page that reconnects resumes after it.
-                    event_id = f"id: {last}\n" if number == len(changed) else ""
+                    last = number == len(changes.messages)
+                    event_id = f"id: {changes.last}\n" if last else ""
                     await response.write(f"{event_id}event: message\ndata: {payload}\n\n".encode())
-                after = last
+                after = changes.last
                 try:
                     await asyncio.wait_for(woken.wait(), KEEPALIVE_S)
                 except TimeoutError:
@@ -408,7 +518,7 @@ class WebChatRoutes:
         job_id, index = _row_id(request.match_info["job"]), _row_id(request.match_info["index"])
         png = None
         if job_id is not None and index is not None:
-            png = await asyncio.to_thread(self._result, session, job_id, index)
+            png = await self._blocking(self._result, session, job_id, index)
         if png is None or index is None:
             raise web.HTTPNotFound(text=text(self._language(request), "web.not_found"))
         headers = {}
@@ -452,7 +562,7 @@ class WebChatRoutes:
         """Everything stored about the user, as a ZIP (made when asked, kept nowhere)."""
         session = self._signed_in(request)
         language = self._language(request)
-        archive = await asyncio.to_thread(
+        archive = await self._blocking(
             self._services.privacy.export_zip,
             CHANNEL,
             str(session.account.id),

@@ -75,6 +75,24 @@ def a_result(user: WebUser, after: int = 0) -> object:
     return user.wait_for(lambda m: m.id > after and m.from_bot and bool(m.images))
 
 
+def events_until_closed(stack: WebStack, user: WebUser, within: float = 30) -> list[str]:
+    """The lines of a new event stream of `user`'s chat until the server ends it, or as far
+    as they came in `within` seconds (the stream sends a keep-alive every 15)."""
+    after = re.search(r'data-after="(\d+)"', user.http.get("/").text)
+    assert after is not None
+    until = time.monotonic() + within
+    lines = []
+    with (
+        httpx.Client(base_url=stack.base, cookies=user.http.cookies, timeout=30) as client,
+        client.stream("GET", "/events", params={"after": after.group(1)}) as events,
+    ):
+        for line in events.iter_lines():
+            lines.append(line)
+            if time.monotonic() > until:
+                break
+    return lines
+
+
 def test_the_terminal_shows_the_web_chat_and_a_sign_in_link(stack: WebStack) -> None:
     log = (stack.data_dir / "run.log").read_text()
     assert f"Chitrakar's web chat: {stack.base}" in log
@@ -324,7 +342,12 @@ def test_history_export_and_forget(stack: WebStack) -> None:
         user.send("/forget")
         confirm = user.wait_for(lambda m: m.from_bot and m.text == text("en", "forget.confirm"))
         data = next(d for row in confirm.buttons for _, d in row if d.endswith(":y"))
-        assert user.press(data, under=confirm.id).json()["reload"] is True
+        with ThreadPoolExecutor(1) as pool:
+            # The same chat open in another tab: told to start again, then its stream ends.
+            other_tab = pool.submit(events_until_closed, stack, user)
+            time.sleep(1)
+            assert user.press(data, under=confirm.id).json()["reload"] is True
+            assert "event: cleared" in other_tab.result()
         texts = [m.text for m in user.messages()]
         assert len(texts) == 1 and texts[0].startswith(
             "Done: everything stored about you is deleted"

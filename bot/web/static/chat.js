@@ -132,9 +132,20 @@
   // page opens a new one, waiting longer each time. Signed out: the page shows why.
   let after = body.dataset.after;
   let retry = 1000;
+  let refused = "";
   const follow = () => {
     const events = new EventSource("/events?after=" + after);
-    events.addEventListener("open", () => { retry = 1000; });
+    events.addEventListener("open", () => {
+      retry = 1000;
+      if (refused && notice.textContent === refused) show("");
+    });
+    // Too many tabs open: the server says so, and the browser asks again later by itself.
+    events.addEventListener("notice", (event) => {
+      refused = JSON.parse(event.data).text;
+      show(refused, true);
+    });
+    // The chat was deleted (/forget, perhaps in another tab): start again from nothing.
+    events.addEventListener("cleared", () => { events.close(); location.reload(); });
     events.addEventListener("message", (event) => {
       const stick = atBottom();
       const change = JSON.parse(event.data);
