@@ -4,6 +4,7 @@ and a second person who cannot open the first one's images."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -14,9 +15,10 @@ import pytest
 from PIL import Image
 from skimage import data as photographs
 
+from bot.web.server import STREAM_REFUSED_RETRY_MS, STREAMS_PER_ACCOUNT
 from chitrakar.texts import text
 from tests.support.stack import chitrakar_env
-from tests.support.webchat import WebStack, invite, web_stack
+from tests.support.webchat import WebStack, WebUser, invite, web_stack
 
 pytestmark = pytest.mark.e2e
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -156,3 +158,40 @@ def test_the_page_speaks_hindi_to_a_hindi_browser(browser: object, stack: WebSta
     send(page, "/quota")
     expect(page.locator(".msg.bot").last).to_contain_text("आज बचे क्रेडिट")
     page.context.close()
+
+
+def test_forget_in_one_tab_empties_the_others_and_a_tab_too_many_is_told_why(
+    browser: object, stack: WebStack
+) -> None:
+    expect = playwright_api.expect
+    first = signed_in_page(browser, stack, "meera")
+    send(first, "/quota")
+    expect(first.locator(".msg.bot")).to_have_count(1)
+    second = first.context.new_page()
+    second.goto(f"{stack.base}/")
+    expect(second.locator(".msg.me")).to_have_text("/quota")
+
+    send(first, "/forget")
+    first.get_by_role("button", name=text("en", "button.forget_yes")).click()
+    # The other tab starts again from what is left: the answer to /forget, and no /quota.
+    expect(second.locator(".msg.me")).to_have_count(0)
+    expect(second.locator(".msg.bot")).to_have_text([re.compile("^Done: everything stored")])
+
+    first.context.close()
+
+    # A tab too many: the account's streams all taken (by a script here), the page says why.
+    user = WebUser(stack, "kavya")
+    with contextlib.ExitStack() as streams:
+        for _ in range(STREAMS_PER_ACCOUNT):
+            stream = streams.enter_context(user.http.stream("GET", "/events"))
+            assert next(stream.iter_lines()) == "retry: 3000"
+        context = browser.new_context(**PHONE)  # type: ignore[attr-defined]
+        context.add_cookies(
+            [{"name": n, "value": v, "url": stack.base} for n, v in user.http.cookies.items()]
+        )
+        tab = context.new_page()
+        tab.goto(f"{stack.base}/")
+        notice = text("en", "web.too_many_tabs", seconds=STREAM_REFUSED_RETRY_MS // 1000)
+        expect(tab.locator("#notice")).to_have_text(notice)
+        context.close()
+    user.close()
