@@ -18,7 +18,7 @@ from chitrakar.styles import StyleCatalogue
 from chitrakar.texts import text
 from db import web
 from db.jobs import JobView
-from db.session import Store, UnitOfWork
+from db.session import Store
 from workers.outbound import Delivered, result_caption
 
 log = logging.getLogger(__name__)
@@ -91,10 +91,12 @@ class WebDelivery:
                 buttons=stored_rows(job.language, rows),
                 reply_to=job.request_message_id,
             )
-            self._remove_status(uow, job)
         return Delivered(
             file_ids=[f"{job.id}/{index}" for index in range(len(images))],
             message_ids=[message_id],
+            # Once the delivery is recorded: a failure to remove the status message must not
+            # turn a result already in the chat into a failed, refunded job.
+            follow_up=lambda: self._remove_status(job),
         )
 
     @staticmethod
@@ -102,10 +104,15 @@ class WebDelivery:
         key = "button.avatar_album" if job.kind == JobKind.AVATAR else "button.album"
         return text(job.language, key, count=count)
 
-    @staticmethod
-    def _remove_status(uow: UnitOfWork, job: JobView) -> None:
-        if job.status_message_id is not None:
-            web.edit(uow, job.chat_id, job.status_message_id, deleted=True)
+    def _remove_status(self, job: JobView) -> None:
+        """Best effort: the result is in the chat whether or not its status message goes."""
+        if job.status_message_id is None:
+            return
+        try:
+            with self._store.unit_of_work() as uow:
+                web.edit(uow, job.chat_id, job.status_message_id, deleted=True)
+        except Exception:
+            log.exception("web chat %s: job %s's status message left behind", job.chat_id, job.id)
 
     def deliver_previews(self, job: JobView, grid: Path) -> list[str]:
         self.stop_progress(job)
@@ -120,7 +127,7 @@ class WebDelivery:
                 buttons=stored_rows(job.language, rows),
                 reply_to=job.request_message_id,
             )
-            self._remove_status(uow, job)
+        self._remove_status(job)
         return []
 
     def _notify(self, job: JobView, notice: str) -> None:

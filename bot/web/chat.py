@@ -58,12 +58,9 @@ def split_command(line: str) -> tuple[str | None, str]:
     line = line.strip()
     if not line.startswith("/"):
         return None, line
-    head, _, rest = line.partition(" ")
-    if "\n" in head:
-        head, _, more = head.partition("\n")
-        rest = more + " " + rest
+    head, *rest = line.split(maxsplit=1)  # the name ends at any space or line break
     name = head[1:].partition("@")[0].lower()
-    return name, rest.strip()
+    return name, rest[0] if rest else ""
 
 
 class WebChat:
@@ -266,7 +263,11 @@ class WebChat:
                 text(language, "status.queued", position=accepted.position),
                 origin.request_message_id,
             )
-            intake.attach_status_message(accepted.job_id, status)
+            if not intake.attach_status_message(accepted.job_id, status):
+                # The job ended meanwhile (cancelled from another tab, say): no worker will
+                # look for its status message, so it goes now.
+                self._forget_message(account, status)
+                return
         except Exception:
             log.exception(
                 "web chat %s: job %s goes without a status message", account.id, accepted.job_id

@@ -27,12 +27,14 @@ from typing import Any, ParamSpec, TypeVar
 
 import jinja2
 from aiohttp import web
+from multidict import MultiDictProxy
+from sqlalchemy import exc as database_errors
 
 from bot.bootstrap import BotServices
 from bot.server import SIGN_IN_PREFIX
 from bot.web.chat import MAX_LINE_CHARS, WebChat
 from bot.web.feed import ChangeFeed
-from chitrakar.artifacts import ArtifactMissing
+from chitrakar.artifacts import ArtifactCorrupt, ArtifactMissing
 from chitrakar.domain import MENU, Command, JobStatus
 from chitrakar.photos import MAX_DOWNLOAD_BYTES
 from chitrakar.texts import pick_language, text
@@ -84,6 +86,14 @@ STREAMS_PER_ACCOUNT = 8
 # dropped (the browser's own retry).
 STREAM_REFUSED_RETRY_MS = 30_000
 STREAM_RETRY_MS = 3_000
+# The database is away (restarting, failing over, its connections dropped): a clear 503, and
+# the page's script shows it and tries again.
+DATABASE_AWAY = (
+    database_errors.OperationalError,
+    database_errors.InterfaceError,
+    database_errors.TimeoutError,
+)
+RETRY_AFTER_S = 5
 # Threads for the web chat's blocking work (database, decoding photos, finding faces): a pool
 # of its own, so that however busy the web chat is, Telegram's handlers keep theirs.
 WEB_CHAT_THREADS = 4
@@ -184,9 +194,20 @@ class WebChatRoutes:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await self._answer(request, handler)
+        except DATABASE_AWAY as exc:
+            log.warning("web chat: %s answered 503, the database is away: %s", request.path, exc)
+            raise web.HTTPServiceUnavailable(
+                text=text(self._language(request), "web.unavailable"),
+                headers={"Retry-After": str(RETRY_AFTER_S), **SECURITY_HEADERS},
+            ) from None
+
+    async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         secret = request.cookies.get(self._cookie)
         session = None
-        if secret:
+        # Static files are the same for everyone: no session to look up.
+        if secret and not request.path.startswith("/static/"):
             session = await self._blocking(self._session_of, secret)
         request[SESSION] = session
         try:
@@ -292,11 +313,11 @@ class WebChatRoutes:
         if not SIGN_IN_TOKEN.fullmatch(request.match_info["token"]):
             return self._render("link_invalid.html", language, status=404)
         _small_body(request)
-        form = await request.post()
-        cookie = request.cookies.get(SIGN_IN_COOKIE, "")
-        given = str(form.get("nonce", ""))
+        form = await self._form(request)
+        cookie = request.cookies.get(SIGN_IN_COOKIE, "").encode("utf-8", "surrogateescape")
+        given = str(form.get("nonce", "")).encode("utf-8", "surrogateescape")
         # Double submit: only the page this server gave this browser can sign it in.
-        if not cookie or not hmac.compare_digest(cookie.encode(), given.encode()):
+        if not cookie or not hmac.compare_digest(cookie, given):
             raise web.HTTPForbidden(text=text(language, "web.forbidden"))
         redeemed = await self._blocking(self._redeem, request.match_info["token"])
         if redeemed is None:
@@ -325,7 +346,7 @@ class WebChatRoutes:
     async def sign_out(self, request: web.Request) -> web.Response:
         session = self._signed_in(request)
         _small_body(request)
-        form = await request.post()
+        form = await self._form(request)
         self._check_csrf(request, session, str(form.get("csrf", "")))
         secret = request.cookies.get(self._cookie, "")
         await self._blocking(self._end_session, secret)
@@ -357,9 +378,10 @@ class WebChatRoutes:
     async def _send(self, request: web.Request, session: SessionView) -> web.StreamResponse:
         language = self._language(request)
         # Over the server's body limit aiohttp refuses with 413 before anything is kept.
-        form = await request.post()
+        form = await self._form(request)
         self._check_csrf(request, session, str(form.get("csrf", "")))
-        line = str(form.get("text", ""))
+        # Browsers send a form's line breaks as CRLF (a line typed with Shift+Enter).
+        line = str(form.get("text", "")).replace("\r\n", "\n").replace("\r", "\n")
         if len(line) > MAX_LINE_CHARS:
             raise web.HTTPRequestEntityTooLarge(
                 max_size=MAX_LINE_CHARS,
@@ -393,7 +415,7 @@ class WebChatRoutes:
     async def _press(self, request: web.Request, session: SessionView) -> web.StreamResponse:
         language = self._language(request)
         _small_body(request)
-        form = await request.post()
+        form = await self._form(request)
         self._check_csrf(request, session, str(form.get("csrf", "")))
         under = _row_id(str(form.get("under", "")))
         press_id = str(form.get("press", ""))
@@ -412,6 +434,19 @@ class WebChatRoutes:
             request,
             {"notice": answer.notice, "alert": answer.alert, "reload": answer.reload},
         )
+
+    async def _form(
+        self, request: web.Request
+    ) -> MultiDictProxy[str | bytes | bytearray | web.FileField]:
+        """The request's form; 400 for a body that is no form (bytes that are not UTF-8, a
+        broken multipart body)."""
+        try:
+            return await request.post()
+        except ValueError as exc:  # UnicodeDecodeError among them
+            log.info("web chat: an unreadable form from %s: %s", request.remote, exc)
+            raise web.HTTPBadRequest(
+                text=text(self._language(request), "web.bad_request")
+            ) from None
 
     @staticmethod
     def _done(request: web.Request, answer: dict[str, Any]) -> web.StreamResponse:
@@ -505,6 +540,9 @@ class WebChatRoutes:
                     await response.write(b": keep-alive\n\n")
         except ConnectionResetError:
             pass  # the page was closed
+        except DATABASE_AWAY as exc:
+            # The stream ends; the browser asks again, and is told while the database is away.
+            log.warning("web chat %s: a stream ended, the database is away: %s", chat, exc)
         finally:
             self._feed.unsubscribe(chat, woken)
         return response
@@ -545,6 +583,9 @@ class WebChatRoutes:
         try:
             return intake.artifacts.get(job.result_paths[index], checksum)
         except ArtifactMissing:
+            return None
+        except ArtifactCorrupt:
+            log.error("job %s: result %s is not the file recorded; not shown", job_id, index)
             return None
 
     async def grid(self, request: web.Request) -> web.FileResponse:

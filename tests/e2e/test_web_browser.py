@@ -27,6 +27,7 @@ PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touc
 # Results take a few seconds on two CPU cores with the tiny model.
 WAIT_MS = 90_000
 IMAGE_SIZE = 256
+LAN_NAME = "chitrakar.lan"
 
 
 def chromium_path() -> str:
@@ -56,7 +57,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebStack]:
 def browser() -> Iterator[object]:
     with playwright_api.sync_playwright() as playwright:
         launched = playwright.chromium.launch(
-            executable_path=chromium_path(), args=["--no-sandbox", "--disable-dev-shm-usage"]
+            executable_path=chromium_path(),
+            args=[
+                "--no-sandbox",
+                "--disable-dev-shm-usage",
+                # A name that is not this machine's: plain http to it is no secure context, as
+                # for a phone opening the chat at a LAN address.
+                f"--host-resolver-rules=MAP {LAN_NAME} 127.0.0.1",
+            ],
         )
         yield launched
         launched.close()
@@ -195,3 +203,20 @@ def test_forget_in_one_tab_empties_the_others_and_a_tab_too_many_is_told_why(
         expect(tab.locator("#notice")).to_have_text(notice)
         context.close()
     user.close()
+
+
+def test_buttons_work_on_a_plain_http_address_of_the_network(
+    browser: object, stack: WebStack
+) -> None:
+    """A phone on the same network opens http://<the machine's address>:8080, where the page
+    is no secure context (no crypto.randomUUID): presses still go."""
+    expect = playwright_api.expect
+    page = browser.new_context(**PHONE).new_page()  # type: ignore[attr-defined]
+    page.goto(invite(stack, "ritu").replace("127.0.0.1", LAN_NAME))
+    page.click("#sign-in")
+    page.wait_for_selector("#composer")
+    assert page.evaluate("window.isSecureContext") is False
+    send(page, "/forget")
+    page.get_by_role("button", name=text("en", "button.forget_no")).click()
+    expect(page.locator("#notice")).to_have_text(text("en", "forget.kept"))
+    page.context.close()

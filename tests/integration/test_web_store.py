@@ -170,6 +170,7 @@ def test_the_worker_delivers_into_the_chat_and_removes_the_status(store: Store) 
     images = [Image.new("RGB", (8, 8)) for _ in range(2)]
     sent = delivery.deliver(job, images, 1.5, spoiler=True)
     assert sent.file_ids == [f"{job.id}/0", f"{job.id}/1"]
+    sent.follow_up()  # once the worker has recorded the delivery
     with store.unit_of_work() as uow:
         (result,) = web.messages(uow, asha.id, sent.message_ids)
         assert web.messages(uow, asha.id, [status])[0].deleted
@@ -178,6 +179,45 @@ def test_the_worker_delivers_into_the_chat_and_removes_the_status(store: Store) 
     assert "Seed 1" in result.images[1]["caption"]
     data = [data for row in result.buttons for _, data in row]
     assert f"u:{job.id}:0" in data and f"v:{job.id}:1" in data and f"a:{job.id}" in data
+
+
+def refuse_marking_deleted(store: Store) -> None:
+    """From now on the database refuses to mark a message deleted (as a lock timeout or a
+    dropped connection would, for a moment)."""
+    with store.engine.begin() as connection:
+        if connection.dialect.name == "sqlite":
+            connection.exec_driver_sql(
+                "CREATE TRIGGER refuse BEFORE UPDATE OF deleted ON web_messages "
+                "BEGIN SELECT RAISE(ABORT, 'database is locked'); END"
+            )
+        else:
+            connection.exec_driver_sql(
+                "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN "
+                "RAISE EXCEPTION 'lock timeout'; END $$ LANGUAGE plpgsql"
+            )
+            connection.exec_driver_sql(
+                "CREATE TRIGGER refuse BEFORE UPDATE OF deleted ON web_messages "
+                "FOR EACH ROW EXECUTE FUNCTION refuse()"
+            )
+
+
+def test_a_result_in_the_chat_stays_delivered_when_its_status_cannot_be_removed(
+    store: Store,
+) -> None:
+    """Removing the status message follows the recorded delivery and never raises: its
+    failure must not make the worker fail (and refund) a job whose images are in the chat."""
+    asha = account(store)
+    with store.unit_of_work() as uow:
+        asked = web.post(uow, asha.id, from_bot=False, text="/portrait a kite")
+        status = web.post(uow, asha.id, from_bot=True, text="Queued", reply_to=asked)
+    job = web_job(store, asha.id, asked, status)
+    delivery = WebDelivery(Settings(progress_interval=0), store, load_catalogue())
+    refuse_marking_deleted(store)
+    sent = delivery.deliver(job, [Image.new("RGB", (8, 8))], 1.0)
+    sent.follow_up()
+    with store.unit_of_work() as uow:
+        (result,) = web.messages(uow, asha.id, sent.message_ids)
+        assert result.images and not web.messages(uow, asha.id, [status])[0].deleted
 
 
 def test_progress_never_covers_the_cancelled_status(store: Store) -> None:

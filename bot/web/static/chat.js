@@ -87,6 +87,12 @@
     input.focus();
   }));
 
+  // A press's own id: 32 hex digits. (crypto.randomUUID exists only on https and localhost;
+  // a phone on the same network opens the chat over plain http.)
+  const pressId = () => Array.from(
+    crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")
+  ).join("");
+
   // Buttons under messages: one press each (a double tap makes one job).
   list.addEventListener("click", (event) => {
     const reveal = event.target.closest(".reveal");
@@ -100,7 +106,7 @@
     if (!button || button.disabled) return;
     const data = new FormData(form);
     data.set("data", button.value);
-    data.set("press", crypto.randomUUID().replaceAll("-", ""));
+    data.set("press", pressId());
     button.disabled = true;
     try {
       const answer = await post("/press", data);

@@ -1,10 +1,13 @@
-"""What one web chat user can take from everyone else: calls in progress and open event streams
-are limited per account, and the web chat's blocking work runs on threads of its own, apart
-from those Telegram's handlers use. The real routes and services, in this process, on SQLite."""
+"""The web chat's routes at their edges. What one user can take from everyone else: calls in
+progress and open event streams are limited per account, and the web chat's blocking work runs
+on threads of its own, apart from those Telegram's handlers use. What odd requests and a
+database away get: a clear answer, never a 500. The real routes and services, in this process,
+on both databases."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -13,10 +16,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 
 from bot.bootstrap import BotServices, bootstrap
+from bot.web.chat import WebChat
 from bot.web.server import (
     CALLS_PER_ACCOUNT,
     STREAMS_PER_ACCOUNT,
@@ -24,7 +29,9 @@ from bot.web.server import (
     WebChatRoutes,
 )
 from chitrakar.config import Settings
+from chitrakar.domain import Command, ImageRequest
 from chitrakar.texts import text
+from db import jobs
 from db import web as records
 from db.migrate import upgrade_to_head
 
@@ -207,3 +214,137 @@ async def test_the_web_chat_works_on_threads_of_its_own(
     assert (await asyncio.wait_for(sending, 10)).status == 200
     assert all(future.result() for future in busy)
     await asha.client.close()
+
+
+async def test_a_command_and_a_second_line_typed_with_shift_enter_is_understood(
+    services: BotServices, served: tuple[WebChatRoutes, TestServer]
+) -> None:
+    """Browsers send a form's line breaks as CRLF: the command's name ends at the break."""
+    _, server = served
+    asha = await visitor(services, server, "asha")
+    assert (await asha.send("/quota\r\nplease")).status == 200
+    said = chat_texts(services, asha.chat)
+    assert said[0] == "/quota\nplease"
+    assert not any("know the command" in t for t in said)
+    assert any(t.startswith("Credits left today") for t in said), said
+    await asha.client.close()
+
+
+@contextlib.contextmanager
+def database_away(services: BotServices, url: str) -> Iterator[None]:
+    """The database refuses new connections for a while (and pooled ones are gone)."""
+    engine = services.store.engine
+    if url.startswith("sqlite"):
+        path = Path(sqlalchemy.make_url(url).database or "")
+        path.rename(path.with_suffix(".away"))
+        path.mkdir()  # a folder where the file was: SQLite cannot open it
+        engine.dispose()
+        try:
+            yield
+        finally:
+            path.rmdir()
+            path.with_suffix(".away").rename(path)
+            engine.dispose()
+        return
+    name = sqlalchemy.make_url(url).database
+    admin = sqlalchemy.create_engine(
+        sqlalchemy.make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT"
+    )
+    try:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            connection.execute(
+                sqlalchemy.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = :name AND pid <> pg_backend_pid()"
+                ),
+                {"name": name},
+            )
+        engine.dispose()
+        yield
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        admin.dispose()
+        engine.dispose()
+
+
+async def test_a_database_away_gets_a_clear_503_and_static_files_still_load(
+    services: BotServices, served: tuple[WebChatRoutes, TestServer], database_url: str
+) -> None:
+    _, server = served
+    asha = await visitor(services, server, "asha")
+    with database_away(services, database_url):
+        page = await asha.client.get("/")
+        assert page.status == 503
+        assert await page.text() == text("en", "web.unavailable")
+        assert page.headers["Retry-After"] == "5"
+        sent = await asha.send("/quota")
+        assert (sent.status, await sent.text()) == (503, text("en", "web.unavailable"))
+        assert (await asha.client.get("/static/chat.css")).status == 200
+    assert (await asha.client.get("/")).status == 200
+    await asha.client.close()
+
+
+async def test_unreadable_forms_and_cookies_get_a_clear_refusal(
+    services: BotServices, served: tuple[WebChatRoutes, TestServer]
+) -> None:
+    _, server = served
+    asha = await visitor(services, server, "asha")
+    not_utf8 = await asha.client.post(
+        "/press",
+        data=b"data=s%3Aanime&under=&x=\xff",
+        headers={
+            "X-CSRF-Token": asha.csrf,
+            "X-Requested-With": "fetch",
+            "Content-Type": "application/x-www-form-urlencoded",
+        },
+    )
+    assert (not_utf8.status, await not_utf8.text()) == (400, text("en", "web.bad_request"))
+    # A sign-in whose nonce cookie is not UTF-8: refused, as any wrong nonce is.
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    form = b"nonce=abc"
+    writer.write(
+        b"POST /signin/" + b"A" * 43 + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Cookie: chitrakar_signin=ab\xffc\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n"
+        b"Content-Length: " + str(len(form)).encode() + b"\r\n\r\n" + form
+    )
+    await writer.drain()
+    assert (await reader.readline()).startswith(b"HTTP/1.1 403")
+    writer.close()
+    await asha.client.close()
+
+
+async def test_a_result_whose_file_is_not_the_one_recorded_is_not_found(
+    services: BotServices, served: tuple[WebChatRoutes, TestServer]
+) -> None:
+    """A result file changed on disk (or a corrupt download from object storage) is not
+    shown: 404, as for a missing one, and an error in the log; not a 500."""
+    _, server = served
+    asha = await visitor(services, server, "asha")
+    account = records.AccountView(asha.chat, "asha", False)
+    origin = WebChat.origin(account, "en", None, trigger="button:corrupt01")
+    accepted = services.intake.accept(origin, ImageRequest(Command.PORTRAIT, "a kite"))
+    key = f"results/{accepted.job_id}/0.png"
+    services.intake.artifacts.put(key, b"\x89PNG not what was recorded")
+    with services.store.unit_of_work() as uow:
+        assert jobs.start_job(uow, accepted.job_id, "worker-1") is not None
+    with services.store.unit_of_work() as uow:
+        jobs.record_results(uow, accepted.job_id, "worker-1", [key], ["0" * 64])
+    shown = await asha.client.get(f"/images/{accepted.job_id}/0")
+    assert shown.status == 404
+    await asha.client.close()
+
+
+def test_a_status_message_no_worker_will_look_for_is_removed(services: BotServices) -> None:
+    """The job ended (cancelled from another tab) before its status message was recorded:
+    the message goes at once, rather than say "Queued" for ever."""
+    with services.store.unit_of_work() as uow:
+        account = records.ensure_account(uow, "asha", False)
+    chat = WebChat(services)
+    origin = chat.origin(account, "en", None, trigger="button:ended0001")
+    accepted = services.intake.accept(origin, ImageRequest(Command.PORTRAIT, "a kite"))
+    assert services.intake.cancel(origin)
+    chat._announce_and_dispatch(account, origin, accepted)
+    assert not any(t.startswith("Queued") for t in chat_texts(services, account.id))
