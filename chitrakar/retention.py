@@ -1,9 +1,12 @@
-"""Retention: results are deleted CHITRAKAR_RETENTION_DAYS after their job ended, selfie crops
-CHITRAKAR_INPUT_RETENTION_HOURS after the last job that used them (0: as soon as it ends),
-and result files no job refers to any more (left by a failed deletion) are removed; web chat
-messages go with the results (they hold the prompts), with expired sign-ins; what a user
-since forgotten used on a day goes once the day is over (db.privacy.delete). Run
-hourly by Celery beat (`retention_sweep`), or by hand with `chitrakar retention sweep`."""
+"""Retention: results are deleted CHITRAKAR_RETENTION_DAYS after their job ended (named on the
+job or not: a job that failed between storing its images and naming them keeps them stored;
+but one a queued or running variation or upscale starts from stays until that job ends),
+selfie crops CHITRAKAR_INPUT_RETENTION_HOURS after the last job that used them (0: as soon
+as it ends), and result files of jobs that no longer exist (left by a failed deletion) are
+removed; web chat messages go with the results (they hold the prompts), with expired
+sign-ins; what a user since forgotten used on a day goes once the day is over
+(db.privacy.delete). Run hourly by Celery beat (`retention_sweep`), or by hand with
+`chitrakar retention sweep`."""
 
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ WEB_CHANGES_KEPT = timedelta(days=1)
 
 @dataclass(frozen=True)
 class SweepReport:
-    results: int = 0  # jobs whose results were deleted
+    results: int = 0  # jobs whose results were deleted (named on the job or not)
     inputs: int = 0  # selfie crops deleted
     orphans: int = 0  # result files of jobs that no longer exist
     web_messages: int = 0  # web chat messages older than the retention period
@@ -43,8 +46,9 @@ def sweep(
     now: datetime,
 ) -> SweepReport:
     """Delete what is due at `now` (an aware datetime), files first, then the references."""
+    results_cut_off = now - timedelta(days=settings.retention_days)
     with store.unit_of_work() as uow:
-        due = retention.results_due(uow, now - timedelta(days=settings.retention_days))
+        due = retention.results_due(uow, results_cut_off)
     for job_id in due:
         artifacts.delete_prefix(f"results/{job_id}/")
         with store.unit_of_work() as uow:
@@ -64,8 +68,11 @@ def sweep(
             by_job.setdefault(int(match["job"]), []).append(key)
     with store.unit_of_work() as uow:
         known = retention.existing_job_ids(uow, list(by_job))
+        # Files of jobs that ended before the cut-off without naming them (stored before
+        # the content check's verdict, then the job failed).
+        unnamed = retention.unnamed_results_due(uow, sorted(known - set(due)), results_cut_off)
     orphans = [job_id for job_id in by_job if job_id not in known]
-    for job_id in orphans:
+    for job_id in orphans + unnamed:
         artifacts.delete_prefix(f"results/{job_id}/")
 
     with store.unit_of_work() as uow:
@@ -76,7 +83,7 @@ def sweep(
         carried = retention.forget_carried_before(uow, quota_day(now, settings.zone))
 
     report = SweepReport(
-        results=len(due),
+        results=len(due) + len(unnamed),
         inputs=len(inputs),
         orphans=len(orphans),
         web_messages=messages,

@@ -7,7 +7,8 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, exists, select
+from sqlalchemy import CursorResult, Select, delete, exists, select
+from sqlalchemy.orm import aliased
 
 from chitrakar.domain import ACTIVE_STATUSES, JobKind
 from chitrakar.quota import USER_ACCOUNT_PREFIX
@@ -17,13 +18,54 @@ from db.session import UnitOfWork
 
 
 def results_due(uow: UnitOfWork, finished_before: datetime) -> list[int]:
-    """Jobs that ended before the cut-off and still hold results."""
+    """Jobs that ended before the cut-off and still hold results, except those a queued or
+    running variation or upscale starts from (kept until it ends)."""
     return list(
         uow.session.scalars(
             select(Job.id)
-            .where(Job.finished_at < finished_before, Job.result_paths.is_not(None))
+            .where(
+                Job.finished_at < finished_before,
+                Job.result_paths.is_not(None),
+                Job.id.not_in(_awaited_parents()),
+            )
             .order_by(Job.id)
         )
+    )
+
+
+def unnamed_results_due(
+    uow: UnitOfWork, job_ids: list[int], finished_before: datetime
+) -> list[int]:
+    """Of `job_ids` (jobs that have result files stored), those that ended before the
+    cut-off without naming them: a job that failed between storing its images and naming
+    them (a content check or database error, a worker that died and a later attempt given
+    up). Their files are deleted; there is nothing to record. (Named ones: results_due.)"""
+    ended: list[int] = []
+    for start in range(0, len(job_ids), _IDS_PER_QUERY):
+        ended.extend(
+            uow.session.scalars(
+                select(Job.id).where(
+                    Job.id.in_(job_ids[start : start + _IDS_PER_QUERY]),
+                    Job.status.not_in(list(ACTIVE_STATUSES)),
+                    Job.finished_at < finished_before,
+                    Job.result_paths.is_(None),
+                    Job.id.not_in(_awaited_parents()),
+                )
+            )
+        )
+    return sorted(ended)
+
+
+# Bound parameters per query, well under SQLite's and PostgreSQL's limits.
+_IDS_PER_QUERY = 1000
+
+
+def _awaited_parents() -> Select[int | None]:
+    """The jobs whose result a queued or running job starts from (its input, read when it
+    runs: the press was accepted because the result existed)."""
+    child = aliased(Job)
+    return select(child.parent_job_id).where(
+        child.status.in_(list(ACTIVE_STATUSES)), child.parent_job_id.is_not(None)
     )
 
 

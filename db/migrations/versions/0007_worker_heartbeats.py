@@ -30,6 +30,11 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("jobs") as jobs:
+    sqlite = op.get_bind().dialect.name == "sqlite"
+    # SQLite drops the column by rebuilding the table: with AUTOINCREMENT again (as 0004
+    # made it), or ids of deleted jobs would be given to new ones.
+    with op.batch_alter_table(
+        "jobs", table_kwargs={"sqlite_autoincrement": True} if sqlite else {}
+    ) as jobs:
         jobs.drop_column("delivered_at")
     op.drop_table("worker_heartbeats")
