@@ -63,9 +63,13 @@ class PrivacyService:
         """Everything stored about a user as a ZIP, or None when nothing is:
 
         - profile.json, jobs.json (every job with its events; results listed whether or not
-          their files still exist), ledger.json (credit movements);
+          their files still exist, and a job's marked "results_withheld" when the content
+          check blocked it), ledger.json (credit movements), reports.json (the reports they
+          filed), moderation_log.json (the audit log's records that concern them);
         - results/<key> for each result file that still exists (a legacy local path goes
-          under results/<its folder>/<its file name>);
+          under results/<its folder>/<its file name>), except the images the content check
+          withheld: those stay for the admins' review, and the user was told they are held
+          back;
         - inputs/<file name> for each kept selfie crop that still exists;
         - README.txt: `readme`, the description of these files in the user's language.
         """
@@ -79,7 +83,16 @@ class PrivacyService:
             archive.writestr("profile.json", _json(record.profile))
             archive.writestr("jobs.json", _json(record.jobs))
             archive.writestr("ledger.json", _json(record.ledger))
-            names = {"README.txt", "profile.json", "jobs.json", "ledger.json"}
+            archive.writestr("reports.json", _json(record.reports))
+            archive.writestr("moderation_log.json", _json(record.moderation))
+            names = {
+                "README.txt",
+                "profile.json",
+                "jobs.json",
+                "ledger.json",
+                "reports.json",
+                "moderation_log.json",
+            }
             if record.messages:
                 archive.writestr("messages.json", _json(record.messages))
                 names.add("messages.json")
@@ -98,8 +111,9 @@ class PrivacyService:
         return buffer.getvalue()
 
     def _results(self, record: UserRecord) -> Iterator[tuple[str, bytes]]:
-        """(name under results/, bytes) for each result file that still exists, one at a time."""
-        for value in record.artifact_keys:
+        """(name under results/, bytes) for each result file that still exists and is not
+        withheld, one at a time."""
+        for value in record.exported_keys:
             data: bytes | None
             if _is_local_path(value):
                 data = self._read_local(value)

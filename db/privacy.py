@@ -13,14 +13,24 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import Select, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, String, and_, cast, func, literal, or_, select, update
 from sqlalchemy import delete as sql_delete
 from sqlalchemy.orm import Session
 
-from chitrakar.domain import ACTIVE_STATUSES, JobKind
+from chitrakar.domain import ACTIVE_STATUSES, JobKind, JobStatus
 from chitrakar.quota import user_account
 from db import ledger, web
-from db.models import Account, Job, JobEvent, LedgerEntry, Report, ResultMessage, User
+from db.models import (
+    Account,
+    AuditEvent,
+    Job,
+    JobEvent,
+    LedgerEntry,
+    Report,
+    ResultMessage,
+    User,
+    utcnow,
+)
 
 
 @dataclass(frozen=True)
@@ -29,18 +39,35 @@ class UserRecord:
 
     # The user's row: channel, external id, name, language, default style, created_at...
     profile: dict[str, Any]
-    # Every column of each of their jobs, oldest first, each with its "events".
+    # Every column of each of their jobs, oldest first, each with its "events", and
+    # "results_withheld": true for a job the content check blocked (its images are kept for
+    # the admins' review, not handed to the user: see `withheld_keys`).
     jobs: list[dict[str, Any]]
     # Credit movements: every entry of their own account, and every entry (of any account,
     # such as a group's) about one of their jobs. Each names its "account" key.
     ledger: list[dict[str, Any]]
     # The results of their jobs: artifact keys ("results/42/0-1234.png"); a value starting
-    # with "/" is a legacy absolute path of a local file.
+    # with "/" is a legacy absolute path of a local file. All of them, for deleting.
     artifact_keys: list[str]
     # The selfie crops (absolute paths) that are theirs: the inputs of their avatar jobs.
     input_paths: list[str]
     # A web chat user's messages with the bot (empty on other channels).
     messages: list[dict[str, Any]] = field(default_factory=list)
+    # Those of `artifact_keys` that jobs blocked by the content check name: deleted with the
+    # rest, but never exported (the user was told they were held back).
+    withheld_keys: list[str] = field(default_factory=list)
+    # The reports they filed on results (every column), oldest first.
+    reports: list[dict[str, Any]] = field(default_factory=list)
+    # The audit log's records of admin and moderation actions that concern them, oldest
+    # first: those that name them as the target, those they took, and those on their jobs
+    # (but not another member's report of one: the reporter stays unnamed). Kept by `delete`.
+    moderation: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def exported_keys(self) -> list[str]:
+        """The results the user may have: `artifact_keys` less the withheld ones."""
+        withheld = set(self.withheld_keys)
+        return [key for key in self.artifact_keys if key not in withheld]
 
 
 def _json_value(value: Any) -> Any:
@@ -56,7 +83,9 @@ def _json_row(row: Mapping[Any, Any], leave_out: frozenset[str] = frozenset()) -
     return {name: _json_value(value) for name, value in row.items() if name not in leave_out}
 
 
-def _columns(model: type[User] | type[Job] | type[JobEvent]) -> Select[Any]:
+def _columns(
+    model: type[User] | type[Job] | type[JobEvent] | type[Report] | type[AuditEvent],
+) -> Select[Any]:
     # Every column of the table, read as plain rows (no ORM objects enter the session): a
     # column added to the model later is exported without a change here.
     return select(*model.__table__.columns)
@@ -83,6 +112,27 @@ def _hold(session: Session, channel: str, external_id: str) -> None:
         .where(*mine)
         .values(channel=User.channel)
         .execution_options(synchronize_session=False)
+    )
+    # Their jobs' rows (PostgreSQL), in the order a request takes its locks (user, jobs,
+    # accounts): a job of anyone's that names one of theirs as its parent (a variation of
+    # their result), being taken in meanwhile, holds the parent's key lock: this waits for
+    # its commit, and the detaching UPDATE, a new statement, then sees it. One taken in
+    # later waits for this commit instead (and finds its parent gone).
+    session.execute(
+        select(Job.id)
+        .where(Job.user_id.in_(select(User.id).where(*mine)))
+        .order_by(Job.id)
+        .with_for_update()
+    )
+    # Their account's row: an admin's /grant or /setquota on it, in flight, commits first,
+    # and `delete` then sees its entry or its limit before deciding whether the row can go
+    # (a DELETE that merely waited for the row would not see the entry under READ
+    # COMMITTED, and fail the foreign key, or delete the limit just set). One arriving later
+    # waits for this commit.
+    session.execute(
+        select(Account.id)
+        .where(Account.key == user_account(channel, external_id))
+        .with_for_update()
     )
 
 
@@ -130,13 +180,50 @@ def _dedupe(values: list[str]) -> list[str]:
     return list(dict.fromkeys(values))
 
 
+def _reports_filed(channel: str, external_id: str) -> ColumnElement[bool]:
+    """The reports the user filed: a report names its reporter by external id only, and
+    the channel is that of the job reported."""
+    on_channel = select(Job.id).where(Job.channel == channel)
+    return and_(Report.reporter == external_id, Report.job_id.in_(on_channel))
+
+
+def _concerning(channel: str, external_id: str, user_id: int | None) -> ColumnElement[bool]:
+    """The audit events that concern the user (see UserRecord.moderation)."""
+    their_jobs = select(literal("job:", String) + cast(Job.id, String)).where(
+        Job.user_id == user_id
+    )
+    return and_(
+        AuditEvent.channel == channel,
+        or_(
+            AuditEvent.target == f"user:{external_id}",
+            AuditEvent.actor == external_id,
+            and_(AuditEvent.target.in_(their_jobs), AuditEvent.action != "report"),
+        ),
+    )
+
+
 def collect(session: Session, channel: str, external_id: str) -> UserRecord | None:
-    """Everything stored about a user; None when nothing is (no user row, no account row)."""
+    """Everything stored about a user; None when nothing is (no user row, no account row,
+    no report they filed, no audit event about them)."""
     user_id = _user_id(session, channel, external_id)
     account_id = _account_id(session, channel, external_id)
     chat = web.chat_of(external_id) if channel == web.CHANNEL else None
     messages = web.transcript(session, chat) if chat is not None else []
-    if user_id is None and account_id is None and not messages:
+    reports = [
+        _json_row(report)
+        for report in session.execute(
+            _columns(Report).where(_reports_filed(channel, external_id)).order_by(Report.id)
+        ).mappings()
+    ]
+    moderation = [
+        _json_row(event)
+        for event in session.execute(
+            _columns(AuditEvent)
+            .where(_concerning(channel, external_id, user_id))
+            .order_by(AuditEvent.id)
+        ).mappings()
+    ]
+    if user_id is None and account_id is None and not messages and not reports and not moderation:
         return None
 
     profile: dict[str, Any] = {}
@@ -153,12 +240,18 @@ def collect(session: Session, channel: str, external_id: str) -> UserRecord | No
 
     job_list: list[dict[str, Any]] = []
     artifact_keys: list[str] = []
+    withheld_keys: list[str] = []
     avatar_inputs: list[str] = []
     for job in session.execute(
         _columns(Job).where(Job.user_id == user_id).order_by(Job.id)
     ).mappings():
-        job_list.append({**_json_row(job), "events": events.get(job["id"], [])})
+        withheld = job["status"] == JobStatus.BLOCKED
+        job_list.append(
+            {**_json_row(job), "events": events.get(job["id"], []), "results_withheld": withheld}
+        )
         artifact_keys.extend(job["result_paths"] or ())
+        if withheld:
+            withheld_keys.extend(job["result_paths"] or ())
         if job["command"] == JobKind.AVATAR and job["input_path"] is not None:
             avatar_inputs.append(job["input_path"])
 
@@ -184,6 +277,9 @@ def collect(session: Session, channel: str, external_id: str) -> UserRecord | No
         artifact_keys=_dedupe(artifact_keys),
         input_paths=_own_inputs(session, user_id, _dedupe(avatar_inputs)),
         messages=messages,
+        withheld_keys=_dedupe(withheld_keys),
+        reports=reports,
+        moderation=moderation,
     )
 
 
@@ -216,6 +312,9 @@ def delete(session: Session, channel: str, external_id: str, day: date) -> UserR
     the user's credits (their account row, as a ban stays), and the credits they used on
     `day`, the quota day under way (one entry with no job, on their account and on each
     group's; `carried_entries_due` finds them once the day is over).
+
+    A banned user's row stays too, emptied of all but the ban, so that forgetting is no way
+    around a ban either.
 
     Rows of other users are never deleted: a job of someone else made from one of this user's
     results (an admin's variation in a group) stays, with no parent."""
@@ -256,7 +355,7 @@ def delete(session: Session, channel: str, external_id: str, day: date) -> UserR
     # audit log keeps its record of admin actions that named them: accountability.)
     session.execute(
         sql_delete(Report)
-        .where(or_(Report.reporter == external_id, Report.job_id.in_(their_jobs)))
+        .where(or_(_reports_filed(channel, external_id), Report.job_id.in_(their_jobs)))
         .execution_options(synchronize_session="fetch")
     )
     session.execute(
@@ -287,7 +386,19 @@ def delete(session: Session, channel: str, external_id: str, day: date) -> UserR
             .where(Account.id == account_id)
             .execution_options(synchronize_session="fetch")
         )
-    if user_id is not None:
+    banned = user_id is not None and bool(
+        session.scalar(select(User.banned).where(User.id == user_id))
+    )
+    if banned:
+        # The ban stands; nothing else of theirs does (the row is as a ban of someone who
+        # never wrote makes it, dated now).
+        session.execute(
+            update(User)
+            .where(User.id == user_id)
+            .values(display_name=None, language="en", default_style=None, created_at=utcnow())
+            .execution_options(synchronize_session="fetch")
+        )
+    elif user_id is not None:
         session.execute(
             sql_delete(User)
             .where(User.id == user_id)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+import time
 import zipfile
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -16,17 +18,18 @@ from zoneinfo import ZoneInfo
 import pytest
 from PIL import Image
 from sqlalchemy import String, func, or_, select
+from sqlalchemy import text as sql
 
 from chitrakar.artifacts import LocalArtifactStore
-from chitrakar.domain import GenerationPlan, JobKind
+from chitrakar.domain import GenerationPlan, JobKind, JobStatus
 from chitrakar.media import MediaStore
 from chitrakar.privacy import ForgetReport, PrivacyService
 from chitrakar.quota import Account, quota_day
-from db import jobs, ledger, retention
+from db import audit, jobs, ledger, retention
 from db.jobs import Charge, Origin
 from db.migrate import upgrade_to_head
 from db.models import Account as AccountRow
-from db.models import Base, Job, LedgerEntry, User
+from db.models import Base, Job, LedgerEntry, Report, User
 from db.session import Store
 
 DAY = date(2026, 11, 26)
@@ -35,6 +38,7 @@ GROUP = -100
 A, B = "42", "43"
 A_KEY, B_KEY, GROUP_KEY = "user:telegram:42", "user:telegram:43", "group:telegram:-100"
 README = "What is in this archive (the caller's translated text)."
+PLAN = GenerationPlan("a crowded market", 64, 64, 4, (1,), 7.0)
 
 
 @dataclass
@@ -212,6 +216,8 @@ def test_an_export_holds_everything_about_the_user_and_nothing_of_anyone_else(
         "profile.json",
         "jobs.json",
         "ledger.json",
+        "reports.json",
+        "moderation_log.json",
         *(f"results/{key}" for key in a_keys if key != gone),
         legacy_name,
         f"inputs/{Path(world.selfies[A]).name}",
@@ -253,6 +259,9 @@ def test_an_export_holds_everything_about_the_user_and_nothing_of_anyone_else(
     # The deleted result is still listed.
     assert any(gone in (job["result_paths"] or []) for job in exported)
     assert {job["status"] for job in exported} == {"done", "failed"}
+    assert not any(job["results_withheld"] for job in exported)
+    assert json.loads(files["reports.json"]) == []
+    assert json.loads(files["moderation_log.json"]) == []
 
     expected = entries_of(world.store, A_KEY, user=A)
     exported_ledger = json.loads(files["ledger.json"])
@@ -500,4 +509,248 @@ def test_the_sweep_leaves_an_account_a_returning_user_is_reserving_on(postgres_u
     sweeper.join(30)
     assert swept == [1]  # the carried entry went, and nothing failed
     assert [(k, kind) for k, kind, _, _ in entries_of(store, key)] == [(key, ledger.RESERVE)]
+    store.dispose()
+
+
+def test_an_export_leaves_out_the_images_the_content_check_withheld(world: World) -> None:
+    """The content check blocked a job: its images stay stored for the admins' review, and
+    the user was told they were held back. The export lists the job, marked withheld, but
+    does not hand the images over; /forget deletes them with the rest."""
+    with world.store.unit_of_work() as uow:
+        job_id = jobs.take_in(uow, world.origin(A, GROUP), JobKind.PORTRAIT, PLAN).job_id
+        jobs.start_job(uow, job_id, "worker-1")
+        stored = world.artifacts.put(f"results/{job_id}/0-9.png", b"flagged image of A")
+        blocked = jobs.block_job(
+            uow,
+            job_id,
+            "blocked by the content check",
+            result_paths=[stored.key],
+            result_checksums=[stored.sha256],
+        )
+        assert blocked is not None and blocked.status == JobStatus.BLOCKED
+
+    data = world.service.export_zip("telegram", A, README)
+    assert data is not None
+    files = read_zip(data)
+    assert not [name for name in files if name.startswith(f"results/results/{job_id}/")]
+    assert b"flagged image of A" not in files.values()
+    # A's other results are all there.
+    assert {f"results/{key}" for key in world.result_keys[A]} <= set(files)
+    exported = {job["id"]: job for job in json.loads(files["jobs.json"])}
+    assert exported[job_id]["status"] == "blocked"
+    assert exported[job_id]["result_paths"] == [stored.key]
+    assert [i for i, job in exported.items() if job["results_withheld"]] == [job_id]
+
+    report = world.service.forget("telegram", A)
+    # Every result of A's, the legacy file and the withheld image.
+    assert report.artifacts == len(world.result_keys[A]) + 2
+    assert not world.artifacts.exists(stored.key)
+    world.store.dispose()
+
+
+def test_an_export_holds_the_reports_filed_and_the_moderation_records_of_the_user(
+    world: World,
+) -> None:
+    """/privacy promises the records of admin and moderation actions that concern the user,
+    and /forget deletes the reports they filed: the export holds both. Not another member's
+    report of their image (the reporter stays unnamed), nor anything of another channel."""
+    a_job, b_job = world.job_ids[A][0], world.job_ids[B][0]
+    web_origin = Origin("web", 7, "private", "7", "web user", "en", 1)
+    with world.store.unit_of_work() as uow:
+        web_job = jobs.take_in(uow, web_origin, JobKind.PORTRAIT, PLAN).job_id
+    with world.store.unit_of_work() as uow:
+        filed = audit.open_report(uow, b_job, A, GROUP)  # A reports B's image
+        on_a = audit.open_report(uow, a_job, B, GROUP)  # B reports A's image
+        by_77 = audit.open_report(uow, a_job, "77", GROUP)  # a member who never asked
+        on_web = audit.open_report(uow, web_job, A, 7)  # web's user 42 is someone else
+    assert filed and on_a and by_77 and on_web
+
+    def event(action: str, target: str, *, actor: str = "1", channel: str = "telegram") -> int:
+        with world.store.unit_of_work() as uow:
+            return audit.record(
+                uow,
+                channel=channel,
+                actor=actor,
+                actor_role="system" if actor == "system" else "bot_admin",
+                action=action,
+                target=target,
+                chat_id=GROUP,
+                detail={"note": f"{action} {target}"},
+            )
+
+    concerning = [
+        event("grant", f"user:{A}"),
+        event("prompt_blocked", f"user:{A}", actor="system"),
+        event("output_block", f"job:{a_job}", actor="system"),
+        event("report", f"job:{b_job}", actor=A),
+        event("review_dismissed", f"job:{a_job}"),
+    ]
+    event("report", f"job:{a_job}", actor=B)  # B's report of A's image
+    event("grant", f"user:{B}")
+    event("ban", f"user:{A}", channel="web")
+
+    data = world.service.export_zip("telegram", A, README)
+    assert data is not None
+    files = read_zip(data)
+    reports = json.loads(files["reports.json"])
+    assert [(r["id"], r["job_id"], r["reporter"], r["status"]) for r in reports] == [
+        (filed.id, b_job, A, "open")
+    ]
+    assert reports[0]["at"].endswith("+00:00")
+    moderation = json.loads(files["moderation_log.json"])
+    assert [e["id"] for e in moderation] == concerning
+    assert moderation[1]["action"] == "prompt_blocked"
+    assert moderation[1]["detail"] == {"note": f"prompt_blocked user:{A}"}
+    assert B not in {e["actor"] for e in moderation}
+
+    # A member who only ever reported has no user row: their reports are still theirs.
+    data = world.service.export_zip("telegram", "77", README)
+    assert data is not None
+    files = read_zip(data)
+    assert json.loads(files["profile.json"]) == {}
+    assert [r["id"] for r in json.loads(files["reports.json"])] == [by_77.id]
+
+    # /forget deletes the reports each filed, and those on their images; not the web user's.
+    world.service.forget("telegram", "77")
+    world.service.forget("telegram", A)
+    with world.store.unit_of_work() as uow:
+        assert list(uow.session.scalars(select(Report.id))) == [on_web.id]
+        assert len(audit.latest(uow, 100)) == 8  # the audit log keeps its records
+    world.store.dispose()
+
+
+def test_forgetting_a_banned_user_keeps_the_ban(world: World) -> None:
+    """A ban is a column of the user's row: /forget keeps the row, emptied of everything
+    but the ban, so that forgetting is no way around a ban (an admin's /ban may land just
+    after the confirmation passed the gate)."""
+    with world.store.unit_of_work() as uow:
+        audit.set_banned(uow, "telegram", A, True)
+        assert uow.session.scalar(select(User.display_name).where(User.external_id == A))
+
+    report = world.service.forget("telegram", A)
+
+    assert report.jobs == len(world.job_ids[A])
+    with world.store.unit_of_work() as uow:
+        assert audit.is_banned(uow, "telegram", A)
+        row = uow.session.scalars(select(User).where(User.external_id == A)).one()
+        assert (row.display_name, row.default_style, row.language) == (None, None, "en")
+        assert not list(uow.session.scalars(select(Job.id).where(Job.user_id == row.id)))
+    # What is left is the ban alone, and forgetting again changes nothing.
+    data = world.service.export_zip("telegram", A, README)
+    assert data is not None
+    profile = json.loads(read_zip(data)["profile.json"])
+    assert profile["banned"] is True and profile["display_name"] is None
+    world.service.forget("telegram", A)
+    with world.store.unit_of_work() as uow:
+        assert audit.is_banned(uow, "telegram", A)
+    world.store.dispose()
+
+
+def _waits_for_a_lock(store: Store, alive: threading.Thread, seconds: float = 10) -> bool:
+    """Whether a transaction of this database waits for a row lock before `alive` ends."""
+    deadline = time.monotonic() + seconds
+    with store.engine.connect() as watcher:
+        while alive.is_alive() and time.monotonic() < deadline:
+            waiting = watcher.scalar(
+                sql(
+                    "select count(*) from pg_stat_activity"
+                    " where datname = current_database() and wait_event_type = 'Lock'"
+                )
+            )
+            watcher.rollback()  # pg_stat_activity is read once a transaction
+            if waiting:
+                return True
+            time.sleep(0.05)
+    return False
+
+
+def _forget_in_thread(service: PrivacyService, user: str) -> tuple[threading.Thread, list[Any]]:
+    outcome: list[Any] = []
+
+    def forget() -> None:
+        try:
+            outcome.append(service.forget("telegram", user))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=forget)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.mark.parametrize("admin_action", ["grant", "set_quota"])
+def test_forget_waits_for_an_admins_grant_or_limit_on_the_account(
+    postgres_url: str, tmp_path: Path, admin_action: str
+) -> None:
+    """/forget deletes an account with no limit and nothing used today. An admin's /grant
+    or /setquota on it, in flight, holds the row's lock: /forget must decide after it
+    commits. A DELETE that merely waited would not see the grant's entry (READ COMMITTED)
+    and fail the foreign key, or delete the limit just set."""
+    upgrade_to_head(postgres_url)
+    store = Store(postgres_url)
+    service = PrivacyService(
+        store, LocalArtifactStore(tmp_path / "a"), MediaStore(tmp_path / "m"), ZONE
+    )
+    key = "user:telegram:77"
+    today = quota_day(datetime.now(UTC), ZONE)
+    origin = Origin("telegram", 77, "private", "77", "Ravi", "en", 1)
+    with store.unit_of_work() as uow:  # charged yesterday: the account exists, unused today
+        charge = Charge((Account(key, 10),), 1, today - timedelta(days=1))
+        jobs.take_in(uow, origin, JobKind.PORTRAIT, PLAN, charge=charge)
+
+    with store.unit_of_work() as admin:
+        if admin_action == "grant":
+            ledger.grant(admin.session, key, 5, today, note="bonus")
+        else:
+            ledger.set_account_limit(admin.session, key, 10)
+        forgetting, outcome = _forget_in_thread(service, "77")
+        assert _waits_for_a_lock(store, forgetting)
+        admin.commit()
+    forgetting.join(30)
+
+    assert outcome == [ForgetReport(jobs=1, ledger_entries=1 + (admin_action == "grant"))]
+    with store.unit_of_work() as uow:
+        if admin_action == "grant":
+            # The grant stands (carried, as what the day holds).
+            assert ledger.balance(uow.session, Account(key, 10), today) == 15
+        else:
+            assert ledger.account_limit(uow.session, key) == 10
+    store.dispose()
+
+
+def test_forget_waits_for_a_variation_of_its_result_being_taken_in(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """An admin presses a button under the user's result as they /forget: the variation's
+    insert holds the parent's key lock. /forget must wait for it and detach it (no parent),
+    not delete the parent from under it and fail on fk_jobs_parent_job_id_jobs."""
+    upgrade_to_head(postgres_url)
+    store = Store(postgres_url)
+    artifacts, media = LocalArtifactStore(tmp_path / "a"), MediaStore(tmp_path / "m")
+    service = PrivacyService(store, artifacts, media, ZONE)
+    w = World(store, artifacts, media, service, tmp_path)
+    a_job = w.job(A, "a tea stall at dusk")
+
+    with store.unit_of_work() as other:
+        variation = jobs.take_in(
+            other,
+            w.origin(B, GROUP),
+            JobKind.VARIATION,
+            PLAN,
+            parent_job_id=a_job,
+            parent_index=0,
+            commit=False,
+        ).job_id
+        forgetting, outcome = _forget_in_thread(service, A)
+        assert _waits_for_a_lock(store, forgetting)
+        other.commit()
+    forgetting.join(30)
+
+    assert len(outcome) == 1 and isinstance(outcome[0], ForgetReport), outcome
+    assert outcome[0].jobs == 1
+    with store.unit_of_work() as uow:
+        assert (
+            uow.session.scalars(select(Job.parent_job_id).where(Job.id == variation)).one() is None
+        )
+        assert list(uow.session.scalars(select(Job.id))) == [variation]
     store.dispose()
