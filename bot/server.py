@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 21 * 1024 * 1024
 
 
+# Telegram's Bot API unreachable at start: seconds before the first try again, and the most
+# between two tries (each wait twice the last).
+TELEGRAM_RETRY_FIRST_S = 1.0
+TELEGRAM_RETRY_MAX_S = 60.0
+
 # The web chat's sign-in links: the path's last part is the secret (bot.web.server).
 SIGN_IN_PREFIX = "/signin/"
 
@@ -170,6 +175,9 @@ async def _run_telegram(
     requests; those in hand finish), then polling, then the handlers finish what they hold."""
     from telegram import Update
 
+    if not await _connect_telegram(application, settings, stop):
+        log.info("stopping: Telegram never answered")
+        return
     async with application:
         await application.start()
         try:
@@ -197,3 +205,38 @@ async def _run_telegram(
                 await application.updater.stop()
             if application.running:
                 await application.stop()
+
+
+async def _connect_telegram(
+    application: BotApplication, settings: Settings, stop: asyncio.Event
+) -> bool:
+    """Check the token with the Bot API (getMe). Refused: the bot stops, saying so in one
+    line. Not reached: tried again with a growing back-off while the web chat serves, until
+    it answers (True) or `stop` (False)."""
+    from telegram.error import InvalidToken, NetworkError
+
+    delay = TELEGRAM_RETRY_FIRST_S
+    while True:
+        try:
+            await application.initialize()
+            return True
+        except InvalidToken:
+            # The exception's text holds the token: it is left out.
+            raise SystemExit(
+                f"The Bot API ({settings.telegram_api_url}) refused CHITRAKAR_TELEGRAM_TOKEN: "
+                "set the token @BotFather gave you, or unset it to serve the web chat alone."
+            ) from None
+        except NetworkError as exc:
+            reason = str(exc).replace(application.bot.token, "(token)")
+            log.warning(
+                "the Bot API (%s) did not answer (%s: %s); trying again in %.0f s",
+                settings.telegram_api_url,
+                type(exc).__name__,
+                reason,
+                delay,
+            )
+        try:
+            await asyncio.wait_for(stop.wait(), delay)
+            return False
+        except TimeoutError:
+            delay = min(delay * 2, TELEGRAM_RETRY_MAX_S)

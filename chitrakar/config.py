@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "CHITRAKAR_"
@@ -16,11 +17,20 @@ TELEGRAM_API_URL = "https://api.telegram.org/bot"
 TELEGRAM_FILE_URL = "https://api.telegram.org/file/bot"
 # The characters Telegram allows in a webhook's secret token (its length is checked apart).
 WEBHOOK_SECRET = re.compile(r"[A-Za-z0-9_-]+")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# What chitrakar.artifacts.artifact_store_from_url reads (it checks the rest of the URL).
+ARTIFACT_STORE_SCHEMES = ("file", "s3")
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore"
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        # `CHITRAKAR_TELEGRAM_TOKEN=` (as an env file or a compose file leaves a setting
+        # blank) means unset, not an empty token, model name or path ("." for a path).
+        env_ignore_empty=True,
     )
 
     telegram_token: SecretStr | None = None
@@ -155,6 +165,57 @@ class Settings(BaseSettings):
         if value is not None and not WEBHOOK_SECRET.fullmatch(value.get_secret_value()):
             raise ValueError("use only the letters A-Z and a-z, digits, _ and -")
         return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        if value.strip().upper() not in LOG_LEVELS:
+            raise ValueError(f"use one of {', '.join(LOG_LEVELS)} (in any case), not {value!r}")
+        return value.strip().upper()
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(value)
+        except (ArgumentError, ValueError):
+            # The value is left out: it may hold a password.
+            raise ValueError(
+                "not a database URL; use postgresql+psycopg://USER:PASSWORD@HOST:5432/NAME, or "
+                "leave it unset for SQLite in the data dir"
+            ) from None
+        return value
+
+    @field_validator("artifact_store")
+    @classmethod
+    def _artifact_store(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return value
+        scheme = urlsplit(value.strip()).scheme.lower()
+        if scheme not in ARTIFACT_STORE_SCHEMES:
+            raise ValueError(
+                f"unknown scheme {scheme!r}; use file:///absolute/path or "
+                "s3://bucket/prefix?endpoint_url=...&region=... (or leave it unset for the "
+                "data dir)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _stale_after_heartbeats(self) -> Self:
+        # A worker silent for worker_stale_after is taken for dead and its job given to
+        # another: one late heartbeat must not be enough.
+        if self.worker_stale_after <= 2 * self.heartbeat_interval:
+            raise ValueError(
+                f"{ENV_PREFIX}WORKER_STALE_AFTER ({self.worker_stale_after:g} s) must be more "
+                f"than twice {ENV_PREFIX}HEARTBEAT_INTERVAL ({self.heartbeat_interval:g} s), "
+                "or a live worker's job is taken from it after one late heartbeat"
+            )
+        return self
 
     @field_validator("admin_ids")
     @classmethod

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import signal
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -33,3 +36,19 @@ def freeze_start_up_objects() -> None:
     freed by reference counting as before."""
     gc.collect()
     gc.freeze()
+
+
+def die_with_parent(signum: int = signal.SIGTERM, parent: int | None = None) -> None:
+    """In a child process: be sent `signum` when the parent dies (Linux; elsewhere nothing).
+    `chitrakar run` starts its children with it, and a worker's embedded Celery beat (a fork
+    of the worker, which a fork does not pass on to) asks for it too, so that neither lives
+    on, holding the model's memory, after what started it was killed. `parent`: the pid the
+    child was forked from; if that one died before the call, the signal is sent now."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signum)
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), signum)

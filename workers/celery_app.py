@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from billiard.process import current_process  # type: ignore[import-untyped]
+from celery.signals import beat_embedded_init
 from celery.utils.timer2 import Timer
 
 from chitrakar.config import load_settings
+from chitrakar.process import die_with_parent
 from chitrakar.queue import make_celery
 
 # How long a stopping worker may wait for its timer thread.
@@ -27,6 +30,16 @@ class PromptTimer(Timer):  # type: ignore[misc]
 
 def _nothing() -> None:
     pass
+
+
+def _beat_dies_with_its_worker(**_: Any) -> None:
+    """In the beat a worker started with --beat forks off (`chitrakar run`'s): go when the
+    worker goes. A fork keeps no die-with-parent setting, so a SIGKILLed worker (the kernel's
+    OOM killer, a crash) left its beat running, holding a copy of the model's memory."""
+    die_with_parent(parent=getattr(current_process(), "_parent_pid", None))
+
+
+beat_embedded_init.connect(_beat_dies_with_its_worker)
 
 
 settings = load_settings()
