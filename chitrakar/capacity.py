@@ -18,11 +18,14 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from decimal import ROUND_FLOOR, Decimal
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
+
+if TYPE_CHECKING:
+    from chitrakar.presets import Preset
 
 # capacity.py -> measurements.jsonl, the package data file beside this module.
 BUILTIN_MEASUREMENTS = Path(__file__).with_name("measurements.jsonl")
@@ -96,8 +99,8 @@ class Measurement:
         for name in ("model", "device"):
             if not _nonblank(getattr(self, name)):
                 raise ValueError(f"{name} must be a non-empty string")
-        if not isinstance(self.preset, str) or not _PRESET_NAME.fullmatch(self.preset):
-            raise ValueError(f"preset {self.preset!r} must be lower-case words joined by '-'")
+        if (problem := preset_name_problem(self.preset)) is not None:
+            raise ValueError(problem)
         for name in ("width", "height", "steps", "batch"):
             if not _positive_int(getattr(self, name)):
                 raise ValueError(f"{name} must be a positive integer")
@@ -184,6 +187,14 @@ class Measurement:
         if missing:
             raise ValueError(f"missing field(s): {', '.join(missing)}")
         return cls(**row)
+
+
+def preset_name_problem(name: object) -> str | None:
+    """Why a row cannot name this preset (None when it can): a table's preset names are
+    lower-case words joined by '-', as the built-in ones are."""
+    if not isinstance(name, str) or not _PRESET_NAME.fullmatch(name):
+        return f"preset {name!r} must be lower-case words joined by '-'"
+    return None
 
 
 def _int(value: object) -> bool:
@@ -275,9 +286,39 @@ def parse_memory(text: str) -> int:
     amount = number * unit
     if amount <= 0:
         raise ValueError(f"memory must be more than zero, not {text!r}")
-    if amount != amount.to_integral_value():
-        raise ValueError(f"{text!r} is not a whole number of bytes")
-    return int(amount)
+    # 23.65GiB is a fraction of a byte over a whole number: the fraction is dropped.
+    whole = int(amount.to_integral_value(rounding=ROUND_FLOOR))
+    if whole == 0:
+        raise ValueError(f"{text!r} is less than one byte")
+    return whole
+
+
+_CAPABILITY = re.compile(r"(\d{1,2})(?:\.(\d))?")
+
+
+def parse_capability(text: str) -> tuple[int, int]:
+    """A CUDA compute capability as nvidia-smi and NVIDIA's tables write it: "7.5" (Turing),
+    "8.6", "8.9" (Ada), "9.0" (Hopper); "8" is 8.0."""
+    match = _CAPABILITY.fullmatch(text.strip())
+    if match is None or int(match.group(1)) == 0:
+        raise ValueError(
+            f"cannot read {text!r} as a compute capability: write e.g. 7.5, 8.6 or 9.0"
+        )
+    return int(match.group(1)), int(match.group(2) or 0)
+
+
+def settings_match(m: Measurement) -> bool | None:
+    """Whether the row was measured with its preset's own settings: True for our measurements
+    (`chitrakar bench` runs the preset itself) and for a published row that says "Preset
+    'NAME'"; False for one that says "Nearest preset 'NAME'" (measured with other settings,
+    such as without fused QKV); None where the source says neither."""
+    if m.source.startswith("measured:"):
+        return True
+    if f"Nearest preset '{m.preset}'" in m.source:
+        return False
+    if f"Preset '{m.preset}'" in m.source:
+        return True
+    return None
 
 
 class Fit(StrEnum):
@@ -286,16 +327,27 @@ class Fit(StrEnum):
     FITS = "fits"
     TOO_BIG = "too big"
     UNKNOWN = "memory unknown"
+    # The GPU's compute capability is too old for what the preset needs (bfloat16, float8).
+    CANNOT_RUN = "cannot run"
 
 
 @dataclass(frozen=True)
 class PresetPlan:
     """What the table says about one preset of one model.
 
-    `memory` is the row the fit was judged on: the lowest peak at batch 1; where batch 1 was
-    never measured, the smallest fitting batch (memory grows with the batch, so batch 1 fits
-    too) or, when none fits, the smallest batch measured (then `fit` is UNKNOWN). `largest_batch`
-    is the largest measured batch that fits; `fastest` the best seconds per image at batch 1.
+    At each batch size the rows measured with the preset's own settings decide where the table
+    says which (`settings_match`); of those (or of all, where none is), the highest peak counts:
+    a plan errs on the side of not fitting. `memory` is the row the fit was judged on: that row
+    at batch 1; where batch 1 was never measured, the smallest fitting batch's (memory grows
+    with the batch, so batch 1 fits too) or, when none fits, the smallest batch's (then `fit`
+    is UNKNOWN). `largest_batch` is the largest measured batch that fits. `fastest` is the
+    batch-1 speed: the `memory` row's own where that is at batch 1, so that the peak and the
+    speed shown are one measurement; otherwise the best seconds per image at batch 1.
+
+    `cannot_run` gives the reasons a GPU of the plan's compute capability cannot run the preset
+    (with `fit` CANNOT_RUN). `memory_from` names the presets whose rows the memory was judged
+    on when they are not the preset's own: an "auto" preset runs in float16 below compute
+    capability 8.0, and its own rows were measured in bfloat16.
     """
 
     preset: str
@@ -303,10 +355,13 @@ class PresetPlan:
     memory: Measurement | None
     largest_batch: Measurement | None
     fastest: Measurement | None
+    cannot_run: tuple[str, ...] = ()
+    memory_from: tuple[str, ...] = ()
 
     @property
     def peak_memory_bytes(self) -> int | None:
-        """The lowest measured peak at batch 1, None where batch 1 was not measured."""
+        """The measured peak at batch 1 the fit was judged on, None where batch 1 was not
+        measured."""
         if self.memory is None or self.memory.batch != 1:
             return None
         return self.memory.peak_memory_bytes
@@ -322,7 +377,9 @@ class PlanReport:
     model has the most rows at; `sizes` are all the model's sizes in the table, largest first.
     `unmeasured` lists the known presets with no row at all for the model at `size`. With
     `device`, only rows measured on a device whose name contains it count; `devices` are all
-    the model's devices in the table."""
+    the model's devices in the table. `capability` is the GPU's compute capability the presets
+    were checked against, None where none was given (nothing checked); `unchecked` the presets
+    with rows that the presets given to `plan` do not define (so could not be checked)."""
 
     model: str
     gpu_memory_bytes: int
@@ -338,6 +395,8 @@ class PlanReport:
     measured_rows: int
     device: str | None = None
     devices: tuple[str, ...] = ()
+    capability: tuple[int, int] | None = None
+    unchecked: tuple[str, ...] = ()
 
     @property
     def fitting(self) -> tuple[PresetPlan, ...]:
@@ -350,6 +409,10 @@ class PlanReport:
     @property
     def memory_unknown(self) -> tuple[PresetPlan, ...]:
         return tuple(p for p in self.presets if p.fit is Fit.UNKNOWN)
+
+    @property
+    def cannot_run(self) -> tuple[PresetPlan, ...]:
+        return tuple(p for p in self.presets if p.fit is Fit.CANNOT_RUN)
 
 
 def _tiebreak(m: Measurement) -> tuple[str, str, str, int, int, int, float, int, str, str]:
@@ -384,38 +447,55 @@ def budget_bytes(gpu_memory_bytes: int, headroom_fraction: float) -> int:
     return int((Decimal(gpu_memory_bytes) * share).to_integral_value(rounding=ROUND_FLOOR))
 
 
-def _plan_preset(preset: str, rows: Sequence[Measurement], budget: int) -> PresetPlan:
-    with_memory = [m for m in rows if m.peak_memory_bytes is not None]
-    fitting = [
-        m for m in with_memory if m.peak_memory_bytes is not None and m.peak_memory_bytes <= budget
+def _peak(m: Measurement) -> int:
+    return m.peak_memory_bytes or 0
+
+
+def _decisive(rows: Sequence[Measurement]) -> list[Measurement]:
+    """The rows measured with the preset's own settings, where the table says which; else all."""
+    exact = [m for m in rows if settings_match(m) is True]
+    return exact or list(rows)
+
+
+def _plan_preset(
+    preset: str,
+    rows: Sequence[Measurement],
+    budget: int,
+    memory_rows: Sequence[Measurement] | None = None,
+) -> PresetPlan:
+    """`rows` are the preset's; `memory_rows`, where given, are the rows its memory is judged
+    on instead (see `PresetPlan.memory_from`)."""
+    with_memory = [
+        m for m in (rows if memory_rows is None else memory_rows) if m.peak_memory_bytes is not None
     ]
-
-    def peak(m: Measurement) -> int:
-        return m.peak_memory_bytes or 0
-
-    at_one = [m for m in with_memory if m.batch == 1]
+    # One row a batch size: the highest peak of the rows that decide (see PresetPlan).
+    by_batch = {
+        batch: min(
+            _decisive([m for m in with_memory if m.batch == batch]),
+            key=lambda m: (-_peak(m), m.seconds_per_image, _tiebreak(m)),
+        )
+        for batch in sorted({m.batch for m in with_memory})
+    }
+    fitting = [m for m in by_batch.values() if _peak(m) <= budget]  # smallest batch first
     memory: Measurement | None
-    if at_one:
-        memory = min(at_one, key=lambda m: (peak(m), _tiebreak(m)))
-        fit = Fit.FITS if peak(memory) <= budget else Fit.TOO_BIG
+    if 1 in by_batch:
+        memory = by_batch[1]
+        fit = Fit.FITS if _peak(memory) <= budget else Fit.TOO_BIG
     elif fitting:
-        memory = min(fitting, key=lambda m: (m.batch, peak(m), _tiebreak(m)))
-        fit = Fit.FITS
-    elif with_memory:
-        memory = min(with_memory, key=lambda m: (m.batch, peak(m), _tiebreak(m)))
-        fit = Fit.UNKNOWN
+        memory, fit = fitting[0], Fit.FITS
+    elif by_batch:
+        memory, fit = next(iter(by_batch.values())), Fit.UNKNOWN
     else:
         memory, fit = None, Fit.UNKNOWN
-
-    largest = (
-        min(fitting, key=lambda m: (-m.batch, -m.images_per_second, _tiebreak(m)))
-        if fitting
-        else None
-    )
-    batch_one = [m for m in rows if m.batch == 1]
-    fastest = (
-        min(batch_one, key=lambda m: (m.seconds_per_image, _tiebreak(m))) if batch_one else None
-    )
+    largest = fitting[-1] if fitting else None
+    fastest: Measurement | None
+    if memory is not None and memory.batch == 1 and memory_rows is None:
+        fastest = memory
+    else:
+        batch_one = _decisive([m for m in rows if m.batch == 1])
+        fastest = (
+            min(batch_one, key=lambda m: (m.seconds_per_image, _tiebreak(m))) if batch_one else None
+        )
     return PresetPlan(preset, fit, memory, largest, fastest)
 
 
@@ -426,7 +506,19 @@ def _speed(plan: PresetPlan, rows: Sequence[Measurement]) -> float:
     return min(m.seconds_per_image for m in rows)
 
 
-_FIT_ORDER = {Fit.FITS: 0, Fit.TOO_BIG: 1, Fit.UNKNOWN: 2}
+_FIT_ORDER = {Fit.FITS: 0, Fit.TOO_BIG: 1, Fit.UNKNOWN: 2, Fit.CANNOT_RUN: 3}
+# What a preset changes about the memory a pipeline holds (not its steps or scheduler): an
+# "auto" preset's float16 twins are the float16 presets alike in these.
+_MEMORY_SETTINGS = (
+    "attention",
+    "fuse_qkv",
+    "channels_last",
+    "compile",
+    "quantize",
+    "vae_slicing",
+    "vae_tiling",
+    "offload",
+)
 
 
 def _size_of(m: Measurement) -> Size:
@@ -462,14 +554,20 @@ def measured_throughput(
     preset: str,
     device: str | None = None,
     size: Size | None = None,
+    batch: int = 1,
 ) -> Measurement:
-    """The fastest row (images a second) for `model` under `preset`, on `device` (see
-    `measured_on`) and at `size` where given. The rows must come from one device: a cost is
-    for one GPU, and the same preset ran 0.39 images a second on an A100 and 0.005 on a CPU.
-    Raises ValueError, naming the devices to choose from, when they do not."""
+    """The fastest row (images a second) for `model` under `preset` at `batch` images a call,
+    on `device` (see `measured_on`) and at `size` where given; rows measured with the preset's
+    own settings first (see `settings_match`). Batch 1 by default: a GPU that is seldom busy
+    runs lone jobs, and the best batch's throughput would price them too cheaply. The rows must
+    come from one device: a cost is for one GPU, and the same preset ran 0.39 images a second
+    on an A100 and 0.005 on a CPU. Raises ValueError, naming the devices to choose from, when
+    they do not, and the batch sizes measured when `batch` was not."""
+    if not _positive_int(batch):
+        raise ValueError(f"the batch size must be a whole number of at least 1, not {batch!r}")
     device = _device_wanted(device)
     wanted = model.strip().casefold()
-    rows = [
+    every_batch = [
         m
         for m in measurements
         if m.model.casefold() == wanted
@@ -479,16 +577,24 @@ def measured_throughput(
     ]
     at = f" at {_format_size(size)}" if size is not None else ""
     on = f" on a device named like {device!r}" if device is not None else ""
-    if not rows:
+    if not every_batch:
         raise ValueError(f"no measurement of {model} with preset {preset}{at}{on} found")
-    devices = sorted({m.device for m in rows})
+    # At any batch size: a device measured only at another one is still a device to choose.
+    devices = sorted({m.device for m in every_batch})
     if len(devices) > 1:
         raise ValueError(
             f"{model} with preset {preset}{at} was measured on {len(devices)} devices "
             f"({'; '.join(devices)}): choose the one the prices are for with --device, "
             "e.g. --device '" + devices[-1] + "'"
         )
-    return max(rows, key=lambda m: (m.images_per_second, _tiebreak(m)))
+    rows = [m for m in every_batch if m.batch == batch]
+    if not rows:
+        batches = ", ".join(str(b) for b in sorted({m.batch for m in every_batch}))
+        raise ValueError(
+            f"no measurement of {model} with preset {preset}{at}{on} at batch {batch}; "
+            f"measured at batch {batches}"
+        )
+    return max(_decisive(rows), key=lambda m: (m.images_per_second, _tiebreak(m)))
 
 
 def plan(
@@ -498,6 +604,8 @@ def plan(
     headroom_fraction: float = 0.1,
     size: Size | None = None,
     device: str | None = None,
+    capability: tuple[int, int] | None = None,
+    presets: Mapping[str, Preset] | None = None,
 ) -> PlanReport:
     """Which of the model's presets fit `gpu_memory_bytes`, keeping `headroom_fraction` of it
     for the CUDA context and fragmentation (a preset fits when its peak <= memory x (1 - h)).
@@ -505,8 +613,14 @@ def plan(
     size the model was measured at most. With `device`, only rows measured on a device of
     that name (see `measured_on`): `gpu` took 3.15 s an image on the H100 measured here and
     1.87 s on the H200.
+    With `capability` (a CUDA compute capability, such as (7, 5)) and `presets` (the catalogue's
+    presets by name; needed with it), a preset that GPU cannot run is CANNOT_RUN, never
+    fitting, and below 8.0 an "auto" preset (float16 there) is judged on its float16 twins'
+    rows where the table has them (see `PresetPlan.memory_from`).
     The model label is matched case-insensitively."""
     budget = budget_bytes(gpu_memory_bytes, headroom_fraction)
+    if capability is not None and presets is None:
+        raise ValueError("checking a compute capability needs the presets")
     device = _device_wanted(device)
     every = list(measurements)
     wanted = model.strip().casefold()
@@ -518,7 +632,17 @@ def plan(
     by_preset: dict[str, list[Measurement]] = {}
     for m in rows:
         by_preset.setdefault(m.preset, []).append(m)
-    plans = [(_plan_preset(p, r, budget), r) for p, r in by_preset.items()]
+    plans: list[tuple[PresetPlan, list[Measurement]]] = []
+    unchecked: list[str] = []
+    for name, own in by_preset.items():
+        if capability is None or presets is None:
+            plans.append((_plan_preset(name, own, budget), own))
+        elif name not in presets:
+            unchecked.append(name)
+            plans.append((_plan_preset(name, own, budget), own))
+        else:
+            checked = _checked_plan(name, own, rows, budget, capability, presets)
+            plans.append((checked, own))
     plans.sort(key=lambda pr: (_FIT_ORDER[pr[0].fit], _speed(pr[0], pr[1]), pr[0].preset))
     return PlanReport(
         model=model,
@@ -535,7 +659,45 @@ def plan(
         measured_rows=sum(1 for m in rows if m.source.startswith("measured:")),
         device=device,
         devices=tuple(sorted({m.device for m in every_device}, key=str.casefold)),
+        capability=capability,
+        unchecked=tuple(sorted(unchecked)),
     )
+
+
+def _checked_plan(
+    name: str,
+    own: Sequence[Measurement],
+    rows: Sequence[Measurement],
+    budget: int,
+    capability: tuple[int, int],
+    presets: Mapping[str, Preset],
+) -> PresetPlan:
+    """A preset's plan on a CUDA GPU of this compute capability (see `plan`)."""
+    from chitrakar.presets import DeviceFacts, resolved_dtype, unmet_needs
+
+    preset = presets[name]
+    facts = DeviceFacts("cuda", capability)
+    memory_rows: list[Measurement] | None = None
+    memory_from: tuple[str, ...] = ()
+    if preset.dtype == "auto" and resolved_dtype(preset, facts) == "float16":
+        twins = {
+            twin
+            for twin, other in presets.items()
+            if other.dtype == "float16"
+            and all(getattr(other, f) == getattr(preset, f) for f in _MEMORY_SETTINGS)
+        }
+        twin_rows = [m for m in rows if m.preset in twins and m.peak_memory_bytes is not None]
+        if twin_rows:
+            memory_rows = twin_rows
+            memory_from = tuple(sorted({m.preset for m in twin_rows}))
+    planned = _plan_preset(name, own, budget, memory_rows)
+    reasons = tuple(unmet_needs(preset, facts))
+    fit = Fit.CANNOT_RUN if reasons else planned.fit
+    return replace(planned, fit=fit, cannot_run=reasons, memory_from=memory_from)
+
+
+def format_capability(capability: tuple[int, int]) -> str:
+    return f"{capability[0]}.{capability[1]}"
 
 
 def format_memory(n: int) -> str:
@@ -614,6 +776,8 @@ def format_plan(report: PlanReport) -> str:
     for p in report.presets:
         if p.peak_memory_bytes is not None:
             peak = format_memory(p.peak_memory_bytes)
+            if p.memory_from:
+                peak += f" ({', '.join(p.memory_from)})"
         elif p.memory is not None and p.memory.peak_memory_bytes is not None:
             peak = f"? ({format_memory(p.memory.peak_memory_bytes)} at {p.memory.batch})"
         else:
@@ -628,7 +792,12 @@ def format_plan(report: PlanReport) -> str:
         table.append(
             (
                 p.preset,
-                {Fit.FITS: "yes", Fit.TOO_BIG: "no", Fit.UNKNOWN: "?"}[p.fit],
+                {
+                    Fit.FITS: "yes",
+                    Fit.TOO_BIG: "no",
+                    Fit.UNKNOWN: "?",
+                    Fit.CANNOT_RUN: "cannot run",
+                }[p.fit],
                 peak,
                 largest,
                 f"{fastest.seconds_per_image:.2f}" if fastest else "-",
@@ -643,6 +812,7 @@ def format_plan(report: PlanReport) -> str:
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
         for row in table
     ]
+    lines += _capability_notes(report)
     if report.unmeasured:
         lines.append(f"No figures yet: {', '.join(report.unmeasured)}.")
     published = report.rows - report.measured_rows
@@ -655,3 +825,30 @@ def format_plan(report: PlanReport) -> str:
     ]
     lines += [f"[{i}] {origin}" for i, origin in enumerate(origins, start=1)]
     return "\n".join(lines)
+
+
+def _capability_notes(report: PlanReport) -> list[str]:
+    """What the plan says about the GPU's compute capability, under the table."""
+    if report.capability is None:
+        return [
+            "Compute capability not checked: give --capability (e.g. 7.5 for a Turing card) to "
+            "mark the presets the GPU cannot run (bfloat16 needs 8.0, float8 8.9) and to judge "
+            "'auto' presets in float16 below 8.0."
+        ]
+    at = format_capability(report.capability)
+    lines = [f"Checked against compute capability {at}."]
+    by_reasons: dict[tuple[str, ...], list[str]] = {}
+    for p in report.cannot_run:
+        by_reasons.setdefault(p.cannot_run, []).append(p.preset)
+    for reasons, names in by_reasons.items():
+        lines.append(f"Cannot run at {at} ({'; '.join(reasons)}): {', '.join(names)}.")
+    twinned = [p for p in report.presets if p.memory_from]
+    if twinned:
+        twins = ", ".join(p.preset for p in twinned)
+        lines.append(
+            f"At {at} 'auto' presets run in float16: the peaks of {twins} are their float16 "
+            "twins' (named beside the peak)."
+        )
+    if report.unchecked:
+        lines.append(f"Not among the presets, so not checked: {', '.join(report.unchecked)}.")
+    return lines

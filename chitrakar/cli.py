@@ -4,6 +4,7 @@ the bot and worker modules are imported only by the sub-command that runs them."
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import multiprocessing
 import os
@@ -19,7 +20,7 @@ from threading import Event
 from typing import TYPE_CHECKING, TypeVar
 
 from chitrakar.config import Settings, SettingsError, load_settings
-from chitrakar.process import configure_logging
+from chitrakar.process import configure_logging, die_with_parent
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -278,7 +279,8 @@ def _child(name: str, arguments: list[str], stop_timeout: float, **env: str) -> 
         [sys.executable, "-m", "chitrakar", *arguments],
         env={**os.environ, **env} if env else None,
         start_new_session=True,
-        preexec_fn=_die_with_parent,
+        # Also when `run` died between the fork and the call.
+        preexec_fn=functools.partial(die_with_parent, parent=os.getpid()),
     )
     log.info("%s started (pid %s)", name, child.pid)
     stopping, failed = Event(), Event()
@@ -411,15 +413,6 @@ def cmd_users_list(settings: Settings, _: argparse.Namespace) -> int:
     return 0
 
 
-def _die_with_parent() -> None:
-    """In a child process: get SIGTERM if its parent dies (Linux)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 def cmd_make_tiny(settings: Settings, args: argparse.Namespace) -> int:
     from workers.tiny import CannotWriteModel, make_tiny
 
@@ -492,6 +485,15 @@ def _image_side(text: str) -> int:
     return int(text)
 
 
+def _capability(text: str) -> tuple[int, int]:
+    from chitrakar.capacity import parse_capability
+
+    try:
+        return parse_capability(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _batch_sizes(text: str) -> list[int]:
     try:
         sizes = [int(part) for part in text.split(",") if part.strip()]
@@ -517,8 +519,8 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     import json
     from dataclasses import replace
 
-    from chitrakar.capacity import BUILTIN_MEASUREMENTS, load_measurements
-    from chitrakar.presets import PresetError
+    from chitrakar.capacity import BUILTIN_MEASUREMENTS, load_measurements, preset_name_problem
+    from chitrakar.presets import PresetError, load_presets
     from workers.benchmark import BatchFigures, BenchReport, format_report, record, run_bench
     from workers.pipelines import ModelNotFound, load_configured, resolve_device
     from workers.tiny import made_arch
@@ -537,7 +539,16 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         update={"model": source, "preset": args.preset or settings.preset}
     )
     try:
-        loaded = load_configured(settings, source, resolve_device(settings.device))
+        device = resolve_device(settings.device)
+        if args.record:
+            # A name the measured table refuses, found before the model loads rather than
+            # after the first batch size is timed.
+            chosen = load_presets(settings.presets_file).choose(
+                settings.preset, settings.model, device.type
+            )
+            if (problem := preset_name_problem(chosen.name)) is not None:
+                raise SystemExit(f"cannot benchmark: {problem}")
+        loaded = load_configured(settings, source, device)
     except (ModelNotFound, PresetError, RuntimeError) as exc:
         raise SystemExit(f"cannot benchmark: {exc}") from None
     label = args.label or (made_arch(Path(source)) if Path(source).is_dir() else None) or source
@@ -583,15 +594,25 @@ def _measurements(args: argparse.Namespace) -> list[Measurement]:
 
 def cmd_plan(settings: Settings, args: argparse.Namespace) -> int:
     from chitrakar.capacity import format_plan, parse_memory, plan
+    from chitrakar.presets import load_presets
 
     rows = _measurements(args)
     try:
         memory = parse_memory(args.gpu_mem)
         size = (args.size, args.size) if args.size else None
+        # The presets (the operator's file included) only to check them against a capability.
+        presets = load_presets(settings.presets_file).presets if args.capability else None
         report = plan(
-            rows, args.model, memory, headroom_fraction=args.headroom, size=size, device=args.device
+            rows,
+            args.model,
+            memory,
+            headroom_fraction=args.headroom,
+            size=size,
+            device=args.device,
+            capability=args.capability,
+            presets=presets,
         )
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # a PresetError is a ValueError
         raise SystemExit(str(exc)) from None
     print(format_plan(report))
     # A script can ask "does anything fit?" of the exit status.
@@ -606,7 +627,9 @@ def cmd_tco(settings: Settings, args: argparse.Namespace) -> int:
         raise SystemExit(f"--plot writes a PNG: give a path ending in .png, not {args.plot!r}")
     throughput = args.images_per_second
     measurement_options = [
-        f"--{name}" for name in ("model", "preset", "device", "size", "table") if vars(args)[name]
+        f"--{name}"
+        for name in ("model", "preset", "device", "size", "batch", "table")
+        if vars(args)[name]
     ]
     if throughput is not None and measurement_options:
         raise SystemExit(
@@ -619,9 +642,10 @@ def cmd_tco(settings: Settings, args: argparse.Namespace) -> int:
                 "give --images-per-second, or --model and --preset to use a measurement"
             )
         size = (args.size, args.size) if args.size else None
+        batch = args.batch or 1
         try:
             best = measured_throughput(
-                _measurements(args), args.model, args.preset, args.device, size
+                _measurements(args), args.model, args.preset, args.device, size, batch
             )
         except ValueError as exc:
             raise SystemExit(str(exc)) from None
@@ -630,6 +654,7 @@ def cmd_tco(settings: Settings, args: argparse.Namespace) -> int:
             f"throughput: {throughput:.3f} images/s, {best.model} {best.preset} at batch "
             f"{best.batch}, {best.width}×{best.height}, {best.steps} steps on {best.device} "
             f"({best.source.split(':', 1)[0]})"
+            + ("" if args.batch else "; batch 1 as a lone job runs (--batch N for another)")
         )
     try:
         inputs = CostInputs(
@@ -776,14 +801,27 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--device", help="only measurements on a device whose name has this, e.g. H100"
     )
+    plan.add_argument(
+        "--capability",
+        type=_capability,
+        help="the GPU's CUDA compute capability, e.g. 7.5 (Turing), 8.6, 8.9, 9.0: presets it "
+        "cannot run are marked, and 'auto' ones judged in float16 below 8.0 "
+        "(default: not checked)",
+    )
     plan.add_argument("--table", help="a measured table (default: the packaged one)")
     plan.set_defaults(func=cmd_plan)
 
     tco = sub.add_parser("tco", help="cost per 1,000 images, self-hosted against an API")
     throughput = tco.add_argument_group("throughput (one of)")
     throughput.add_argument("--images-per-second", type=float)
-    throughput.add_argument("--model", help="with --preset: the best measured throughput")
+    throughput.add_argument("--model", help="with --preset: the measured throughput")
     throughput.add_argument("--preset")
+    throughput.add_argument(
+        "--batch",
+        type=_at_least_one,
+        help="the measurement at this batch size (default: 1, as a lone job runs; a larger "
+        "batch only when the GPU is busy enough to fill it)",
+    )
     throughput.add_argument("--device", help="only measurements on a device whose name has this")
     throughput.add_argument(
         "--size", type=_image_side, help="only measurements at this image side in pixels"

@@ -143,6 +143,10 @@ def _read(path: Path) -> dict[str, Any]:
         raise PresetError(f"{path} is not valid TOML: {exc}") from None
 
 
+# The top-level tables of a presets file.
+_TABLES = ("presets", "models")
+
+
 def load_presets(override: Path | None = None) -> PresetCatalogue:
     """The built-in presets with an operator's file laid over them: a preset named in both
     is replaced whole; [models] entries are merged."""
@@ -153,6 +157,14 @@ def load_presets(override: Path | None = None) -> PresetCatalogue:
         if path is None:
             continue
         data = _read(path)
+        # A misspelt table ([preset.gpu], [model]) would otherwise be ignored without a word.
+        unknown = sorted(set(data) - set(_TABLES))
+        if unknown:
+            names = ", ".join(repr(key) for key in unknown)
+            raise PresetError(
+                f"{path}: unknown top-level key(s) {names}: the tables are [presets.NAME] "
+                "and [models]"
+            )
         for table, into in (("presets", presets), ("models", models)):
             section = data.get(table, {})
             if not isinstance(section, dict):

@@ -154,6 +154,19 @@ def break_even_utilisation(inputs: CostInputs) -> float | None:
     return u if 0 < u <= 1 else None
 
 
+def format_percent(share: float, decimals: int = 0) -> str:
+    """A share as a percentage with at least `decimals` decimals, and more where fewer would
+    show under two significant digits: 60%, 2.5%, 0.5%, 0.042% (never 0% for a share above
+    zero)."""
+    percent = share * 100
+    for places in range(decimals, 7):
+        text = f"{percent:.{places}f}"
+        digits = text.replace(".", "").replace("-", "").lstrip("0")
+        if len(digits) >= 2 or float(text) == percent:
+            return f"{text}%"
+    return f"{percent:.2g}%"
+
+
 # Beyond this no figure is a cost or a rate anyone has: the inputs are mistyped (or overflow).
 LARGEST_FIGURE = 1e15
 
@@ -259,7 +272,7 @@ def plot_tco(inputs: CostInputs, path: Path) -> Path:
         markersize=9,
         color="tab:green",
         linestyle="none",
-        label=f"at {inputs.utilisation:.0%}: {report.cost_per_1000:,.2f} {currency}",
+        label=f"at {format_percent(inputs.utilisation)}: {report.cost_per_1000:,.2f} {currency}",
     )
     if even is not None and report.api_cost_per_1000 is not None:
         axes.plot(
@@ -269,7 +282,7 @@ def plot_tco(inputs: CostInputs, path: Path) -> Path:
             markersize=8,
             color="tab:orange",
             linestyle="none",
-            label=f"break-even at {even:.1%}",
+            label=f"break-even at {format_percent(even, 1)}",
         )
     if max(shown) / min(shown) > LOG_SCALE_RATIO:
         axes.set_yscale("log")
@@ -302,7 +315,7 @@ def format_report(report: CostReport) -> str:
         (
             "energy",
             f"{report.energy_per_hour:,.4f}",
-            f"{i.power_watts:g} W busy {u:.0%}, {i.idle_watts:g} W idle, "
+            f"{i.power_watts:g} W busy {format_percent(u)}, {i.idle_watts:g} W idle, "
             f"{i.electricity_price_per_kwh:g} per kWh",
         ),
         ("other", f"{report.other_per_hour:,.4f}", f"{i.other_monthly:,.2f} a month"),
@@ -311,7 +324,8 @@ def format_report(report: CostReport) -> str:
     width = max(len(r[0]) for r in rows)
     number = max(len(r[1]) for r in rows)
     lines = [
-        f"Self-hosting at {u:.0%} utilisation, {i.images_per_second:g} images/s at full load "
+        f"Self-hosting at {format_percent(u)} utilisation, {i.images_per_second:g} images/s "
+        "at full load "
         f"(a month = {HOURS_PER_MONTH} h), in {c}:",
         "",
         f"  {'per hour':<{width}}  {c}",
@@ -333,7 +347,7 @@ def format_report(report: CostReport) -> str:
         else:
             assert report.break_even_images_per_month is not None
             lines.append(
-                f"  break-even: {report.break_even_utilisation:.1%} utilisation "
+                f"  break-even: {format_percent(report.break_even_utilisation, 1)} utilisation "
                 f"({report.break_even_images_per_month:,.0f} images a month); "
                 "cheaper than the API above it"
             )
@@ -341,5 +355,5 @@ def format_report(report: CostReport) -> str:
             verdict = "as dear as"
         else:
             verdict = "cheaper than" if report.cheaper_than_api else "dearer than"
-        lines.append(f"  at {u:.0%}, self-hosting is {verdict} the API.")
+        lines.append(f"  at {format_percent(u)}, self-hosting is {verdict} the API.")
     return "\n".join(lines)

@@ -129,22 +129,37 @@ def _set_scheduler(pipe: Any, name: str) -> None:
         pipe.scheduler = EulerDiscreteScheduler.from_config(config, timestep_spacing="trailing")
 
 
+def speed_lora_source(source: str) -> tuple[str, str | None]:
+    """Where a speed LoRA is: (a local file, None) or (a Hub repo, the file in it). As
+    `load_pipeline` tells a model folder from a Hub id, a source that reads as a path (it
+    starts with /, . or ~, or its folder exists here) is a local file, and a missing one is
+    refused here by name rather than looked up on the Hub; only "org/repo/file.safetensors"
+    is a Hub file. Raises PresetError otherwise."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return str(path), None
+    if path.exists():
+        raise PresetError(f"speed_lora file {source!r} is not a file")
+    if source.startswith(("/", ".", "~")) or (path.parent != Path() and path.parent.is_dir()):
+        raise PresetError(f"speed_lora file {source!r} does not exist")
+    parts = source.split("/")
+    if len(parts) != 3 or not all(parts) or not parts[2].endswith(".safetensors"):
+        raise PresetError(
+            f"speed_lora file {source!r} does not exist, and it is not a Hub file "
+            "'org/repo/file.safetensors'"
+        )
+    return f"{parts[0]}/{parts[1]}", parts[2]
+
+
 def _fuse_speed_lora(pipe: Any, source: str, scale: float) -> None:
     """Bake a few-step LoRA into the weights: it is always on, costs nothing per step, and
     style LoRAs still load and switch per job on top of it."""
-    path = Path(source).expanduser()
+    where, weight_name = speed_lora_source(source)
     try:
-        if path.is_file():
-            pipe.load_lora_weights(str(path), adapter_name=SPEED_ADAPTER)
+        if weight_name is None:
+            pipe.load_lora_weights(where, adapter_name=SPEED_ADAPTER)
         else:
-            repo, _, weight_name = source.rpartition("/")
-            if not repo or not weight_name.endswith(".safetensors"):
-                raise PresetError(
-                    f"speed_lora {source!r} is neither a file nor 'hub-id/file.safetensors'"
-                )
-            pipe.load_lora_weights(repo, weight_name=weight_name, adapter_name=SPEED_ADAPTER)
-    except PresetError:
-        raise
+            pipe.load_lora_weights(where, weight_name=weight_name, adapter_name=SPEED_ADAPTER)
     except Exception as exc:  # peft and diffusers raise many kinds for a file that does not fit
         raise PresetError(f"cannot load the speed LoRA {source!r}: {exc}") from exc
     pipe.fuse_lora(adapter_names=[SPEED_ADAPTER], lora_scale=scale)

@@ -38,7 +38,10 @@ class BatchFigures:
     batch: int
     seconds_per_call: float  # median
     calls: list[float]
-    peak_memory_bytes: int | None
+    peak_memory_bytes: int | None  # torch.cuda.max_memory_allocated: the tensors' peak
+    # torch.cuda.max_memory_reserved: what PyTorch's caching allocator held from the GPU at
+    # its peak (tensors plus cached blocks), nearer what nvidia-smi shows. JSON output only.
+    peak_reserved_bytes: int | None = None
 
     @property
     def seconds_per_image(self) -> float:
@@ -143,8 +146,11 @@ def run_bench(
             text_to_image(loaded, batch_plan)
             _synchronize(device)
             calls.append(perf_counter() - started)
-        peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-        figures = BatchFigures(batch, statistics.median(calls), calls, peak)
+        peak = reserved = None
+        if device.type == "cuda":
+            peak = int(torch.cuda.max_memory_allocated(device))
+            reserved = int(torch.cuda.max_memory_reserved(device))
+        figures = BatchFigures(batch, statistics.median(calls), calls, peak, reserved)
         report.batches.append(figures)
         if on_batch is not None:
             on_batch(report, figures)

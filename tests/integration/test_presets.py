@@ -116,7 +116,7 @@ def test_a_fused_speed_lora_changes_the_model_and_style_loras_still_switch(
 
 def test_a_missing_speed_lora_is_a_clear_error(tiny_model: Path, tmp_path: Path) -> None:
     preset = Preset(name="x", description="", speed_lora=str(tmp_path / "nowhere.bin"))
-    with pytest.raises(PresetError, match=r"neither a file nor 'hub-id/file\.safetensors'"):
+    with pytest.raises(PresetError, match=r"speed_lora file '.*nowhere\.bin' does not exist"):
         _load(tiny_model, preset)
 
 

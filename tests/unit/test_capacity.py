@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,9 +21,12 @@ from chitrakar.capacity import (
     load_measurements,
     measured_on,
     measured_throughput,
+    parse_capability,
     parse_memory,
     plan,
+    settings_match,
 )
+from chitrakar.presets import DeviceFacts, Preset, load_presets, unmet_needs
 
 GIB = 2**30
 
@@ -97,6 +101,9 @@ def test_the_packaged_table_plans_without_error() -> None:
         ("1048576b", 1048576),
         ("4096 B", 4096),
         ("  16 GiB  ", 16 * GIB),
+        # A fraction of a byte (a card's memory as a tool rounds it) is dropped, not refused.
+        ("23.65GiB", 25_393_994_137),  # 23.65 x 2^30 = 25,393,994,137.6
+        ("1.5B", 1),
     ],
 )
 def test_parse_memory_reads_the_usual_spellings(text: str, expected: int) -> None:
@@ -114,7 +121,7 @@ def test_parse_memory_reads_the_usual_spellings(text: str, expected: int) -> Non
         ("8,5GiB", "cannot read"),
         ("0GiB", "more than zero"),
         ("-1GiB", "more than zero"),
-        ("0.5B", "whole number of bytes"),
+        ("0.5B", "'0.5B' is less than one byte"),
         # A number alone is a GPU's gibibytes far more often than bytes: it is refused.
         ("8", "'8' has no unit: write e.g. 8GiB, 8GB or 8B"),
         ("0", "no unit"),
@@ -219,16 +226,76 @@ def test_a_peak_exactly_at_the_budget_fits_and_one_byte_more_does_not() -> None:
     assert plan([over], "sdxl", 10 * GIB, headroom_fraction=0).presets[0].fit is Fit.FITS
 
 
-def test_the_lowest_peak_at_batch_one_decides_across_devices() -> None:
+def test_the_highest_peak_at_batch_one_decides_across_devices() -> None:
+    # Two measurements of one preset disagree: the plan errs on the side of not fitting.
     rows = [
-        row("fp16", device="NVIDIA A100 80GB", peak=10 * GIB),
-        row("fp16", device="NVIDIA H100 80GB HBM3", peak=8 * GIB),
+        row("fp16", device="NVIDIA A100 80GB", peak=10 * GIB, seconds_per_call=3.0),
+        row("fp16", device="NVIDIA H100 80GB HBM3", peak=8 * GIB, seconds_per_call=2.0),
         row("fp16", batch=4, peak=20 * GIB),
     ]
     preset = plan(rows, "sdxl", 10 * GIB).presets[0]  # budget 9 GiB
-    assert preset.fit is Fit.FITS
-    assert preset.peak_memory_bytes == 8 * GIB
-    assert preset.memory is not None and preset.memory.device == "NVIDIA H100 80GB HBM3"
+    assert preset.fit is Fit.TOO_BIG
+    assert preset.peak_memory_bytes == 10 * GIB
+    assert preset.memory is not None and preset.memory.device == "NVIDIA A100 80GB"
+    # The speed shown is that row's too, not the faster H100's: one measurement a line.
+    assert preset.fastest == preset.memory
+    assert plan(rows, "sdxl", 12 * GIB).presets[0].fit is Fit.FITS
+
+
+PUBLISHED = "published: https://example.org/results.csv row "
+
+
+def test_rows_measured_with_the_presets_own_settings_decide() -> None:
+    # SDXL `fast` as PyTorch published it: without fused QKV (the nearest preset, 8.82 GiB,
+    # 2.538 s) and with it (fast's own settings, 9.78 GiB, 2.523 s).
+    nearest = row(
+        "fast",
+        peak=int(8.82 * GIB),
+        seconds_per_call=2.538,
+        source=PUBLISHED + "fused_qkv_projections=False. Nearest preset 'fast', which fuses QKV.",
+    )
+    exact = row(
+        "fast",
+        peak=int(9.78 * GIB),
+        seconds_per_call=2.523,
+        source=PUBLISHED + "fused_qkv_projections=True. Preset 'fast'.",
+    )
+    assert (settings_match(nearest), settings_match(exact)) == (False, True)
+    for rows in ([nearest, exact], [exact, nearest]):
+        fast = plan(rows, "sdxl", 10 * GIB).presets[0]  # budget 9 GiB
+        assert fast.fit is Fit.TOO_BIG
+        assert fast.memory == exact and fast.fastest == exact
+    # Even where the nearest row is the higher: it was not measured with the preset's settings.
+    higher = replace(nearest, peak_memory_bytes=12 * GIB)
+    assert plan([higher, exact], "sdxl", 11 * GIB).presets[0].fit is Fit.FITS
+
+
+def test_without_a_row_of_the_presets_own_settings_the_highest_peak_decides() -> None:
+    low = row("cpu", peak=5 * GIB, source=PUBLISHED + "float32, eager. Nearest preset 'cpu'.")
+    high = row("cpu", peak=8 * GIB, source=PUBLISHED + "float32, nothing said about the preset")
+    assert settings_match(high) is None
+    cpu = plan([low, high], "sdxl", 8 * GIB).presets[0]  # budget 7.2 GiB
+    assert cpu.fit is Fit.TOO_BIG and cpu.memory == high and cpu.fastest == high
+    # At a larger batch too: the largest batch that fits is judged on its highest peak.
+    rows = [
+        row("fp16", peak=4 * GIB),
+        row("fp16", batch=2, peak=6 * GIB, device="NVIDIA H200"),
+        row("fp16", batch=2, peak=10 * GIB),
+    ]
+    fp16 = plan(rows, "sdxl", 10 * GIB).presets[0]
+    assert fp16.largest_batch is not None and fp16.largest_batch.batch == 1
+
+
+def test_every_row_of_the_packaged_table_says_whether_it_ran_the_presets_settings() -> None:
+    rows = load_measurements()
+    assert all(settings_match(m) is not None for m in rows)
+    # The reviewer's case: `fast` fits 10 GiB only through the row without fused QKV.
+    report = plan(rows, "sdxl", 10 * GIB)
+    fast = next(p for p in report.presets if p.preset == "fast")
+    assert fast.fit is Fit.TOO_BIG
+    assert fast.memory is not None and "Preset 'fast'." in fast.memory.source
+    assert fast.fastest == fast.memory
+    assert re.search(r"^fast\s+no\s+9\.8 GiB\s.*\s2\.52\s", format_plan(report), re.MULTILINE)
 
 
 def test_a_preset_whose_memory_was_never_measured_is_not_reported_as_fitting() -> None:
@@ -445,6 +512,113 @@ def test_measured_on_matches_part_of_the_device_name_in_any_case(
     assert measured_on(row(device="NVIDIA H100 80GB HBM3"), device) is expected
 
 
+# --- the GPU's compute capability ---
+
+TURING = (7, 5)  # an RTX 2080 Ti or a T4
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("7.5", (7, 5)),
+        ("8.6", (8, 6)),
+        ("8.9", (8, 9)),
+        ("9.0", (9, 0)),
+        ("8", (8, 0)),
+        ("12.0", (12, 0)),
+    ],
+)
+def test_parse_capability(text: str, expected: tuple[int, int]) -> None:
+    assert parse_capability(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "turing", "7.55", "7,5", "0.0", "-8.0", "sm_75"])
+def test_parse_capability_refuses_what_is_not_one(text: str) -> None:
+    with pytest.raises(ValueError, match=r"compute capability: write e\.g\. 7\.5"):
+        parse_capability(text)
+
+
+def test_presets_an_old_gpu_cannot_run_are_not_reported_as_fitting() -> None:
+    presets = load_presets().presets
+    rows = [row("bf16", peak=8 * GIB), row("fp16", peak=8 * GIB), row("fast", peak=9 * GIB)]
+    report = plan(rows, "sdxl", 11 * GIB, capability=TURING, presets=presets)
+    assert [p.preset for p in report.fitting] == ["fp16"]
+    assert {p.preset for p in report.cannot_run} == {"bf16", "fast"}
+    bf16 = next(p for p in report.presets if p.preset == "bf16")
+    assert bf16.fit is Fit.CANNOT_RUN and "bfloat16 needs" in bf16.cannot_run[0]
+    assert report.presets[-1].fit is Fit.CANNOT_RUN  # after the others
+    text = format_plan(report)
+    assert re.search(r"^bf16\s+cannot run\s+8\.0 GiB", text, re.MULTILINE)
+    assert "Checked against compute capability 7.5." in text
+    assert (
+        "Cannot run at 7.5 (bfloat16 needs an NVIDIA GPU of compute capability 8.0 or newer): "
+        in text
+    )
+    # An Ada card runs them all.
+    ada = plan(rows, "sdxl", 11 * GIB, capability=(8, 9), presets=presets)
+    assert {p.preset for p in ada.fitting} == {"bf16", "fp16", "fast"}
+
+
+def test_below_8_0_auto_presets_are_judged_on_their_float16_twins() -> None:
+    presets = load_presets().presets
+    rows = [
+        row("gpu", peak=int(8.98 * GIB), seconds_per_call=1.87),  # bfloat16 on an H100
+        row("lightning", peak=int(8.98 * GIB), seconds_per_call=0.36),
+        row("fp16", peak=int(11.52 * GIB), seconds_per_call=2.31),
+        row("fp16", batch=2, peak=int(14.76 * GIB), seconds_per_call=2.69),
+    ]
+    report = plan(rows, "sdxl", 11 * GIB, capability=TURING, presets=presets)  # budget 9.9 GiB
+    for name in ("gpu", "lightning"):
+        p = next(p for p in report.presets if p.preset == name)
+        assert p.fit is Fit.TOO_BIG, name
+        assert p.memory == rows[2] and p.memory_from == ("fp16",)
+        # The speed is still the preset's own (4 steps for lightning, not fp16's 30).
+        assert p.fastest is not None and p.fastest.preset == name
+    text = format_plan(report)
+    assert re.search(r"^gpu\s+no\s+11\.5 GiB \(fp16\)\s", text, re.MULTILINE)
+    assert "At 7.5 'auto' presets run in float16: the peaks of" in text
+    # From Ampere on they run in bfloat16: their own rows count.
+    ampere = plan(rows, "sdxl", 11 * GIB, capability=(8, 0), presets=presets)
+    assert {p.preset for p in ampere.fitting} == {"gpu", "lightning"}
+    assert all(not p.memory_from for p in ampere.presets)
+    # Without a float16 twin's row, an auto preset keeps its own.
+    alone = plan(rows[:2], "sdxl", 11 * GIB, capability=TURING, presets=presets)
+    assert {p.preset for p in alone.fitting} == {"gpu", "lightning"}
+
+
+def test_the_packaged_table_on_an_11_gib_turing_card() -> None:
+    # The reviewer's case: an RTX 2080 Ti (11 GiB, 7.5) was told bf16, fast, int8-dynamic...
+    # fit, and gpu and lightning at their bfloat16 peaks.
+    turing = DeviceFacts("cuda", TURING)
+    presets = load_presets().presets
+    report = plan(load_measurements(), "sdxl", 11 * GIB, capability=TURING, presets=presets)
+    assert report.fitting
+    for p in report.fitting:
+        assert not unmet_needs(presets[p.preset], turing), p.preset
+    for name in ("gpu", "lightning"):
+        p = next(p for p in report.presets if p.preset == name)
+        assert p.fit is not Fit.FITS and p.memory_from == ("fp16",)
+    assert {"bf16", "fast", "int8-dynamic"} <= {p.preset for p in report.cannot_run}
+
+
+def test_without_a_capability_the_plan_says_it_was_not_checked() -> None:
+    text = format_plan(plan([row("bf16")], "sdxl", 11 * GIB))
+    assert "Compute capability not checked: give --capability" in text
+    assert "Compute capability not checked" not in format_plan(
+        plan([row("bf16")], "sdxl", 11 * GIB, capability=(9, 0), presets=load_presets().presets)
+    )
+    with pytest.raises(ValueError, match="needs the presets"):
+        plan([row("bf16")], "sdxl", 11 * GIB, capability=(9, 0))
+
+
+def test_a_preset_the_presets_do_not_define_is_named_as_not_checked() -> None:
+    presets = {"fp16": Preset(name="fp16", description="f", dtype="float16")}
+    report = plan([row("fp16"), row("house")], "sdxl", 24 * GIB, capability=TURING, presets=presets)
+    assert report.unchecked == ("house",)
+    assert {p.preset for p in report.fitting} == {"fp16", "house"}
+    assert "Not among the presets, so not checked: house." in format_plan(report)
+
+
 # --- the throughput a cost is worked from ---
 
 
@@ -456,8 +630,32 @@ def test_the_fastest_row_of_the_model_and_preset_on_the_one_device() -> None:
         row("fp16", seconds_per_call=0.1),
         row("fast", model="sd15", seconds_per_call=0.1),
     ]
-    assert measured_throughput(rows, "SDXL", "fast", size=(1024, 1024)) == rows[1]
+    assert measured_throughput(rows, "SDXL", "fast", size=(1024, 1024), batch=4) == rows[1]
     assert measured_throughput(rows, "sdxl", "fast", device=" h100 ") == rows[2]
+
+
+def test_the_throughput_is_at_batch_one_unless_another_batch_is_asked_for() -> None:
+    # A lone job runs at batch 1: a GPU seldom busy never fills a batch of 4.
+    rows = [
+        row("fast", batch=1, seconds_per_call=2.0),  # 0.5 images a second
+        row("fast", batch=4, seconds_per_call=6.0),  # 0.67
+    ]
+    assert measured_throughput(rows, "sdxl", "fast", size=(1024, 1024)) == rows[0]
+    assert measured_throughput(rows, "sdxl", "fast", batch=4) == rows[1]
+    with pytest.raises(ValueError) as refused:
+        measured_throughput(rows, "sdxl", "fast", batch=2)
+    assert str(refused.value) == (
+        "no measurement of sdxl with preset fast at batch 2; measured at batch 1, 4"
+    )
+    with pytest.raises(ValueError, match="batch size must be a whole number"):
+        measured_throughput(rows, "sdxl", "fast", batch=0)
+
+
+def test_the_throughput_comes_from_the_presets_own_settings_where_known() -> None:
+    exact = row("fast", seconds_per_call=2.523, source=PUBLISHED + "Preset 'fast'.")
+    nearest = row("fast", seconds_per_call=2.0, source=PUBLISHED + "Nearest preset 'fast'.")
+    assert measured_throughput([nearest, exact], "sdxl", "fast") == exact
+    assert measured_throughput([nearest], "sdxl", "fast") == nearest
 
 
 def test_rows_from_several_devices_must_be_narrowed_to_one() -> None:

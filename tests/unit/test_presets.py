@@ -114,6 +114,13 @@ guidance_scale = 0.0
         ('[presets.x]\ndescription = "x"\nspeed = true\n', r"presets\.x\.speed"),
         ('[models]\n"m" = "nowhere"\n', r"model 'm' names an unknown preset 'nowhere'"),
         ("[presets.x\n", r"not valid TOML"),
+        # A misspelt table was ignored without a word: the operator's preset never applied.
+        (
+            '[preset.gpu]\ndescription = "mine"\ndtype = "float16"\n',
+            r"unknown top-level key\(s\) 'preset': the tables are \[presets\.NAME\] and \[models\]",
+        ),
+        ('[model]\n"my/model" = "turbo"\n', r"unknown top-level key\(s\) 'model'"),
+        ('dtype = "float16"\n[Presets.x]\ndescription = "x"\n', r"'Presets', 'dtype'"),
     ],
 )
 def test_a_bad_presets_file_is_one_clear_line(tmp_path: Path, text: str, message: str) -> None:

@@ -15,6 +15,7 @@ from chitrakar.tco import (
     break_even_utilisation,
     cost_curve,
     cost_report,
+    format_percent,
     format_report,
     plot_tco,
 )
@@ -223,3 +224,34 @@ def test_the_terminal_report_carries_the_figures() -> None:
     assert "API per 1,000 images:  40.00 INR" in text
     assert "break-even: 1.7% utilisation (22,590 images a month)" in text
     assert "at 60%, self-hosting is cheaper than the API." in text
+
+
+@pytest.mark.parametrize(
+    ("share", "decimals", "text"),
+    [
+        (0.6, 0, "60%"),
+        (1.0, 0, "100%"),
+        (0.25, 0, "25%"),
+        (0.005, 0, "0.5%"),
+        (0.025, 0, "2.5%"),
+        (0.0123, 0, "1.2%"),
+        (0.00042, 0, "0.042%"),
+        (0.0172, 1, "1.7%"),
+        (0.6, 1, "60.0%"),
+        (0.0004, 1, "0.04%"),
+    ],
+)
+def test_a_percentage_keeps_enough_digits(share: float, decimals: int, text: str) -> None:
+    assert format_percent(share, decimals) == text
+
+
+def test_a_small_utilisation_is_not_printed_as_zero() -> None:
+    # Busy half a percent of the hours: about 7 minutes a day.
+    text = format_report(cost_report(replace(OWNED, utilisation=0.005)))
+    assert "Self-hosting at 0.5% utilisation" in text
+    assert "700 W busy 0.5%, 0 W idle" in text
+    assert "at 0.5%, self-hosting is dearer than the API." in text
+    assert "0%" not in text.replace("0.5%", "").replace("100%", "")
+    cheap = replace(OWNED, hardware_price=30, api_price_per_image=0.04)
+    # 30 over 36 months against 0.04 an image: even at 0.0017% the GPU pays (it was 0.0%).
+    assert "break-even: 0.0017% utilisation" in format_report(cost_report(cheap))
