@@ -35,10 +35,12 @@ from telegram.error import BadRequest, ChatMigrated, NetworkError, RetryAfter, T
 from chitrakar.bot_api_http import AiohttpRequest
 from chitrakar.buttons import labelled, result_buttons, style_buttons
 from chitrakar.config import Settings
-from chitrakar.domain import JobKind, ProgressThrottle
+from chitrakar.domain import JobKind, JobStatus, ProgressThrottle
 from chitrakar.styles import StyleCatalogue
 from chitrakar.texts import text
-from db.jobs import JobView
+from db import jobs
+from db.jobs import JobView, RunningState
+from db.session import Store
 from workers.outbound import Delivered, result_caption
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,15 @@ def _seconds(value: float | timedelta) -> float:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 
+async def _unless_unchanged(edit: Awaitable[Any]) -> None:
+    """An edit that may find the message as it would make it: Telegram refuses that one."""
+    try:
+        await edit
+    except BadRequest as exc:
+        if "message is not modified" not in exc.message.lower():
+            raise
+
+
 class FloodWaitPastDeadline(TelegramError):
     """Telegram asks a chat to wait longer than the send has left."""
 
@@ -168,8 +179,16 @@ class FloodLimits:
 class TelegramDelivery:
     """What a worker says in a Telegram chat about a job: progress, the result, or an apology."""
 
-    def __init__(self, settings: Settings, catalogue: StyleCatalogue) -> None:
+    def __init__(
+        self, settings: Settings, catalogue: StyleCatalogue, store: Store | None = None
+    ) -> None:
         self._catalogue = catalogue
+        # Where a progress edit looks whether its job still runs; None: a store of its own,
+        # opened on the first look.
+        self._store = store
+        self._own_store: Store | None = None
+        self._database_url = settings.resolved_database_url
+        self._store_lock = threading.Lock()
         if settings.telegram_token is None:
             raise RuntimeError("CHITRAKAR_TELEGRAM_TOKEN is not set: the worker cannot deliver")
         self._loop = BackgroundLoop("telegram-delivery")
@@ -189,6 +208,11 @@ class TelegramDelivery:
         # Per job in progress: its throttle, and its status edit still on the way, if any.
         self._throttles: dict[int, ProgressThrottle] = {}
         self._edits: dict[int, Future[None]] = {}
+        # Jobs a look found no longer running (cancelled, handed back): no more edits.
+        self._ended: set[int] = set()
+        # Jobs with a status edit sent that no later look found the job still running after:
+        # sent as the job was cancelled, it may have landed after the bot's "Cancelled.".
+        self._unconfirmed: set[int] = set()
         # Per job being checked and stored: its "uploading a photo" action on the way.
         self._uploading: dict[int, Future[None]] = {}
         self._flood = FloodLimits()
@@ -200,6 +224,33 @@ class TelegramDelivery:
             self._loop.run(self._bot.shutdown(), timeout=10)
         finally:
             self._loop.close()
+            if self._own_store is not None:
+                self._own_store.dispose()
+
+    def _jobs_store(self) -> Store:
+        if self._store is None:
+            with self._store_lock:
+                if self._own_store is None:
+                    self._own_store = Store(self._database_url)
+            return self._own_store
+        return self._store
+
+    def _look(self, job: JobView) -> tuple[bool, RunningState | None]:
+        """Whether the database answered, and the job's state now (one read by its id; None:
+        the job is gone, its user had everything deleted)."""
+        try:
+            with self._jobs_store().unit_of_work() as uow:
+                return True, jobs.running_state(uow, job.id)
+        except Exception as exc:  # a status edit must never fail its job
+            log.warning("job %s: could not look whether it still runs (%s)", job.id, exc)
+            return False, None
+
+    @staticmethod
+    def _runs(job: JobView, state: RunningState | None) -> bool:
+        """Whether the job still runs where `job` was started (not handed to another worker)."""
+        if state is None or state.status != JobStatus.RUNNING:
+            return False
+        return job.worker is None or state.worker == job.worker
 
     @staticmethod
     def _reply_to(job: JobView) -> ReplyParameters | None:
@@ -306,8 +357,13 @@ class TelegramDelivery:
     def _edit_status(self, job: JobView, key: str, **params: Any) -> None:
         """Edit the job's status message without waiting. Dropped while throttled, while the
         chat is under a flood limit, or while the previous edit is still on its way: only the
-        latest state is worth showing."""
+        latest state is worth showing. Dropped too once the job no longer runs: the worker
+        looks for a cancellation only now and then, and an edit sent after it would overwrite
+        the bot's "Cancelled." (so each edit first reads the job's state: one read by id, at
+        most once per progress interval)."""
         if job.status_message_id is None or job.chat_id in self._migrated:
+            return
+        if job.id in self._ended:
             return
         previous = self._edits.get(job.id)
         if previous is not None and not previous.done():
@@ -317,6 +373,15 @@ class TelegramDelivery:
         throttle = self._throttles.setdefault(job.id, ProgressThrottle(self._progress_interval))
         if not throttle.allow(monotonic()):
             return
+        answered, state = self._look(job)
+        if not answered:
+            return
+        if not self._runs(job, state):
+            self._ended.add(job.id)
+            return
+        # Found running after the previous edit landed: that one came before any cancellation.
+        # This one is unconfirmed until the next look.
+        self._unconfirmed.add(job.id)
         self._edits[job.id] = self._loop.submit(
             self._quietly(
                 job,
@@ -333,6 +398,8 @@ class TelegramDelivery:
         """Forget the job's progress state, after its last edit has landed, so that no late
         progress edit overwrites what comes next. Idempotent."""
         self._throttles.pop(job.id, None)
+        self._ended.discard(job.id)
+        self._unconfirmed.discard(job.id)
         # An "uploading a photo" action still on its way (the job was then blocked or failed)
         # lands first too: a notice sent as a new message then ends it in the client.
         for pending in (self._edits.pop(job.id, None), self._uploading.pop(job.id, None)):
@@ -341,8 +408,28 @@ class TelegramDelivery:
                     pending.result(EDIT_SETTLE_S)
 
     def stop_progress(self, job: JobView) -> None:
-        """The job stopped without a result to send (cancelled): forget its progress."""
+        """The job stopped without a result to send (cancelled, or handed back): forget its
+        progress. A cancelled job's last status edit, sent before the cancellation and landed
+        after the bot's "Cancelled." (no later look found the job still running), has
+        "Cancelled." put back over it."""
+        unconfirmed = job.id in self._unconfirmed
         self._settle(job)
+        message_id = job.status_message_id
+        if not unconfirmed or message_id is None or job.chat_id in self._migrated:
+            return
+        _, state = self._look(job)
+        if state is None or state.status != JobStatus.CANCELLED:
+            return
+        edit = self._bot.edit_message_text(
+            text(job.language, "cancel.status"), chat_id=job.chat_id, message_id=message_id
+        )
+        try:
+            self._loop.run(
+                self._quietly(job, "putting back its cancellation", _unless_unchanged(edit)),
+                EDIT_SETTLE_S,
+            )
+        except Exception:
+            log.warning("job %s: could not put back its cancellation", job.id, exc_info=True)
 
     def started(self, job: JobView) -> None:
         self._edit_status(job, "status.running")

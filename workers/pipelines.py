@@ -76,6 +76,12 @@ class LoadedPipeline:
     preset: Preset | None = None
     # LoRA files loaded into the model so far, by path, with their adapter names.
     loras: dict[str, str] = field(default_factory=dict)
+    # Adapter names given so far: each load gets a new one, as a failed load may leave its
+    # name behind in a component it got to.
+    lora_loads: int = 0
+    # LoRA files that failed to load: not tried again (each try would load the file again,
+    # and log again, for every job of the style).
+    lora_failed: set[str] = field(default_factory=set)
     # Whether the UNet's attention now uses fused QKV projections, and whether it should
     # when no style LoRA is on (the preset's choice, until an IP-Adapter takes the layers).
     qkv_fused: bool = False
@@ -184,15 +190,29 @@ def use_lora(loaded: LoadedPipeline, path: str | None, scale: float) -> bool:
         return False
     name = loaded.loras.get(path)
     if name is None:
+        if path in loaded.lora_failed:
+            log.debug("LoRA %s failed to load before: generating without it", path)
+            _switch_off(loaded)
+            return False
         if not Path(path).is_file():
             log.warning("LoRA file %s does not exist: generating without it", path)
             _switch_off(loaded)
             return False
-        name = f"style{len(loaded.loras)}"
+        name = f"style{loaded.lora_loads}"
+        loaded.lora_loads += 1
         try:
             pipe.load_lora_weights(path, adapter_name=name)
         except Exception as exc:  # a bad file must not fail jobs: no LoRA then
-            log.warning("cannot load LoRA %s (%s): generating without it", path, exc)
+            # diffusers loads the UNet's part before the text encoders': a part that did
+            # load would stay in the model, unrecorded, and change every later image.
+            loaded.lora_failed.add(path)
+            _delete_adapter(pipe, name)
+            log.warning(
+                "cannot load LoRA %s (%s): generating without it; not tried again until the "
+                "worker restarts",
+                path,
+                exc,
+            )
             _switch_off(loaded)
             return False
         loaded.loras[path] = name
@@ -206,9 +226,27 @@ def use_lora(loaded: LoadedPipeline, path: str | None, scale: float) -> bool:
 def _switch_off(loaded: LoadedPipeline) -> None:
     if loaded.style_slot is not None:
         slot_off(loaded.text2image, loaded.style_slot)
-    elif loaded.loras:
+    elif _adapters(loaded.text2image):
+        # Any adapter, recorded or not: one a failed load left behind must not stay on.
         loaded.text2image.disable_lora()
     _fuse_qkv(loaded, loaded.fuse_wanted)
+
+
+def _adapters(pipe: DiffusionPipeline) -> set[str]:
+    """The LoRA adapters loaded in any of the pipeline's components."""
+    names: set[str] = set()
+    for component in pipe.components.values():
+        names.update(getattr(component, "peft_config", None) or {})
+    return names
+
+
+def _delete_adapter(pipe: DiffusionPipeline, name: str) -> None:
+    """Take out what a failed load left of an adapter, in whichever components it got to."""
+    try:
+        if name in _adapters(pipe):
+            pipe.delete_adapters(name)
+    except Exception as exc:  # then it stays, switched off with the others (`_switch_off`)
+        log.error("cannot delete the half-loaded LoRA adapter %s (%s)", name, exc)
 
 
 def give_up_fused_qkv(loaded: LoadedPipeline) -> None:
