@@ -294,6 +294,10 @@ class HandedBack(Exception):
     worker, or ended by one."""
 
 
+class Cancelled(Exception):
+    """The job was cancelled by its user (and refunded) before its results were sent."""
+
+
 class DuplicateRequest(Exception):
     """The chat message already made a job (its update came twice)."""
 
@@ -379,17 +383,21 @@ def _move(
     new: JobStatus,
     detail: str | None = None,
     only_from: Sequence[JobStatus] | None = None,
+    worker: str | None = None,
 ) -> bool:
     """Move a job to `new` only if, at the moment of writing, it is still in a status that
     may go there (or in `only_from`). The conditional UPDATE decides between a worker
     finishing a job and its user cancelling it at the same moment (it waits for the other's
     row lock on PostgreSQL, for the write lock on SQLite); the loser sees the winner's
-    status. False if it lost."""
+    status. False if it lost. Given a `worker`, only while the job is on that worker."""
     allowed = list(only_from) if only_from else _may_become(new)
+    on_worker = [Job.worker == worker] if worker is not None else []
     moved = cast(
         CursorResult[Any],
         session.execute(
-            update(Job).where(Job.id == job.id, Job.status.in_(allowed)).values(status=new)
+            update(Job)
+            .where(Job.id == job.id, Job.status.in_(allowed), *on_worker)
+            .values(status=new)
         ),
     )
     session.refresh(job)
@@ -684,8 +692,10 @@ def record_results(
     grid) records an empty list. Returns the job's status message, as recorded by then: the
     bot records none after this (`attach_status_message`). Raises HandedBack when the job is
     no longer this worker's (the reconciler took the worker for dead meanwhile): another
-    worker sends it; JobNotFound when it is gone (its user had everything about them
-    deleted): nothing of it may be sent. Commits."""
+    worker sends it; Cancelled when its user cancelled it after the worker's last look (its
+    credits are back, "Cancelled." shown): nothing of it may be sent; JobNotFound when it is
+    gone (its user had everything about them deleted): nothing of it may be sent either.
+    Commits."""
     connection = uow.connection
     recorded = connection.execute(
         _RECORD_RESULTS,
@@ -703,11 +713,12 @@ def record_results(
     uow.commit()
     if found is None:
         raise JobNotFound(job_id)
-    if found.status != JobStatus.CANCELLED:
-        # Queued again, running on another worker, or ended by one.
-        raise HandedBack(job_id)
-    # Cancelled after the last look: what it sends is recorded at its end.
-    return cast(int | None, found.status_message_id)
+    if found.status == JobStatus.CANCELLED:
+        # After the last look, before anything was sent: it is not sent. (A cancellation
+        # that lands once the results are on their way is `complete_job`'s.)
+        raise Cancelled(job_id)
+    # Queued again, running on another worker, or ended by one.
+    raise HandedBack(job_id)
 
 
 def replace_queued_input(uow: UnitOfWork, job_id: int, lost: str, replacement: str) -> bool:
@@ -882,7 +893,8 @@ def complete_job(
 ) -> None:
     """Record a job's end once its images were delivered: done, its credits spent. A job its
     user cancelled while the images were on their way stays cancelled (and refunded); what
-    was delivered is recorded all the same. Commits. (Core statements: a `Job` this session
+    was delivered is recorded all the same. A job already done is left as it is (a retry
+    whose first commit was written). Commits. (Core statements: a `Job` this session
     loaded before is not refreshed.)"""
     connection, now = uow.connection, utcnow()
     results = {
@@ -899,6 +911,11 @@ def complete_job(
         found = connection.execute(_STATUS_AND_WORKER, {"job_id": job_id}).first()
         if found is None:
             raise JobNotFound(job_id)
+        if found.status == JobStatus.DONE:
+            # Recorded already: this is the same record tried again after the answer to its
+            # commit was lost (or a redelivered task's), and the job's end stands.
+            uow.commit()
+            return
         if found.status != JobStatus.CANCELLED:
             raise InvalidTransition(f"job {job_id} cannot go from {found.status} to done")
         connection.execute(_RESULTS_OF_CANCELLED, results)
@@ -909,12 +926,22 @@ def complete_job(
     uow.commit()
 
 
-def fail_job(uow: UnitOfWork, job_id: int, error: str) -> JobView | None:
-    """Mark a job failed with the reason; None when it had already ended."""
+def fail_job(uow: UnitOfWork, job_id: int, error: str, worker: str | None = None) -> JobView | None:
+    """Mark a job failed with the reason, its credits refunded; None when it had already
+    ended. Given the `worker` that runs it, only while it runs there (a job handed back
+    meanwhile is another attempt's); and a job that worker already failed with this very
+    reason is returned as failed now (not refunded again): the same record tried again after
+    the answer to its commit was lost, whose user is still to be told. Commits."""
     job = _load(uow.session, job_id)
-    if not _move(uow.session, job, JobStatus.FAILED, error):
+    only_from = [JobStatus.RUNNING] if worker is not None else None
+    if not _move(uow.session, job, JobStatus.FAILED, error, only_from, worker):
         uow.commit()
-        return None
+        again = (
+            worker is not None
+            and job.status == JobStatus.FAILED
+            and (job.worker, job.error) == (worker, error)
+        )
+        return JobView.of(job) if again else None
     ledger.refund(uow.session, job_id)
     job.error = error
     job.finished_at = utcnow()

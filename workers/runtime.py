@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -45,6 +46,16 @@ from workers.web_delivery import WebDelivery
 log = logging.getLogger(__name__)
 
 
+def worker_name() -> str:
+    """This process's name among the workers, for its heartbeat and the jobs it runs:
+    "hostname/run:pid", where run is random, so the name is unique per process start. A
+    container restarted after a kill (a restart policy, the OOM killer) often has the same
+    hostname and pid as the process it replaces: under the dead one's name it would beat for
+    it, and the reconciler would never hand the dead one's running jobs back. (A hostname
+    holds no "/" or ":"; the pid stays last, after the last ":".)"""
+    return f"{socket.gethostname()}/{secrets.token_hex(4)}:{os.getpid()}"
+
+
 @dataclass(frozen=True)
 class ClaimsToHandBack:
     """The jobs this worker started from `since` to `until`, but not those `kept`: claimed
@@ -62,7 +73,7 @@ class WorkerRuntime:
         # Hands a job to the broker (held jobs of a user, when one of theirs ends).
         self.publish = publish
         self.store = Store(settings.resolved_database_url)
-        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.name = worker_name()
         self.catalogue: StyleCatalogue = load_catalogue(settings.styles_file)
         self.media = MediaStore(settings.media_dir)
         self.artifacts = artifact_store_from_url(
@@ -72,6 +83,35 @@ class WorkerRuntime:
         # Batches whose claims could not be handed back (workers.service): tried again at
         # the start of each task until they are.
         self.claims_to_hand_back: list[ClaimsToHandBack] = []
+        # Ends of jobs (a failure, a delivered job's hand-back) that a database outage longer
+        # than the record retries kept from being written (workers.service): each raises
+        # while the database is still away. Left undone, the job would stay running on this
+        # live worker, which nothing else ends. Tried again at the start of each task and
+        # after each heartbeat until they are done.
+        self.ends_to_record: list[Callable[[], None]] = []
+        self._recording_ends = threading.Lock()
+
+    def record_ends_left(self) -> None:
+        """Try again each end in `ends_to_record`; those still failing stay. Does nothing
+        while another thread is at it (the heartbeat's, or the task's)."""
+        if not self.ends_to_record or not self._recording_ends.acquire(blocking=False):
+            return
+        try:
+            for record in list(self.ends_to_record):
+                try:
+                    record()
+                except Exception:
+                    log.warning("an end left unrecorded still cannot be recorded", exc_info=True)
+                    continue
+                self.ends_to_record.remove(record)
+        finally:
+            self._recording_ends.release()
+
+    def _record_ends_left_aside(self) -> None:
+        # From the heartbeat's thread: an apology may wait on the chat (a flood limit), and
+        # the heartbeat must not wait with it.
+        if self.ends_to_record:
+            threading.Thread(target=self.record_ends_left, name="ends", daemon=True).start()
 
     @cached_property
     def delivery(self) -> ChannelDeliveries:
@@ -81,7 +121,9 @@ class WorkerRuntime:
             WEB_CHANNEL: lambda: WebDelivery(self.settings, self.store, self.catalogue)
         }
         if self.settings.telegram_token is not None:
-            factories[TELEGRAM_CHANNEL] = lambda: TelegramDelivery(self.settings, self.catalogue)
+            factories[TELEGRAM_CHANNEL] = lambda: TelegramDelivery(
+                self.settings, self.catalogue, self.store
+            )
         return ChannelDeliveries(factories)
 
     def model_source(self) -> str:
@@ -182,7 +224,9 @@ class WorkerRuntime:
                 self.settings.heartbeat_interval,
                 lambda: reconcile(self.store, self.publish, self.settings),
                 self.settings.reconcile_interval,
+                self._record_ends_left_aside,
             )
+            log.info("worker %s beating", self.name)
             self._heartbeat.start()
 
     @property
@@ -269,9 +313,11 @@ class Heartbeat:
         interval: float,
         reconcile: Callable[[], object],
         reconcile_every: float,
+        after_beat: Callable[[], object] = lambda: None,
     ) -> None:
         self._store, self._name, self._interval = store, name, interval
         self._reconcile, self._reconcile_every = reconcile, reconcile_every
+        self._after_beat = after_beat
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -290,6 +336,11 @@ class Heartbeat:
         except Exception:
             # The database away for a moment: the next beat tries again.
             log.warning("could not write the heartbeat of %s", self._name, exc_info=True)
+            return
+        try:
+            self._after_beat()
+        except Exception:
+            log.warning("what follows the heartbeat of %s failed", self._name, exc_info=True)
 
     def _run(self) -> None:
         next_reconcile = time.monotonic() + self._reconcile_every

@@ -122,10 +122,20 @@ def run_job(runtime: WorkerRuntime, job_id: int) -> None:
             runtime.finishing.wait()
     if runtime.claims_to_hand_back:
         _hand_back_claims_left(runtime)
-    alive_since = datetime.now(UTC) - timedelta(seconds=runtime.settings.worker_stale_after)
-    try:
+    # Ends of earlier jobs a database outage kept from being recorded (the heartbeat tries
+    # too, for a worker left idle).
+    runtime.record_ends_left()
+
+    def start() -> JobView | None:
+        alive_since = datetime.now(UTC) - timedelta(seconds=runtime.settings.worker_stale_after)
         with runtime.store.unit_of_work() as uow:
-            job = jobs.start_job(uow, job_id, runtime.name, alive_since)
+            return jobs.start_job(uow, job_id, runtime.name, alive_since)
+
+    try:
+        # A database away for a moment (a failover) costs a wait, not the message; away for
+        # longer, the OperationalError escapes, and the task's base sends the message again
+        # later (workers.tasks.JobTask).
+        job = _with_retries(start, f"job {job_id} started")
     except jobs.JobNotFound:
         _forgotten(runtime, job_id)
         return
@@ -174,14 +184,26 @@ def _hand_back_delivered(runtime: WorkerRuntime, batch: list[JobView]) -> None:
     own message may have been taken while the batch was finished. Another try records the
     end and sends nothing. (One not delivered is left running, as before: whether its
     photo went out is not known, and a second one must not.)"""
+    job_ids = [one.id for one in batch]
     try:
-        with runtime.store.unit_of_work() as uow:
-            handed = jobs.hand_back_delivered(uow, [one.id for one in batch], runtime.name)
-        for job_id in handed:
-            log.warning("job %s was delivered but its end not recorded; published again", job_id)
-            runtime.publish(job_id)
+        _hand_back_delivered_now(runtime, job_ids)
+    except OperationalError:
+        # The database still away: tried again once it answers (`record_ends_left`).
+        log.exception("jobs %s: ends left unrecorded are looked for again later", job_ids)
+        runtime.ends_to_record.append(partial(_hand_back_delivered_now, runtime, job_ids))
     except Exception:
-        log.exception("jobs %s: could not look for ends left unrecorded", [b.id for b in batch])
+        log.exception("jobs %s: could not look for ends left unrecorded", job_ids)
+
+
+def _hand_back_delivered_now(runtime: WorkerRuntime, job_ids: list[int]) -> None:
+    with runtime.store.unit_of_work() as uow:
+        handed = jobs.hand_back_delivered(uow, job_ids, runtime.name)
+    for job_id in handed:
+        log.warning("job %s was delivered but its end not recorded; published again", job_id)
+        try:
+            runtime.publish(job_id)
+        except Exception:  # it is queued: the reconciler publishes it again
+            log.exception("job %s could not be published; left to the reconciler", job_id)
 
 
 def _after_each(runtime: WorkerRuntime, batch: list[JobView]) -> None:
@@ -481,6 +503,9 @@ def _record_results(
     except jobs.HandedBack:
         # Between the last look and now: the worker that has it sends it, not this one.
         raise JobHandedBack(job_id) from None
+    except jobs.Cancelled:
+        # Between the last look and now, and nothing sent yet: stopped, as at a look.
+        raise JobCancelled(job_id) from None
 
 
 def _mark_delivered(runtime: WorkerRuntime, job: JobView, sent: Delivered) -> None:
@@ -739,11 +764,38 @@ def _drop_selfie_if_not_kept(runtime: WorkerRuntime, job: JobView) -> None:
 
 
 def _give_up(runtime: WorkerRuntime, job_id: int, reason: str) -> None:
-    def fail() -> JobView | None:
-        with runtime.store.unit_of_work() as uow:
-            return jobs.fail_job(uow, job_id, reason)
+    """Fail the job (refunded) and apologise. A database away for longer than the retries
+    would leave it running on this live worker, which nothing else ends: the failure is
+    recorded, and the apology sent, once the database answers (`record_ends_left`)."""
+    try:
+        failed = _with_retries(partial(_fail, runtime, job_id, reason), f"job {job_id} failed")
+    except OperationalError:
+        log.exception("job %s: its failure is recorded once the database answers", job_id)
+        runtime.ends_to_record.append(partial(_give_up_later, runtime, job_id, reason))
+        return
+    _apologise(runtime, failed)
 
-    failed = _with_retries(fail, f"job {job_id} failed")
+
+def _fail(runtime: WorkerRuntime, job_id: int, reason: str) -> JobView | None:
+    with runtime.store.unit_of_work() as uow:
+        return jobs.fail_job(uow, job_id, reason, runtime.name)
+
+
+def _give_up_later(runtime: WorkerRuntime, job_id: int, reason: str) -> None:
+    """A failure `_give_up` could not record: raises while the database is still away."""
+    try:
+        failed = _fail(runtime, job_id, reason)
+    except jobs.JobNotFound:
+        _forgotten(runtime, job_id)
+        return
+    log.warning("job %s: its failure recorded at last", job_id)
+    try:
+        _apologise(runtime, failed)
+    except Exception:  # recorded: the apology is not tried again
+        log.exception("job %s: could not apologise", job_id)
+
+
+def _apologise(runtime: WorkerRuntime, failed: JobView | None) -> None:
     if failed is None:
         return
     if failed.kind == JobKind.AVATAR and failed.parent_job_id is None:

@@ -213,7 +213,8 @@ def test_a_job_cancelled_while_checked_is_neither_sent_nor_kept_by_the_channel(
     emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path
 ) -> None:
     """Flagged, but its user cancelled it meanwhile: the job stays cancelled (nothing to
-    block, no notice over the bot's "Cancelled."), no photo goes out, and the channel keeps
+    block, no notice over the bot's "Cancelled.": only "Cancelled." again, in case the
+    worker's last status edit crossed the bot's), no photo goes out, and the channel keeps
     nothing about it (its upload action included)."""
     group = emulator.group_chat(-833)
     runtime = worker_for(emulator, tmp_path, tiny_model, None)
@@ -228,7 +229,10 @@ def test_a_job_cancelled_while_checked_is_neither_sent_nor_kept_by_the_channel(
     assert job.status == JobStatus.CANCELLED
     assert emulator.calls_to("sendPhoto", group["id"]) == []
     edits = emulator.calls_to("editMessageText", group["id"])
-    assert [edit.params["text"] for edit in edits] == [text("en", "status.running")]
+    assert [edit.params["text"] for edit in edits] == [
+        text("en", "status.running"),
+        text("en", "cancel.status"),
+    ]
 
 
 class HandedBackWhileChecked:
