@@ -202,7 +202,13 @@ class TelegramDelivery:
             # Opens the HTTP connection pool and checks the token with getMe.
             self._loop.run(self._bot.initialize(), timeout=60)
         except TelegramError as exc:
-            log.warning("the Bot API did not answer getMe (%s); will try again per delivery", exc)
+            # python-telegram-bot names the token in a refusal's text: it is left out.
+            reason = str(exc).replace(settings.telegram_token.get_secret_value(), "(token)")
+            log.warning(
+                "the Bot API did not answer getMe (%s: %s); will try again per delivery",
+                type(exc).__name__,
+                reason,
+            )
         self._progress_interval = settings.progress_interval
         self._selfies_kept = settings.input_retention_hours > 0
         # Per job in progress: its throttle, and its status edit still on the way, if any.

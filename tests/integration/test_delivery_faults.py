@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import select
 from telegram import Bot
 from telegram.error import NetworkError
@@ -22,6 +23,7 @@ from telegram.error import NetworkError
 from chitrakar.bot_api_http import AiohttpRequest
 from chitrakar.domain import GenerationPlan, JobKind
 from chitrakar.quota import Account
+from chitrakar.styles import load_catalogue
 from chitrakar.texts import text
 from db import jobs
 from db.jobs import Origin
@@ -275,3 +277,20 @@ def test_a_sent_album_is_recorded_delivered_before_its_buttons_go(
     finally:
         task.join(60)
     assert outcome(runtime, job.job_id)[:2] == ("done", ["commit", "reserve"])
+
+
+def test_a_refused_token_is_not_written_to_the_workers_log(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """python-telegram-bot names the token in its refusal: the worker's warning leaves it out
+    (logs travel further than the secret should)."""
+    wrong = "123456:a-token-the-bot-api-does-not-know"
+    settings = worker_settings(emulator, tmp_path, tiny_model).model_copy(
+        update={"telegram_token": SecretStr(wrong)}
+    )
+    with caplog.at_level(logging.WARNING, logger="workers.delivery"):
+        telegram = delivery.TelegramDelivery(settings, load_catalogue())
+        telegram.close()
+    [warning] = [r.getMessage() for r in caplog.records if "getMe" in r.getMessage()]
+    assert "InvalidToken" in warning and "(token)" in warning
+    assert wrong not in caplog.text
