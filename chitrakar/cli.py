@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -276,7 +277,8 @@ def _child(name: str, arguments: list[str], stop_timeout: float, **env: str) -> 
     its own, this process is stopped too (SIGTERM), and the Event yielded is set unless
     the child's stop was a clean one (exit code 0, or SIGTERM or SIGINT)."""
     child = subprocess.Popen(
-        [sys.executable, "-m", "chitrakar", *arguments],
+        # -P: the current folder is not searched for modules (a stray celery.py there).
+        [sys.executable, "-P", "-m", "chitrakar", *arguments],
         env={**os.environ, **env} if env else None,
         start_new_session=True,
         # Also when `run` died between the fork and the call.
@@ -306,11 +308,28 @@ def _child(name: str, arguments: list[str], stop_timeout: float, **env: str) -> 
         stopping.set()
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
-            try:
-                child.wait(timeout=stop_timeout)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+            _wait_or_kill(child, name, stop_timeout)
+
+
+def _wait_or_kill(child: subprocess.Popen[bytes], name: str, timeout: float) -> None:
+    """Wait for a child told to stop (a worker finishes its job first); kill it after
+    `timeout` s, or at the second Ctrl-C after saying so at the first: `run` never ends
+    before its child, which a quick restart would otherwise find still running."""
+    deadline = time.monotonic() + timeout
+    warned = False
+    while True:
+        try:
+            child.wait(timeout=max(deadline - time.monotonic(), 0))
+            return
+        except subprocess.TimeoutExpired:
+            break
+        except KeyboardInterrupt:
+            if warned:
+                break
+            warned = True
+            print(f"\nStopping the {name}; Ctrl-C again to kill it.", file=sys.stderr, flush=True)
+    child.kill()
+    child.wait()
 
 
 def _greet_the_owner(settings: Settings) -> None:

@@ -2,7 +2,13 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
+
+import pytest
 
 from tests.support.stack import run_chitrakar
 
@@ -99,3 +105,52 @@ def test_bench_refuses_a_preset_name_the_table_refuses_before_loading_the_model(
     # Without --record nothing is written under that name: the model is what is missing.
     unrecorded = run_chitrakar(*args, env=env, cwd=tmp_path)
     assert unrecorded.returncode == 1 and "does not exist" in unrecorded.stderr
+
+
+STOPS_SLOWLY = (
+    "import signal, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finishing its job\n"
+    "print('ready', flush=True)\n"
+    "time.sleep({seconds})\n"
+)
+
+
+def _stopping_child(seconds: float) -> subprocess.Popen[bytes]:
+    """A child told to stop that takes `seconds` to (SIGTERM ignored meanwhile)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", STOPS_SLOWLY.format(seconds=seconds)], stdout=subprocess.PIPE
+    )
+    assert child.stdout is not None and child.stdout.readline() == b"ready\n"
+    child.send_signal(signal.SIGTERM)
+    return child
+
+
+def _wait_with_ctrl_c_after(child: subprocess.Popen[bytes], *seconds: float) -> None:
+    from chitrakar.cli import _wait_or_kill
+
+    timers = [threading.Timer(s, os.kill, (os.getpid(), signal.SIGINT)) for s in seconds]
+    for timer in timers:
+        timer.start()
+    try:
+        _wait_or_kill(child, "worker", 60)
+    finally:
+        for timer in timers:
+            timer.cancel()
+        assert child.stdout is not None
+        child.stdout.close()
+
+
+def test_ctrl_c_while_a_child_stops_says_how_to_kill_it_and_waits(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`run` never ends before its worker (a quick restart would find it still running)."""
+    child = _stopping_child(2)
+    _wait_with_ctrl_c_after(child, 0.5)
+    assert child.returncode == 0  # stopped on its own
+    assert "Stopping the worker; Ctrl-C again to kill it." in capsys.readouterr().err
+
+
+def test_a_second_ctrl_c_while_a_child_stops_kills_it() -> None:
+    child = _stopping_child(60)
+    _wait_with_ctrl_c_after(child, 0.5, 1.0)
+    assert child.returncode == -signal.SIGKILL
