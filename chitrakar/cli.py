@@ -880,5 +880,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chitrakar: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings)
-    result: int = args.func(settings, args)
+    from sqlalchemy import make_url
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    try:
+        result: int = args.func(settings, args)
+    except (OperationalError, InterfaceError) as exc:
+        # At start, a database out of reach (not up yet, a wrong host or password): one line.
+        database = make_url(settings.resolved_database_url).render_as_string(hide_password=True)
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        print(f"chitrakar: cannot use the database at {database}: {reason}", file=sys.stderr)
+        return 1
     return result

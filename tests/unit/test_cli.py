@@ -154,3 +154,18 @@ def test_a_second_ctrl_c_while_a_child_stops_kills_it() -> None:
     child = _stopping_child(60)
     _wait_with_ctrl_c_after(child, 0.5, 1.0)
     assert child.returncode == -signal.SIGKILL
+
+
+def test_a_database_out_of_reach_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHITRAKAR_")}
+    env["CHITRAKAR_DATA_DIR"] = str(tmp_path / "data")
+    # Nothing listens on port 1; the password must not be printed.
+    env["CHITRAKAR_DATABASE_URL"] = "postgresql+psycopg://app:s3cret@127.0.0.1:1/chitrakar"
+    result = run_chitrakar("users", "list", env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    line = result.stderr.splitlines()[-1]
+    assert line.startswith(
+        "chitrakar: cannot use the database at postgresql+psycopg://app:***@127.0.0.1:1/chitrakar: "
+    )
+    assert "s3cret" not in result.stderr
