@@ -190,9 +190,9 @@ def test_a_portrait_comes_back_with_buttons_and_only_its_owner_sees_it(
     job = result.images[0]["job"]
     labels = [label for row in result.buttons for label, _ in row]
     assert {"U1", "U2", "V1", "V2", "🔄 Again"} <= set(labels)
-    # The status message showed the queue, then was removed when the images came.
-    status = asha.wait_for(lambda m: m.from_bot and m.reply_to == asked.id and not m.images)
-    assert status.deleted
+    # The status message showed the queue, then is removed once the images came (right after
+    # the worker records the delivery).
+    asha.wait_for(lambda m: m.from_bot and m.reply_to == asked.id and not m.images and m.deleted)
 
     mine = asha.http.get(f"/images/{job}/1")
     assert mine.status_code == 200 and mine.headers["content-type"] == "image/png"
