@@ -179,16 +179,10 @@ class FloodLimits:
 class TelegramDelivery:
     """What a worker says in a Telegram chat about a job: progress, the result, or an apology."""
 
-    def __init__(
-        self, settings: Settings, catalogue: StyleCatalogue, store: Store | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, catalogue: StyleCatalogue, store: Store) -> None:
         self._catalogue = catalogue
-        # Where a progress edit looks whether its job still runs; None: a store of its own,
-        # opened on the first look.
+        # The worker's store: where a progress edit looks whether its job still runs.
         self._store = store
-        self._own_store: Store | None = None
-        self._database_url = settings.resolved_database_url
-        self._store_lock = threading.Lock()
         if settings.telegram_token is None:
             raise RuntimeError("CHITRAKAR_TELEGRAM_TOKEN is not set: the worker cannot deliver")
         self._loop = BackgroundLoop("telegram-delivery")
@@ -230,22 +224,12 @@ class TelegramDelivery:
             self._loop.run(self._bot.shutdown(), timeout=10)
         finally:
             self._loop.close()
-            if self._own_store is not None:
-                self._own_store.dispose()
-
-    def _jobs_store(self) -> Store:
-        if self._store is None:
-            with self._store_lock:
-                if self._own_store is None:
-                    self._own_store = Store(self._database_url)
-            return self._own_store
-        return self._store
 
     def _look(self, job: JobView) -> tuple[bool, RunningState | None]:
         """Whether the database answered, and the job's state now (one read by its id; None:
         the job is gone, its user had everything deleted)."""
         try:
-            with self._jobs_store().unit_of_work() as uow:
+            with self._store.unit_of_work() as uow:
                 return True, jobs.running_state(uow, job.id)
         except Exception as exc:  # a status edit must never fail its job
             log.warning("job %s: could not look whether it still runs (%s)", job.id, exc)

@@ -29,6 +29,7 @@ from db import jobs
 from db.jobs import Origin
 from db.migrate import upgrade_to_head
 from db.models import Job, LedgerEntry, ResultMessage
+from db.session import Store
 from tests.support.botapi import BotApiEmulator, Call, Fault
 from tests.support.stack import worker_settings
 from workers import delivery
@@ -289,8 +290,9 @@ def test_a_refused_token_is_not_written_to_the_workers_log(
         update={"telegram_token": SecretStr(wrong)}
     )
     with caplog.at_level(logging.WARNING, logger="workers.delivery"):
-        telegram = delivery.TelegramDelivery(settings, load_catalogue())
-        telegram.close()
+        store = Store(settings.resolved_database_url)
+        delivery.TelegramDelivery(settings, load_catalogue(), store).close()
+        store.dispose()
     [warning] = [r.getMessage() for r in caplog.records if "getMe" in r.getMessage()]
     assert "InvalidToken" in warning and "(token)" in warning
     assert wrong not in caplog.text

@@ -20,6 +20,7 @@ from db.jobs import Origin
 from db.migrate import alembic_config, upgrade_to_head
 from db.models import Job, JobEvent
 from db.session import Store
+from tests.integration.test_retention import finished_job
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 PLAN = GenerationPlan("p", 64, 64, 4, (1,), 7.0, strength=0.5)
@@ -62,23 +63,6 @@ def stored_then_failed(
     return job_id
 
 
-def done(store: Store, artifacts: LocalArtifactStore, message_id: int, ended: datetime) -> int:
-    with store.unit_of_work() as uow:
-        job_id = jobs.take_in(uow, origin(message_id), JobKind.PORTRAIT, PLAN).job_id
-        jobs.start_job(uow, job_id, "w")
-        stored = artifacts.put(f"results/{job_id}/0-1.png", b"png of job %d" % job_id)
-        jobs.complete_job(
-            uow,
-            job_id,
-            result_paths=[stored.key],
-            result_checksums=[stored.sha256],
-            result_file_ids=["file"],
-            generation_seconds=1.0,
-        )
-    ended_at(store, job_id, ended)
-    return job_id
-
-
 def test_the_images_of_a_job_that_failed_before_naming_them_go_when_due(
     store: Store, tmp_path: Path
 ) -> None:
@@ -109,7 +93,7 @@ def test_a_result_a_queued_variation_starts_from_stays_until_it_ends(
     """The press was accepted because the result existed; the sweep must not take it from
     the variation while it waits for a worker."""
     artifacts, media = stores(tmp_path)
-    parent = done(store, artifacts, 1, NOW - KEPT - timedelta(minutes=1))
+    parent = finished_job(store, artifacts, 1, NOW - KEPT - timedelta(minutes=1))
     with store.unit_of_work() as uow:
         child = jobs.take_in(
             uow, origin(2), JobKind.VARIATION, PLAN, parent_job_id=parent, parent_index=0
