@@ -577,13 +577,17 @@ def test_credits_run_out_with_a_clear_answer_and_quota_says_what_is_left(stack: 
             chat, user, f"/portrait a tiger in the Sundarbans {n} --n 4 --steps 40"
         )
         emulator.wait_for("sendMediaGroup", replying_to(command), timeout=240)
+        # The album's buttons follow it in a message of their own: once that is in, the next
+        # message in the chat is the answer to the next command.
+        emulator.wait_for(
+            "sendMessage",
+            lambda c, after=command: (
+                answer_to(after)(c) and c.params["text"].startswith("Your 4 images")
+            ),
+            timeout=60,
+        )
     over = emulator.send_text(chat, user, "/portrait one more tiger --n 4 --steps 40")
-    # (The second album's button message may still be on its way: look for the answer.)
-    refusal = emulator.wait_for(
-        "sendMessage",
-        lambda c: answer_to(over)(c) and not c.params["text"].startswith("Your 4 images"),
-        timeout=30,
-    )
+    refusal = emulator.wait_for("sendMessage", answer_to(over), timeout=30)
     assert refusal.params["text"].startswith(
         "That costs 8 credits and you have 4 left today. Your credits renew at 00:00 UTC."
     )
