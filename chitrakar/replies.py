@@ -205,10 +205,21 @@ def audit_reply(language: str, events: list[AuditEntry], zone: tzinfo) -> str:
 # A Telegram user id has at least this many digits; a shorter number is an argument (credits,
 # a reason), even as the first word.
 USER_ID_MIN_DIGITS = 5
+# Telegram's user ids are 64-bit integers: at most 20 digits.
+USER_ID_MAX_DIGITS = 20
+
+
+def user_id_in(word: str) -> str | None:
+    """The user id a word gives, as ids are stored (no leading zeros), or None. ASCII digits
+    only: `str.isdecimal` also takes Devanagari and full-width digits, and such a word, kept
+    as it is, named a user who does not exist (a ban or a grant that reached no one)."""
+    if word.isascii() and word.isdigit() and len(word) <= USER_ID_MAX_DIGITS:
+        return str(int(word))
+    return None
 
 
 def _names_author(word: str, replied_author: str) -> bool:
-    return word.isdecimal() and replied_author.isdecimal() and int(word) == int(replied_author)
+    return user_id_in(word) is not None and user_id_in(word) == user_id_in(replied_author)
 
 
 def ambiguous_target(words: list[str], replied_author: str | None) -> bool:
@@ -217,7 +228,7 @@ def ambiguous_target(words: list[str], replied_author: str | None) -> bool:
     return (
         replied_author is not None
         and bool(words)
-        and words[0].isdecimal()
+        and user_id_in(words[0]) is not None
         and len(words[0]) >= USER_ID_MIN_DIGITS
         and not _names_author(words[0], replied_author)
     )
@@ -237,6 +248,7 @@ def admin_target(
         if ambiguous_target(words, replied_author):
             return None, words
         return replied_author, words
-    if words and words[0].isdecimal():
-        return words[0], words[1:]
+    named = user_id_in(words[0]) if words else None
+    if named is not None:
+        return named, words[1:]
     return None, words

@@ -468,10 +468,11 @@ class JobIntake:
         accounts = self.accounts_of(origin)
         with self._store.unit_of_work() as uow:
             left = [ledger.balance(uow.session, account, day) for account in accounts]
+        # A limit lowered below what was spent today leaves no credits, not fewer than none.
         return QuotaStatus(
-            user_left=left[0] or 0,
+            user_left=max(left[0] or 0, 0),
             user_limit=accounts[0].daily_limit or 0,
-            group_left=left[1] if len(left) > 1 else None,
+            group_left=max(left[1], 0) if len(left) > 1 and left[1] is not None else None,
             group_limit=accounts[1].daily_limit if len(accounts) > 1 else None,
             resets_at=next_reset(now, self._settings.zone),
         )

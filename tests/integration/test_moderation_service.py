@@ -140,6 +140,20 @@ def test_pause_holds_the_hand_over_until_resume(world) -> None:  # type: ignore[
     store.dispose()
 
 
+def test_a_limit_lowered_below_the_days_spending_shows_no_credits_left(world) -> None:  # type: ignore[no-untyped-def]
+    intake, moderation, store, _ = world
+    who = origin("12", 1)
+    intake.set_group_quota(who, 20)  # so that the group pays too
+    intake.accept(who, parse_image_command(Command.PORTRAIT, "a market --n 4"))
+    assert intake.quota_status(who).user_left <= 8
+    moderation.set_quota(admin(), "12", 1)
+    intake.set_group_quota(who, 1)
+    status = intake.quota_status(who)
+    assert (status.user_left, status.user_limit) == (0, 1)
+    assert (status.group_left, status.group_limit) == (0, 1)
+    store.dispose()
+
+
 def test_grant_and_setquota_change_what_a_user_may_spend(world) -> None:  # type: ignore[no-untyped-def]
     intake, moderation, store, _ = world
     who = origin("11", 1)

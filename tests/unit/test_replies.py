@@ -240,6 +240,14 @@ def test_the_audit_log_lists_each_event_or_says_there_are_none() -> None:
         (["abc"], (None, ["abc"])),
         (["-5", "x"], (None, ["-5", "x"])),
         ([], (None, [])),
+        # As ids are stored: a ban of "0123456789" banned a user who does not exist.
+        (["0123456789", "spam"], ("123456789", ["spam"])),
+        # Digits of other scripts name no user (isdecimal takes them).
+        (["१२३४५६७८९"], (None, ["१२३४५६७८९"])),
+        (["１２３４５６７８９"], (None, ["１２３４５６７８９"])),
+        # Longer than any 64-bit id (and than the column that stores ids).
+        (["1" * 21], (None, ["1" * 21])),
+        (["1" * 20], ("1" * 20, [])),
     ],
 )
 def test_an_admin_command_names_its_user_by_a_leading_id(
