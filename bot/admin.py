@@ -10,7 +10,7 @@ import time
 
 from telegram import InlineKeyboardMarkup, Message, Update
 from telegram.constants import ChatType
-from telegram.error import TelegramError
+from telegram.error import Forbidden, TelegramError
 from telegram.ext import ApplicationHandlerStop
 
 from bot.bootstrap import CHANNEL
@@ -177,8 +177,30 @@ async def admin_command(update: Update, context: BotContext) -> None:
             )
         )
     except CommandError as exc:
-        reply = text(language, exc.key, **exc.params)
+        await message.reply_text(text(language, exc.key, **exc.params))
+        return
+    if command in ANSWERED_PRIVATELY and message.chat.type != ChatType.PRIVATE:
+        await _answer_privately(message, actor, language, reply, context)
+        return
     await message.reply_text(reply)
+
+
+# What these show (other users' ids and names, ban reasons, who waits in which chat) is for
+# the admin alone: asked in a group, the answer goes to their private chat with the bot.
+ANSWERED_PRIVATELY = frozenset({Command.STATS, Command.QUEUE, Command.AUDIT})
+
+
+async def _answer_privately(
+    message: Message, actor: Actor, language: str, reply: str, context: BotContext
+) -> None:
+    try:
+        await context.bot.send_message(int(actor.user_id), reply)
+    except Forbidden:  # they have never opened a private chat with the bot
+        await message.reply_text(
+            text(language, "admin.private_first", bot_username=context.bot.username)
+        )
+        return
+    await message.reply_text(text(language, "admin.sent_privately"))
 
 
 def _settings_view(

@@ -130,6 +130,34 @@ def test_reports_for_admins_only(stack: Stack, command: str) -> None:
         assert reply.startswith(text("en", "admin.audit_header"))
 
 
+@pytest.mark.parametrize("command", ["/stats", "/queue", "/audit"])
+def test_reports_asked_in_a_group_go_to_the_admins_private_chat(stack: Stack, command: str) -> None:
+    """They show other users' ids, names and ban reasons: not to everyone in the group."""
+    emulator, _ = stack
+    admin = emulator.user(ADMIN_ID, "Admin")
+    group = emulator.group_chat(-800_000 - next(_fresh_ids))
+    sent_before = len(emulator.calls_to("sendMessage", ADMIN_ID))
+    asked = emulator.send_text(group, admin, command)
+    note = emulator.wait_for("sendMessage", answer_to(asked), timeout=60)
+    assert note.params["text"] == text("en", "admin.sent_privately")
+    # Sent before the note.
+    [answer] = emulator.calls_to("sendMessage", ADMIN_ID)[sent_before:]
+    assert answer.params["text"] != text("en", "admin.not_allowed")
+    if command == "/stats":
+        assert answer.params["text"].startswith("Today, since midnight (UTC)")
+    assert emulator.calls_to("sendMessage", group["id"]) == [note]
+    # An admin who has never opened a private chat with the bot is told to.
+    emulator.fail(
+        "sendMessage",
+        403,
+        "Forbidden: bot can't initiate conversation with a user",
+        chat_id=ADMIN_ID,
+    )
+    again = emulator.send_text(group, admin, command)
+    told = emulator.wait_for("sendMessage", answer_to(again), timeout=60)
+    assert told.params["text"] == text("en", "admin.private_first", bot_username=emulator.username)
+
+
 def test_a_banned_user_gets_one_short_reply_and_nothing_else(stack: Stack) -> None:
     emulator, database_url = stack
     admin = emulator.user(ADMIN_ID, "Admin")
