@@ -20,7 +20,7 @@ from chitrakar import replies
 from chitrakar.admin_commands import admin_reply
 from chitrakar.buttons import Action, Button, ButtonPress, review_buttons
 from chitrakar.domain import Command, CommandError
-from chitrakar.moderation import Actor
+from chitrakar.moderation import Actor, NotAllowed
 from chitrakar.permissions import Permission, Sender, may, refusal_for
 from chitrakar.texts import DEFAULT_LANGUAGE, text
 
@@ -357,7 +357,11 @@ async def _change_setting(update: Update, context: BotContext, actor: Actor, val
         change = {"spoilers": choice == "on"}
     else:
         change = {"group_quota": None if choice == "off" else int(choice)}
-    await asyncio.to_thread(lambda: moderation.change_settings(actor, **change))  # type: ignore[arg-type]
+    try:
+        await asyncio.to_thread(lambda: moderation.change_settings(actor, **change))  # type: ignore[arg-type]
+    except NotAllowed:
+        # A member pressing a group admin's buttons: these are the group's, not the bot's.
+        raise NotAllowed("settings.admins_only") from None
     await _answer(query)
     body, markup = await asyncio.to_thread(_settings_view, update, context, chat.id)
     if query.message is not None:
@@ -374,7 +378,7 @@ async def report(update: Update, context: BotContext) -> None:
     message = update.effective_message
     if message is None:
         return
-    replied = message.reply_to_message
+    replied = _replied_to(message)
     if replied is None:
         await _reply(message, update, "report.usage")
         return

@@ -255,7 +255,8 @@ def test_group_settings_apply_in_that_group_only(stack: Stack) -> None:
     assert {"g:c:portrait", "g:s:anime", "g:p:block", "g:x:on", "g:q:20"} <= set(data)
 
     refused = emulator.press(panel, member, "g:c:portrait")
-    assert emulator.wait_for_answer(refused).params["text"] == text("en", "admin.not_allowed")
+    # The group's admins may, not only the bot's: the refusal says so.
+    assert emulator.wait_for_answer(refused).params["text"] == text("en", "settings.admins_only")
 
     def press_and_wait(data_: str) -> dict[str, Any]:
         edits = len(emulator.calls_to("editMessageText", group["id"]))
@@ -303,6 +304,22 @@ def a_result_in_a_group(stack: Stack, command: str) -> tuple[dict[str, Any], dic
     )
     wait_done(database_url, group["id"], 1)
     return group, reporter, photo
+
+
+def test_report_in_a_forum_topic_not_replying_to_a_result_says_how_to_report(
+    stack: Stack,
+) -> None:
+    """In a topic, every message replies to the topic's first one: that is no result."""
+    emulator, _ = stack
+    member = emulator.user(next(_fresh_ids), "Member")
+    group = emulator.group_chat(-900_000 - next(_fresh_ids))
+    topic = {  # (an id the emulator has not given: it quotes what it stored under an id)
+        "message_id": 1_000_000,
+        "date": 1_700_000_000,
+        "chat": group,
+        "forum_topic_created": {"name": "Art", "icon_color": 7322096},
+    }
+    assert say_replying(emulator, group, member, "/report", topic) == text("en", "report.usage")
 
 
 def test_report_reaches_the_admins_and_their_buttons_work(stack: Stack) -> None:
