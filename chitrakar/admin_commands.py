@@ -81,9 +81,11 @@ def admin_reply(
     if command == Command.QUEUE:
         return replies.queue_reply(language, moderation.queue(actor))
     if command == Command.PAUSE:
-        notice = words or text(language, "admin.pause_default")
-        moderation.pause(actor, notice)
-        return text(language, "admin.paused", notice=notice)
+        # A bare /pause stores no notice: each user is told in their own language.
+        moderation.pause(actor, words)
+        return text(
+            language, "admin.paused", notice=words or text(language, "service.paused_default")
+        )
     if command == Command.RESUME:
         moderation.pause(actor, None)
         intake.hand_over_all_held()

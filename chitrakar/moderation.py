@@ -168,11 +168,11 @@ class Moderation:
     def pause(self, actor: Actor, message: str | None) -> None:
         # New requests are refused while paused, and held jobs are not handed over; jobs the
         # workers already hold finish.
-        """Stop taking new jobs; users are told `message` (or a default)."""
+        """Stop taking new jobs; users are told `message` ("": a default, in their language)."""
         self.check(actor, Permission.PAUSE, "pause" if message is not None else "resume")
         with self._store.unit_of_work() as uow:
             audit.set_flag(uow, PAUSED_FLAG, message, actor.user_id)
-        self._record(actor, "pause" if message is not None else "resume", reason=message)
+        self._record(actor, "pause" if message is not None else "resume", reason=message or None)
 
     def chat_moved(self, channel: str, old_chat_id: int, new_chat_id: int) -> None:
         """Telegram says a group became a supergroup: its settings, credits and jobs follow it."""

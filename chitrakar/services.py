@@ -331,6 +331,8 @@ class JobIntake:
     def _admit(self, origin: Origin, standing: Standing, command: Command, words: str = "") -> None:
         """What stops a request before anything else: generation paused by an admin, the
         command switched off in this group, or words the block lists refuse (recorded)."""
+        if standing.paused == "":  # a bare /pause: told in the user's own language
+            raise CommandError("service.paused_default")
         if standing.paused is not None:
             raise CommandError("service.paused", notice=standing.paused)
         if command in standing.chat.disabled_commands:

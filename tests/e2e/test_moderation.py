@@ -220,6 +220,23 @@ def test_pause_tells_users_and_resume_lets_them_in(stack: Stack) -> None:
     assert say(emulator, chat, user, "/portrait a fort").startswith("Queued.")
 
 
+def test_a_bare_pause_tells_each_user_in_their_own_language(stack: Stack) -> None:
+    emulator, _ = stack
+    admin = emulator.user(ADMIN_ID, "Admin")
+    hindi = emulator.user(next(_fresh_ids), "Meera", language_code="hi")
+    english = emulator.user(next(_fresh_ids), "Ann")
+    try:
+        assert say(emulator, emulator.private_chat(admin), admin, "/pause") == text(
+            "en", "admin.paused", notice=text("en", "service.paused_default")
+        )
+        for user, language in ((hindi, "hi"), (english, "en")):
+            chat = emulator.private_chat(user)
+            reply = say(emulator, chat, user, "/portrait a fort")
+            assert reply == text(language, "service.paused_default")
+    finally:
+        say(emulator, emulator.private_chat(admin), admin, "/resume")
+
+
 @pytest.mark.parametrize(
     "prompt",
     [
