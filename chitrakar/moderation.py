@@ -260,6 +260,8 @@ class Moderation:
         """A bot admin decides: dismiss, delete the result, or ban its requester. None when
         the report is unknown or already decided."""
         self.check(actor, Permission.REVIEW, "review")
+        if decision == "banned":
+            self._refuse_to_ban_an_admin(report_id)
         with self._store.unit_of_work() as uow:
             report = audit.decide_report(uow, report_id, decision, actor.user_id)
             job = jobs.get_job(uow, report.job_id) if report is not None else None
@@ -272,21 +274,28 @@ class Moderation:
             with self._store.unit_of_work() as uow:
                 retention.forget_results(uow, job.id, why=f"report {report_id}")
             delete = messages
-        if (
-            job is not None
-            and decision == "banned"
-            and job.requester not in self._settings.bot_admins
-        ):
+        cancelled: list[JobView] = []
+        if job is not None and decision == "banned":
             with self._store.unit_of_work() as uow:
                 audit.set_banned(uow, job.channel, job.requester, True)
-            self._cancel_all(job.channel, job.requester)
-        self._record(
-            actor,
-            f"review_{decision}",
-            target=f"job:{report.job_id}",
-            detail={"report": report_id, "requester": job.requester if job else None},
-        )
+            cancelled = self._cancel_all(job.channel, job.requester)
+        detail: dict[str, object] = {
+            "report": report_id,
+            "requester": job.requester if job else None,
+        }
+        if cancelled:
+            detail["cancelled_jobs"] = [one.id for one in cancelled]
+        self._record(actor, f"review_{decision}", target=f"job:{report.job_id}", detail=detail)
         return Review(report=report, job=job, delete_messages=delete)
+
+    def _refuse_to_ban_an_admin(self, report_id: int) -> None:
+        """Before the report is closed as "banned": a bot admin's result is not, and the
+        report stays open for another decision."""
+        with self._store.unit_of_work() as uow:
+            report = audit.get_report(uow, report_id)
+            job = jobs.get_job(uow, report.job_id) if report is not None else None
+        if job is not None and job.requester in self._settings.bot_admins:
+            raise CommandError("admin.cannot_ban_admin")
 
 
 def _check_credits(credits: int) -> None:

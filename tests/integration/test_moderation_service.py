@@ -113,8 +113,30 @@ def test_a_review_never_bans_a_bot_admin(world) -> None:  # type: ignore[no-unty
     intake, moderation, store, _ = world
     _done_job(intake, store, ADMIN)
     opened, _job = moderation.report(Actor("telegram", "5", Role.MEMBER, -100), 55)
-    assert moderation.review(admin(), opened.id, "banned") is not None
+    with pytest.raises(CommandError) as refused:
+        moderation.review(admin(), opened.id, "banned")
+    assert refused.value.key == "admin.cannot_ban_admin"
     assert not moderation.is_banned("telegram", ADMIN)
+    # The report stays open (it was closed as "banned", with no one banned).
+    review = moderation.review(admin(), opened.id, "dismissed")
+    assert review is not None and review.report.status == "dismissed"
+    store.dispose()
+
+
+def test_a_review_ban_records_the_jobs_it_stopped(world) -> None:  # type: ignore[no-untyped-def]
+    intake, moderation, store, _ = world
+    _done_job(intake, store, "13")
+    queued = intake.accept(origin("13", 2), parse_image_command(Command.PORTRAIT, "a boat"))
+    opened, _job = moderation.report(Actor("telegram", "5", Role.MEMBER, -100), 55)
+    assert moderation.review(admin(), opened.id, "banned") is not None
+    assert moderation.is_banned("telegram", "13")
+    with store.unit_of_work() as uow:
+        [event] = [e for e in audit.latest(uow) if e.action == "review_banned"]
+    assert event.detail == {
+        "report": opened.id,
+        "requester": "13",
+        "cancelled_jobs": [queued.job_id],
+    }
     store.dispose()
 
 
