@@ -215,6 +215,10 @@ def _settings_view(
     def state(on: bool) -> str:
         return text(language, "settings.on" if on else "settings.off")
 
+    def asked(key: str, disabled: frozenset[str]) -> str:
+        """What pressing the button asks for: the other state than the one shown."""
+        return "on" if key in disabled else "off"
+
     policy_names = {
         "default": text(language, "settings.policy_default"),
         "block": text(language, "settings.policy_block"),
@@ -226,7 +230,9 @@ def _settings_view(
         [
             Button(
                 "button.setting_command",
-                ButtonPress(Action.SETTING, value=f"c:{command}"),
+                ButtonPress(
+                    Action.SETTING, value=f"c:{command}:{asked(command, view.disabled_commands)}"
+                ),
                 {"command": command, "state": state(command not in view.disabled_commands)},
             )
             for command in SWITCHABLE_COMMANDS
@@ -263,7 +269,9 @@ def _settings_view(
     styles = [
         Button(
             "button.setting_style",
-            ButtonPress(Action.SETTING, value=f"s:{style.key}"),
+            ButtonPress(
+                Action.SETTING, value=f"s:{style.key}:{asked(style.key, view.disabled_styles)}"
+            ),
             {
                 "name": style.name_in(language),
                 "state": state(style.key not in view.disabled_styles),
@@ -341,6 +349,9 @@ async def _change_setting(update: Update, context: BotContext, actor: Actor, val
     query, chat = update.callback_query, update.effective_chat
     assert query is not None and chat is not None
     kind, _, choice = value.partition(":")
+    if kind in ("c", "s"):
+        choice, _, wanted = choice.rpartition(":")
+        switch = (choice, wanted == "on")
     moderation = context.services.moderation
     unknown_style = kind == "s" and context.services.intake.catalogue.get(choice) is None
     if (kind == "c" and choice not in SWITCHABLE_COMMANDS) or unknown_style:
@@ -348,9 +359,9 @@ async def _change_setting(update: Update, context: BotContext, actor: Actor, val
         return
     change: dict[str, object]
     if kind == "c":
-        change = {"toggle_command": choice}
+        change = {"command": switch}
     elif kind == "s":
-        change = {"toggle_style": choice}
+        change = {"style": switch}
     elif kind == "p":
         change = {"content_policy": None if choice == "default" else choice}
     elif kind == "x":

@@ -84,7 +84,10 @@ _JOB_PATTERN = re.compile(r"(?P<action>[avupr]):(?P<job>[1-9][0-9]{0,18})(?::(?P
 _HISTORY_PATTERN = re.compile(r"h:(?P<owner>[1-9][0-9]{0,19}):(?P<page>[1-9][0-9]{0,3})")
 _FORGET_PATTERN = re.compile(r"f:(?P<owner>[1-9][0-9]{0,19}):(?P<choice>[yn])")
 _SETTING_PATTERN = re.compile(
-    r"g:(?P<value>c:[a-z]{1,20}|s:[a-z0-9][a-z0-9-]{0,40}|p:(?:block|spoiler|allow|default)"
+    # A command or style with the state the press asks for: pressed twice, or by two admins
+    # at once, it is set twice, not switched back.
+    r"g:(?P<value>c:[a-z]{1,20}:(?:on|off)|s:[a-z0-9][a-z0-9-]{0,40}:(?:on|off)"
+    r"|p:(?:block|spoiler|allow|default)"
     r"|x:(?:on|off)|q:(?:off|[1-9][0-9]{0,4}))"
 )
 # A report's id travels in job_id; the decision as one letter.

@@ -207,8 +207,8 @@ class Moderation:
         self,
         actor: Actor,
         *,
-        toggle_command: str | None = None,
-        toggle_style: str | None = None,
+        command: tuple[str, bool] | None = None,
+        style: tuple[str, bool] | None = None,
         content_policy: str | audit._Unset | None = audit.UNSET,
         spoilers: bool | None = None,
         group_quota: int | audit._Unset | None = audit.UNSET,
@@ -219,8 +219,8 @@ class Moderation:
                 uow,
                 actor.channel,
                 actor.chat_id,
-                toggle_command=toggle_command,
-                toggle_style=toggle_style,
+                command=command,
+                style=style,
                 content_policy=content_policy,
                 spoilers=spoilers,
             )
@@ -229,8 +229,8 @@ class Moderation:
                 ledger.set_account_limit(uow.session, key, group_quota)
                 uow.commit()
         change = {
-            "command": toggle_command,
-            "style": toggle_style,
+            "command": _switch_named(command),
+            "style": _switch_named(style),
             "content_policy": None if isinstance(content_policy, audit._Unset) else content_policy,
             "spoilers": spoilers,
             "group_quota": None if isinstance(group_quota, audit._Unset) else group_quota,
@@ -296,6 +296,11 @@ class Moderation:
             job = jobs.get_job(uow, report.job_id) if report is not None else None
         if job is not None and job.requester in self._settings.bot_admins:
             raise CommandError("admin.cannot_ban_admin")
+
+
+def _switch_named(switch: tuple[str, bool] | None) -> str | None:
+    """A command or style switched, as the audit log shows it: "portrait off"."""
+    return None if switch is None else f"{switch[0]} {'on' if switch[1] else 'off'}"
 
 
 def _check_credits(credits: int) -> None:

@@ -264,9 +264,13 @@ def settings_of_chats(
     return {chat_id: decided.get(chat_id, ChatSettingsView()) for chat_id in chat_ids}
 
 
-def _toggled(values: list[str] | None, item: str) -> list[str]:
-    current = set(values or ())
-    current.symmetric_difference_update({item})
+def _switched(disabled: list[str] | None, item: str, on: bool) -> list[str]:
+    """A list of what is switched off, with `item` switched on or off."""
+    current = set(disabled or ())
+    if on:
+        current.discard(item)
+    else:
+        current.add(item)
     return sorted(current)
 
 
@@ -275,13 +279,13 @@ def update_chat_settings(
     channel: str,
     chat_id: int,
     *,
-    toggle_command: str | None = None,
-    toggle_style: str | None = None,
+    command: tuple[str, bool] | None = None,
+    style: tuple[str, bool] | None = None,
     content_policy: str | _Unset | None = UNSET,
     spoilers: bool | None = None,
 ) -> ChatSettingsView:
-    """Change a chat's settings: a toggled command or style is switched off if it was on and
-    on if it was off; content_policy None goes back to the deployment's (UNSET: unchanged);
+    """Change a chat's settings: `command` and `style` switch one on (True) or off (False),
+    whatever it was; content_policy None goes back to the deployment's (UNSET: unchanged);
     spoilers None: unchanged. Returns the settings as they now are. Commits. Raises
     ValueError for a content policy other than block, spoiler or allow."""
     if isinstance(content_policy, str) and content_policy not in CONTENT_POLICIES:
@@ -307,10 +311,10 @@ def update_chat_settings(
         # The row may be in the session from an earlier read: read it again, under the lock.
         .execution_options(populate_existing=True)
     ).one()
-    if toggle_command is not None:
-        row.disabled_commands = _toggled(row.disabled_commands, toggle_command)
-    if toggle_style is not None:
-        row.disabled_styles = _toggled(row.disabled_styles, toggle_style)
+    if command is not None:
+        row.disabled_commands = _switched(row.disabled_commands, *command)
+    if style is not None:
+        row.disabled_styles = _switched(row.disabled_styles, *style)
     if not isinstance(content_policy, _Unset):
         row.content_policy = content_policy
     if spoilers is not None:

@@ -269,9 +269,9 @@ def test_group_settings_apply_in_that_group_only(stack: Stack) -> None:
     asked = emulator.send_text(group, group_admin, "/settings")
     panel = emulator.wait_for("sendMessage", answer_to(asked), timeout=30).result
     data = [b["callback_data"] for row in emulator.buttons_of(panel) for b in row]
-    assert {"g:c:portrait", "g:s:anime", "g:p:block", "g:x:on", "g:q:20"} <= set(data)
+    assert {"g:c:portrait:off", "g:s:anime:off", "g:p:block", "g:x:on", "g:q:20"} <= set(data)
 
-    refused = emulator.press(panel, member, "g:c:portrait")
+    refused = emulator.press(panel, member, "g:c:portrait:off")
     # The group's admins may, not only the bot's: the refusal says so.
     assert emulator.wait_for_answer(refused).params["text"] == text("en", "settings.admins_only")
 
@@ -284,12 +284,22 @@ def test_group_settings_apply_in_that_group_only(stack: Stack) -> None:
             time.sleep(0.05)
         return dict(emulator.calls_to("editMessageText", group["id"])[-1].result)
 
-    panel = press_and_wait("g:s:anime")
+    panel = press_and_wait("g:s:anime:off")
     assert say(emulator, group, member, "/portrait a fort --style anime") == text(
         "en", "settings.style_off", style="Anime"
     )
-    panel = press_and_wait("g:c:portrait")
+    panel = press_and_wait("g:c:portrait:off")
     assert "/portrait off" in panel["text"]
+    assert say(emulator, group, member, "/portrait a fort") == text(
+        "en", "settings.command_off", command="portrait"
+    )
+    # The same button pressed again (a double tap, or another admin's older panel) leaves
+    # the command off; the panel now offers to switch it on.
+    assert "g:c:portrait:on" in {
+        b["callback_data"] for row in emulator.buttons_of(panel) for b in row
+    }
+    again = emulator.press(panel, group_admin, "g:c:portrait:off", check_button=False)
+    emulator.wait_for_answer(again)
     assert say(emulator, group, member, "/portrait a fort") == text(
         "en", "settings.command_off", command="portrait"
     )

@@ -200,32 +200,36 @@ def test_service_flags_are_set_replaced_and_removed(store: Store) -> None:
 # Group settings.
 
 
-def test_chat_settings_default_toggle_and_keep_what_is_not_changed(store: Store) -> None:
+def test_chat_settings_default_switch_and_keep_what_is_not_changed(store: Store) -> None:
     with store.unit_of_work() as uow:
         assert audit.chat_settings(uow, "telegram", -100) == audit.ChatSettingsView(
             frozenset(), frozenset(), None, False
         )
-        view = audit.update_chat_settings(uow, "telegram", -100, toggle_command="avatar")
+        view = audit.update_chat_settings(uow, "telegram", -100, command=("avatar", False))
     assert view.disabled_commands == frozenset({"avatar"})
     with store.unit_of_work() as uow:
         view = audit.update_chat_settings(
-            uow, "telegram", -100, toggle_command="portrait", toggle_style="noir"
+            uow, "telegram", -100, command=("portrait", False), style=("noir", False)
         )
         assert view == audit.chat_settings(uow, "telegram", -100)
     assert view.disabled_commands == frozenset({"avatar", "portrait"})
     assert view.disabled_styles == frozenset({"noir"})
     with store.unit_of_work() as uow:
-        # Toggling again switches it back on.
-        view = audit.update_chat_settings(uow, "telegram", -100, toggle_command="avatar")
+        # Switched off twice (a second press, or another admin's), it stays off; then on.
+        view = audit.update_chat_settings(uow, "telegram", -100, command=("portrait", False))
+        assert view.disabled_commands == frozenset({"avatar", "portrait"})
+        view = audit.update_chat_settings(uow, "telegram", -100, command=("avatar", True))
         assert view.disabled_commands == frozenset({"portrait"})
-        view = audit.update_chat_settings(uow, "telegram", -100, toggle_style="noir")
+        view = audit.update_chat_settings(uow, "telegram", -100, command=("avatar", True))
+        assert view.disabled_commands == frozenset({"portrait"})
+        view = audit.update_chat_settings(uow, "telegram", -100, style=("noir", True))
         assert view.disabled_styles == frozenset()
         view = audit.update_chat_settings(
             uow, "telegram", -100, content_policy="spoiler", spoilers=True
         )
         assert (view.content_policy, view.spoilers) == ("spoiler", True)
         # Unset arguments leave the policy and spoilers as they are.
-        view = audit.update_chat_settings(uow, "telegram", -100, toggle_style="anime")
+        view = audit.update_chat_settings(uow, "telegram", -100, style=("anime", False))
         assert (view.content_policy, view.spoilers) == ("spoiler", True)
         view = audit.update_chat_settings(uow, "telegram", -100, spoilers=False)
         assert (view.content_policy, view.spoilers) == ("spoiler", False)
@@ -246,12 +250,12 @@ def test_chat_settings_default_toggle_and_keep_what_is_not_changed(store: Store)
 def test_admins_changing_a_chats_settings_at_once_lose_no_change(store: Store) -> None:
     commands = [f"command{n}" for n in range(8)]
 
-    def toggle(command: str) -> None:
+    def switch_off(command: str) -> None:
         with store.unit_of_work() as uow:
-            audit.update_chat_settings(uow, "telegram", -100, toggle_command=command)
+            audit.update_chat_settings(uow, "telegram", -100, command=(command, False))
 
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(toggle, commands))
+        list(pool.map(switch_off, commands))
     with store.unit_of_work() as uow:
         assert audit.chat_settings(uow, "telegram", -100).disabled_commands == frozenset(commands)
 
@@ -493,8 +497,8 @@ def test_a_group_that_became_a_supergroup_keeps_its_settings_and_credits(store: 
     day = date(2026, 11, 28)
     old, new, taken = -400, -1_000_000_000_400, -500
     with store.unit_of_work() as uow:
-        audit.update_chat_settings(uow, "telegram", old, toggle_command="portrait")
-        audit.update_chat_settings(uow, "telegram", taken, toggle_command="avatar")
+        audit.update_chat_settings(uow, "telegram", old, command=("portrait", False))
+        audit.update_chat_settings(uow, "telegram", taken, command=("avatar", False))
         ledger.set_account_limit(uow.session, group_account("telegram", old), 20)
         ledger.grant(uow.session, group_account("telegram", old), -3, day)  # used today
         uow.commit()
@@ -510,7 +514,7 @@ def test_a_group_that_became_a_supergroup_keeps_its_settings_and_credits(store: 
 
     # A chat that has settings of its own keeps them.
     with store.unit_of_work() as uow:
-        audit.update_chat_settings(uow, "telegram", -600, toggle_command="styles")
+        audit.update_chat_settings(uow, "telegram", -600, command=("styles", False))
         audit.move_chat(uow, "telegram", -600, taken)
     with store.unit_of_work() as uow:
         assert audit.chat_settings(uow, "telegram", taken).disabled_commands == {"avatar"}

@@ -36,7 +36,15 @@ def test_roles() -> None:
 
 @pytest.mark.parametrize(
     "data",
-    ["g:c:portrait", "g:s:anime", "g:p:default", "g:p:spoiler", "g:x:on", "g:q:off", "g:q:50"],
+    [
+        "g:c:portrait:off",
+        "g:s:anime:on",
+        "g:p:default",
+        "g:p:spoiler",
+        "g:x:on",
+        "g:q:off",
+        "g:q:50",
+    ],
 )
 def test_setting_buttons_round_trip(data: str) -> None:
     press = parse_button(data)
@@ -48,6 +56,11 @@ def test_setting_buttons_round_trip(data: str) -> None:
     [
         "g:",
         "g:c:",
+        # A command or style names the state asked for (an older /settings message's
+        # buttons did not): a press is never a toggle.
+        "g:c:portrait",
+        "g:s:anime",
+        "g:c:portrait:maybe",
         "g:p:maybe",
         "g:x:yes",
         "g:q:0",
