@@ -479,8 +479,7 @@ async def group_quota(update: Update, context: BotContext) -> None:
     else:
         await message.reply_text(text(language, "quota.group_usage"))
         return
-    intake = context.services.intake
-    await asyncio.to_thread(intake.set_group_quota, origin_of(update, language), limit)
+    await asyncio.to_thread(context.services.moderation.set_group_quota, actor, limit)
     if limit is None:
         await message.reply_text(text(language, "quota.group_unlimited"))
     else:

@@ -228,20 +228,27 @@ class Moderation:
                 key = group_account(actor.channel, actor.chat_id)
                 ledger.set_account_limit(uow.session, key, group_quota)
                 uow.commit()
-        change = {
-            "command": _switch_named(command),
-            "style": _switch_named(style),
-            "content_policy": None if isinstance(content_policy, audit._Unset) else content_policy,
-            "spoilers": spoilers,
-            "group_quota": None if isinstance(group_quota, audit._Unset) else group_quota,
-        }
-        self._record(
-            actor,
-            "settings",
-            target=f"chat:{actor.chat_id}",
-            detail={k: v for k, v in change.items() if v is not None},
-        )
+        # What changed, each as set: the deployment's policy back is "default", no group
+        # limit "off" (a change to None was left out before, and the log showed none).
+        detail: dict[str, object] = {}
+        if command is not None:
+            detail["command"] = _switch_named(command)
+        if style is not None:
+            detail["style"] = _switch_named(style)
+        if not isinstance(content_policy, audit._Unset):
+            detail["content_policy"] = content_policy or "default"
+        if spoilers is not None:
+            detail["spoilers"] = spoilers
+        if not isinstance(group_quota, audit._Unset):
+            detail["group_quota"] = "off" if group_quota is None else group_quota
+        self._record(actor, "settings", target=f"chat:{actor.chat_id}", detail=detail)
         return view
+
+    def set_group_quota(self, actor: Actor, limit: int | None) -> None:
+        """`/groupquota`: the group's credits a day (None: no limit), recorded as a change of
+        its settings."""
+        self.check(actor, Permission.GROUP_QUOTA, "group_quota")
+        self.change_settings(actor, group_quota=limit)
 
     def report(self, actor: Actor, replied_message_id: int) -> tuple[OpenedReport, JobView]:
         """A member flags the result a message carries (a repeat finds their open report,

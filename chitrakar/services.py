@@ -483,13 +483,6 @@ class JobIntake:
         with self._store.unit_of_work() as uow:
             return ledger.account_limit(uow.session, group_account(channel, chat_id))
 
-    def set_group_quota(self, origin: Origin, limit: int | None) -> None:
-        with self._store.unit_of_work() as uow:
-            ledger.set_account_limit(
-                uow.session, group_account(origin.channel, origin.chat_id), limit
-            )
-            uow.commit()
-
     def _pressable(self, origin: Origin, press: ButtonPress, presser_is_admin: bool) -> JobView:
         """The done job a press refers to, if the presser may use it from where they are."""
         assert press.job_id is not None

@@ -288,8 +288,8 @@ def test_checks_read_together_see_each_requests_own_chat_user_and_accounts(
     with store.unit_of_work() as uow:
         audit.update_chat_settings(uow, "telegram", -100, command=(Command.PORTRAIT, False))
         audit.update_chat_settings(uow, "telegram", -300, style=("madhubani", False))
-    intake.set_group_quota(group("20", -200, 1), 0)
     with store.unit_of_work() as uow:
+        ledger.set_account_limit(uow.session, "group:telegram:-200", 0)  # its /groupquota 0
         ledger.set_account_limit(uow.session, "user:telegram:21", 0)  # an admin's /setquota
         uow.commit()
     intake.set_default_style(origin("22", 1), "madhubani")

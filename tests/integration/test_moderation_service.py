@@ -165,14 +165,21 @@ def test_pause_holds_the_hand_over_until_resume(world) -> None:  # type: ignore[
 def test_a_limit_lowered_below_the_days_spending_shows_no_credits_left(world) -> None:  # type: ignore[no-untyped-def]
     intake, moderation, store, _ = world
     who = origin("12", 1)
-    intake.set_group_quota(who, 20)  # so that the group pays too
+    moderation.set_group_quota(admin(), 20)  # so that the group pays too
     intake.accept(who, parse_image_command(Command.PORTRAIT, "a market --n 4"))
     assert intake.quota_status(who).user_left <= 8
     moderation.set_quota(admin(), "12", 1)
-    intake.set_group_quota(who, 1)
+    moderation.set_group_quota(admin(), 1)
     status = intake.quota_status(who)
     assert (status.user_left, status.user_limit) == (0, 1)
     assert (status.group_left, status.group_limit) == (0, 1)
+    # /groupquota is recorded as a change of the group's settings, "off" included.
+    moderation.set_group_quota(admin(), None)
+    with store.unit_of_work() as uow:
+        changes = [e.detail for e in audit.latest(uow) if e.action == "settings"]
+    assert changes[:3] == [{"group_quota": "off"}, {"group_quota": 1}, {"group_quota": 20}]
+    with pytest.raises(CommandError):
+        moderation.set_group_quota(Actor("telegram", "12", Role.MEMBER, -100), 5)
     store.dispose()
 
 
