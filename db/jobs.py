@@ -384,19 +384,23 @@ def _move(
     detail: str | None = None,
     only_from: Sequence[JobStatus] | None = None,
     worker: str | None = None,
+    unreleased: bool = False,
 ) -> bool:
     """Move a job to `new` only if, at the moment of writing, it is still in a status that
     may go there (or in `only_from`). The conditional UPDATE decides between a worker
     finishing a job and its user cancelling it at the same moment (it waits for the other's
     row lock on PostgreSQL, for the write lock on SQLite); the loser sees the winner's
-    status. False if it lost. Given a `worker`, only while the job is on that worker."""
+    status. False if it lost. Given a `worker`, only while the job is on that worker;
+    `unreleased`, only while no results are recorded."""
     allowed = list(only_from) if only_from else _may_become(new)
-    on_worker = [Job.worker == worker] if worker is not None else []
+    conditions = [Job.worker == worker] if worker is not None else []
+    if unreleased:
+        conditions.append(Job.result_paths.is_(None))
     moved = cast(
         CursorResult[Any],
         session.execute(
             update(Job)
-            .where(Job.id == job.id, Job.status.in_(allowed), *on_worker)
+            .where(Job.id == job.id, Job.status.in_(allowed), *conditions)
             .values(status=new)
         ),
     )
@@ -891,11 +895,11 @@ def complete_job(
     result_checksums: list[str] | None = None,
     generation_seconds: float | None,
 ) -> None:
-    """Record a job's end once its images were delivered: done, its credits spent. A job its
-    user cancelled while the images were on their way stays cancelled (and refunded); what
-    was delivered is recorded all the same. A job already done is left as it is (a retry
-    whose first commit was written). Commits. (Core statements: a `Job` this session
-    loaded before is not refreshed.)"""
+    """Record a job's end once its images were delivered: done, its credits spent. A job
+    cancelled meanwhile (only possible before its results were recorded: `cancel_jobs`)
+    stays cancelled and refunded; what was delivered is recorded all the same. A job already
+    done is left as it is (a retry whose first commit was written). Commits. (Core
+    statements: a `Job` this session loaded before is not refreshed.)"""
     connection, now = uow.connection, utcnow()
     results = {
         "job_id": job_id,
@@ -1069,7 +1073,9 @@ def cancel_jobs(
     reason: str = "cancelled by the user",
 ) -> list[JobView]:
     """Cancel the user's queued and running jobs in a chat (None: in every chat), refunding
-    each. Commits."""
+    each. Not a job whose results are recorded (`record_results`): its worker sends them
+    without looking again, so it is as good as done, and a refund would make its images
+    free. Commits."""
     cancelled = []
     query = (
         select(Job)
@@ -1078,14 +1084,15 @@ def cancel_jobs(
             User.channel == channel,
             User.external_id == external_id,
             Job.status.in_(list(ACTIVE_STATUSES)),
+            Job.result_paths.is_(None),
         )
         .order_by(Job.id)
     )
     if chat_id is not None:
         query = query.where(Job.chat_id == chat_id)
     for job in uow.session.scalars(query):
-        if not _move(uow.session, job, JobStatus.CANCELLED, reason):
-            continue  # it ended meanwhile
+        if not _move(uow.session, job, JobStatus.CANCELLED, reason, unreleased=True):
+            continue  # it ended meanwhile, or its results were recorded
         ledger.refund(uow.session, job.id)
         job.finished_at = utcnow()
         cancelled.append(JobView.of(job))

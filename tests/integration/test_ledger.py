@@ -189,3 +189,24 @@ def test_a_job_cancelled_as_it_completes_stays_cancelled_and_refunded_once(
     with store.unit_of_work() as uow:
         assert jobs.start_job(uow, job_id, "w2") is None
     store.dispose()
+
+
+def test_a_job_whose_results_are_recorded_is_not_cancelled_or_refunded(store: Store) -> None:
+    """Its worker sends the images without looking again: a /cancel then would have made
+    them free."""
+    account = Account("user:telegram:42", 10)
+    with store.unit_of_work() as uow:
+        job_id = jobs.take_in(uow, origin(1), JobKind.PORTRAIT, PLAN, charge=charge(4)).job_id
+        other = jobs.take_in(uow, origin(2), JobKind.PORTRAIT, PLAN, charge=charge(1)).job_id
+        jobs.start_job(uow, job_id, "w")
+        jobs.record_results(uow, job_id, "w", ["a.png"], ["00"])
+    with store.unit_of_work() as user:
+        assert [j.id for j in jobs.cancel_jobs(user, "telegram", 42, "42")] == [other]
+    with store.unit_of_work() as worker:
+        jobs.complete_job(
+            worker, job_id, result_paths=["a.png"], result_file_ids=["x"], generation_seconds=1.0
+        )
+        view = jobs.get_job(worker, job_id)
+    assert view is not None and view.status == "done"
+    assert left(store, account) == 6  # the other job's credit back, this one's spent
+    store.dispose()
