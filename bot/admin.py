@@ -450,19 +450,23 @@ async def _review(update: Update, context: BotContext, actor: Actor, press: Butt
     if review is None:
         await _answer(query, text(language, "report.already_decided"), alert=True)
         return
+    left_in_chat = 0
     if review.job is not None:
         for message_id in review.delete_messages:
             try:
                 await context.bot.delete_message(review.job.chat_id, message_id)
             except TelegramError as exc:
-                log.info("could not delete message %s: %s", message_id, exc)
+                # Telegram lets a bot delete only recent messages (48 hours in most chats).
+                log.warning("could not delete message %s: %s", message_id, exc)
+                left_in_chat += 1
     decision = text(language, DECISION_NAMES.get(press.value, "report.decision_dismissed"))
-    await _answer(
-        query,
-        text(
-            language, "report.decided", report=press.job_id, decision=decision, admin=actor.user_id
-        ),
-    )
+    decided = {"report": press.job_id, "decision": decision, "admin": actor.user_id}
+    if left_in_chat:
+        # The files are gone, but the admin must know the image is still in the chat.
+        answer = text(language, "report.decided_left_in_chat", count=left_in_chat, **decided)
+        await _answer(query, answer, alert=True)
+    else:
+        await _answer(query, text(language, "report.decided", **decided))
     if query.message is not None:
         try:
             await context.bot.edit_message_reply_markup(

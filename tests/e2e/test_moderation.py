@@ -391,6 +391,37 @@ def test_report_reaches_the_admins_and_their_buttons_work(stack: Stack) -> None:
     assert "report" in actions and "review_deleted" in actions
 
 
+def test_a_deleted_result_that_stays_in_the_chat_is_named_to_the_admin(stack: Stack) -> None:
+    """Telegram refuses to delete the message (older than it allows): the admin is told that
+    the image is still there, not that it was deleted."""
+    emulator, _ = stack
+    admin = emulator.user(ADMIN_ID, "Admin")
+    admin_chat = emulator.private_chat(admin)
+    group, reporter, photo = a_result_in_a_group(stack, "/portrait an old fort")
+    emulator.send_text(group, reporter, "/report", reply_to=photo.result)
+    card = emulator.wait_for(
+        "sendPhoto",
+        lambda c: (
+            c.params.get("chat_id") == admin_chat["id"]
+            and f"in chat {group['id']}" in c.params.get("caption", "")
+        ),
+        timeout=30,
+    )
+    report_id = card.params["reply_markup"]["inline_keyboard"][0][0]["callback_data"].split(":")[1]
+    emulator.fail(
+        "deleteMessage", 400, "Bad Request: message can't be deleted", chat_id=group["id"]
+    )
+    pressed = emulator.press(card.result, admin, f"w:{report_id}:x")
+    assert emulator.wait_for_answer(pressed).params["text"] == text(
+        "en",
+        "report.decided_left_in_chat",
+        report=report_id,
+        decision=text("en", "report.decision_deleted"),
+        admin=ADMIN_ID,
+        count=1,
+    )
+
+
 def test_a_report_whose_answer_fails_still_reaches_the_admins(stack: Stack) -> None:
     """The reporter's answer fails (a flood wait): the report is open, so a repeated /report
     sends no card; the admins must have had theirs all the same."""
