@@ -219,7 +219,8 @@ def user_id_in(word: str) -> str | None:
 
 
 def _names_author(word: str, replied_author: str) -> bool:
-    return user_id_in(word) is not None and user_id_in(word) == user_id_in(replied_author)
+    named = user_id_in(word)
+    return named is not None and named == user_id_in(replied_author)
 
 
 def ambiguous_target(words: list[str], replied_author: str | None) -> bool:
