@@ -132,6 +132,15 @@ class PresetCatalogue(BaseModel):
             raise PresetError(f"unknown preset {name!r}; the presets are: {known}")
         return preset
 
+    def chosen_on_every_device(self, requested: str | None, model: str | None) -> Preset | None:
+        """The preset a worker runs whatever its device: the one named, else the model's own.
+        None where it hangs on the device (the device's default) or the name is unknown (the
+        worker refuses to start)."""
+        name = requested or AUTO
+        if name == AUTO:
+            name = self.models.get(model or "", "")
+        return self.presets.get(name)
+
 
 def _read(path: Path) -> dict[str, Any]:
     try:

@@ -31,6 +31,7 @@ from chitrakar.domain import (
 from chitrakar.media import MediaStore
 from chitrakar.moderation import PAUSED_FLAG
 from chitrakar.planning import Defaults, choose_style, plan_followup, plan_request
+from chitrakar.presets import Preset, PresetError, adjust_plan, load_presets
 from chitrakar.quota import (
     Account,
     QuotaExceeded,
@@ -50,6 +51,17 @@ log = logging.getLogger(__name__)
 
 # Past jobs on one page of /history (each with two buttons, so a phone shows them all).
 HISTORY_PAGE_SIZE = 5
+
+
+def _preset_of_the_workers(settings: Settings) -> Preset | None:
+    """The workers' preset where the bot can tell (see PresetCatalogue.chosen_on_every_device).
+    A presets file that cannot be read stops the workers, not the bot: it is logged here."""
+    try:
+        catalogue = load_presets(settings.presets_file)
+    except PresetError as exc:
+        log.warning("jobs are charged for the steps they ask for: %s", exc)
+        return None
+    return catalogue.chosen_on_every_device(settings.preset, settings.model)
 
 
 def _replace_lost_input(uow: UnitOfWork, job: JobView, input_path: str) -> bool:
@@ -151,6 +163,7 @@ class JobIntake:
         self.media = media
         self.artifacts = artifacts
         self._prompt_policy = prompt_policy or PromptPolicy.load(settings.blocklist_file)
+        self._preset = _preset_of_the_workers(settings)
 
     @property
     def _defaults(self) -> Defaults:
@@ -458,7 +471,8 @@ class JobIntake:
     def _charge(self, standing: Standing, kind: JobKind, plan: GenerationPlan) -> jobs.Charge:
         return jobs.Charge(
             accounts=standing.accounts,
-            cost=job_cost(kind, plan, self._settings.image_size),
+            # A few-step preset runs its own steps, whatever the job asked for: those are paid.
+            cost=job_cost(kind, adjust_plan(self._preset, plan), self._settings.image_size),
             day=self.quota_day(),
         )
 

@@ -341,6 +341,29 @@ def job_intake(store: Store, settings: Settings, published: list[int]) -> JobInt
     )
 
 
+def test_a_few_step_preset_charges_for_the_steps_it_runs(store: Store, tmp_path: Path) -> None:
+    """`--steps 40` costs double, but a worker on a 4-step preset runs 4 whatever is asked:
+    the user pays for one image, not for steps that never run."""
+    req, _ = request(steps=40)
+    for preset, message_id, left in [("fast", 1, 3), ("lightning", 2, 2), ("auto", 3, 0)]:
+        settings = Settings(image_size=64, data_dir=tmp_path, daily_quota=5, preset=preset)
+        job_intake(store, settings, []).accept(origin(message_id=message_id), req)
+        assert job_intake(store, settings, []).quota_status(origin()).user_left == left, preset
+    store.dispose()
+
+
+def test_an_unreadable_presets_file_leaves_the_bot_charging_the_steps_asked_for(
+    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = tmp_path / "presets.toml"
+    broken.write_text("[presets.x\n")
+    settings = Settings(image_size=64, data_dir=tmp_path, daily_quota=5, presets_file=broken)
+    job_intake(store, settings, []).accept(origin(), request(steps=40)[0])
+    assert job_intake(store, settings, []).quota_status(origin()).user_left == 3
+    assert "jobs are charged for the steps they ask for" in caplog.text
+    store.dispose()
+
+
 def two_in_flight(data_dir: Path) -> Settings:
     return Settings(
         image_size=64, default_steps=4, data_dir=data_dir, daily_quota=5, max_jobs_in_flight=2

@@ -10,6 +10,7 @@ import pytest
 
 from chitrakar.domain import GenerationPlan
 from chitrakar.presets import (
+    DEVICE_DEFAULTS,
     DeviceFacts,
     Preset,
     PresetError,
@@ -72,6 +73,26 @@ def test_choosing_a_preset(
     requested: str | None, model: str | None, device: str, chosen: str
 ) -> None:
     assert load_presets().choose(requested, model, device).name == chosen
+
+
+@pytest.mark.parametrize(
+    ("requested", "model", "known"),
+    [
+        ("lightning", None, "lightning"),
+        (None, "stabilityai/sdxl-turbo", "turbo"),
+        ("auto", "some/model", None),  # each device's default
+        (None, None, None),
+        ("turbo-max", None, None),  # the worker refuses it
+    ],
+)
+def test_the_preset_the_bot_can_tell_the_workers_run(
+    requested: str | None, model: str | None, known: str | None
+) -> None:
+    catalogue = load_presets()
+    chosen = catalogue.chosen_on_every_device(requested, model)
+    assert (chosen.name if chosen else None) == known
+    # The bot charges the steps asked for when it cannot tell: no device default fixes them.
+    assert all(catalogue.presets[name].steps is None for name in DEVICE_DEFAULTS.values())
 
 
 def test_an_unknown_preset_is_refused_with_the_known_ones() -> None:
