@@ -228,11 +228,12 @@ def test_a_job_cancelled_while_checked_is_neither_sent_nor_kept_by_the_channel(
     [job] = jobs_in_chat(runtime.settings.resolved_database_url, group["id"])
     assert job.status == JobStatus.CANCELLED
     assert emulator.calls_to("sendPhoto", group["id"]) == []
-    edits = emulator.calls_to("editMessageText", group["id"])
-    assert [edit.params["text"] for edit in edits] == [
-        text("en", "status.running"),
-        text("en", "cancel.status"),
-    ]
+    edits = [edit.params["text"] for edit in emulator.calls_to("editMessageText", group["id"])]
+    # A progress edit may come between them when the machine is slow (it is throttled by time).
+    progress = {text("en", "status.progress", percent=p) for p in range(101)}
+    assert edits[0] == text("en", "status.running")
+    assert edits[-1] == text("en", "cancel.status")
+    assert set(edits[1:-1]) <= progress, edits
 
 
 class HandedBackWhileChecked:
