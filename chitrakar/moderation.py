@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 PAUSED_FLAG = "paused"
 # The most credits one /grant or /setquota may give (a typo must not read as "unlimited").
 MAX_CREDITS = 100_000
+# A /pause notice is sent inside other sentences, within Telegram's 4096 characters a message.
+MAX_PAUSE_NOTICE_CHARS = 1000
 
 
 class NotAllowed(CommandError):
@@ -170,6 +172,10 @@ class Moderation:
         # workers already hold finish.
         """Stop taking new jobs; users are told `message` ("": a default, in their language)."""
         self.check(actor, Permission.PAUSE, "pause" if message is not None else "resume")
+        if message is not None and len(message) > MAX_PAUSE_NOTICE_CHARS:
+            raise CommandError(
+                "admin.pause_too_long", limit=MAX_PAUSE_NOTICE_CHARS, length=len(message)
+            )
         with self._store.unit_of_work() as uow:
             audit.set_flag(uow, PAUSED_FLAG, message, actor.user_id)
         self._record(actor, "pause" if message is not None else "resume", reason=message or None)

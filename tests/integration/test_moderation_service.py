@@ -14,7 +14,7 @@ from chitrakar.buttons import Action, ButtonPress, ButtonRefused
 from chitrakar.config import Settings
 from chitrakar.domain import Command, CommandError, parse_image_command
 from chitrakar.media import MediaStore
-from chitrakar.moderation import Actor, Moderation
+from chitrakar.moderation import MAX_PAUSE_NOTICE_CHARS, Actor, Moderation
 from chitrakar.permissions import Role
 from chitrakar.services import JobIntake
 from chitrakar.styles import load_catalogue
@@ -200,4 +200,19 @@ def test_grant_and_setquota_change_what_a_user_may_spend(world) -> None:  # type
         refused = [e for e in audit.latest(uow) if not e.allowed]
     assert refused[0].action == "grant" and refused[0].actor == "11"
 
+    store.dispose()
+
+
+def test_a_pause_notice_too_long_to_send_is_refused_and_nothing_is_paused(  # type: ignore[no-untyped-def]
+    world,
+) -> None:
+    """Users get the notice inside a sentence of their own: at Telegram's 4096 characters the
+    bot could tell them nothing, nor the admin that it paused."""
+    _, moderation, store, _ = world
+    with pytest.raises(CommandError) as refused:
+        moderation.pause(admin(), "x" * (MAX_PAUSE_NOTICE_CHARS + 1))
+    assert refused.value.key == "admin.pause_too_long"
+    assert moderation.paused() is None
+    moderation.pause(admin(), "y" * MAX_PAUSE_NOTICE_CHARS)
+    assert moderation.paused() == "y" * MAX_PAUSE_NOTICE_CHARS
     store.dispose()
