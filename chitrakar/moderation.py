@@ -283,7 +283,14 @@ class Moderation:
             return None
         delete: list[int] = []
         if job is not None and decision == "deleted":
-            self._artifacts.delete_prefix(f"results/{job.id}/")
+            try:
+                self._artifacts.delete_prefix(f"results/{job.id}/")
+            except Exception:
+                # The files are still stored (an object store that failed): a report closed
+                # as "deleted" would never be decided again. The admin sees the error.
+                with self._store.unit_of_work() as uow:
+                    audit.reopen_report(uow, report_id, decision)
+                raise
             with self._store.unit_of_work() as uow:
                 retention.forget_results(uow, job.id, why=f"report {report_id}")
             delete = messages

@@ -451,6 +451,17 @@ def decide_report(
     return view
 
 
+def reopen_report(uow: UnitOfWork, report_id: int, status: str) -> None:
+    """Undo `decide_report`'s `status` when what it decided could not be carried out (the
+    result's files are still stored): the report is open for the next decision. Commits."""
+    uow.session.execute(
+        update(Report)
+        .where(Report.id == report_id, Report.status == status)
+        .values(status=REPORT_OPEN, decided_by=None, decided_at=None)
+    )
+    uow.commit()
+
+
 def get_report(uow: UnitOfWork, report_id: int) -> ReportView | None:
     report = uow.session.scalars(
         select(Report).where(Report.id == report_id).execution_options(populate_existing=True)

@@ -216,3 +216,39 @@ def test_a_pause_notice_too_long_to_send_is_refused_and_nothing_is_paused(  # ty
     moderation.pause(admin(), "y" * MAX_PAUSE_NOTICE_CHARS)
     assert moderation.paused() == "y" * MAX_PAUSE_NOTICE_CHARS
     store.dispose()
+
+
+class FailingOnce(LocalArtifactStore):
+    """Its first delete fails, as an object store that cannot be reached does."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.failures = 1
+
+    def delete_prefix(self, prefix: str) -> int:
+        if self.failures:
+            self.failures -= 1
+            raise OSError("the object store cannot be reached")
+        return super().delete_prefix(prefix)
+
+
+def test_a_result_that_could_not_be_deleted_leaves_its_report_open(  # type: ignore[no-untyped-def]
+    world, tmp_path: Path
+) -> None:
+    """ "Delete result" whose files stay stored must not close the report as deleted (no
+    admin could decide it again): it stays open, and the next press deletes them."""
+    intake, _, store, _ = world
+    artifacts = FailingOnce(tmp_path)
+    moderation = Moderation(Settings(data_dir=tmp_path, admin_ids=ADMIN), store, artifacts)
+    job_id = _done_job(intake, store, "8")
+    opened, _job = moderation.report(Actor("telegram", "5", Role.MEMBER, -100), 55)
+    with pytest.raises(OSError, match="cannot be reached"):
+        moderation.review(admin(), opened.id, "deleted")
+    with store.unit_of_work() as uow:
+        report = audit.get_report(uow, opened.id)
+        assert report is not None and (report.status, report.decided_by) == ("open", None)
+    assert artifacts.keys(f"results/{job_id}/") != []
+    review = moderation.review(admin(), opened.id, "deleted")
+    assert review is not None and review.delete_messages == [55]
+    assert artifacts.keys(f"results/{job_id}/") == []
+    store.dispose()
