@@ -271,7 +271,8 @@ class Moderation:
 
     def review(self, actor: Actor, report_id: int, decision: str) -> Review | None:
         """A bot admin decides: dismiss, delete the result, or ban its requester. None when
-        the report is unknown or already decided."""
+        the report is already decided; CommandError when it is gone (its requester, or its
+        reporter, deleted their data with /forget, and the report with it)."""
         self.check(actor, Permission.REVIEW, "review")
         if decision == "banned":
             self._refuse_to_ban_an_admin(report_id)
@@ -279,6 +280,9 @@ class Moderation:
             report = audit.decide_report(uow, report_id, decision, actor.user_id)
             job = jobs.get_job(uow, report.job_id) if report is not None else None
             messages = jobs.result_message_ids(uow, report.job_id) if report is not None else []
+            gone = report is None and audit.get_report(uow, report_id) is None
+        if gone:
+            raise CommandError("report.gone")
         if report is None:
             return None
         delete: list[int] = []

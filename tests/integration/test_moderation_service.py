@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import deque
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -16,6 +17,7 @@ from chitrakar.domain import Command, CommandError, parse_image_command
 from chitrakar.media import MediaStore
 from chitrakar.moderation import MAX_PAUSE_NOTICE_CHARS, Actor, Moderation
 from chitrakar.permissions import Role
+from chitrakar.privacy import PrivacyService
 from chitrakar.services import JobIntake
 from chitrakar.styles import load_catalogue
 from db import audit, jobs
@@ -251,4 +253,21 @@ def test_a_result_that_could_not_be_deleted_leaves_its_report_open(  # type: ign
     review = moderation.review(admin(), opened.id, "deleted")
     assert review is not None and review.delete_messages == [55]
     assert artifacts.keys(f"results/{job_id}/") == []
+    store.dispose()
+
+
+def test_a_report_whose_requester_forgot_their_data_is_named_as_gone(  # type: ignore[no-untyped-def]
+    world,
+) -> None:
+    """/forget deletes the reports on a user's jobs: the admin's card then says the report is
+    gone and why, not that somebody already decided it."""
+    intake, moderation, store, _ = world
+    _done_job(intake, store, "8")
+    opened, _job = moderation.report(Actor("telegram", "5", Role.MEMBER, -100), 55)
+    privacy = PrivacyService(store, intake.artifacts, intake.media, ZoneInfo("UTC"))
+    assert privacy.forget("telegram", "8").jobs == 1
+    for decision in ("dismissed", "deleted", "banned"):
+        with pytest.raises(CommandError) as gone:
+            moderation.review(admin(), opened.id, decision)
+        assert gone.value.key == "report.gone"
     store.dispose()
