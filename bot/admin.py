@@ -79,13 +79,13 @@ async def chat_migrated(update: Update, context: BotContext) -> None:
 
 async def ban_gate(update: Update, context: BotContext) -> None:
     """Before any handler: a banned user's commands and presses get one short answer and go
-    no further. Plain chat messages are ignored as before."""
+    no further. Plain chat messages, and commands for other bots, are ignored as before."""
     user = update.effective_user
     if user is None:
         return
     message = update.effective_message
-    is_command = bool(message and (message.text or message.caption or "").startswith("/"))
-    if update.callback_query is None and not is_command:
+    is_own_command = bool(message and command_of(message, context.bot.username) in KNOWN_COMMANDS)
+    if update.callback_query is None and not is_own_command:
         return
     moderation = context.services.moderation
     banned = await context.calls.is_banned(str(user.id))

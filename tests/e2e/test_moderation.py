@@ -170,6 +170,27 @@ def test_a_banned_user_gets_one_short_reply_and_nothing_else(stack: Stack) -> No
     assert say(emulator, chat, user, "/portrait a fort") == text("en", "status.queued", position=1)
 
 
+def test_a_banned_users_commands_to_other_bots_are_none_of_this_bots_business(
+    stack: Stack,
+) -> None:
+    """In a group, `/start@OtherBot` and another bot's unaddressed `/roll` get no ban notice
+    (it told the group, and used up the one notice the user's own command should get)."""
+    emulator, _ = stack
+    admin = emulator.user(ADMIN_ID, "Admin")
+    user = emulator.user(next(_fresh_ids), "Spammer")
+    group = emulator.group_chat(-next(_fresh_ids))
+    say(emulator, emulator.private_chat(admin), admin, f"/ban {user['id']} flooding")
+    others = [emulator.send_text(group, user, words) for words in ("/start@OtherBot", "/roll")]
+    own = emulator.send_text(group, user, "/portrait@" + emulator.username + " a fort")
+    told = emulator.wait_for("sendMessage", answer_to(own), timeout=60)
+    assert told.params["text"] == text("en", "moderation.banned")
+    quoted = [
+        (call.params.get("reply_parameters") or {}).get("message_id")
+        for call in emulator.calls_to("sendMessage", group["id"])
+    ]
+    assert quoted == [own["message_id"]], (quoted, others)
+
+
 def test_a_ban_check_that_fails_is_one_apology_and_no_job(stack: Stack) -> None:
     """The database cannot say whether the user is banned: one apology, and the command it
     was to guard does not run (it used to, after the apology: a banned user got through)."""
