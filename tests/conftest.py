@@ -14,6 +14,10 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "CHITRAKAR_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_URL = os.environ.get("CHITRAKAR_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# The tests that torch.compile the tiny model on this CPU check which graphs compile, not how
+# fast their kernels run, and Inductor's C++ without SIMD compiles faster (those five tests
+# took 348 s, and 250 s without, on 2 cores: BENCHMARKS.md). Read when Inductor is imported.
+os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 
 
 def _unavailable(what: str, exc: Exception) -> None:
