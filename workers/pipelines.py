@@ -316,6 +316,15 @@ def fit(image: Image.Image, width: int, height: int) -> Image.Image:
     return ImageOps.fit(image.convert("RGB"), (width, height), Image.Resampling.LANCZOS)
 
 
+def start_pixels(image: Image.Image) -> torch.Tensor:
+    """An img2img start image as the pipeline's processor makes it from a PIL image (RGB in
+    [0, 1], 1 × 3 × H × W), but contiguous: the processor's is a transposed view, so the VAE
+    encoded channels-last latents, and a compiled UNet and VAE decoder, compiled on text2image's
+    contiguous ones, compiled again for every img2img job's ("stride mismatch")."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
 def image_to_image(
     loaded: LoadedPipeline,
     plan: GenerationPlan,
@@ -331,7 +340,7 @@ def image_to_image(
         output = loaded.image2image(
             prompt=plan.prompt,
             negative_prompt=plan.negative_prompt or None,
-            image=fit(start, plan.width, plan.height),
+            image=start_pixels(fit(start, plan.width, plan.height)),
             strength=plan.strength,
             num_inference_steps=plan.steps,
             guidance_scale=plan.guidance_scale,

@@ -182,7 +182,8 @@ class WorkerRuntime:
                     guidance_scale=self.settings.guidance_scale,
                 )
                 text_to_image(loaded, plan, **identity.without_face(loaded))
-                # An avatar: img2img, and with an IP-Adapter its face branch (other graphs).
+                # An avatar: img2img runs text2image's graphs (`start_pixels`), but with an
+                # IP-Adapter its face branch runs others.
                 face = Image.new("RGB", (width, height))
                 identity.avatars(loaded, replace(plan, strength=0.5), face, None)
             use_lora(loaded, None, 1.0)

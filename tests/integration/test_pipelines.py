@@ -23,6 +23,7 @@ from workers.pipelines import (
     LoadedPipeline,
     image_to_image,
     load_pipeline,
+    start_pixels,
     text_to_image,
     tile_origins,
     upscale,
@@ -66,6 +67,27 @@ def test_img2img_keeps_the_start_image_and_reports_its_own_steps(loaded: LoadedP
     assert not differ(images[0], image_to_image(loaded, plan, start)[0])
     # The img2img view shares the model's modules: no second copy of the weights.
     assert loaded.image2image.unet is loaded.text2image.unet
+
+
+def test_img2img_gives_the_unet_latents_laid_out_as_text2image_does(
+    loaded: LoadedPipeline,
+) -> None:
+    """A compiled UNet (and VAE decoder) checks its inputs' strides: img2img's latents were
+    channels-last, from the processor's transposed view of a PIL image, and every avatar,
+    variation and upscale compiled the model again. The pixel values stay the processor's."""
+    layouts: list[tuple[int, ...]] = []
+    hook = loaded.text2image.unet.register_forward_pre_hook(
+        lambda _unet, args: layouts.append(args[0].stride())
+    )
+    start = Image.new("RGB", (64, 64), (200, 40, 40))
+    try:
+        text_to_image(loaded, replace(PLAN, steps=1))
+        image_to_image(loaded, replace(PLAN, steps=2, strength=0.5), start)
+    finally:
+        hook.remove()
+    assert len(layouts) == 2 and layouts[0] == layouts[1]
+    processor = loaded.image2image.image_processor
+    assert torch.equal(processor.preprocess(start_pixels(start)), processor.preprocess(start))
 
 
 def test_img2img_of_a_one_step_plan_still_makes_its_images(loaded: LoadedPipeline) -> None:
