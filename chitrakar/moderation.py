@@ -289,12 +289,15 @@ class Moderation:
         if job is not None and decision == "deleted":
             try:
                 self._artifacts.delete_prefix(f"results/{job.id}/")
-            except Exception:
+            except Exception as exc:
                 # The files are still stored (an object store that failed): a report closed
-                # as "deleted" would never be decided again. The admin sees the error.
+                # as "deleted" would never be decided again.
+                log.warning(
+                    "report %s: could not delete job %s's results: %s", report_id, job.id, exc
+                )
                 with self._store.unit_of_work() as uow:
                     audit.reopen_report(uow, report_id, decision)
-                raise
+                raise CommandError("report.delete_failed") from exc
             with self._store.unit_of_work() as uow:
                 retention.forget_results(uow, job.id, why=f"report {report_id}")
             delete = messages

@@ -132,14 +132,21 @@ class PresetCatalogue(BaseModel):
             raise PresetError(f"unknown preset {name!r}; the presets are: {known}")
         return preset
 
-    def chosen_on_every_device(self, requested: str | None, model: str | None) -> Preset | None:
-        """The preset a worker runs whatever its device: the one named, else the model's own.
-        None where it hangs on the device (the device's default) or the name is unknown (the
-        worker refuses to start)."""
+    def fixed_steps(self, requested: str | None, model: str | None) -> int | None:
+        """The steps a worker runs for every job whatever its device, where its preset fixes
+        them: the one named, else the model's own, else the device's default when every
+        device's default fixes the same. None where jobs run the steps they ask for, or the
+        name is unknown (the worker refuses to start)."""
         name = requested or AUTO
         if name == AUTO:
             name = self.models.get(model or "", "")
-        return self.presets.get(name)
+        if name:
+            preset = self.presets.get(name)
+            return preset.steps if preset is not None else None
+        defaults = {
+            self.presets[n].steps for n in set(DEVICE_DEFAULTS.values()) if n in self.presets
+        }
+        return defaults.pop() if len(defaults) == 1 else None
 
 
 def _read(path: Path) -> dict[str, Any]:

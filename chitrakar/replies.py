@@ -50,11 +50,12 @@ def quota_reply(language: str, status: QuotaStatus, timezone: str) -> str:
     """Credits left today, what things cost, and when the day turns."""
     reply = text(
         language,
-        "quota.status",
+        "quota.status" if status.fixed_steps is None else "quota.status_fixed_steps",
         left=status.user_left,
         limit=status.user_limit,
         resets=f"{status.resets_at:%H:%M} {timezone}",
         steps_included=STEPS_INCLUDED,
+        steps=status.fixed_steps,
     )
     if status.group_left is not None:
         reply += "\n\n" + text(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -31,7 +31,7 @@ from chitrakar.domain import (
 from chitrakar.media import MediaStore
 from chitrakar.moderation import PAUSED_FLAG
 from chitrakar.planning import Defaults, choose_style, plan_followup, plan_request
-from chitrakar.presets import Preset, PresetError, adjust_plan, load_presets
+from chitrakar.presets import PresetError, load_presets
 from chitrakar.quota import (
     Account,
     QuotaExceeded,
@@ -53,15 +53,16 @@ log = logging.getLogger(__name__)
 HISTORY_PAGE_SIZE = 5
 
 
-def _preset_of_the_workers(settings: Settings) -> Preset | None:
-    """The workers' preset where the bot can tell (see PresetCatalogue.chosen_on_every_device).
-    A presets file that cannot be read stops the workers, not the bot: it is logged here."""
+def _steps_the_workers_fix(settings: Settings) -> int | None:
+    """The steps a few-step preset runs for every job, where the bot can tell
+    (PresetCatalogue.fixed_steps). A presets file that cannot be read stops the workers, not
+    the bot: it is logged here."""
     try:
         catalogue = load_presets(settings.presets_file)
     except PresetError as exc:
         log.warning("jobs are charged for the steps they ask for: %s", exc)
         return None
-    return catalogue.chosen_on_every_device(settings.preset, settings.model)
+    return catalogue.fixed_steps(settings.preset, settings.model)
 
 
 def _replace_lost_input(uow: UnitOfWork, job: JobView, input_path: str) -> bool:
@@ -84,6 +85,8 @@ class QuotaStatus:
     group_left: int | None
     group_limit: int | None
     resets_at: datetime
+    # The steps every image takes under the workers' few-step preset (None: as asked).
+    fixed_steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,7 @@ class JobIntake:
         self.media = media
         self.artifacts = artifacts
         self._prompt_policy = prompt_policy or PromptPolicy.load(settings.blocklist_file)
-        self._preset = _preset_of_the_workers(settings)
+        self._fixed_steps = _steps_the_workers_fix(settings)
 
     @property
     def _defaults(self) -> Defaults:
@@ -468,11 +471,14 @@ class JobIntake:
     def quota_day(self) -> date:
         return quota_day(datetime.now(UTC), self._settings.zone)
 
+    def _as_run(self, plan: GenerationPlan) -> GenerationPlan:
+        # A few-step preset runs its own steps, whatever the job asked for: those are paid.
+        return plan if self._fixed_steps is None else replace(plan, steps=self._fixed_steps)
+
     def _charge(self, standing: Standing, kind: JobKind, plan: GenerationPlan) -> jobs.Charge:
         return jobs.Charge(
             accounts=standing.accounts,
-            # A few-step preset runs its own steps, whatever the job asked for: those are paid.
-            cost=job_cost(kind, adjust_plan(self._preset, plan), self._settings.image_size),
+            cost=job_cost(kind, self._as_run(plan), self._settings.image_size),
             day=self.quota_day(),
         )
 
@@ -491,6 +497,7 @@ class JobIntake:
             group_left=max(left[1], 0) if len(left) > 1 and left[1] is not None else None,
             group_limit=accounts[1].daily_limit if len(accounts) > 1 else None,
             resets_at=next_reset(now, self._settings.zone),
+            fixed_steps=self._fixed_steps,
         )
 
     def group_quota(self, channel: str, chat_id: int) -> int | None:

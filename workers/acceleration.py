@@ -83,7 +83,9 @@ def apply_preset(
         pipe.fuse_qkv_projections()
     if preset.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
+        # The decoder only: a channels-last encoder gives img2img channels-last latents, and
+        # a compiled UNet, compiled on text2image's contiguous ones, would compile again.
+        pipe.vae.decoder.to(memory_format=torch.channels_last)
     if preset.offload == "none":
         pipe.to(device)
         _quantize(pipe, preset)

@@ -244,8 +244,9 @@ def test_a_result_that_could_not_be_deleted_leaves_its_report_open(  # type: ign
     moderation = Moderation(Settings(data_dir=tmp_path, admin_ids=ADMIN), store, artifacts)
     job_id = _done_job(intake, store, "8")
     opened, _job = moderation.report(Actor("telegram", "5", Role.MEMBER, -100), 55)
-    with pytest.raises(OSError, match="cannot be reached"):
+    with pytest.raises(CommandError) as refused:
         moderation.review(admin(), opened.id, "deleted")
+    assert refused.value.key == "report.delete_failed"
     with store.unit_of_work() as uow:
         report = audit.get_report(uow, opened.id)
         assert report is not None and (report.status, report.decided_by) == ("open", None)

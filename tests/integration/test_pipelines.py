@@ -16,6 +16,7 @@ from PIL import Image
 from chitrakar.config import Settings
 from chitrakar.domain import GenerationPlan
 from chitrakar.media import MediaStore
+from chitrakar.presets import Preset
 from chitrakar.styles import StyleCatalogue, load_catalogue
 from workers import pipelines, previews
 from workers.identity import ImageToImageIdentity, choose_identity_stage
@@ -69,12 +70,17 @@ def test_img2img_keeps_the_start_image_and_reports_its_own_steps(loaded: LoadedP
     assert loaded.image2image.unet is loaded.text2image.unet
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 def test_img2img_gives_the_unet_latents_laid_out_as_text2image_does(
-    loaded: LoadedPipeline,
+    channels_last: bool, loaded: LoadedPipeline, tiny_model: Path
 ) -> None:
     """A compiled UNet (and VAE decoder) checks its inputs' strides: img2img's latents were
-    channels-last, from the processor's transposed view of a PIL image, and every avatar,
-    variation and upscale compiled the model again. The pixel values stay the processor's."""
+    channels-last, from the processor's transposed view of a PIL image and from a
+    channels-last VAE encoder, and every avatar, variation and upscale compiled the model
+    again. The pixel values stay the processor's."""
+    if channels_last:
+        preset = Preset(name="cl", description="", dtype="float32", channels_last=True)
+        loaded = load_pipeline(str(tiny_model), torch.device("cpu"), torch.float32, preset)
     layouts: list[tuple[int, ...]] = []
     hook = loaded.text2image.unet.register_forward_pre_hook(
         lambda _unet, args: layouts.append(args[0].stride())

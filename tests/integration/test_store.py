@@ -26,6 +26,7 @@ from chitrakar.domain import (
 )
 from chitrakar.media import MediaStore
 from chitrakar.planning import Defaults, plan_request
+from chitrakar.replies import quota_reply
 from chitrakar.services import JobIntake
 from chitrakar.styles import load_catalogue
 from db import jobs
@@ -348,7 +349,12 @@ def test_a_few_step_preset_charges_for_the_steps_it_runs(store: Store, tmp_path:
     for preset, message_id, left in [("fast", 1, 3), ("lightning", 2, 2), ("auto", 3, 0)]:
         settings = Settings(image_size=64, data_dir=tmp_path, daily_quota=5, preset=preset)
         job_intake(store, settings, []).accept(origin(message_id=message_id), req)
-        assert job_intake(store, settings, []).quota_status(origin()).user_left == left, preset
+        status = job_intake(store, settings, []).quota_status(origin())
+        assert status.user_left == left, preset
+        # /quota says so, instead of "2 above 30 steps".
+        reply = quota_reply("en", status, "UTC")
+        assert ("every image takes 4 steps" in reply) == (preset == "lightning"), reply
+        assert ("above 30 steps" in reply) == (preset != "lightning"), reply
     store.dispose()
 
 

@@ -10,7 +10,6 @@ import pytest
 
 from chitrakar.domain import GenerationPlan
 from chitrakar.presets import (
-    DEVICE_DEFAULTS,
     DeviceFacts,
     Preset,
     PresetError,
@@ -76,23 +75,31 @@ def test_choosing_a_preset(
 
 
 @pytest.mark.parametrize(
-    ("requested", "model", "known"),
+    ("requested", "model", "steps"),
     [
-        ("lightning", None, "lightning"),
-        (None, "stabilityai/sdxl-turbo", "turbo"),
-        ("auto", "some/model", None),  # each device's default
+        ("lightning", None, 4),
+        (None, "stabilityai/sdxl-turbo", 1),  # the model's own
+        ("fast", "stabilityai/sdxl-turbo", None),
+        ("auto", "some/model", None),  # each device's default: none fixes the steps
         (None, None, None),
         ("turbo-max", None, None),  # the worker refuses it
     ],
 )
-def test_the_preset_the_bot_can_tell_the_workers_run(
-    requested: str | None, model: str | None, known: str | None
+def test_the_steps_every_worker_runs_whatever_the_job_asks(
+    requested: str | None, model: str | None, steps: int | None
 ) -> None:
-    catalogue = load_presets()
-    chosen = catalogue.chosen_on_every_device(requested, model)
-    assert (chosen.name if chosen else None) == known
-    # The bot charges the steps asked for when it cannot tell: no device default fixes them.
-    assert all(catalogue.presets[name].steps is None for name in DEVICE_DEFAULTS.values())
+    assert load_presets().fixed_steps(requested, model) == steps
+
+
+def test_device_defaults_fix_the_steps_only_when_they_all_do(tmp_path: Path) -> None:
+    """An operator's file may make the defaults few-step presets: the bot, which does not know
+    the workers' devices, can tell the steps only when every default runs the same."""
+    override = tmp_path / "presets.toml"
+    gpu_only = '[presets.gpu]\ndescription = "x"\nsteps = 4\nguidance_scale = 0.0\n'
+    override.write_text(gpu_only)
+    assert load_presets(override).fixed_steps(None, None) is None
+    override.write_text(gpu_only + gpu_only.replace("gpu", "cpu"))
+    assert load_presets(override).fixed_steps(None, None) == 4
 
 
 def test_an_unknown_preset_is_refused_with_the_known_ones() -> None:
