@@ -12,6 +12,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from chitrakar.domain import SIZE_MULTIPLE
+
 ENV_PREFIX = "CHITRAKAR_"
 TELEGRAM_API_URL = "https://api.telegram.org/bot"
 TELEGRAM_FILE_URL = "https://api.telegram.org/file/bot"
@@ -100,8 +102,9 @@ class Settings(BaseSettings):
     # call runs. "auto": where the model runs on a GPU (on a CPU both would want the same
     # cores).
     finish_while_generating: Literal["auto", "on", "off"] = "auto"
-    # Side of a square image in pixels; other aspect ratios keep about the same area.
-    image_size: int = Field(default=512, ge=64, le=2048)
+    # Side of a square image in pixels; other aspect ratios keep about the same area. A
+    # multiple of the VAE's factor: upscale tiles are this size, and a pipeline rounds down.
+    image_size: int = Field(default=512, ge=64, le=2048, multiple_of=SIZE_MULTIPLE)
     default_steps: int = Field(default=25, ge=1, le=50)
     guidance_scale: float = Field(default=7.0, ge=0.0, le=30.0)
 

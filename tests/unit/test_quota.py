@@ -51,3 +51,15 @@ def test_an_unknown_time_zone_is_refused_at_start() -> None:
 
     with pytest.raises(ValidationError, match="Asia/Kolkata"):
         Settings(timezone="India/Delhi")
+
+
+def test_an_image_size_the_vae_cannot_make_is_refused_at_start() -> None:
+    """An upscale's tiles are image_size pixels; a pipeline makes 496 of 500, and stitching
+    the tiles failed on every upscale."""
+    from pydantic import ValidationError
+
+    from chitrakar.config import Settings
+
+    with pytest.raises(ValidationError, match="multiple of 8"):
+        Settings(image_size=500)
+    assert Settings(image_size=504).image_size == 504
