@@ -271,8 +271,8 @@ class Moderation:
 
     def review(self, actor: Actor, report_id: int, decision: str) -> Review | None:
         """A bot admin decides: dismiss, delete the result, or ban its requester. None when
-        the report is already decided; CommandError when it is gone (its requester, or its
-        reporter, deleted their data with /forget, and the report with it)."""
+        the report is already decided; CommandError when it is gone (its requester deleted
+        their data with /forget, and the report with it)."""
         self.check(actor, Permission.REVIEW, "review")
         if decision == "banned":
             self._refuse_to_ban_an_admin(report_id)

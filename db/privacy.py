@@ -180,6 +180,10 @@ def _dedupe(values: list[str]) -> list[str]:
     return list(dict.fromkeys(values))
 
 
+# Who filed a report whose reporter deleted their data (no user id is ever empty).
+FORGOTTEN_REPORTER = ""
+
+
 def _reports_filed(channel: str, external_id: str) -> ColumnElement[bool]:
     """The reports the user filed: a report names its reporter by external id only, and
     the channel is that of the job reported."""
@@ -351,11 +355,19 @@ def delete(session: Session, channel: str, external_id: str, day: date) -> UserR
         .where(JobEvent.job_id.in_(their_jobs))
         .execution_options(synchronize_session="fetch")
     )
-    # Reports they filed, reports on their jobs, and where their results were posted. (The
-    # audit log keeps its record of admin actions that named them: accountability.)
+    # Reports on their jobs, and where their results were posted, go with the jobs. Reports
+    # they filed on others' images stay, naming no one: a reporter's /forget must not end
+    # the admins' review of an image still in the chat. (The audit log keeps its record of
+    # admin actions that named them: accountability.)
+    session.execute(
+        update(Report)
+        .where(_reports_filed(channel, external_id), Report.job_id.not_in(their_jobs))
+        .values(reporter=FORGOTTEN_REPORTER)
+        .execution_options(synchronize_session="fetch")
+    )
     session.execute(
         sql_delete(Report)
-        .where(or_(_reports_filed(channel, external_id), Report.job_id.in_(their_jobs)))
+        .where(Report.job_id.in_(their_jobs))
         .execution_options(synchronize_session="fetch")
     )
     session.execute(

@@ -552,7 +552,7 @@ def test_an_export_holds_the_reports_filed_and_the_moderation_records_of_the_use
     world: World,
 ) -> None:
     """/privacy promises the records of admin and moderation actions that concern the user,
-    and /forget deletes the reports they filed: the export holds both. Not another member's
+    and the reports they filed: the export holds both. Not another member's
     report of their image (the reporter stays unnamed), nor anything of another channel."""
     a_job, b_job = world.job_ids[A][0], world.job_ids[B][0]
     web_origin = Origin("web", 7, "private", "7", "web user", "en", 1)
@@ -610,12 +610,19 @@ def test_an_export_holds_the_reports_filed_and_the_moderation_records_of_the_use
     assert json.loads(files["profile.json"]) == {}
     assert [r["id"] for r in json.loads(files["reports.json"])] == [by_77.id]
 
-    # /forget deletes the reports each filed, and those on their images; not the web user's.
+    # /forget deletes the reports on their images; the reports each filed on others' images
+    # stay open for the admins, naming no one; the web user's are not touched.
     world.service.forget("telegram", "77")
     world.service.forget("telegram", A)
     with world.store.unit_of_work() as uow:
-        assert list(uow.session.scalars(select(Report.id))) == [on_web.id]
+        left = uow.session.execute(select(Report.id, Report.reporter, Report.status))
+        assert sorted(tuple(row) for row in left) == [
+            (filed.id, "", "open"),
+            (on_web.id, A, "open"),
+        ]
         assert len(audit.latest(uow, 100)) == 8  # the audit log keeps its records
+    data = world.service.export_zip("telegram", A, README)
+    assert data is None or json.loads(read_zip(data)["reports.json"]) == []
     world.store.dispose()
 
 
