@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -138,7 +139,13 @@ def _int_in(option: str, value: str, bounds: tuple[int, int]) -> int:
     return number
 
 
+# How phones write a ratio: "16x9", "16×9", "16/9", the ratio sign "16∶9", other digits.
+_RATIO_SIGNS = str.maketrans({"x": ":", "X": ":", "×": ":", "/": ":", "∶": ":"})
+
+
 def _aspect(option: str, value: str) -> str:
+    value = "".join(str(unicodedata.decimal(c)) if c.isdecimal() else c for c in value)
+    value = value.translate(_RATIO_SIGNS)
     if value not in ASPECT_RATIOS:
         raise CommandError(
             "error.option_choice",
@@ -204,14 +211,12 @@ def option_limits() -> dict[str, int]:
 
 def parse_image_command(command: Command, args: str) -> ImageRequest:
     """Parse the text after `/portrait` or `/avatar`: a free-text prompt with `--option value`
-    pairs anywhere in it (`--ar=16:9` works too). For `/avatar` the first word, if any, names
-    the style and the rest of the words are optional. Raises CommandError for bad input."""
+    pairs anywhere in it (`--ar=16:9` works too). For `/avatar` without `--style`, the first
+    word of the prompt, if any, names the style (`/avatar --n 2 anime` too) and the rest are
+    optional. Raises CommandError for bad input."""
     prompt_words: list[str] = []
     values: dict[str, Any] = {}
     tokens = args.split()
-    if command == Command.AVATAR and tokens and _as_option(tokens[0]) is None:
-        values["style"] = _style_name("--style", tokens[0])
-        tokens = tokens[1:]
     i = 0
     while i < len(tokens):
         token = tokens[i]
@@ -248,6 +253,8 @@ def parse_image_command(command: Command, args: str) -> ImageRequest:
         if field_name in values:
             raise CommandError("error.option_repeated", option=name)
         values[field_name] = parse(name, value)
+    if command == Command.AVATAR and "style" not in values and prompt_words:
+        values["style"] = _style_name("--style", prompt_words.pop(0))
     prompt = " ".join(prompt_words)
     if not prompt and command != Command.AVATAR:
         raise CommandError("error.prompt_missing")

@@ -255,8 +255,13 @@ class StyleCatalogue(BaseModel):
 
     def get(self, key: str) -> Style | None:
         """The style a user means by `key`: "Pencil_Sketch" and "pencil sketch" both find
-        "pencil-sketch". None for an unknown or disabled style."""
-        return self.styles.get(normalise_key(key))
+        "pencil-sketch", and so does its name in any language the buttons show ("मधुबनी").
+        None for an unknown or disabled style."""
+        wanted = normalise_key(key)
+        if (style := self.styles.get(wanted)) is not None:
+            return style
+        named = (s for s in self.styles.values() if wanted in map(normalise_key, s.name.values()))
+        return next(named, None)
 
     def style_keys(self) -> tuple[str, ...]:
         return tuple(self.styles)

@@ -147,7 +147,8 @@ class WebChat:
         name, args = split_command(line)
         say: Callable[[str], int] = lambda words: self._say(account, words, message_id)  # noqa: E731
         if name is None:
-            say(text(language, "avatar.hint" if photo is not None else "web.not_a_command"))
+            # The web chat keeps no photo for a later reply: the selfie goes with the command.
+            say(text(language, "web.avatar_how" if photo is not None else "web.not_a_command"))
             return
         try:
             command = Command(name)

@@ -299,16 +299,20 @@ def test_checks_read_together_see_each_requests_own_chat_user_and_accounts(
             (group("20", -200, 2), portrait()),  # this group's credits are spent
             (origin("21", 1), portrait()),  # this user's own limit is 0
             (origin("22", 2), portrait()),  # this user chose a default style
-            (group("22", -300, 3), portrait()),  # ... which this group switched off
+            # ... which this group switched off: left aside there, as they did not ask for it
+            (group("22", -300, 3), portrait()),
+            (group("22", -300, 5), portrait("a kite --style madhubani")),  # asked: refused
             (group("23", -300, 4), portrait()),  # another user, the same group: fine
         ]
     )
-    command_off, group_short, user_short, styled, style_off, plain = outcomes
+    command_off, group_short, user_short, styled, default_off, style_off, plain = outcomes
     assert isinstance(command_off, CommandError) and command_off.key == "settings.command_off"
     assert isinstance(group_short, QuotaExceeded) and group_short.key == "quota.exceeded_group"
     assert isinstance(user_short, QuotaExceeded) and user_short.key == "quota.exceeded"
     assert isinstance(style_off, CommandError) and style_off.key == "settings.style_off"
     assert isinstance(styled, Accepted) and isinstance(plain, Accepted)
+    assert isinstance(default_off, Accepted)
     with store.unit_of_work() as uow:
         assert jobs.get_job(uow, styled.job_id).plan.style == "madhubani"  # type: ignore[union-attr]
+        assert jobs.get_job(uow, default_off.job_id).plan.style is None  # type: ignore[union-attr]
         assert jobs.get_job(uow, plain.job_id).plan.style is None  # type: ignore[union-attr]

@@ -168,6 +168,18 @@ def test_a_negative_prompt_has_a_limit() -> None:
             ),
         ),
         ("--seed 3", ImageRequest(Command.AVATAR, "", GenerationOptions(seed=3))),
+        # Options may come first: the style is still the prompt's first word.
+        (
+            "--n 2 watercolour at the beach",
+            ImageRequest(
+                Command.AVATAR, "at the beach", GenerationOptions(style="watercolour", images=2)
+            ),
+        ),
+        # Named with --style, the prompt's first word is only a word.
+        (
+            "anime girl --style warli",
+            ImageRequest(Command.AVATAR, "anime girl", GenerationOptions(style="warli")),
+        ),
     ],
 )
 def test_avatar_takes_the_style_first_and_needs_no_prompt(
@@ -178,8 +190,13 @@ def test_avatar_takes_the_style_first_and_needs_no_prompt(
 
 def test_avatar_style_named_twice_is_refused() -> None:
     with pytest.raises(CommandError) as raised:
-        parse_image_command(Command.AVATAR, "anime --style warli")
+        parse_image_command(Command.AVATAR, "--style anime --style warli")
     assert raised.value.key == "error.option_repeated"
+
+
+@pytest.mark.parametrize("written", ["16:9", "16x9", "16×9", "16/9", "16∶9", "१६:९", "１６:９"])
+def test_an_aspect_ratio_is_read_as_phones_write_it(written: str) -> None:
+    assert parse(f"a fort --ar {written}")[1].aspect_ratio == "16:9"
 
 
 @pytest.mark.parametrize(

@@ -143,6 +143,18 @@ def test_style_text_leaves_room_for_the_users_words(builtin: StyleCatalogue) -> 
             assert len(text.replace(",", " , ").split()) <= 48, key
 
 
+@pytest.mark.parametrize(
+    ("written", "key"),
+    [("Madhubani", "madhubani"), ("मधुबनी", "madhubani"), ("bollywood_poster", "bollywood-poster")],
+)
+def test_a_style_is_found_by_its_key_or_by_the_name_its_button_shows(
+    builtin: StyleCatalogue, written: str, key: str
+) -> None:
+    style = builtin.get(written)
+    assert style is not None and style.key == key
+    assert builtin.get("nonesuch") is None
+
+
 # Overrides ---------------------------------------------------------------------------------
 
 
