@@ -226,6 +226,7 @@ class WorkerRuntime:
                 lambda: reconcile(self.store, self.publish, self.settings),
                 self.settings.reconcile_interval,
                 self._record_ends_left_aside,
+                quiet_after_outage=self.settings.worker_stale_after,
             )
             log.info("worker %s beating", self.name)
             self._heartbeat.start()
@@ -315,10 +316,17 @@ class Heartbeat:
         reconcile: Callable[[], object],
         reconcile_every: float,
         after_beat: Callable[[], object] = lambda: None,
+        quiet_after_outage: float = 0.0,
     ) -> None:
+        """`quiet_after_outage`: how long beats must go through again, after one failed,
+        before this worker reconciles (the time a worker may stay silent before it is taken
+        for dead)."""
         self._store, self._name, self._interval = store, name, interval
         self._reconcile, self._reconcile_every = reconcile, reconcile_every
         self._after_beat = after_beat
+        self._quiet_after_outage = quiet_after_outage
+        # Since when beats have gone through without a break; None while they fail.
+        self._beating_since: float | None = time.monotonic() - quiet_after_outage
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -337,7 +345,10 @@ class Heartbeat:
         except Exception:
             # The database away for a moment: the next beat tries again.
             log.warning("could not write the heartbeat of %s", self._name, exc_info=True)
+            self._beating_since = None
             return
+        if self._beating_since is None:
+            self._beating_since = time.monotonic()
         try:
             self._after_beat()
         except Exception:
@@ -347,12 +358,19 @@ class Heartbeat:
         next_reconcile = time.monotonic() + self._reconcile_every
         while not self._stopping.wait(min(self._interval, self._reconcile_every)):
             self._beat()
-            if time.monotonic() >= next_reconcile:
+            if time.monotonic() >= next_reconcile and self._others_could_beat():
                 next_reconcile = time.monotonic() + self._reconcile_every
                 try:
                     self._reconcile()
                 except Exception:
                     log.warning("the reconciler's round failed; next round soon", exc_info=True)
+
+    def _others_could_beat(self) -> bool:
+        """Whether the other workers have had the time to beat since the database was last
+        away: when it comes back, every live worker's last beat is old, and a reconciler
+        going at once would take them all for dead and hand their jobs to the queue."""
+        since = self._beating_since
+        return since is not None and time.monotonic() - since >= self._quiet_after_outage
 
     def stop(self) -> None:
         """A clean stop: this worker holds no job any more."""

@@ -214,6 +214,10 @@ def _after_each(runtime: WorkerRuntime, batch: list[JobView]) -> None:
             hand_over_held(runtime.store, runtime.publish, one.id, limit)
         except jobs.JobNotFound:
             _forgotten(runtime, one.id)
+        except Exception:
+            # The rest of the batch still gets its turn; the reconciler hands over what this
+            # one's user has held.
+            log.exception("job %s: handing over its user's held jobs failed", one.id)
 
 
 def _forgotten(runtime: WorkerRuntime, job_id: int) -> None:

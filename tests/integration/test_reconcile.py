@@ -4,10 +4,12 @@ never started twice, and a result already delivered is never sent twice."""
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
 
 from chitrakar.config import Settings
 from chitrakar.domain import GenerationPlan, JobKind, JobStatus
@@ -19,7 +21,7 @@ from db.models import Job, WorkerHeartbeat, utcnow
 from db.session import Store
 from tests.support.botapi import BotApiEmulator
 from tests.support.stack import jobs_in_chat, worker_settings
-from workers.runtime import WorkerRuntime
+from workers.runtime import Heartbeat, WorkerRuntime
 from workers.service import run_job
 
 SETTINGS = Settings(worker_stale_after=60, republish_after=600)
@@ -160,3 +162,48 @@ def test_a_delivered_job_redelivered_records_its_end_and_sends_nothing_again(
     [job] = jobs_in_chat(settings.resolved_database_url, chat["id"])
     assert job.status == "done" and job.delivered_at is not None
     assert job.result_file_ids and len(job.result_paths or []) == 1
+
+
+class DatabaseAway(Store):
+    """A store whose database can be taken away and given back."""
+
+    away = False
+
+    def unit_of_work(self):  # type: ignore[no-untyped-def]
+        if self.away:
+            raise OperationalError("SELECT 1", {}, Exception("the database is away"))
+        return super().unit_of_work()
+
+
+def test_after_the_database_was_away_the_reconciler_waits_for_the_other_workers_to_beat(
+    tmp_path: Path,
+) -> None:
+    """When the database comes back, every live worker's last beat is old: reconciling at
+    once took them all for dead and handed their running jobs back to the queue. It waits
+    until they have had `quiet_after_outage` to beat again; before the outage it ran."""
+    url = f"sqlite:///{tmp_path / 'beats.db'}"
+    upgrade_to_head(url)
+    store = DatabaseAway(url)
+    rounds: list[float] = []
+    heartbeat = Heartbeat(
+        store, "w1", 0.02, lambda: rounds.append(time.monotonic()), 0.02, quiet_after_outage=1.5
+    )
+    heartbeat.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not rounds and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert rounds, "no reconciler round while the database was there"
+        store.away = True
+        time.sleep(0.3)
+        store.away = False
+        back = time.monotonic()
+        time.sleep(1.0)
+        assert all(at < back for at in rounds[-1:]), "a round soon after the database came back"
+        deadline = time.monotonic() + 10
+        while rounds[-1] < back and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert rounds[-1] - back >= 1.5
+    finally:
+        heartbeat.stop()
+        store.dispose()
