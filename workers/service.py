@@ -485,12 +485,21 @@ def _finish(
         # Whatever ended it (sent, blocked, failed, or its user's data gone meanwhile), the
         # channel keeps nothing about the job's progress or upload.
         delivery.stop_progress(job)
+    keys, checksums = [a.key for a in stored], [a.sha256 for a in stored]
     try:
         # Recorded at once: a task delivered again after this sends nothing twice.
         _with_retries(lambda: _mark_delivered(runtime, job, sent), f"job {job_id} delivered")
-        job = replace(job, result_file_ids=tuple(sent.file_ids))
-        keys, checksums = [a.key for a in stored], [a.sha256 for a in stored]
-        _record_end(runtime, job, keys, checksums, seconds)
+        _record_end(
+            runtime, replace(job, result_file_ids=tuple(sent.file_ids)), keys, checksums, seconds
+        )
+    except OperationalError:
+        # The database away for longer than the retries: the job would stay running on this
+        # live worker, holding its user's place, until the worker stopped and it was sent
+        # again. Recorded once the database answers, as a failure is (`record_ends_left`).
+        log.exception("job %s: its delivery is recorded once the database answers", job_id)
+        runtime.ends_to_record.append(
+            partial(_record_delivery_later, runtime, job, sent, keys, checksums, seconds)
+        )
     finally:
         # The images are in the chat however the records went: an album's buttons go too.
         sent.follow_up()
@@ -510,6 +519,30 @@ def _record_results(
     except jobs.Cancelled:
         # Between the last look and now, and nothing sent yet: stopped, as at a look.
         raise JobCancelled(job_id) from None
+
+
+def _record_delivery_later(
+    runtime: WorkerRuntime,
+    job: JobView,
+    sent: Delivered,
+    keys: Sequence[str],
+    checksums: Sequence[str],
+    seconds: float,
+) -> None:
+    """What `_finish` could not record after the chat took the result: raises while the
+    database is still away."""
+    try:
+        with runtime.store.unit_of_work() as uow:
+            delivered = jobs.get_job(uow, job.id)
+        if delivered is not None and not delivered.delivered:
+            _mark_delivered(runtime, job, sent)
+        _record_end(
+            runtime, replace(job, result_file_ids=tuple(sent.file_ids)), keys, checksums, seconds
+        )
+    except jobs.JobNotFound:
+        _forgotten(runtime, job.id)
+        return
+    log.warning("job %s: its delivery recorded at last", job.id)
 
 
 def _mark_delivered(runtime: WorkerRuntime, job: JobView, sent: Delivered) -> None:

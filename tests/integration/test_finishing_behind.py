@@ -544,3 +544,38 @@ def test_a_job_whose_user_is_forgotten_while_it_is_checked_sends_and_keeps_nothi
     finally:
         check.go.set()
         worker.runtime.close()
+
+
+def test_a_delivery_the_database_could_not_record_is_recorded_once_it_answers(
+    emulator: BotApiEmulator, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The photo went out, then the database stayed away past the retries: the job stayed
+    running on this live worker, holding its user's place, until the worker stopped and it
+    was made and sent again. Its delivery and end are recorded once the database answers."""
+    worker = _worker(emulator, tmp_path, tiny_model, "off")
+    worker.runtime.__dict__["classifier"] = HeldCheck()
+    worker.runtime.classifier.go.set()  # type: ignore[attr-defined]
+    real_mark = jobs.mark_delivered
+    lost = OperationalError("UPDATE jobs", {}, Exception("the connection was lost"))
+
+    def database_away(*args: Any, **kwargs: Any) -> Any:
+        raise lost
+
+    monkeypatch.setattr(service, "RECORD_RETRY_WAITS_S", ())
+    monkeypatch.setattr(jobs, "mark_delivered", database_away)
+    try:
+        job = worker.portrait(996, "a veena")
+        run_job(worker.runtime, job)
+        assert (worker.status(job), worker.photos(job)) == (JobStatus.RUNNING, 1)
+        worker.runtime.record_ends_left()  # still away: kept for later
+        assert len(worker.runtime.ends_to_record) == 1
+
+        monkeypatch.setattr(jobs, "mark_delivered", real_mark)
+        worker.runtime.record_ends_left()
+        assert worker.runtime.ends_to_record == []
+        assert (worker.status(job), worker.photos(job)) == (JobStatus.DONE, 1)
+        with worker.runtime.store.unit_of_work() as uow:
+            done = jobs.get_job(uow, job)
+            assert done is not None and done.delivered and done.result_file_ids
+    finally:
+        worker.runtime.close()
