@@ -487,18 +487,21 @@ def _finish(
         delivery.stop_progress(job)
     keys, checksums = [a.key for a in stored], [a.sha256 for a in stored]
     try:
-        # Recorded at once: a task delivered again after this sends nothing twice.
-        _with_retries(lambda: _mark_delivered(runtime, job, sent), f"job {job_id} delivered")
+        try:
+            # Recorded at once: a task delivered again after this sends nothing twice.
+            _with_retries(lambda: _mark_delivered(runtime, job, sent), f"job {job_id} delivered")
+        except OperationalError:
+            # The database away past the retries: the job would stay running on this live
+            # worker, holding its user's place, until the worker stopped and it was sent
+            # again. Recorded once the database answers, as a failure is (`record_ends_left`).
+            log.exception("job %s: its delivery is recorded once the database answers", job_id)
+            runtime.ends_to_record.append(
+                partial(_record_delivery_later, runtime, job, sent, keys, checksums, seconds)
+            )
+            return
+        # An end that cannot be recorded now is handed back, delivered (`_end_batch`).
         _record_end(
             runtime, replace(job, result_file_ids=tuple(sent.file_ids)), keys, checksums, seconds
-        )
-    except OperationalError:
-        # The database away for longer than the retries: the job would stay running on this
-        # live worker, holding its user's place, until the worker stopped and it was sent
-        # again. Recorded once the database answers, as a failure is (`record_ends_left`).
-        log.exception("job %s: its delivery is recorded once the database answers", job_id)
-        runtime.ends_to_record.append(
-            partial(_record_delivery_later, runtime, job, sent, keys, checksums, seconds)
         )
     finally:
         # The images are in the chat however the records went: an album's buttons go too.
