@@ -391,11 +391,12 @@ def _move(
     finishing a job and its user cancelling it at the same moment (it waits for the other's
     row lock on PostgreSQL, for the write lock on SQLite); the loser sees the winner's
     status. False if it lost. Given a `worker`, only while the job is on that worker;
-    `unreleased`, only while no results are recorded."""
+    `unreleased`, only while its run has recorded no results (a job handed back to the queue
+    after its worker died with results recorded is made again: it is unreleased)."""
     allowed = list(only_from) if only_from else _may_become(new)
     conditions = [Job.worker == worker] if worker is not None else []
     if unreleased:
-        conditions.append(Job.result_paths.is_(None))
+        conditions.append(or_(Job.result_paths.is_(None), Job.status != JobStatus.RUNNING))
     moved = cast(
         CursorResult[Any],
         session.execute(
@@ -1073,9 +1074,10 @@ def cancel_jobs(
     reason: str = "cancelled by the user",
 ) -> list[JobView]:
     """Cancel the user's queued and running jobs in a chat (None: in every chat), refunding
-    each. Not a job whose results are recorded (`record_results`): its worker sends them
-    without looking again, so it is as good as done, and a refund would make its images
-    free. Commits."""
+    each. Not a running job whose results are recorded (`record_results`): its worker sends
+    them without looking again, so it is as good as done, and a refund would make its images
+    free. (Handed back to the queue, its worker dead, it is made again: it may be cancelled.)
+    Commits."""
     cancelled = []
     query = (
         select(Job)
@@ -1084,7 +1086,7 @@ def cancel_jobs(
             User.channel == channel,
             User.external_id == external_id,
             Job.status.in_(list(ACTIVE_STATUSES)),
-            Job.result_paths.is_(None),
+            or_(Job.result_paths.is_(None), Job.status != JobStatus.RUNNING),
         )
         .order_by(Job.id)
     )

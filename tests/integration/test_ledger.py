@@ -210,3 +210,22 @@ def test_a_job_whose_results_are_recorded_is_not_cancelled_or_refunded(store: St
     assert view is not None and view.status == "done"
     assert left(store, account) == 6  # the other job's credit back, this one's spent
     store.dispose()
+
+
+def test_a_job_handed_back_after_its_results_were_recorded_can_be_cancelled(
+    store: Store,
+) -> None:
+    """Its worker died between recording the results and sending them: back in the queue, it
+    is made again by another worker, and until then its user may cancel it (they could not:
+    "nothing queued or running", and no credits back)."""
+    account = Account("user:telegram:42", 10)
+    with store.unit_of_work() as uow:
+        job_id = jobs.take_in(uow, origin(1), JobKind.PORTRAIT, PLAN, charge=charge(4)).job_id
+        jobs.start_job(uow, job_id, "w")
+        jobs.record_results(uow, job_id, "w", ["a.png"], ["00"])
+    with store.unit_of_work() as reconciler:
+        assert jobs.hand_back_from_dead_workers(reconciler, alive=set()) == [job_id]
+    with store.unit_of_work() as user:
+        assert [j.id for j in jobs.cancel_jobs(user, "telegram", 42, "42")] == [job_id]
+    assert left(store, account) == 10
+    store.dispose()
