@@ -15,7 +15,7 @@ from telegram.ext import ApplicationHandlerStop
 
 from bot.bootstrap import CHANNEL
 from bot.context import BotContext, actor_of, language_of, sender_of_message
-from bot.handlers import command_arguments, command_of, keyboard
+from bot.handlers import command_arguments, command_of, keyboard, own_command
 from chitrakar import replies
 from chitrakar.admin_commands import admin_reply
 from chitrakar.buttons import Action, Button, ButtonPress, review_buttons
@@ -32,8 +32,6 @@ BANNED_REPLY_EVERY_S = 300.0
 SWITCHABLE_COMMANDS = ("portrait", "avatar")
 GROUP_QUOTA_CHOICES = ("off", "10", "20", "50", "100")
 POLICIES = ("default", "block", "spoiler", "allow")
-# Commands of this bot (another bot's in the same group are none of its business).
-KNOWN_COMMANDS = frozenset(Command)
 DECISION_NAMES = {
     "dismissed": "report.decision_dismissed",
     "deleted": "report.decision_deleted",
@@ -49,8 +47,8 @@ async def sender_gate(update: Update, context: BotContext) -> None:
     # A person's message (nearly every update) goes on without its command being read.
     if message is None or (sender := sender_of_message(message)) == Sender.PERSON:
         return
-    command = command_of(message, context.bot.username)
-    if command is None or command not in KNOWN_COMMANDS:
+    command = own_command(message, context.bot.username)
+    if command is None:
         return
     refusal = refusal_for(sender, command)
     if refusal is None:
@@ -84,7 +82,7 @@ async def ban_gate(update: Update, context: BotContext) -> None:
     if user is None:
         return
     message = update.effective_message
-    is_own_command = bool(message and command_of(message, context.bot.username) in KNOWN_COMMANDS)
+    is_own_command = bool(message and own_command(message, context.bot.username))
     if update.callback_query is None and not is_own_command:
         return
     moderation = context.services.moderation

@@ -102,6 +102,9 @@ def build_application(settings: Settings, services: BotServices | None = None) -
     application.add_handler(CommandHandler(Command.SETTINGS, admin.settings, new_messages))
     application.add_handler(CommandHandler(Command.REPORT, admin.report, new_messages))
     application.add_handler(MessageHandler(filters.StatusUpdate.MIGRATE, admin.chat_migrated))
+    application.add_handler(
+        MessageHandler(filters.UpdateType.EDITED_MESSAGE, handlers.edited_command)
+    )
     application.add_handler(CallbackQueryHandler(admin.on_admin_button, pattern=r"^[gw]:"))
     application.add_handler(CallbackQueryHandler(handlers.on_button))
     application.add_error_handler(handlers.on_error)

@@ -79,6 +79,16 @@ def command_of(message: Message, bot_username: str) -> str | None:
     return command.lower()
 
 
+def own_command(message: Message, bot_username: str) -> Command | None:
+    """This bot's command a text or caption starts with; None for none, another bot's (in a
+    group, other bots' commands are none of this bot's business) or an unknown one."""
+    name = command_of(message, bot_username)
+    return Command(name) if name in _COMMANDS else None
+
+
+_COMMANDS = frozenset(Command)
+
+
 def keyboard(language: str, rows: list[list[Button]]) -> InlineKeyboardMarkup:
     return InlineKeyboardMarkup(
         [
@@ -255,6 +265,14 @@ async def _download(context: BotContext, file_id: str, declared_size: int | None
         log.warning("could not fetch file %s: %s", file_id, exc)
         raise CommandError("photo.download_failed") from exc
     return data
+
+
+async def edited_command(update: Update, context: BotContext) -> None:
+    """An edited command is not run (it would queue a second job, or run a changed one
+    twice): its author is told to send it again, rather than left waiting."""
+    message = update.edited_message
+    if message is not None and own_command(message, context.bot.username) is not None:
+        await message.reply_text(text(language_of(update), "edit.send_again"))
 
 
 async def photo_without_command(update: Update, context: BotContext) -> None:

@@ -294,7 +294,9 @@ def test_a_flood_limit_is_waited_out(stack: tuple[BotApiEmulator, str]) -> None:
     assert job.attempts == 1
 
 
-def test_editing_a_command_queues_nothing_more(stack: tuple[BotApiEmulator, str]) -> None:
+def test_editing_a_command_queues_nothing_more_and_says_so(
+    stack: tuple[BotApiEmulator, str],
+) -> None:
     emulator, database_url = stack
     user = emulator.user(508)
     chat = emulator.private_chat(user)
@@ -302,6 +304,15 @@ def test_editing_a_command_queues_nothing_more(stack: tuple[BotApiEmulator, str]
     emulator.wait_for("sendPhoto", reply_to(command), timeout=120)
 
     emulator.edit_text(command, "/portrait a houseboat on the backwaters")
+    # Told to send it again, not left waiting for an image that never comes.
+    emulator.wait_for(
+        "sendMessage",
+        lambda c: (
+            c.params.get("chat_id") == chat["id"]
+            and c.params.get("text") == text("en", "edit.send_again")
+        ),
+        timeout=60,
+    )
     marker = emulator.send_text(chat, user, "/help")
     emulator.wait_for("sendMessage", answer_to(marker))
     assert [job.prompt for job in jobs_in_chat(database_url, chat["id"])] == [

@@ -28,7 +28,7 @@ def test_every_language_has_every_text_with_the_same_placeholders(language: str)
 def keys_named_in_the_code() -> set[str]:
     named: set[str] = set()
     pattern = re.compile(
-        r'"((?:start|help|usage|error|status|result|photo|avatar|styles|button|quota|cancel|history|privacy|export|forget|admin|moderation|service|safety|settings|report|web)\.[a-z_]+)"'
+        r'"((?:start|help|usage|error|status|result|photo|avatar|styles|button|quota|cancel|history|privacy|export|forget|admin|moderation|service|safety|settings|report|web|edit)\.[a-z_]+)"'
     )
     for package in ("bot", "workers", "chitrakar"):
         for path in (ROOT / package).rglob("*.py"):
