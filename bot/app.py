@@ -91,10 +91,9 @@ def build_application(settings: Settings, services: BotServices | None = None) -
     application.add_handler(
         MessageHandler(
             new_messages
-            & filters.ChatType.PRIVATE
             & (filters.PHOTO | filters.Document.IMAGE)
             & ~filters.CaptionRegex(AVATAR_CAPTION),
-            handlers.photo_without_command,
+            handlers.photo_without_avatar,
         )
     )
     for command in ADMIN_COMMANDS:

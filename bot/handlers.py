@@ -275,10 +275,21 @@ async def edited_command(update: Update, context: BotContext) -> None:
         await message.reply_text(text(language_of(update), "edit.send_again"))
 
 
-async def photo_without_command(update: Update, context: BotContext) -> None:
-    """A photo sent to the bot in a private chat with no command: say how to use it."""
-    if update.effective_message:
-        await update.effective_message.reply_text(text(language_of(update), "avatar.hint"))
+async def photo_without_avatar(update: Update, context: BotContext) -> None:
+    """A photo or image file without /avatar. Captioned /portrait (in any chat), it is not
+    used: a portrait is made from words alone, and making one would drop the photo unsaid
+    (in a group a command in a caption got no answer at all). Sent to the bot in a private
+    chat otherwise: how to use it."""
+    message, chat = update.effective_message, update.effective_chat
+    if message is None or chat is None:
+        return
+    if own_command(message, context.bot.username) == Command.PORTRAIT:
+        key = "photo.portrait_takes_no_photo"
+    elif chat.type == ChatType.PRIVATE:
+        key = "avatar.hint"
+    else:
+        return  # a photo shared in a group: none of the bot's business
+    await message.reply_text(text(language_of(update), key))
 
 
 async def styles(update: Update, context: BotContext) -> None:

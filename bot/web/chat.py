@@ -239,6 +239,11 @@ class WebChat:
                     return
                 selfie = prepare_selfie(photo, self._services.settings.image_size)
                 accepted = intake.accept(origin, request, selfie)
+            elif photo is not None:
+                # As in Telegram: made from the words alone, it would drop the photo unsaid.
+                key = "photo.portrait_takes_no_photo"
+                self._say(account, text(language, key), origin.request_message_id)
+                return
             else:
                 accepted = intake.accept(origin, request)
         except CommandError as exc:

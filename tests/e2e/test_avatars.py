@@ -678,3 +678,19 @@ def test_history_export_and_forget(stack: Stack) -> None:
     assert emulator.wait_for("sendMessage", answer_to(asked), 30).params["text"] == text(
         "en", "history.empty"
     )
+
+
+def test_a_photo_captioned_portrait_is_told_it_is_not_used(stack: Stack) -> None:
+    """/portrait is made from words alone: a photo sent with it was dropped unsaid in a
+    private chat (the bot praised the photo instead) and got no answer at all in a group."""
+    emulator, database_url = stack
+    user, chat = new_user(emulator)
+    group = emulator.group_chat(-260_000 - next(_fresh_ids))
+    for where, caption in [
+        (chat, "/portrait a cat in this style"),
+        (group, f"/portrait@{emulator.username} a cat in this style"),
+    ]:
+        sent = emulator.send_photo(where, user, encoded(selfie()), caption=caption)
+        told = emulator.wait_for("sendMessage", answer_to(sent), 60)
+        assert told.params["text"] == text("en", "photo.portrait_takes_no_photo")
+        assert jobs_in_chat(database_url, where["id"]) == []

@@ -296,6 +296,8 @@ def test_commands_get_the_same_answers_as_in_telegram(asha: WebUser) -> None:
     # Telegram's "reply to it with /avatar" cannot be done here: the web chat keeps no photo.
     selfie = jpeg(Image.new("RGB", (64, 64), "tan"))
     assert reply_to("my selfie", photo=selfie) == text("en", "web.avatar_how")
+    # A portrait is made from words alone: the photo is not dropped unsaid.
+    assert reply_to("/portrait a cat", photo=selfie) == text("en", "photo.portrait_takes_no_photo")
     assert reply_to("/settings") == text("en", "settings.groups_only")
     assert reply_to("/stats") == text("en", "admin.not_allowed")
     assert "--style" in reply_to("/help")
