@@ -79,14 +79,14 @@ def command_of(message: Message, bot_username: str) -> str | None:
     return command.lower()
 
 
+_COMMANDS = frozenset(Command)
+
+
 def own_command(message: Message, bot_username: str) -> Command | None:
     """This bot's command a text or caption starts with; None for none, another bot's (in a
     group, other bots' commands are none of this bot's business) or an unknown one."""
     name = command_of(message, bot_username)
     return Command(name) if name in _COMMANDS else None
-
-
-_COMMANDS = frozenset(Command)
 
 
 def keyboard(language: str, rows: list[list[Button]]) -> InlineKeyboardMarkup:

@@ -296,11 +296,12 @@ class JobIntake:
             raise ValueError("an avatar needs a selfie, and only an avatar takes one")
         # The prompt only: "--no nudity" asks for less, not more.
         self._admit(origin, standing, request.command, request.prompt)
-        style = choose_style(request, self.catalogue, standing.default_style)
-        if request.options.style is None and style and style.key in standing.chat.disabled_styles:
-            # The user's own default, switched off in this chat: left aside here, as one the
-            # deployment removed is (they did not ask for it in this request).
-            style = choose_style(request, self.catalogue, None)
+        # The user's own default, switched off in this chat, is left aside here, as one the
+        # deployment removed is (they did not ask for it in this request).
+        default = standing.default_style
+        if default in standing.chat.disabled_styles:
+            default = None
+        style = choose_style(request, self.catalogue, default)
         self._admit_style(origin, standing, style.key if style else None)
         plan = plan_request(
             request,

@@ -377,6 +377,11 @@ def _set_status(job: Job, status: JobStatus, detail: str | None = None) -> None:
     job.events.append(JobEvent(status=status, detail=detail))
 
 
+# A job no run has released to its chat: no results recorded, or recorded by a run that
+# ended without sending them (its worker died, and the job was handed back to the queue).
+_UNRELEASED = or_(Job.result_paths.is_(None), Job.status != JobStatus.RUNNING)
+
+
 def _move(
     session: Session,
     job: Job,
@@ -396,7 +401,7 @@ def _move(
     allowed = list(only_from) if only_from else _may_become(new)
     conditions = [Job.worker == worker] if worker is not None else []
     if unreleased:
-        conditions.append(or_(Job.result_paths.is_(None), Job.status != JobStatus.RUNNING))
+        conditions.append(_UNRELEASED)
     moved = cast(
         CursorResult[Any],
         session.execute(
@@ -1086,7 +1091,7 @@ def cancel_jobs(
             User.channel == channel,
             User.external_id == external_id,
             Job.status.in_(list(ACTIVE_STATUSES)),
-            or_(Job.result_paths.is_(None), Job.status != JobStatus.RUNNING),
+            _UNRELEASED,
         )
         .order_by(Job.id)
     )

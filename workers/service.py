@@ -500,9 +500,7 @@ def _finish(
             )
             return
         # An end that cannot be recorded now is handed back, delivered (`_end_batch`).
-        _record_end(
-            runtime, replace(job, result_file_ids=tuple(sent.file_ids)), keys, checksums, seconds
-        )
+        _record_delivered_end(runtime, job, sent, keys, checksums, seconds)
     finally:
         # The images are in the chat however the records went: an album's buttons go too.
         sent.follow_up()
@@ -539,13 +537,23 @@ def _record_delivery_later(
             delivered = jobs.get_job(uow, job.id)
         if delivered is not None and not delivered.delivered:
             _mark_delivered(runtime, job, sent)
-        _record_end(
-            runtime, replace(job, result_file_ids=tuple(sent.file_ids)), keys, checksums, seconds
-        )
+        _record_delivered_end(runtime, job, sent, keys, checksums, seconds)
     except jobs.JobNotFound:
         _forgotten(runtime, job.id)
         return
     log.warning("job %s: its delivery recorded at last", job.id)
+
+
+def _record_delivered_end(
+    runtime: WorkerRuntime,
+    job: JobView,
+    sent: Delivered,
+    keys: Sequence[str],
+    checksums: Sequence[str],
+    seconds: float,
+) -> None:
+    delivered = replace(job, result_file_ids=tuple(sent.file_ids))
+    _record_end(runtime, delivered, keys, checksums, seconds)
 
 
 def _mark_delivered(runtime: WorkerRuntime, job: JobView, sent: Delivered) -> None:
